@@ -1,0 +1,55 @@
+"""Task functions used by :mod:`wove.testing` (importable in any worker: no pytest here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class ContractTaskError(Exception):
+    """Raised by :func:`fail` so a test can check the task's own exception comes back."""
+
+
+async def echo(value: Any) -> Any:
+    return value
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def fail(message: str) -> None:
+    raise ContractTaskError(message)
+
+
+async def sleep(seconds: float, marker: str | None = None) -> str:
+    """Sleep, then write ``marker`` (a cancelled run must not write it)."""
+    await asyncio.sleep(seconds)
+    if marker:
+        Path(marker).write_text("done")
+    return "slept"
+
+
+def blocking_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def write_marker(path: str) -> str:
+    Path(path).write_text("ran")
+    return path
+
+
+def burn(n: int) -> int:
+    """CPU-bound work for pool-scaling checks."""
+    total = 0
+    for i in range(n):
+        total = (total + i * i) % 1_000_003
+    return total

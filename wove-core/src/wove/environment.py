@@ -1,0 +1,77 @@
+"""wove.environment: the executor contract and the runtime bridge.
+
+Sends tasks to local, subprocess or remote task environments. The transport executors
+(:class:`StdioEnvironmentExecutor`, :class:`HttpEnvironmentExecutor`,
+:class:`GrpcEnvironmentExecutor`, :class:`WebSocketEnvironmentExecutor`) live in their
+own distributions and are imported from here on first access; until a distribution is
+installed, importing its class raises ImportError naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    DeliveryOrphanedError,
+    DeliveryTimeoutError,
+    EnvironmentExecutionError,
+    MissingDispatchFeatureError,
+)
+from .executor import EnvironmentExecutor
+from .local import LocalEnvironmentExecutor
+from .protocol import normalize_exception
+from .registry import build_executor_from_name
+from .runtime import ExecutorRuntime, coerce_executor
+
+__all__ = [
+    "BackendAdapterEnvironmentExecutor",
+    "DeliveryOrphanedError",
+    "DeliveryTimeoutError",
+    "EnvironmentExecutionError",
+    "EnvironmentExecutor",
+    "ExecutorRuntime",
+    "GrpcEnvironmentExecutor",
+    "HttpEnvironmentExecutor",
+    "LocalEnvironmentExecutor",
+    "MissingDispatchFeatureError",
+    "StdioEnvironmentExecutor",
+    "WebSocketEnvironmentExecutor",
+    "build_executor_from_name",
+    "coerce_executor",
+    "normalize_exception",
+]
+
+# class name -> (module, distribution)
+_LAZY = {
+    "StdioEnvironmentExecutor": ("wove_executor_stdio", "wove-executor-stdio"),
+    "HttpEnvironmentExecutor": ("wove_executor_http", "wove-executor-http"),
+    "GrpcEnvironmentExecutor": ("wove_executor_grpc", "wove-executor-grpc"),
+    "WebSocketEnvironmentExecutor": ("wove_executor_ws", "wove-executor-ws"),
+    "BackendAdapterEnvironmentExecutor": ("wove.backend", "wove-core"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, distribution = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'wove.environment' has no attribute {name!r}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"{name} is provided by the {distribution} distribution, which is not installed. "
+            f"Install it with: pip install {distribution}",
+            name=module_name,
+        ) from exc
+    try:
+        value = getattr(module, name)
+    except AttributeError:
+        raise ImportError(f"{name} is not available in the installed {distribution}.") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

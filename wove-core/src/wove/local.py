@@ -1,0 +1,75 @@
+"""In-process execution: the worker engine without a wire."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .executor import EnvironmentExecutor
+from .worker import WorkerEngine
+
+__all__ = ["LocalEnvironmentExecutor"]
+
+
+class LocalEnvironmentExecutor(EnvironmentExecutor):
+    """In-process executor implementation.
+
+    Async callables run on the runtime's loop; sync callables run in a bounded thread
+    pool (``max_workers`` of the environment, default 64) so a
+    blocking task never stalls the loop. ``max_concurrency`` caps runs executing at once.
+    """
+
+    def __init__(self) -> None:
+        self._engine: WorkerEngine | None = None
+        self._events: asyncio.Queue[dict[str, Any]] | None = None
+
+    async def start(
+        self,
+        *,
+        environment_name: str,
+        environment_config: dict[str, Any],
+        run_config: dict[str, Any],
+    ) -> None:
+        max_workers = environment_config.get("max_workers")
+        max_concurrency = environment_config.get("max_concurrency", 10_000)
+        for key, value in (("max_workers", max_workers), ("max_concurrency", max_concurrency)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(
+                    f"Environment '{environment_name}': {key} must be a positive integer, got {value!r}."
+                )
+        self._events = asyncio.Queue()
+        self._engine = WorkerEngine(
+            max_concurrency=max_concurrency,
+            max_threads=max_workers,
+            remember_run_ids=False,
+            name=f"local:{environment_name}",
+        )
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        if self._engine is None or self._events is None:
+            raise RuntimeError("Local executor is not started.")
+        frame_type = frame.get("type")
+        if frame_type == "run_task":
+            if not callable(frame.get("callable")):
+                raise TypeError(f"run_task for {frame.get('run_id')!r} has a non-callable 'callable'")
+            await self._engine.submit(frame, self._events.put_nowait)
+        elif frame_type == "cancel_task":
+            self._engine.cancel(str(frame.get("run_id")))
+        elif frame_type == "shutdown":
+            policy = frame.get("delivery_orphan_policy")
+            await self._engine.shutdown(policy, grace=0.0 if policy != "detach" else 10.0)
+        else:
+            raise ValueError(
+                f"Unsupported frame type {frame_type!r}; expected run_task, cancel_task or shutdown."
+            )
+
+    async def recv(self) -> dict[str, Any]:
+        if self._events is None:
+            raise RuntimeError("Local executor is not started.")
+        return await self._events.get()
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            await self._engine.aclose()
+        self._engine = None
+        self._events = None

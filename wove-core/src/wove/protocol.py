@@ -1,0 +1,390 @@
+"""Frame shapes and the one wire codec every transport shares (sans-I/O).
+
+In process, frames are dicts. On the wire a frame is one JSON object in which Python
+values travel as base64 cloudpickle fields (``callable`` → ``callable_pickle`` and so
+on), the format Wove 2.x peers speak. Nothing here touches a socket or an event loop;
+executors and worker services only move the bytes this module produces and reads.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import traceback
+from typing import Any, Literal, TypedDict
+
+from . import dispatch
+from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
+
+__all__ = [
+    "COMMAND_TYPES",
+    "EVENT_TYPES",
+    "ORPHAN_POLICIES",
+    "CANCEL_MODES",
+    "TERMINAL_EVENTS",
+    "CancelTaskFrame",
+    "ErrorPayload",
+    "EventFrame",
+    "RunTaskFrame",
+    "ShutdownFrame",
+    "decode_command",
+    "decode_events",
+    "encode_event",
+    "encode_frame",
+    "error_event",
+    "normalize_exception",
+    "pack_frame",
+    "parse_json",
+    "transport_error_event",
+    "unpack_frame",
+]
+
+COMMAND_TYPES = frozenset({"run_task", "cancel_task", "shutdown"})
+TERMINAL_EVENTS = frozenset({"task_result", "task_error", "task_cancelled"})
+EVENT_TYPES = frozenset({"task_started", "heartbeat", "log", *TERMINAL_EVENTS})
+ORPHAN_POLICIES = ("fail", "cancel", "requeue", "detach")
+CANCEL_MODES = ("best_effort", "require_ack")
+ERROR_SOURCES = ("task", "executor", "transport", "config")
+
+# value field -> wire field
+_PICKLED = {
+    "callable": "callable_pickle",
+    "args": "args_pickle",
+    "result": "result_pickle",
+    "exception": "exception_pickle",
+    "error": "error_pickle",
+}
+
+
+class ErrorPayload(TypedDict, total=False):
+    kind: str
+    message: str
+    traceback: str
+    retryable: bool
+    source: Literal["task", "executor", "transport", "config"]
+
+
+class Delivery(TypedDict, total=False):
+    delivery_timeout: float
+    delivery_idempotency_key: str
+    delivery_cancel_mode: str
+    delivery_heartbeat_seconds: float
+    delivery_orphan_policy: str
+
+
+class RunTaskFrame(TypedDict):
+    type: Literal["run_task"]
+    run_id: str
+    task_id: str
+    callable: Any
+    args: dict[str, Any]
+    delivery: Delivery
+
+
+class CancelTaskFrame(TypedDict, total=False):
+    type: Literal["cancel_task"]
+    run_id: str
+    task_id: str
+    delivery_cancel_mode: str
+    delivery_orphan_policy: str
+
+
+class ShutdownFrame(TypedDict, total=False):
+    type: Literal["shutdown"]
+    delivery_orphan_policy: str
+
+
+class EventFrame(TypedDict, total=False):
+    type: str
+    run_id: str
+    task_id: str
+    result: Any
+    error: ErrorPayload
+    exception: BaseException
+    message: str
+
+
+def normalize_exception(
+    exc: BaseException, *, source: str = "task", retryable: bool = False
+) -> dict[str, Any]:
+    """Return the normalized, JSON-safe error payload for ``exc``."""
+    return {
+        "kind": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "retryable": retryable,
+        "source": source,
+    }
+
+
+def error_event(
+    run_id: str,
+    task_id: str,
+    *,
+    kind: str,
+    message: str,
+    source: str,
+    retryable: bool = False,
+    exc: BaseException | None = None,
+) -> dict[str, Any]:
+    """Build a ``task_error`` event with a normalized payload."""
+    payload: dict[str, Any] = {
+        "kind": kind,
+        "message": message,
+        "traceback": ""
+        if exc is None
+        else "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "retryable": retryable,
+        "source": source,
+    }
+    return {"type": "task_error", "run_id": run_id, "task_id": task_id, "error": payload}
+
+
+def transport_error_event(
+    command: dict[str, Any], message: str, exc: BaseException | None = None, *, retryable: bool = True
+) -> dict[str, Any]:
+    """A ``task_error`` with ``source="transport"`` for the run of ``command``."""
+    kind = type(exc).__name__ if exc is not None else "TransportError"
+    return error_event(
+        str(command.get("run_id")),
+        str(command.get("task_id")),
+        kind=kind,
+        message=message,
+        source="transport",
+        retryable=retryable,
+        exc=exc,
+    )
+
+
+def pack_frame(frame: dict[str, Any]) -> dict[str, Any]:
+    """Return the JSON-safe wire form of ``frame``.
+
+    ``callable`` and ``args`` that cannot be pickled raise :class:`DispatchError` naming
+    the task and the path to the offending object. An exception that cannot be pickled
+    is left out (its normalized ``error`` still travels); a plain-JSON ``error`` payload
+    stays plain JSON, which every peer reads.
+
+    Raises:
+        DispatchError: the callable, an argument or a result cannot be pickled.
+        MissingDispatchFeatureError: a value needs pickling and cloudpickle is missing.
+    """
+    wire = dict(frame)
+    task = frame.get("task_id") or frame.get("run_id") or "?"
+    for field in ("callable", "args", "result"):
+        if field in wire:
+            value = wire.pop(field)
+            what = field if field != "callable" else "callable"
+            try:
+                wire[_PICKLED[field]] = dispatch.dumps_b64(value, what=what)
+            except DispatchError as exc:
+                raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
+    if "exception" in wire:
+        exception = wire.pop("exception")
+        try:
+            wire["exception_pickle"] = dispatch.dumps_b64(exception, what="exception")
+        except DispatchError:
+            pass  # the normalized error payload still says kind, message and traceback
+    if "error" in wire and not _is_json_error(wire["error"]):
+        wire["error_pickle"] = dispatch.dumps_b64(wire.pop("error"), what="error")
+    return wire
+
+
+def _is_json_error(error: Any) -> bool:
+    return isinstance(error, dict) and all(
+        isinstance(key, str) and (value is None or isinstance(value, (str, bool, int, float)))
+        for key, value in error.items()
+    )
+
+
+def encode_frame(frame: dict[str, Any]) -> bytes:
+    """Encode one command or event frame as compact UTF-8 JSON (no trailing newline)."""
+    return json.dumps(pack_frame(frame), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def parse_json(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse JSON bytes, raising :class:`ProtocolError` (never anything else) on bad input."""
+    try:
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        return json.loads(data)
+    except (ValueError, TypeError, RecursionError) as exc:
+        preview = data[:80] if isinstance(data, (bytes, str)) else type(data).__name__
+        raise ProtocolError(f"Frame is not valid JSON ({exc}); received {preview!r}") from exc
+
+
+def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
+    """Decode the ``*_pickle`` fields of a wire frame into Python values.
+
+    Raises:
+        ProtocolError: a pickled field is not a string, not base64, or does not unpickle.
+    """
+    frame = dict(wire)
+    for field, wire_field in _PICKLED.items():
+        if wire_field not in frame:
+            continue
+        text = frame.pop(wire_field)
+        if not isinstance(text, str):
+            raise ProtocolError(
+                f"Field '{wire_field}' must be a base64 string, got {type(text).__name__}"
+            )
+        try:
+            frame[field] = dispatch.loads_b64(text)
+        except MissingDispatchFeatureError:
+            raise
+        except (binascii.Error, ValueError) as exc:
+            raise ProtocolError(f"Field '{wire_field}' is not valid base64: {exc}") from exc
+        except Exception as exc:
+            raise ProtocolError(
+                f"Field '{wire_field}' does not unpickle: {type(exc).__name__}: {exc}"
+            ) from exc
+    return frame
+
+
+def _require_str(obj: dict[str, Any], key: str, frame_type: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(
+            f"'{frame_type}' frame needs a non-empty string '{key}', got {value!r:.80}"
+        )
+    return value
+
+
+def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """Decode one command frame from the wire (already-verified bytes, or parsed JSON).
+
+    Raises:
+        ProtocolError: the bytes are not a valid command. When the frame named a run,
+            ``exc.run_id`` and ``exc.task_id`` are set so a worker can answer with a
+            ``task_error`` for that run.
+    """
+    obj = data if isinstance(data, dict) else parse_json(data)
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"A command must be a JSON object, got {type(obj).__name__}")
+    frame_type = obj.get("type")
+    if frame_type not in COMMAND_TYPES:
+        raise ProtocolError(
+            f"Unknown command type {frame_type!r:.60}; expected one of {sorted(COMMAND_TYPES)}"
+        )
+    if frame_type == "shutdown":
+        return dict(obj)
+    run_id = _require_str(obj, "run_id", frame_type)
+    task_id = obj.get("task_id")
+    try:
+        if not isinstance(task_id, str):
+            raise ProtocolError(f"'{frame_type}' frame needs a string 'task_id', got {task_id!r:.80}")
+        if frame_type == "cancel_task":
+            return dict(obj)
+        if "callable_pickle" not in obj:
+            raise ProtocolError("'run_task' frame needs 'callable_pickle'")
+        delivery = obj.get("delivery")
+        if delivery is not None and not isinstance(delivery, dict):
+            raise ProtocolError(f"'delivery' must be an object, got {type(delivery).__name__}")
+        frame = unpack_frame(obj)
+        args = frame.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ProtocolError(f"'args' must unpickle to a dict of keyword arguments, got {type(args).__name__}")
+        if not callable(frame.get("callable")):
+            raise ProtocolError(f"'callable' unpickled to a non-callable {type(frame.get('callable')).__name__}")
+        frame["args"] = args
+        frame["delivery"] = delivery or {}
+        return frame
+    except ProtocolError as exc:
+        exc.run_id = run_id  # type: ignore[attr-defined]
+        exc.task_id = task_id if isinstance(task_id, str) else run_id.split(":", 1)[0]  # type: ignore[attr-defined]
+        raise
+
+
+def _event_list(obj: Any) -> list[Any]:
+    if isinstance(obj, dict) and "events" in obj and "type" not in obj:
+        events = obj["events"]
+        if not isinstance(events, list):
+            raise ProtocolError(f"'events' must be a list, got {type(events).__name__}")
+        return events
+    if isinstance(obj, list):
+        return obj
+    return [obj]
+
+
+def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
+    """Decode events: one event object, a list of them, or ``{"events": [...]}``.
+
+    A result or exception that does not unpickle on this side does not lose the run:
+    the event becomes a ``task_error`` (source ``executor``) that says why.
+
+    Raises:
+        ProtocolError: the data is not JSON, not an event shape, or an event lacks its
+            ``type``, ``run_id`` or ``task_id``.
+    """
+    obj = parse_json(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else data
+    events: list[dict[str, Any]] = []
+    for raw in _event_list(obj):
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"An event must be a JSON object, got {type(raw).__name__}")
+        event_type = raw.get("type")
+        if event_type not in EVENT_TYPES:
+            raise ProtocolError(
+                f"Unknown event type {event_type!r:.60}; expected one of {sorted(EVENT_TYPES)}"
+            )
+        if event_type == "log":
+            events.append(dict(raw))
+            continue
+        run_id = _require_str(raw, "run_id", event_type)
+        task_id = raw.get("task_id")
+        if not isinstance(task_id, str):
+            raise ProtocolError(f"'{event_type}' event needs a string 'task_id', got {task_id!r:.80}")
+        events.append(_unpack_event(raw, run_id, task_id))
+    return events
+
+
+def _unpack_event(raw: dict[str, Any], run_id: str, task_id: str) -> dict[str, Any]:
+    if not any(field in raw for field in _PICKLED.values()):
+        event = dict(raw)
+    else:
+        try:
+            event = unpack_frame(raw)
+        except ProtocolError as exc:
+            if "exception_pickle" in raw and "result_pickle" not in raw:
+                # The error payload still says what happened; only the exception object is lost.
+                trimmed = {k: v for k, v in raw.items() if k != "exception_pickle"}
+                event = _unpack_event(trimmed, run_id, task_id)
+                event["exception_unpickle_error"] = str(exc)
+                return event
+            return error_event(
+                run_id,
+                task_id,
+                kind="ProtocolError",
+                message=f"The worker's {raw.get('type')} for run {run_id} could not be decoded here: {exc}",
+                source="executor",
+            )
+    if event.get("type") == "task_error":
+        error = event.get("error")
+        if not isinstance(error, dict):
+            event["error"] = {
+                "kind": "ExecutionError",
+                "message": str(error) if error is not None else "Task failed without an error payload.",
+                "traceback": "",
+                "retryable": False,
+                "source": "executor",
+            }
+    return event
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """Encode an event; a result or error that cannot be pickled becomes a ``task_error``.
+
+    A worker must never lose a run because its result does not serialize: the caller
+    gets an error naming the task and the path to the offending object instead.
+    """
+    try:
+        return encode_frame(event)
+    except (DispatchError, MissingDispatchFeatureError) as exc:
+        replacement = error_event(
+            str(event.get("run_id")),
+            str(event.get("task_id")),
+            kind=type(exc).__name__,
+            message=f"The {event.get('type')} of run {event.get('run_id')} cannot be sent back: {exc}",
+            source="executor",
+        )
+        return encode_frame(replacement)

@@ -1,0 +1,252 @@
+"""A contract test kit every executor distribution runs against its own executor.
+
+Subclass :class:`ExecutorContract` in a pytest test module and provide the executor's
+name (and config, or a whole environment definition, for example one pointing at a
+worker service a fixture started)::
+
+    from wove.testing import ExecutorContract
+
+    class TestGrpcContract(ExecutorContract):
+        @pytest.fixture
+        def executor_name(self):
+            return "grpc"
+
+        @pytest.fixture
+        def executor_config(self, grpc_server):
+            return {"target": grpc_server}
+
+The tests are plain (synchronous) pytest tests that run their own event loop, so the
+kit needs no asyncio plugin. Tasks come from :mod:`wove._testing_tasks`, importable
+wherever wove-core is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from . import _testing_tasks as tasks
+from .environment import EnvironmentExecutor, ExecutorRuntime, build_executor_from_name
+from .protocol import TERMINAL_EVENTS
+
+__all__ = ["ExecutorContract", "collect_events", "run_async"]
+
+
+def run_async(coro_factory: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
+    """Run ``coro_factory()`` on a fresh event loop, failing after ``timeout`` seconds."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro_factory(), timeout)
+
+    return asyncio.run(bounded())
+
+
+async def collect_events(
+    executor: EnvironmentExecutor, run_ids: set[str], *, timeout: float = 30.0, linger: float = 0.3
+) -> list[dict[str, Any]]:
+    """Receive events until every run in ``run_ids`` has a terminal event, then ``linger``
+    seconds more (so a duplicate terminal event would be caught)."""
+    events: list[dict[str, Any]] = []
+    finished: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while finished != run_ids:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"no terminal event for {sorted(run_ids - finished)} within {timeout}s; got {events}")
+        event = await asyncio.wait_for(executor.recv(), remaining)
+        events.append(event)
+        if event.get("type") in TERMINAL_EVENTS:
+            finished.add(event["run_id"])
+    try:
+        while True:
+            events.append(await asyncio.wait_for(executor.recv(), linger))
+    except asyncio.TimeoutError:
+        pass
+    return events
+
+
+def _run_frame(func: Any, args: dict[str, Any], **delivery: Any) -> dict[str, Any]:
+    name = getattr(func, "__name__", "task")
+    return {
+        "type": "run_task",
+        "run_id": f"{name}:{uuid.uuid4().hex}",
+        "task_id": name,
+        "callable": func,
+        "args": args,
+        "delivery": {"delivery_cancel_mode": "best_effort", "delivery_orphan_policy": "cancel", **delivery},
+    }
+
+
+class ExecutorContract:
+    """The executor contract, proven the same way by every executor."""
+
+    #: seconds any one contract test may take
+    contract_timeout: float = 60.0
+
+    @pytest.fixture
+    def executor_name(self) -> str:
+        pytest.fail("Define an `executor_name` fixture returning the executor's registered name.")
+
+    @pytest.fixture
+    def executor_config(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture
+    def environment_definition(self, executor_name: str, executor_config: dict[str, Any]) -> dict[str, Any]:
+        return {"executor": executor_name, "executor_config": executor_config}
+
+    # -- helpers ---------------------------------------------------------------
+    def _runtime(self, definition: dict[str, Any]) -> ExecutorRuntime:
+        return ExecutorRuntime({"contract": definition}, {})
+
+    async def _executor(self, definition: dict[str, Any]) -> EnvironmentExecutor:
+        executor = build_executor_from_name(definition["executor"])
+        await executor.start(
+            environment_name="contract",
+            environment_config=dict(definition.get("executor_config") or {}),
+            run_config={},
+        )
+        return executor
+
+    # -- the contract ----------------------------------------------------------
+    def test_resolves_by_name(self, executor_name: str) -> None:
+        executor = build_executor_from_name(executor_name)
+        assert isinstance(executor, EnvironmentExecutor)
+        assert build_executor_from_name(executor_name) is not executor, "factories must build fresh executors"
+
+    def test_result_comes_back(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                assert await runtime.call("contract", tasks.add, 2, 3) == 5
+                payload = {"nested": [1, 2.5, "x", None, {"k": b"bytes"}]}
+                assert await runtime.call("contract", tasks.echo, payload) == payload
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_task_exception_is_the_tasks_own(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                with pytest.raises(tasks.ContractTaskError, match="broken on purpose"):
+                    await runtime.call("contract", tasks.fail, "broken on purpose")
+                assert await runtime.call("contract", tasks.add, 1, 1) == 2  # still usable
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_one_terminal_event_per_run(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            executor = await self._executor(environment_definition)
+            try:
+                frames = [_run_frame(tasks.add, {"a": i, "b": 1}) for i in range(20)]
+                frames += [_run_frame(tasks.fail, {"message": f"e{i}"}) for i in range(5)]
+                for frame in frames:
+                    await executor.send(frame)
+                events = await collect_events(executor, {f["run_id"] for f in frames})
+                by_run = {f["run_id"]: f for f in frames}
+                terminals = [e for e in events if e.get("type") in TERMINAL_EVENTS]
+                assert sorted(e["run_id"] for e in terminals) == sorted(by_run), "exactly one terminal per run"
+                for event in events:
+                    if event.get("type") == "log":
+                        continue
+                    assert event["run_id"] in by_run
+                    assert event["task_id"] == by_run[event["run_id"]]["task_id"]
+                for event in terminals:
+                    frame = by_run[event["run_id"]]
+                    if frame["task_id"] == "add":
+                        assert event["type"] == "task_result"
+                        assert event["result"] == frame["args"]["a"] + 1
+                    else:
+                        assert event["type"] == "task_error"
+                        error = event["error"]
+                        assert set(error) >= {"kind", "message", "traceback", "retryable", "source"}
+                        assert error["kind"] == "ContractTaskError"
+                        assert error["source"] == "task"
+                        assert frame["args"]["message"] in error["message"]
+            finally:
+                await executor.stop()
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_cancel_is_honoured(self, environment_definition: dict[str, Any], tmp_path: Path) -> None:
+        marker = tmp_path / "marker"
+
+        async def scenario() -> None:
+            executor = await self._executor(environment_definition)
+            try:
+                frame = _run_frame(tasks.sleep, {"seconds": 3.0, "marker": str(marker)})
+                await executor.send(frame)
+                await asyncio.sleep(0.3)
+                await executor.send({
+                    "type": "cancel_task", "run_id": frame["run_id"], "task_id": frame["task_id"],
+                    "delivery_cancel_mode": "require_ack", "delivery_orphan_policy": "cancel",
+                })
+                events = await collect_events(executor, {frame["run_id"]}, timeout=10.0)
+                terminal = [e for e in events if e.get("type") in TERMINAL_EVENTS]
+                assert [e["type"] for e in terminal] == ["task_cancelled"]
+                await asyncio.sleep(3.2)
+                assert not marker.exists(), "a cancelled run must not complete its side effect"
+            finally:
+                await executor.stop()
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_runtime_cancellation_raises_cancelled(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                call = asyncio.ensure_future(runtime.call("contract", tasks.sleep, 5.0))
+                await asyncio.sleep(0.3)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                assert await runtime.call("contract", tasks.add, 1, 2) == 3
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_unknown_command_is_rejected(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            executor = await self._executor(environment_definition)
+            try:
+                with pytest.raises((ValueError, TypeError)):
+                    await executor.send({"type": "launch_missiles", "run_id": "x:1", "task_id": "x"})
+                frame = _run_frame(tasks.add, {"a": 1, "b": 2})
+                await executor.send(frame)
+                events = await collect_events(executor, {frame["run_id"]})
+                assert [e["result"] for e in events if e.get("type") == "task_result"] == [3]
+            finally:
+                await executor.stop()
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_heartbeats_keep_a_long_task_alive(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                result = await runtime.call_with(
+                    "contract", tasks.sleep, (1.5,), delivery_heartbeat_seconds=0.5
+                )
+                assert result == "slept"
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_delivery_timeout(self, environment_definition: dict[str, Any]) -> None:
+        from .errors import DeliveryTimeoutError
+
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                with pytest.raises(DeliveryTimeoutError, match="delivery_timeout"):
+                    await runtime.call_with("contract", tasks.sleep, (5.0,), delivery_timeout=0.5)
+                assert await runtime.call("contract", tasks.add, 2, 2) == 4
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_many_concurrent_runs(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                results = await asyncio.gather(*(runtime.call("contract", tasks.add, i, i) for i in range(200)))
+                assert results == [2 * i for i in range(200)]
+
+        run_async(scenario, self.contract_timeout)

@@ -1,0 +1,346 @@
+"""The transport-agnostic worker engine: command frames in, event frames out.
+
+Every worker service (the stdio worker, the HTTP, gRPC and WebSocket services) and the
+in-process executor wrap one :class:`WorkerEngine`. A transport decodes (and verifies)
+a command, then calls :meth:`WorkerEngine.submit` with a *sink*: a plain function that
+receives the events of that run and must not block (it encodes and queues or writes).
+
+Semantics:
+
+* ``run_task`` → ``task_started``, ``heartbeat`` every third of the run's
+  ``delivery_heartbeat_seconds`` (from a loop timer, independent of the task body), then
+  exactly one terminal event (``task_result``, ``task_error`` or ``task_cancelled``).
+* Async callables run on the loop; sync callables in a bounded thread pool.
+* At most ``max_concurrency`` runs execute at once and at most ``max_queued`` more wait;
+  :meth:`submit` awaits beyond that, which pushes back on the transport's reader.
+* ``cancel_task`` cancels by ``run_id`` and reports ``task_cancelled``; an unknown run is
+  ignored.
+* Runs sharing a ``delivery_idempotency_key`` (or re-sent with the same ``run_id``) attach
+  to the running execution; a duplicate of a recently finished run gets the same terminal
+  event without running again (bounded LRU with a TTL).
+* ``shutdown`` stops accepting work and ends runs by orphan policy: ``cancel`` →
+  ``task_cancelled``; ``fail`` → ``task_error``; ``requeue`` → cancelled silently so the
+  submitter re-delivers it; ``detach`` → allowed to finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ProtocolError
+from .protocol import (
+    ORPHAN_POLICIES,
+    decode_command,
+    error_event,
+    normalize_exception,
+)
+
+__all__ = ["Sink", "WorkerEngine"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 64
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(eq=False)
+class _Execution:
+    """One execution of a callable, shared by every run attached to it."""
+
+    key: str | None
+    policy: str
+    subscribers: dict[str, tuple[str, Sink]] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    heartbeat: asyncio.TimerHandle | None = None
+
+
+class WorkerEngine:
+    """Runs command frames and emits event frames (see the module docstring).
+
+    Args:
+        max_concurrency: runs executing at once.
+        max_queued: runs admitted and waiting for a slot beyond ``max_concurrency``.
+        max_threads: threads for sync callables (default 64: sync tasks are mostly I/O-bound
+            and the threads are only created when used).
+        idempotency_cache_size: finished results kept for duplicate runs.
+        idempotency_ttl: seconds a finished result is kept for duplicates.
+        remember_run_ids: also answer a re-sent ``run_id`` from the cache (network
+            workers, where a client re-delivers after a lost connection).
+        name: shown in logs and errors.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int = 256,
+        max_queued: int | None = None,
+        max_threads: int | None = None,
+        idempotency_cache_size: int = 1024,
+        idempotency_ttl: float = 600.0,
+        remember_run_ids: bool = True,
+        name: str = "worker",
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self.max_queued = max_concurrency * 4 if max_queued is None else max_queued
+        self._threads_size = max_threads or DEFAULT_THREADS
+        self._threads: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._admission: asyncio.Semaphore | None = None
+        self._runs: dict[str, _Execution] = {}
+        self._by_key: dict[str, _Execution] = {}
+        self._finished: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._cache_size = idempotency_cache_size
+        self._ttl = idempotency_ttl
+        self._remember_run_ids = remember_run_ids and idempotency_cache_size > 0
+        self._closing = False
+
+    # -- public API ------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        """Runs admitted and not yet finished."""
+        return len(self._runs)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def handle(self, data: bytes | str | dict[str, Any], sink: Sink) -> None:
+        """Decode one command (bytes or parsed JSON already verified) and run it.
+
+        Malformed commands never raise: they produce a ``task_error`` (source
+        ``executor``) when the frame named a run, and a ``log`` event otherwise.
+        """
+        try:
+            frame = decode_command(data)
+        except ProtocolError as exc:
+            self.reject(exc, sink)
+            return
+        await self.submit(frame, sink)
+
+    def reject(self, exc: ProtocolError, sink: Sink) -> None:
+        """Report a command that could not be decoded."""
+        run_id = getattr(exc, "run_id", None)
+        if run_id:
+            logger.warning("%s rejected a command for run %s: %s", self.name, run_id, exc)
+            self._safe(sink, error_event(
+                run_id, getattr(exc, "task_id", run_id), kind="ProtocolError",
+                message=f"Worker {self.name} could not decode run {run_id}: {exc}", source="executor",
+            ))
+        else:
+            logger.warning("%s ignored a malformed command: %s", self.name, exc)
+            self._safe(sink, {"type": "log", "message": f"Worker {self.name} ignored a malformed command: {exc}"})
+
+    async def submit(self, frame: dict[str, Any], sink: Sink) -> None:
+        """Run one decoded command frame; events of the run go to ``sink``."""
+        frame_type = frame.get("type")
+        if frame_type == "run_task":
+            await self._run_task(frame, sink)
+        elif frame_type == "cancel_task":
+            self.cancel(str(frame.get("run_id")))
+        elif frame_type == "shutdown":
+            policy = frame.get("delivery_orphan_policy")
+            await self.shutdown(policy if policy in ORPHAN_POLICIES else None)
+        else:
+            self.reject(ProtocolError(f"Unknown command type {frame_type!r}"), sink)
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a run; returns False for an unknown run (harmless)."""
+        execution = self._runs.pop(run_id, None)
+        if execution is None:
+            logger.debug("%s: cancel for unknown run %s ignored", self.name, run_id)
+            return False
+        task_id, sink = execution.subscribers.pop(run_id)
+        logger.debug("%s: cancelling run %s (task %s)", self.name, run_id, task_id)
+        self._safe(sink, {"type": "task_cancelled", "run_id": run_id, "task_id": task_id})
+        if not execution.subscribers and execution.task is not None:
+            execution.task.cancel()
+        return True
+
+    async def shutdown(self, policy: str | None = None, *, grace: float = 10.0) -> None:
+        """Stop accepting work and end the runs by orphan policy (module docstring).
+
+        Args:
+            policy: overrides each run's own ``delivery_orphan_policy`` when given.
+            grace: seconds ``detach`` runs may take to finish before they are cancelled.
+        """
+        self._closing = True
+        executions = {id(e): e for e in self._runs.values()}.values()
+        waiting: list[asyncio.Task[None]] = []
+        for execution in list(executions):
+            effective = policy or execution.policy
+            if effective == "detach":
+                if execution.task is not None:
+                    waiting.append(execution.task)
+                continue
+            for run_id in list(execution.subscribers):
+                task_id, sink = execution.subscribers.pop(run_id)
+                self._runs.pop(run_id, None)
+                if effective == "fail":
+                    self._safe(sink, error_event(
+                        run_id, task_id, kind="DeliveryOrphanedError", source="executor",
+                        message=f"Worker {self.name} shut down while run {run_id} was in progress "
+                        "(orphan policy 'fail').",
+                    ))
+                elif effective == "cancel":
+                    self._safe(sink, {"type": "task_cancelled", "run_id": run_id, "task_id": task_id})
+            if execution.task is not None:
+                execution.task.cancel()
+                waiting.append(execution.task)
+        if waiting:
+            done, pending = await asyncio.wait(waiting, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+
+    async def aclose(self) -> None:
+        """Cancel everything and release the thread pool."""
+        await self.shutdown("cancel", grace=1.0)
+
+    # -- running ---------------------------------------------------------------
+    async def _run_task(self, frame: dict[str, Any], sink: Sink) -> None:
+        run_id: str = frame["run_id"]
+        task_id: str = frame["task_id"]
+        delivery = frame.get("delivery") or {}
+        if self._closing:
+            self._safe(sink, error_event(
+                run_id, task_id, kind="WorkerShuttingDown", retryable=True, source="executor",
+                message=f"Worker {self.name} is shutting down and accepts no new runs; run {run_id} was not started.",
+            ))
+            return
+        key = delivery.get("delivery_idempotency_key")
+        key = str(key) if key is not None else None
+        if self._attach(run_id, task_id, key, sink):
+            return
+        if self._admission is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+            self._admission = asyncio.Semaphore(self.max_concurrency + self.max_queued)
+        await self._admission.acquire()
+        if self._attach(run_id, task_id, key, sink):  # a twin may have started while we waited
+            self._admission.release()
+            return
+        policy = delivery.get("delivery_orphan_policy") or "cancel"
+        execution = _Execution(key=key, policy=policy, subscribers={run_id: (task_id, sink)})
+        self._runs[run_id] = execution
+        if key is not None:
+            self._by_key[key] = execution
+        heartbeat = delivery.get("delivery_heartbeat_seconds")
+        if isinstance(heartbeat, (int, float)) and heartbeat > 0:
+            self._schedule_heartbeat(execution, max(float(heartbeat) / 3.0, 0.01))
+        execution.task = asyncio.get_running_loop().create_task(
+            self._execute(execution, frame["callable"], frame.get("args") or {})
+        )
+
+    def _attach(self, run_id: str, task_id: str, key: str | None, sink: Sink) -> bool:
+        execution = self._runs.get(run_id) or (self._by_key.get(key) if key is not None else None)
+        if execution is not None:
+            logger.debug("%s: run %s attached to a running duplicate", self.name, run_id)
+            execution.subscribers[run_id] = (task_id, sink)
+            self._runs[run_id] = execution
+            self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
+            return True
+        if not self._finished:
+            return False
+        for cache_key in (key, f"run:{run_id}"):
+            cached = self._cached(cache_key) if cache_key is not None else None
+            if cached is not None:
+                logger.debug("%s: run %s answered from the idempotency cache", self.name, run_id)
+                self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
+                self._safe(sink, {**cached, "run_id": run_id, "task_id": task_id})
+                return True
+        return False
+
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        entry = self._finished.get(key)
+        if entry is None:
+            return None
+        expires, event = entry
+        if expires < time.monotonic():
+            del self._finished[key]
+            return None
+        self._finished.move_to_end(key)
+        return event
+
+    def _remember(self, key: str, event: dict[str, Any]) -> None:
+        self._finished[key] = (time.monotonic() + self._ttl, event)
+        self._finished.move_to_end(key)
+        while len(self._finished) > self._cache_size:
+            self._finished.popitem(last=False)
+
+    def _schedule_heartbeat(self, execution: _Execution, interval: float) -> None:
+        def beat() -> None:
+            for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                self._safe(sink, {"type": "heartbeat", "run_id": run_id, "task_id": task_id})
+            execution.heartbeat = loop.call_later(interval, beat)
+
+        loop = asyncio.get_running_loop()
+        execution.heartbeat = loop.call_later(interval, beat)
+
+    async def _execute(self, execution: _Execution, func: Any, args: dict[str, Any]) -> None:
+        assert self._slots is not None and self._admission is not None
+        event: dict[str, Any] | None = None
+        try:
+            async with self._slots:
+                for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                    self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
+                if _is_async(func):
+                    result = await func(**args)
+                else:
+                    if self._threads is None:
+                        self._threads = ThreadPoolExecutor(self._threads_size, thread_name_prefix=f"wove-{self.name}")
+                    call = functools.partial(contextvars.copy_context().run, func, **args)
+                    result = await asyncio.get_running_loop().run_in_executor(self._threads, call)
+                    if inspect.isawaitable(result):
+                        result = await result
+            event = {"type": "task_result", "result": result}
+        except asyncio.CancelledError:
+            event = {"type": "task_cancelled"}
+        except BaseException as exc:  # a task's SystemExit is its error, not the worker's
+            event = {"type": "task_error", "exception": exc, "error": normalize_exception(exc, source="task")}
+        finally:
+            if execution.heartbeat is not None:
+                execution.heartbeat.cancel()
+            self._admission.release()
+            if execution.key is not None and self._by_key.get(execution.key) is execution:
+                del self._by_key[execution.key]
+            if event is not None and event["type"] != "task_cancelled" and self._cache_size > 0:
+                if execution.key is not None:
+                    self._remember(execution.key, event)
+                if self._remember_run_ids:
+                    for run_id in execution.subscribers:
+                        self._remember(f"run:{run_id}", event)
+            for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                self._runs.pop(run_id, None)
+                if event is not None:
+                    self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
+            execution.subscribers.clear()
+
+    def _safe(self, sink: Sink, event: dict[str, Any]) -> None:
+        try:
+            sink(event)
+        except Exception:
+            logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
+
+
+def _is_async(func: Any) -> bool:
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - async __call__ on instances
+    return call is not None and inspect.iscoroutinefunction(call)
+
