@@ -8,7 +8,8 @@ import logging
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .registry import get_registry
 

@@ -19,7 +19,7 @@ Plugin modules must stay light: import the transport library in ``start()``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -17,10 +17,10 @@ from . import dispatch
 from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
 
 __all__ = [
+    "CANCEL_MODES",
     "COMMAND_TYPES",
     "EVENT_TYPES",
     "ORPHAN_POLICIES",
-    "CANCEL_MODES",
     "TERMINAL_EVENTS",
     "CancelTaskFrame",
     "ErrorPayload",

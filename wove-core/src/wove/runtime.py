@@ -6,8 +6,9 @@ import asyncio
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from uuid import uuid4
 
 from .config import check_choice, validate_definition

@@ -32,9 +32,10 @@ import inspect
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ProtocolError
 from .protocol import (
@@ -200,7 +201,7 @@ class WorkerEngine:
                 execution.task.cancel()
                 waiting.append(execution.task)
         if waiting:
-            done, pending = await asyncio.wait(waiting, timeout=grace)
+            _done, pending = await asyncio.wait(waiting, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
