@@ -93,11 +93,10 @@ class FrameExecutor(EnvironmentExecutor):
         """Pass an event to the runtime; a terminal event ends the run's tracking."""
         if self._events is None:
             return
-        if event.get("type") in TERMINAL_EVENTS:
-            if self._inflight.pop(str(event.get("run_id")), None) is None and event.get("run_id") is not None:
-                # duplicate terminal after a re-delivery (the first delivery finished after all)
-                logger.debug("%s: dropping duplicate %s for run %s", self.executor_name, event.get("type"), event.get("run_id"))
-                return
+        if event.get("type") in TERMINAL_EVENTS and self._inflight.pop(str(event.get("run_id")), None) is None:
+            # a second terminal after a re-delivery (the first delivery finished after all)
+            logger.debug("%s: dropping duplicate %s for run %s", self.executor_name, event.get("type"), event.get("run_id"))
+            return
         self._events.put_nowait(event)
 
     def _lost(self, run_id: str, reason: str, exc: BaseException | None = None, *, redeliverable: bool = True) -> bool:
