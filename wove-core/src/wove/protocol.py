@@ -261,7 +261,7 @@ def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError(f"A command must be a JSON object, got {type(obj).__name__}")
     frame_type = obj.get("type")
-    if frame_type not in COMMAND_TYPES:
+    if not isinstance(frame_type, str) or frame_type not in COMMAND_TYPES:
         raise ProtocolError(
             f"Unknown command type {frame_type!r:.60}; expected one of {sorted(COMMAND_TYPES)}"
         )
@@ -323,7 +323,7 @@ def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
         if not isinstance(raw, dict):
             raise ProtocolError(f"An event must be a JSON object, got {type(raw).__name__}")
         event_type = raw.get("type")
-        if event_type not in EVENT_TYPES:
+        if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
             raise ProtocolError(
                 f"Unknown event type {event_type!r:.60}; expected one of {sorted(EVENT_TYPES)}"
             )

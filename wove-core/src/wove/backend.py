@@ -1,0 +1,755 @@
+"""Backend adapters: run Wove tasks on an existing distributed engine (Dask, ...).
+
+The submitting side (:class:`BackendAdapterEnvironmentExecutor`) turns each ``run_task``
+into a JSON-safe *payload* (:func:`build_backend_payload`, the Wove 2.x shape) and hands
+it to a :class:`BackendAdapter`, which submits it to the engine. A worker of the engine
+runs the payload with :func:`run_backend_payload` (or :func:`run_backend_payload_async`)
+and posts the run's events back over HTTP to a :class:`BackendCallbackServer` the
+executor runs on its own event loop, at ``/wove/events/<token>`` where the token is
+unguessable and per executor. Wove 2.x workers (``wove.integrations.worker.run``) run
+these payloads and post to this server unchanged.
+
+Adapters may watch their submissions and call :meth:`BackendAdapter.report_lost` when
+the engine lost a run (worker killed, scheduler gone): the executor then re-delivers it
+(orphan policy ``requeue``, bounded) or ends it with a ``task_error`` whose source is
+``transport``, so no run waits forever for a callback.
+
+Nothing here imports uvicorn, httpx or cloudpickle at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hmac
+import importlib.util
+import inspect
+import json
+import logging
+import secrets
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ProtocolError
+from .protocol import (
+    TERMINAL_EVENTS,
+    decode_events,
+    encode_event,
+    error_event,
+    normalize_exception,
+    unpack_frame,
+)
+from .transport import FrameExecutor
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "BackendAdapter",
+    "BackendAdapterEnvironmentExecutor",
+    "BackendCallbackServer",
+    "build_backend_payload",
+    "get_backend_adapter_class",
+    "payload_from_b64",
+    "payload_to_b64",
+    "post_event",
+    "register_backend_adapter",
+    "run_backend_payload",
+    "run_backend_payload_async",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest callback body the server accepts (results travel in callbacks).
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+EVENTS_PATH = "/wove/events/"
+#: Seconds a worker waits for one callback POST.
+POST_TIMEOUT = 30.0
+#: Delays between attempts to post a terminal event (then the worker gives up).
+TERMINAL_POST_RETRIES = (0.2, 1.0)
+
+
+# -- payloads ----------------------------------------------------------------------------
+def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: str) -> dict[str, Any]:
+    """Build the JSON-safe payload a backend worker runs (the Wove 2.x shape).
+
+    Raises:
+        DispatchError: the callable or an argument cannot be pickled (names the task and path).
+        MissingDispatchFeatureError: cloudpickle is not installed.
+    """
+    from .protocol import pack_frame
+
+    packed = pack_frame({"task_id": frame["task_id"], "callable": frame["callable"], "args": frame["args"]})
+    return {
+        "version": 1,
+        "adapter": adapter,
+        "callback_url": callback_url,
+        "run_id": frame["run_id"],
+        "task_id": frame["task_id"],
+        "task_name": frame.get("task_name", frame["task_id"]),
+        "callable_pickle": packed["callable_pickle"],
+        "args_pickle": packed["args_pickle"],
+        "delivery": dict(frame.get("delivery") or {}),
+    }
+
+
+def payload_to_b64(payload: dict[str, Any]) -> str:
+    """Encode a payload as one base64 string (for engines that take a string argument)."""
+    return base64.b64encode(json.dumps(payload, separators=(",", ":")).encode("utf-8")).decode("ascii")
+
+
+def payload_from_b64(value: str) -> dict[str, Any]:
+    """Inverse of :func:`payload_to_b64`.
+
+    Raises:
+        ValueError: ``value`` is not base64 of a JSON object.
+    """
+    payload = json.loads(base64.b64decode(value.encode("ascii"), validate=True).decode("utf-8"))
+    if not isinstance(payload, dict):
+        raise ValueError(f"A backend payload must be a JSON object, got {type(payload).__name__}.")
+    return payload
+
+
+# -- worker side -------------------------------------------------------------------------
+def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None) -> None:
+    """POST one event to ``callback_url`` (synchronous; stdlib only, like Wove 2.x workers).
+
+    The result and exception travel as pickled fields; a result that cannot be pickled is
+    sent as a ``task_error`` instead (see :func:`wove.protocol.encode_event`).
+
+    Raises:
+        OSError: the callback server could not be reached or answered with an error status
+            (``urllib.error.HTTPError`` / ``URLError``).
+    """
+    request = urllib.request.Request(
+        callback_url,
+        data=encode_event(frame),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=POST_TIMEOUT if timeout is None else timeout) as response:
+        response.read()
+
+
+def _redact(url: str) -> str:
+    """The callback URL without its token (tokens never go into logs or errors)."""
+    if EVENTS_PATH in url:
+        return url.split(EVENTS_PATH, 1)[0] + EVENTS_PATH + "<token>"
+    return url
+
+
+async def _post(url: str, frame: dict[str, Any]) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, post_event, url, frame)
+
+
+async def _post_terminal(url: str, frame: dict[str, Any]) -> bool:
+    for attempt, delay in enumerate((*TERMINAL_POST_RETRIES, None)):
+        try:
+            await _post(url, frame)
+            return True
+        except OSError as exc:
+            if delay is None:
+                logger.error("could not post %s for run %s to %s after %d attempts: %r",
+                             frame.get("type"), frame.get("run_id"), _redact(url), attempt + 1, exc)
+                return False
+            await asyncio.sleep(delay)
+    return False  # pragma: no cover
+
+
+def _is_async(func: Any) -> bool:
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - async __call__ on instances
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+async def execute_backend_payload(
+    payload: dict[str, Any],
+    *,
+    cancel_event: asyncio.Event | None = None,
+    executor: Any = None,
+) -> tuple[dict[str, Any], bool]:
+    """Run a payload, posting its events; return ``(terminal_event, posted)``.
+
+    ``task_started`` is posted, heartbeats follow every third of
+    ``delivery_heartbeat_seconds`` (from a timer, so a busy sync task still proves
+    liveness), then exactly one terminal event. Sync callables run in ``executor`` (a
+    :class:`concurrent.futures.Executor`; default: the loop's). Setting ``cancel_event``
+    cancels the run (an async task stops; a sync one is abandoned) and posts
+    ``task_cancelled``. ``posted`` is False when the terminal event could not be posted,
+    so an engine adapter can deliver it another way.
+
+    Raises:
+        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
+    """
+    if not isinstance(payload, dict):
+        raise ValueError(f"A backend payload must be a dict, got {type(payload).__name__}.")
+    missing = [key for key in ("callback_url", "run_id", "task_id") if not isinstance(payload.get(key), str)]
+    if missing:
+        raise ValueError(f"Backend payload lacks the string field(s) {missing}; it cannot be run or answered.")
+    url, run_id, task_id = payload["callback_url"], payload["run_id"], payload["task_id"]
+    ids = {"run_id": run_id, "task_id": task_id}
+    loop = asyncio.get_running_loop()
+    started = asyncio.ensure_future(_post(url, {"type": "task_started", **ids}))
+    beat: asyncio.Task[None] | None = None
+    delivery = payload.get("delivery") or {}
+    interval = delivery.get("delivery_heartbeat_seconds") if isinstance(delivery, dict) else None
+
+    async def heartbeats(every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await _post(url, {"type": "heartbeat", **ids})
+            except OSError as exc:
+                logger.warning("heartbeat for run %s not delivered to %s: %r", run_id, _redact(url), exc)
+
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+        beat = asyncio.ensure_future(heartbeats(max(float(interval) / 3.0, 0.01)))
+    event: dict[str, Any]
+    try:
+        try:
+            frame = unpack_frame({key: payload[key] for key in ("callable_pickle", "args_pickle") if key in payload})
+            func, args = frame.get("callable"), frame.get("args") or {}
+            if not callable(func) or not isinstance(args, dict):
+                raise ProtocolError(f"payload of run {run_id} holds no callable and dict of keyword arguments")
+        except (ProtocolError, KeyError) as exc:
+            event = error_event(run_id, task_id, kind=type(exc).__name__, source="executor", exc=exc,
+                                message=f"The backend worker could not decode the payload of run {run_id}: {exc}")
+        else:
+            if _is_async(func):
+                work: asyncio.Future[Any] = asyncio.ensure_future(func(**args))
+            else:
+                work = loop.run_in_executor(executor, functools.partial(func, **args))
+            waiters: set[asyncio.Future[Any]] = {work}
+            cancelled = asyncio.ensure_future(cancel_event.wait()) if cancel_event is not None else None
+            if cancelled is not None:
+                waiters.add(cancelled)
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if cancelled is not None:
+                    cancelled.cancel()
+            if not work.done():
+                work.cancel()
+                event = {"type": "task_cancelled", **ids}
+            else:
+                try:
+                    result = work.result()
+                    if inspect.isawaitable(result):
+                        result = await result
+                    event = {"type": "task_result", **ids, "result": result}
+                except asyncio.CancelledError:
+                    event = {"type": "task_cancelled", **ids}
+                except Exception as exc:
+                    event = {"type": "task_error", **ids, "exception": exc,
+                             "error": normalize_exception(exc, source="task")}
+    except asyncio.CancelledError:
+        # The engine itself stopped this run (worker shutting down): say so rather than go silent.
+        event = error_event(run_id, task_id, kind="WorkerStopped", source="transport", retryable=True,
+                            message=f"The backend worker stopped run {run_id} before it finished.")
+        await asyncio.shield(_finish(url, started, beat, event))
+        raise
+    posted = await _finish(url, started, beat, event)
+    return event, posted
+
+
+async def _finish(url: str, started: asyncio.Future[None], beat: asyncio.Task[None] | None,
+                  event: dict[str, Any]) -> bool:
+    if beat is not None:
+        beat.cancel()
+    try:
+        await started  # task_started goes first
+    except OSError as exc:
+        logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"), _redact(url), exc)
+    return await _post_terminal(url, event)
+
+
+async def run_backend_payload_async(payload: dict[str, Any]) -> Any:
+    """Worker entry point on a running loop: run ``payload`` and post its events.
+
+    Returns the task's result, or the terminal event frame when the task did not succeed
+    (as Wove 2.x does).
+
+    Raises:
+        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
+    """
+    event, _posted = await execute_backend_payload(payload)
+    return event["result"] if event["type"] == "task_result" else event
+
+
+def run_backend_payload(payload: dict[str, Any]) -> Any:
+    """Synchronous worker entry point (for engines that call a plain function).
+
+    Raises:
+        RuntimeError: called on a thread with a running event loop; use
+            :func:`run_backend_payload_async` there.
+        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_backend_payload_async(payload))
+    raise RuntimeError("run_backend_payload() was called inside a running event loop; "
+                       "await run_backend_payload_async(payload) instead.")
+
+
+# -- callback server ---------------------------------------------------------------------
+def _server_class() -> Any:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):  # type: ignore[misc]
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # The callback server lives inside the user's program: Ctrl-C belongs to it.
+            yield
+
+    return Server
+
+
+class BackendCallbackServer:
+    """Receives worker callbacks over HTTP (uvicorn + a small ASGI app) on the running loop.
+
+    Workers POST events to :attr:`callback_url` (``/wove/events/<token>``). Any other path,
+    a wrong token, another method or an oversized body gets 404/403/405/413 and nothing
+    is queued; a body that does not decode gets 400.
+
+    Args:
+        host: interface to bind (``127.0.0.1`` by default).
+        port: port to bind; 0 picks a free one.
+        public_url: the URL workers use when they reach this server through another
+            address (a proxy or NAT): its base, or the full ``.../wove/events/<token>`` URL.
+        token: the secret path segment; default: 32 random bytes, URL-safe.
+        max_body_bytes: largest accepted body.
+        on_events: called with each decoded list of events; without it events wait in a
+            queue for :meth:`recv`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_url: str | None = None,
+        token: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        on_events: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        if token is not None and (not isinstance(token, str) or len(token) < 16 or "/" in token):
+            raise ValueError("callback_token must be a string of at least 16 characters without '/'; "
+                             "leave it unset to get a random one.")
+        self.host = host
+        self.port = port
+        self.public_url = public_url
+        self.token = token or secrets.token_urlsafe(32)
+        self.max_body_bytes = max_body_bytes
+        self._on_events = on_events
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.bound_port: int | None = None
+
+    @property
+    def callback_url(self) -> str | None:
+        """The URL workers post to (None until started)."""
+        if self.bound_port is None:
+            return None
+        if self.public_url:
+            base = self.public_url.rstrip("/")
+            return base if base.endswith(EVENTS_PATH + self.token) else base + EVENTS_PATH + self.token
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if host in ("0.0.0.0", "[::]"):
+            host = socket.gethostname()
+        return f"http://{host}:{self.bound_port}{EVENTS_PATH}{self.token}"
+
+    async def start(self) -> None:
+        """Bind and serve on the running loop; returns when the server accepts connections.
+
+        Raises:
+            OSError: the address cannot be bound (names host and port).
+            RuntimeError: uvicorn is missing (with the install command) or did not start.
+        """
+        if self._task is not None:
+            return
+        try:
+            import uvicorn
+        except ImportError as exc:
+            raise RuntimeError("The backend callback server needs uvicorn, which is not installed. "
+                               'Install it with: pip install "wove-core[backend]"') from exc
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"Backend callback server cannot bind {self.host}:{self.port}: {exc.strerror}. "
+                          "Set executor_config.callback_host/callback_port to a free address.") from exc
+        sock.setblocking(False)
+        config = uvicorn.Config(self._app, lifespan="off", log_level="warning", access_log=False,
+                                timeout_keep_alive=30, server_header=False, date_header=False)
+        self._server = _server_class()(config)
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
+        deadline = time.monotonic() + 10.0
+        while not self._server.started:
+            if self._task.done() or time.monotonic() > deadline:
+                error = None if not self._task.done() or self._task.cancelled() else self._task.exception()
+                sock.close()
+                await self.stop()
+                raise RuntimeError(f"Backend callback server on {self.host}:{self.port} did not start: {error!r}")
+            await asyncio.sleep(0.005)
+        self.bound_port = int(sock.getsockname()[1])
+        logger.debug("backend callback server listening on %s", _redact(self.callback_url or ""))
+
+    async def stop(self) -> None:
+        """Stop serving (bounded: open connections get a second to finish)."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            self._server.force_exit = True
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        self._server = None
+        self.bound_port = None
+
+    async def recv(self) -> dict[str, Any]:
+        """The next event (only when no ``on_events`` callback was given)."""
+        return await self._queue.get()
+
+    async def _app(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        status, message = await self._handle(scope, receive)
+        body = message.encode("utf-8")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _handle(self, scope: dict[str, Any], receive: Callable[..., Any]) -> tuple[int, str]:
+        path: str = scope.get("path", "")
+        if not path.startswith(EVENTS_PATH):
+            return 404, "Not found."
+        if not hmac.compare_digest(path[len(EVENTS_PATH):].encode(), self.token.encode()):
+            return 403, "Unknown callback token."
+        if scope.get("method") != "POST":
+            return 405, "Callbacks are POST requests."
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return 400, "Invalid Content-Length."
+                if declared > self.max_body_bytes:
+                    return 413, f"Body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes."
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 400, "Client disconnected."
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return 413, f"Body exceeds the limit of {self.max_body_bytes} bytes."
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            events = decode_events(b"".join(chunks))
+        except Exception as exc:  # ProtocolError, or cloudpickle missing
+            logger.warning("backend callback rejected: %s", exc)
+            return 400, f"Invalid callback: {exc}"
+        if self._on_events is not None:
+            self._on_events(events)
+        else:
+            for event in events:
+                self._queue.put_nowait(event)
+        return 204, ""
+
+
+# -- adapters ----------------------------------------------------------------------------
+class BackendAdapter:
+    """Engine-specific submit/cancel bridge used by :class:`BackendAdapterEnvironmentExecutor`.
+
+    Compatible with Wove 2.x adapters. Subclasses set ``required_modules`` (checked
+    before start) and ``install_hint`` (what to ``pip install`` when they are missing),
+    and may watch submissions: :meth:`report_lost` when the engine lost a run,
+    :meth:`report_event` for an event that arrived another way than the callback.
+    """
+
+    required_modules: tuple[str, ...] = ()
+    install_hint: str | None = None
+
+    def __init__(self, *, name: str, config: dict[str, Any], callback_url: str, run_config: dict[str, Any]) -> None:
+        self.name = name
+        self.config = config
+        self.callback_url = callback_url
+        self.run_config = run_config
+        self._on_lost: Callable[[str, str, BaseException | None], None] | None = None
+        self._on_event: Callable[[dict[str, Any]], None] | None = None
+        self._is_pending: Callable[[str], bool] = lambda run_id: False
+
+    @classmethod
+    def missing_dependencies(cls) -> tuple[str, ...]:
+        """The ``required_modules`` that cannot be imported here."""
+        return tuple(module for module in cls.required_modules if importlib.util.find_spec(module) is None)
+
+    async def start(self) -> None:
+        """Connect to the engine (runs on the runtime's loop; must not block it)."""
+
+    async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> Any:
+        """Submit ``payload`` (run it with :func:`run_backend_payload`); return a handle."""
+        raise NotImplementedError(f"{type(self).__name__}.submit() is not implemented.")
+
+    async def cancel(self, run_id: str, submission: Any, frame: dict[str, Any]) -> None:
+        """Cancel a submission (best effort)."""
+
+    async def close(self) -> None:
+        """Release engine resources."""
+
+    # -- hooks the executor binds --------------------------------------------------------
+    def bind(self, *, on_lost: Callable[[str, str, BaseException | None], None],
+             on_event: Callable[[dict[str, Any]], None], is_pending: Callable[[str], bool]) -> None:
+        """Called by the executor before :meth:`start`."""
+        self._on_lost, self._on_event, self._is_pending = on_lost, on_event, is_pending
+
+    def is_pending(self, run_id: str) -> bool:
+        """True while ``run_id`` has no terminal event."""
+        return self._is_pending(run_id)
+
+    def report_lost(self, run_id: str, reason: str, exc: BaseException | None = None) -> None:
+        """The engine lost ``run_id``: the executor re-delivers it or ends it with a transport error."""
+        if self._on_lost is not None:
+            self._on_lost(run_id, reason, exc)
+
+    def report_event(self, event: dict[str, Any]) -> None:
+        """Deliver an event (such as a terminal event the worker could not post)."""
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def wait_for_terminal(self, run_id: str, timeout: float) -> bool:
+        """Wait (bounded) for ``run_id``'s terminal event; True when it arrived."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.is_pending(run_id):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+_ADAPTERS: dict[str, type[BackendAdapter]] = {}
+
+
+def register_backend_adapter(name: str, adapter_class: type[BackendAdapter]) -> None:
+    """Make ``BackendAdapterEnvironmentExecutor(name)`` use ``adapter_class``."""
+    _ADAPTERS[name] = adapter_class
+
+
+def get_backend_adapter_class(name: str) -> type[BackendAdapter]:
+    """The adapter class registered for ``name`` (directly or by an executor plugin).
+
+    Raises:
+        ValueError: no adapter is known under ``name`` (lists the known ones).
+    """
+    if name in _ADAPTERS:
+        return _ADAPTERS[name]
+    from .registry import build_executor_from_name
+
+    try:
+        executor = build_executor_from_name(name)
+    except ValueError as exc:
+        raise ValueError(f"No backend adapter named {name!r}: {exc}") from exc
+    adapter_class = getattr(executor, "_adapter_class", None)
+    if not isinstance(executor, BackendAdapterEnvironmentExecutor) or adapter_class is None:
+        raise ValueError(f"Executor {name!r} is not a backend adapter executor; "
+                         f"known adapters: {sorted(_ADAPTERS) or 'none'}.")
+    return adapter_class
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class BackendAdapterEnvironmentExecutor(FrameExecutor):
+    """Submits tasks to an engine through a :class:`BackendAdapter`; events come back over
+    an authenticated callback server.
+
+    ``executor_config``: ``callback_host`` (default ``127.0.0.1``), ``callback_port``
+    (default 0), ``callback_url`` (the URL workers use when they reach this process
+    through another address), ``callback_token`` (default random),
+    ``callback_max_body_bytes``, ``max_deliveries`` (``requeue`` bound), plus the
+    adapter's own keys.
+
+    Args:
+        name: the executor name (``"dask"``); used for messages and adapter lookup.
+        adapter_class: the adapter; default: the one registered for ``name``.
+        required_modules: modules checked at start; default: the adapter's.
+    """
+
+    def __init__(self, name: str, adapter_class: type[BackendAdapter] | None = None,
+                 required_modules: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        self.executor_name = name
+        self._name = name
+        self._adapter_class = adapter_class
+        self._required_modules = required_modules
+        self._server: BackendCallbackServer | None = None
+        self._adapter: BackendAdapter | None = None
+        self._submissions: dict[str, Any] = {}
+        self._payloads: dict[str, dict[str, Any]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def adapter(self) -> BackendAdapter | None:
+        """The started adapter (None before start / after stop)."""
+        return self._adapter
+
+    async def start(self, *, environment_name: str, environment_config: dict[str, Any],
+                    run_config: dict[str, Any]) -> None:
+        """Check dependencies, start the callback server, build and start the adapter.
+
+        Raises:
+            RuntimeError: a required module is missing (names it and the install command).
+            ValueError: no adapter is known for this executor's name, or bad config.
+            OSError: the callback address cannot be bound.
+        """
+        adapter_class = self._adapter_class or get_backend_adapter_class(self._name)
+        required = self._required_modules if self._required_modules is not None else adapter_class.required_modules
+        hint = adapter_class.install_hint or f"wove-executor-{self._name}"
+        missing = [m for m in (*required, "cloudpickle", "uvicorn") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeError(
+                f"The {self._name} executor of environment '{environment_name}' needs the module(s) "
+                f"{', '.join(repr(m) for m in missing)}, which are not installed. Install with: pip install {hint}"
+            )
+        config = dict(environment_config)
+        self._open_events(environment_name, config)
+        host = config.get("callback_host", "127.0.0.1")
+        public = config.get("callback_url")
+        if public is not None and urlsplit(str(public)).scheme not in ("http", "https"):
+            raise ValueError(f"Environment '{environment_name}': executor_config.callback_url must be an "
+                             f"http(s) URL, got {public!r}.")
+        server = BackendCallbackServer(
+            host=str(host), port=int(config.get("callback_port", 0)), public_url=public,
+            token=config.get("callback_token"),
+            max_body_bytes=int(config.get("callback_max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+            on_events=self._on_callback,
+        )
+        if not _is_loopback(str(host)):
+            logger.warning("environment %s: the backend callback server listens on %s over plain HTTP; the "
+                           "path token authenticates workers, so keep that network private.",
+                           environment_name, host)
+        await server.start()
+        assert server.callback_url is not None
+        adapter = adapter_class(name=self._name, config=config, callback_url=server.callback_url,
+                                run_config=run_config)
+        if isinstance(adapter, BackendAdapter):
+            adapter.bind(on_lost=self._on_lost, on_event=self._on_adapter_event,
+                         is_pending=self._inflight.__contains__)
+        try:
+            await adapter.start()
+        except BaseException:
+            await server.stop()
+            raise
+        self._server, self._adapter = server, adapter
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Submit a ``run_task``, cancel a run, or accept ``shutdown``.
+
+        Raises:
+            RuntimeError: not started.
+            ValueError: unknown frame type.
+            DispatchError: the task's callable or arguments cannot be pickled.
+        """
+        self._require_started()
+        if self._adapter is None or self._server is None or self._server.callback_url is None:
+            raise RuntimeError(f"{self._name} executor for environment '{self._environment}' is not started.")
+        frame_type = frame.get("type")
+        if frame_type == "run_task":
+            payload = build_backend_payload(frame, callback_url=self._server.callback_url, adapter=self._name)
+            run_id = str(frame["run_id"])
+            self._payloads[run_id] = payload
+            self._track(frame)  # before submitting: the worker may answer at once
+            await self._call_submit(run_id, payload, frame)
+        elif frame_type == "cancel_task":
+            run_id = str(frame.get("run_id"))
+            entry = self._inflight.get(run_id)
+            if entry is None:
+                return
+            try:
+                await self._adapter.cancel(run_id, self._submissions.get(run_id), frame)
+            except Exception as exc:
+                logger.warning("%s: cancelling run %s on the backend failed: %r", self._name, run_id, exc)
+            self._emit({"type": "task_cancelled", "run_id": run_id, "task_id": entry.frame["task_id"]})
+        elif frame_type == "shutdown":
+            return  # the runtime already sent cancel_task for the runs it orphans
+        else:
+            raise ValueError(f"{self._name} executor: unknown command type {frame_type!r}; "
+                             "expected run_task, cancel_task or shutdown.")
+
+    async def _redeliver(self, run_id: str) -> None:
+        entry = self._inflight.get(run_id)
+        payload = self._payloads.get(run_id)
+        if entry is None or payload is None or self._adapter is None:
+            return
+        self._track(entry.frame)
+        await self._call_submit(run_id, {**payload, "attempt": entry.deliveries}, entry.frame)
+
+    async def _call_submit(self, run_id: str, payload: dict[str, Any], frame: dict[str, Any]) -> None:
+        assert self._adapter is not None
+        try:
+            self._submissions[run_id] = await self._adapter.submit(payload, frame)
+        except Exception as exc:
+            self._on_lost(run_id, f"{self._name} executor for environment '{self._environment}' could not "
+                          f"submit run {run_id}: {type(exc).__name__}: {exc}", exc, redeliverable=False)
+
+    def _on_callback(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self._on_adapter_event(event)
+
+    def _on_adapter_event(self, event: dict[str, Any]) -> None:
+        run_id = str(event.get("run_id"))
+        if event.get("type") != "log" and run_id not in self._inflight:
+            logger.debug("%s: %s for finished or unknown run %s dropped", self._name, event.get("type"), run_id)
+            return
+        self._emit(event)
+        if event.get("type") in TERMINAL_EVENTS:
+            self._submissions.pop(run_id, None)
+            self._payloads.pop(run_id, None)
+
+    def _on_lost(self, run_id: str, reason: str, exc: BaseException | None = None, *,
+                 redeliverable: bool = True) -> None:
+        if run_id not in self._inflight:
+            return
+        if self._lost(run_id, reason, exc, redeliverable=redeliverable):
+            task = asyncio.ensure_future(self._redeliver(run_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            self._submissions.pop(run_id, None)
+            self._payloads.pop(run_id, None)
+
+    async def stop(self) -> None:
+        """Close the adapter and the callback server (bounded)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            if self._adapter is not None:
+                await self._adapter.close()
+        finally:
+            if self._server is not None:
+                await self._server.stop()
+            self._adapter = self._server = None
+            self._submissions.clear()
+            self._payloads.clear()
+            self._inflight.clear()

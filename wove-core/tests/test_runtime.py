@@ -1,0 +1,319 @@
+"""ExecutorRuntime semantics, against the local executor and small fake executors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from wove.environment import (
+    DeliveryOrphanedError,
+    DeliveryTimeoutError,
+    EnvironmentExecutionError,
+    EnvironmentExecutor,
+    ExecutorRuntime,
+    LocalEnvironmentExecutor,
+)
+
+
+class ScriptedExecutor(EnvironmentExecutor):
+    """Records commands; events are pushed by the test."""
+
+    def __init__(self, auto: bool = False) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.auto = auto
+        self.stopped = False
+        self.config: dict[str, Any] | None = None
+
+    async def start(self, *, environment_name: str, environment_config: dict[str, Any], run_config: dict[str, Any]) -> None:
+        self.config = environment_config
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        self.sent.append(frame)
+        if self.auto and frame["type"] == "run_task":
+            await self.events.put({"type": "task_result", "run_id": frame["run_id"], "task_id": frame["task_id"],
+                                   "result": frame["callable"](**frame["args"])})
+
+    async def recv(self) -> dict[str, Any]:
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [f for f in self.sent if f["type"] == "run_task"]
+
+    def cancels(self) -> list[dict[str, Any]]:
+        return [f for f in self.sent if f["type"] == "cancel_task"]
+
+
+async def wait_for_runs(executor: ScriptedExecutor, count: int) -> list[dict[str, Any]]:
+    for _ in range(200):
+        if len(executor.runs()) >= count:
+            return executor.runs()
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {count} run_task frames, got {executor.runs()}")
+
+
+def noop() -> None:
+    return None
+
+
+async def test_call_runs_sync_and_async_functions() -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async with ExecutorRuntime({"here": {"executor": "local"}}, {}) as runtime:
+        assert await runtime.call("here", double, 21) == 42
+        assert await runtime.call("here", divmod, 7, 2) == (3, 1)  # positional-only builtin
+        assert await runtime.call("here", lambda *xs, k=0: sum(xs) + k, 1, 2, k=3) == 6
+        assert runtime.is_local_environment("here")
+
+
+async def test_run_task_seed_signature_and_default_environment() -> None:
+    async with ExecutorRuntime({"a": {}}, {"default_environment": "a"}) as runtime:
+        result = await runtime.run_task(task_name="t", task_func=lambda x: x + 1, task_args={"x": 1}, task_info={})
+        assert result == 2
+
+
+async def test_unknown_environment_is_a_name_error() -> None:
+    async with ExecutorRuntime({"a": {}}, {}) as runtime:
+        with pytest.raises(NameError, match="unknown environment 'b'.*Known environments: a"):
+            await runtime.run_task(task_name="t", task_func=noop, task_args={}, task_info={"environment": "b"})
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("delivery_cancel_mode", "eventually", "'best_effort', 'require_ack'"),
+    ("delivery_orphan_policy", "shrug", "'fail', 'cancel', 'requeue', 'detach'"),
+])
+async def test_invalid_policies_are_value_errors(key: str, value: str, allowed: str) -> None:
+    async with ExecutorRuntime({"a": {}}, {}) as runtime:
+        with pytest.raises(ValueError, match=f"{key} must be one of {allowed}, got '{value}'"):
+            await runtime.run_task(task_name="t", task_func=noop, task_args={}, task_info={"environment": "a", key: value})
+    with pytest.raises(ValueError, match=key):
+        async with ExecutorRuntime({"a": {key: value}}, {}):
+            pass
+
+
+async def test_settings_resolve_task_info_then_definition_then_run_config() -> None:
+    executor = ScriptedExecutor(auto=True)
+    definitions = {"a": {"executor": executor, "delivery_orphan_policy": "fail", "delivery_timeout": 30}}
+    run_config = {"delivery_orphan_policy": "detach", "delivery_heartbeat_seconds": 20, "delivery_timeout": 99}
+    async with ExecutorRuntime(definitions, run_config) as runtime:
+        await runtime.call_with("a", noop)
+        await runtime.call_with("a", noop, delivery_orphan_policy="requeue", delivery_idempotency_key="k")
+    first, second = (f["delivery"] for f in executor.runs())
+    assert first == {"delivery_cancel_mode": "best_effort", "delivery_orphan_policy": "fail",
+                     "delivery_timeout": 30, "delivery_heartbeat_seconds": 20}
+    assert second["delivery_orphan_policy"] == "requeue"
+    assert second["delivery_idempotency_key"] == "k"
+
+
+async def test_idempotency_key_forms() -> None:
+    executor = ScriptedExecutor(auto=True)
+
+    def report(day: str, region: str) -> str:
+        return day + region
+
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        await runtime.call_with("a", report, ("mon", "eu"), delivery_idempotency_key="report-{day}-{region}")
+        await runtime.call_with("a", report, ("tue", "us"), delivery_idempotency_key=lambda args: f"cb-{args['day']}")
+        await runtime.call_with("a", report, ("wed", "us"), delivery_idempotency_key=lambda day, region: f"kw-{day}")
+        with pytest.raises(ValueError, match=r"could not be formatted.*available: day, region"):
+            await runtime.call_with("a", report, ("x", "y"), delivery_idempotency_key="{missing}")
+    keys = [f["delivery"]["delivery_idempotency_key"] for f in executor.runs()]
+    assert keys == ["report-mon-eu", "cb-tue", "kw-wed"]
+
+
+async def test_delivery_timeout_raises_and_sends_cancel() -> None:
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        started = time.monotonic()
+        with pytest.raises(DeliveryTimeoutError, match=r"environment 'a' did not finish within delivery_timeout=0.2s"):
+            await runtime.call_with("a", noop, delivery_timeout=0.2)
+        assert 0.15 < time.monotonic() - started < 2
+        [cancel] = executor.cancels()
+        assert cancel["run_id"] == executor.runs()[0]["run_id"]
+
+
+async def test_heartbeat_expiry_raises_and_heartbeats_extend_the_window() -> None:
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        call = asyncio.ensure_future(runtime.call_with("a", noop, delivery_heartbeat_seconds=0.3))
+        [frame] = await wait_for_runs(executor, 1)
+        ids = {"run_id": frame["run_id"], "task_id": frame["task_id"]}
+        for _ in range(5):  # 1 s of heartbeats every 0.2 s keeps a 0.3 s window alive
+            await asyncio.sleep(0.2)
+            await executor.events.put({"type": "heartbeat", **ids})
+        assert not call.done()
+        with pytest.raises(DeliveryTimeoutError, match=r"sent no heartbeat .*delivery_heartbeat_seconds=0.3"):
+            await call
+        assert [c["run_id"] for c in executor.cancels()] == [frame["run_id"]]
+
+
+async def test_require_ack_reports_whether_cancellation_was_confirmed() -> None:
+    executor = ScriptedExecutor()
+
+    async def ack_cancels() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            for cancel in executor.cancels():
+                if not cancel.get("acked"):
+                    cancel["acked"] = True
+                    await executor.events.put({"type": "task_cancelled", "run_id": cancel["run_id"], "task_id": cancel["task_id"]})
+
+    async with ExecutorRuntime({"a": {"executor": executor, "delivery_cancel_mode": "require_ack"}}, {}) as runtime:
+        acker = asyncio.ensure_future(ack_cancels())
+        with pytest.raises(DeliveryTimeoutError, match="confirmed the cancellation"):
+            await runtime.call_with("a", noop, delivery_timeout=0.1)
+        acker.cancel()
+        from wove import runtime as runtime_module
+
+        runtime_module.CANCEL_ACK_TIMEOUT, saved = 0.2, runtime_module.CANCEL_ACK_TIMEOUT
+        try:
+            with pytest.raises(DeliveryTimeoutError, match="did not confirm the cancellation within 0.2s"):
+                await runtime.call_with("a", noop, delivery_timeout=0.1)
+        finally:
+            runtime_module.CANCEL_ACK_TIMEOUT = saved
+
+
+async def test_max_in_flight_caps_outstanding_runs() -> None:
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor, "delivery_max_in_flight": 3}}, {}) as runtime:
+        calls = [asyncio.ensure_future(runtime.call("a", noop)) for _ in range(10)]
+        await wait_for_runs(executor, 3)
+        await asyncio.sleep(0.05)
+        assert len(executor.runs()) == 3
+        for _ in range(10):
+            await wait_for_runs(executor, 1)
+            frame = next(f for f in executor.runs() if not f.get("answered"))
+            frame["answered"] = True
+            await executor.events.put({"type": "task_result", "run_id": frame["run_id"], "task_id": frame["task_id"], "result": 1})
+            await asyncio.sleep(0.01)
+            outstanding = [f for f in executor.runs() if not f.get("answered")]
+            assert len(outstanding) <= 3
+        assert await asyncio.gather(*calls) == [1] * 10
+
+
+async def test_events_map_to_results_and_exceptions() -> None:
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        calls = [asyncio.ensure_future(runtime.call("a", noop)) for _ in range(4)]
+        frames = await wait_for_runs(executor, 4)
+        ids = [{"run_id": f["run_id"], "task_id": f["task_id"]} for f in frames]
+        await executor.events.put({"type": "log", "message": "hello from the worker"})
+        await executor.events.put({"type": "task_error", **ids[0], "exception": KeyError("k"), "error": {"kind": "KeyError"}})
+        await executor.events.put({"type": "task_error", **ids[1], "error": {"kind": "Boom", "message": "remote boom", "source": "transport"}})
+        await executor.events.put({"type": "task_cancelled", **ids[2]})
+        await executor.events.put({"type": "surprise", **ids[3]})
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[0], KeyError)
+    assert isinstance(results[1], EnvironmentExecutionError) and results[1].payload["kind"] == "Boom"
+    assert "remote boom" in str(results[1])
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert isinstance(results[3], RuntimeError) and "Unknown executor frame type 'surprise'" in str(results[3])
+    assert not executor.cancels(), "an executor-reported cancellation needs no cancel_task"
+
+
+async def test_receiver_death_fails_pending_runs_fast_and_later_ones_too() -> None:
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        first = asyncio.ensure_future(runtime.call("a", noop))
+        second = asyncio.ensure_future(runtime.call_with("a", noop, delivery_orphan_policy="fail"))
+        await wait_for_runs(executor, 2)
+        await executor.events.put(ConnectionResetError("pipe closed"))
+        with pytest.raises(RuntimeError, match=r"environment 'a' cannot finish: executor ScriptedExecutor stopped delivering events \(ConnectionResetError: pipe closed\)"):
+            await first
+        with pytest.raises(DeliveryOrphanedError, match="delivery_orphan_policy='fail'"):
+            await second
+        with pytest.raises(RuntimeError, match="Environment 'a' cannot run task 'noop'"):
+            await runtime.call("a", noop)
+
+
+@pytest.mark.parametrize(("policy", "expected", "cancel_sent"), [
+    ("cancel", asyncio.CancelledError, True),
+    ("fail", DeliveryOrphanedError, True),
+    ("requeue", DeliveryOrphanedError, True),
+    ("detach", DeliveryOrphanedError, False),
+])
+async def test_stop_orphans_pending_runs_by_policy(policy: str, expected: type[BaseException], cancel_sent: bool) -> None:
+    executor = ScriptedExecutor()
+    runtime = ExecutorRuntime({"a": {"executor": executor}}, {})
+    await runtime.start()
+    call = asyncio.ensure_future(runtime.call_with("a", noop, delivery_orphan_policy=policy))
+    await wait_for_runs(executor, 1)
+    await runtime.stop()
+    with pytest.raises(expected):
+        await call
+    assert bool(executor.cancels()) is cancel_sent
+    assert executor.sent[-1]["type"] == "shutdown"
+    assert executor.stopped
+
+
+async def test_caller_cancellation_sends_cancel_task_and_local_task_is_cancelled() -> None:
+    cancelled = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with ExecutorRuntime({"a": {}}, {}) as runtime:
+        call = asyncio.ensure_future(runtime.call("a", forever))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.wait_for(cancelled.wait(), 2)
+
+
+async def test_blocking_sync_tasks_do_not_stall_the_loop() -> None:
+    async with ExecutorRuntime({"a": {"executor": "local", "max_workers": 32}}, {}) as runtime:
+        started = time.monotonic()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.gather(*(runtime.call("a", time.sleep, 0.2) for _ in range(32)))
+        tick.cancel()
+        assert time.monotonic() - started < 2.0  # 32 threads: about 0.2 s, not 6.4 s
+        assert ticks >= 5
+
+
+async def test_executor_instance_class_and_start_failure_note() -> None:
+    class Broken(ScriptedExecutor):
+        async def start(self, **kwargs: Any) -> None:
+            raise OSError("cannot reach the worker")
+
+    async with ExecutorRuntime({"i": {"executor": LocalEnvironmentExecutor()}, "c": {"executor": LocalEnvironmentExecutor}}, {}) as runtime:
+        assert await runtime.call("i", abs, -1) == 1
+        assert await runtime.call("c", abs, -2) == 2
+    with pytest.raises(OSError, match="cannot reach the worker") as info:
+        async with ExecutorRuntime({"b": {"executor": Broken()}}, {}):
+            pass
+    assert "while starting environment 'b'" in "".join(getattr(info.value, "__notes__", []))
+
+
+async def test_unknown_executor_name_in_definition() -> None:
+    with pytest.raises(ValueError, match=r"Unknown executor 'lokal' in environment 'x'.*Did you mean 'local'"):
+        async with ExecutorRuntime({"x": {"executor": "lokal"}}, {}):
+            pass
+
+
+async def test_max_workers_reaches_the_executor_config() -> None:
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor, "max_workers": 3, "executor_config": {"x": 1}}}, {}):
+        assert executor.config == {"x": 1, "max_workers": 3}
