@@ -84,7 +84,7 @@ async def test_run_task_seed_signature_and_default_environment() -> None:
 
 async def test_unknown_environment_is_a_name_error() -> None:
     async with ExecutorRuntime({"a": {}}, {}) as runtime:
-        with pytest.raises(NameError, match="unknown environment 'b'.*Known environments: a"):
+        with pytest.raises(NameError, match=r"unknown environment 'b'.*Known environments: a"):
             await runtime.run_task(task_name="t", task_func=noop, task_args={}, task_info={"environment": "b"})
 
 
@@ -177,7 +177,7 @@ async def test_require_ack_reports_whether_cancellation_was_confirmed() -> None:
 
         runtime_module.CANCEL_ACK_TIMEOUT, saved = 0.2, runtime_module.CANCEL_ACK_TIMEOUT
         try:
-            with pytest.raises(DeliveryTimeoutError, match="did not confirm the cancellation within 0.2s"):
+            with pytest.raises(DeliveryTimeoutError, match=r"did not confirm the cancellation within 0\.2s"):
                 await runtime.call_with("a", noop, delivery_timeout=0.1)
         finally:
             runtime_module.CANCEL_ACK_TIMEOUT = saved
