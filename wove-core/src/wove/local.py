@@ -42,6 +42,7 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
             max_concurrency=max_concurrency,
             max_threads=max_workers,
             remember_run_ids=False,
+            announce_start=False,
             name=f"local:{environment_name}",
         )
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
 
+from ._gate import Gate
 from .config import check_choice, validate_definition
 from .errors import DeliveryOrphanedError, DeliveryTimeoutError, EnvironmentExecutionError
 from .executor import EnvironmentExecutor
@@ -28,6 +30,7 @@ _DELIVERY_KEYS = (
     "delivery_orphan_policy",
     "delivery_max_in_flight",
 )
+_DELIVERY_KEY_SET = frozenset(_DELIVERY_KEYS)
 #: How long require_ack waits for the executor's task_cancelled.
 CANCEL_ACK_TIMEOUT = 5.0
 
@@ -56,7 +59,7 @@ def coerce_executor(executor_value: Any, *, environment: str | None = None) -> E
     )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Run:
     run_id: str
     task_id: str
@@ -91,7 +94,9 @@ class _Environment:
     pending: dict[str, _Run] = field(default_factory=dict)
     receiver: asyncio.Task[None] | None = None
     failure: BaseException | None = None
-    limits: dict[int, asyncio.Semaphore] = field(default_factory=dict)
+    limits: dict[int, Gate] = field(default_factory=dict)
+    #: delivery settings of the definition over run_config, resolved once
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 class ExecutorRuntime:
@@ -119,6 +124,9 @@ class ExecutorRuntime:
         self._environments: dict[str, _Environment] = {}
         self._lock: asyncio.Lock | None = None
         self._debug = logger.isEnabledFor(logging.DEBUG)
+        # run ids: "<task>:<hex>", unique across runtimes (workers cache results by run id)
+        self._id_prefix = uuid4().hex[:16]
+        self._ids = itertools.count(1)
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> ExecutorRuntime:
@@ -172,6 +180,14 @@ class ExecutorRuntime:
                 raise
             self._definitions[environment_name] = definition
             env = _Environment(environment_name, definition, executor)
+            for key in _DELIVERY_KEYS:
+                value = definition.get(key)
+                if value is None:
+                    value = self._run_config.get(key)
+                if value is not None:
+                    env.defaults[key] = value
+            check_choice(env.defaults.get("delivery_cancel_mode"), "delivery_cancel_mode", CANCEL_MODES, f"Environment '{environment_name}' (run_config)")
+            check_choice(env.defaults.get("delivery_orphan_policy"), "delivery_orphan_policy", ORPHAN_POLICIES, f"Environment '{environment_name}' (run_config)")
             env.receiver = asyncio.get_running_loop().create_task(
                 self._receive(env), name=f"wove-recv:{environment_name}"
             )
@@ -265,14 +281,6 @@ class ExecutorRuntime:
             task_info={**task_info, "environment": environment},
         )
 
-    def _setting(self, key: str, task_info: dict[str, Any], definition: dict[str, Any]) -> Any:
-        value = task_info.get(key)
-        if value is None:
-            value = definition.get(key)
-            if value is None:
-                value = self._run_config.get(key)
-        return value
-
     async def run_task(
         self,
         *,
@@ -307,33 +315,36 @@ class ExecutorRuntime:
                 f"Environment '{env.name}' cannot run task '{task_name}': its executor "
                 f"{type(env.executor).__name__} stopped delivering events ({env.failure!r})."
             ) from env.failure
-        definition = env.definition
-        setting = self._setting
-        cancel_mode = setting("delivery_cancel_mode", task_info, definition) or "best_effort"
-        orphan_policy = setting("delivery_orphan_policy", task_info, definition) or "cancel"
+        settings = env.defaults
+        if not _DELIVERY_KEY_SET.isdisjoint(task_info):
+            settings = {**settings, **{k: v for k, v in task_info.items() if k in _DELIVERY_KEYS and v is not None}}
+        get = settings.get
+        cancel_mode = get("delivery_cancel_mode") or "best_effort"
+        orphan_policy = get("delivery_orphan_policy") or "cancel"
         if cancel_mode not in CANCEL_MODES:
             check_choice(cancel_mode, "delivery_cancel_mode", CANCEL_MODES, f"Task '{task_name}'")
         if orphan_policy not in ORPHAN_POLICIES:
             check_choice(orphan_policy, "delivery_orphan_policy", ORPHAN_POLICIES, f"Task '{task_name}'")
-        timeout = setting("delivery_timeout", task_info, definition)
-        heartbeat = setting("delivery_heartbeat_seconds", task_info, definition)
-        max_in_flight = setting("delivery_max_in_flight", task_info, definition)
-        key = _idempotency_key(setting("delivery_idempotency_key", task_info, definition), task_args, task_name)
+        timeout = get("delivery_timeout")
+        heartbeat = get("delivery_heartbeat_seconds")
+        max_in_flight = get("delivery_max_in_flight")
+        raw_key = get("delivery_idempotency_key")
 
         delivery: dict[str, Any] = {"delivery_cancel_mode": cancel_mode, "delivery_orphan_policy": orphan_policy}
         if timeout is not None:
             delivery["delivery_timeout"] = timeout
         if heartbeat is not None:
             delivery["delivery_heartbeat_seconds"] = heartbeat
-        if key is not None:
-            delivery["delivery_idempotency_key"] = key
+        if raw_key is not None:
+            delivery["delivery_idempotency_key"] = _idempotency_key(raw_key, task_args, task_name)
 
         limit = None
         if isinstance(max_in_flight, int) and max_in_flight > 0:
             limit = env.limits.get(max_in_flight)
             if limit is None:
-                limit = env.limits[max_in_flight] = asyncio.Semaphore(max_in_flight)
-            await limit.acquire()
+                limit = env.limits[max_in_flight] = Gate(max_in_flight)
+            if not limit.try_acquire():
+                await limit.acquire()
         try:
             return await self._deliver(env, task_name, task_func, task_args, delivery, timeout, heartbeat)
         finally:
@@ -352,7 +363,7 @@ class ExecutorRuntime:
     ) -> Any:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        run_id = f"{task_name}:{uuid4().hex}"
+        run_id = f"{task_name}:{self._id_prefix}{next(self._ids):x}"
         run = _Run(
             run_id=run_id,
             task_id=task_name,

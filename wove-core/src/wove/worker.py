@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._gate import Gate
 from .errors import ProtocolError
 from .protocol import (
     ORPHAN_POLICIES,
@@ -54,7 +55,7 @@ DEFAULT_THREADS = 64
 Sink = Callable[[dict[str, Any]], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Execution:
     """One execution of a callable, shared by every run attached to it."""
 
@@ -77,6 +78,8 @@ class WorkerEngine:
         idempotency_ttl: seconds a finished result is kept for duplicates.
         remember_run_ids: also answer a re-sent ``run_id`` from the cache (network
             workers, where a client re-delivers after a lost connection).
+        announce_start: emit ``task_started`` (in-process execution has no liveness to
+            prove and skips it; heartbeats are still sent when a run asks for them).
         name: shown in logs and errors.
     """
 
@@ -89,6 +92,7 @@ class WorkerEngine:
         idempotency_cache_size: int = 1024,
         idempotency_ttl: float = 600.0,
         remember_run_ids: bool = True,
+        announce_start: bool = True,
         name: str = "worker",
     ) -> None:
         if max_concurrency < 1:
@@ -98,8 +102,9 @@ class WorkerEngine:
         self.max_queued = max_concurrency * 4 if max_queued is None else max_queued
         self._threads_size = max_threads or DEFAULT_THREADS
         self._threads: ThreadPoolExecutor | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._admission: asyncio.Semaphore | None = None
+        self._slots = Gate(max_concurrency)
+        self._admission = Gate(max_concurrency + self.max_queued)
+        self._announce = announce_start
         self._runs: dict[str, _Execution] = {}
         self._by_key: dict[str, _Execution] = {}
         self._finished: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
@@ -229,10 +234,8 @@ class WorkerEngine:
         key = str(key) if key is not None else None
         if self._attach(run_id, task_id, key, sink):
             return
-        if self._admission is None:
-            self._slots = asyncio.Semaphore(self.max_concurrency)
-            self._admission = asyncio.Semaphore(self.max_concurrency + self.max_queued)
-        await self._admission.acquire()
+        if not self._admission.try_acquire():
+            await self._admission.acquire()
         if self._attach(run_id, task_id, key, sink):  # a twin may have started while we waited
             self._admission.release()
             return
@@ -294,12 +297,15 @@ class WorkerEngine:
         execution.heartbeat = loop.call_later(interval, beat)
 
     async def _execute(self, execution: _Execution, func: Any, args: dict[str, Any]) -> None:
-        assert self._slots is not None and self._admission is not None
         event: dict[str, Any] | None = None
+        slots = self._slots
         try:
-            async with self._slots:
-                for run_id, (task_id, sink) in list(execution.subscribers.items()):
-                    self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
+            if not slots.try_acquire():
+                await slots.acquire()
+            try:
+                if self._announce:
+                    for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                        self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
                 if _is_async(func):
                     result = await func(**args)
                 else:
@@ -309,6 +315,8 @@ class WorkerEngine:
                     result = await asyncio.get_running_loop().run_in_executor(self._threads, call)
                     if inspect.isawaitable(result):
                         result = await result
+            finally:
+                slots.release()
             event = {"type": "task_result", "result": result}
         except asyncio.CancelledError:
             event = {"type": "task_cancelled"}
@@ -326,11 +334,19 @@ class WorkerEngine:
                 if self._remember_run_ids:
                     for run_id in execution.subscribers:
                         self._remember(f"run:{run_id}", event)
-            for run_id, (task_id, sink) in list(execution.subscribers.items()):
+            subscribers = execution.subscribers
+            if event is not None and len(subscribers) == 1:
+                run_id, (task_id, sink) = next(iter(subscribers.items()))
                 self._runs.pop(run_id, None)
-                if event is not None:
-                    self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
-            execution.subscribers.clear()
+                event["run_id"] = run_id
+                event["task_id"] = task_id
+                self._safe(sink, event)
+            else:
+                for run_id, (task_id, sink) in list(subscribers.items()):
+                    self._runs.pop(run_id, None)
+                    if event is not None:
+                        self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
+            subscribers.clear()
 
     def _safe(self, sink: Sink, event: dict[str, Any]) -> None:
         try:
@@ -339,7 +355,18 @@ class WorkerEngine:
             logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
 
 
+_last_checked: list[Any] = [None, False]
+
+
 def _is_async(func: Any) -> bool:
+    if func is _last_checked[0]:  # hot loops call the same function again and again
+        return bool(_last_checked[1])
+    result = _check_async(func)
+    _last_checked[0], _last_checked[1] = func, result
+    return result
+
+
+def _check_async(func: Any) -> bool:
     if inspect.iscoroutinefunction(func):
         return True
     call = getattr(func, "__call__", None)  # noqa: B004 - async __call__ on instances
