@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-from wove.environment import ExecutorRuntime
+from wove.environment import ExecutorRuntime, LocalEnvironmentExecutor
 
 IN_FLIGHT = 256
 
@@ -37,8 +37,13 @@ async def drive(submit, count):
     return count / (time.perf_counter() - started)
 
 
-async def main(count):
-    runtime = ExecutorRuntime({"local": {"executor": "local"}}, {})
+class FramedLocal(LocalEnvironmentExecutor):
+    """A subclass: our runtime sends it frames instead of awaiting calls inline."""
+
+
+async def main(count, framed=False):
+    executor = FramedLocal() if framed else "local"
+    runtime = ExecutorRuntime({"local": {"executor": executor}}, {})
     await runtime.start()
     info = {"environment": "local"}
 
@@ -68,4 +73,4 @@ async def main(count):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000))
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000, framed="--framed" in sys.argv))

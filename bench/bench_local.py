@@ -51,8 +51,8 @@ async def asyncio_baseline(count: int) -> dict[str, float]:
     return {"throughput": best, "p50_us": statistics.median(latencies) * 1e6}
 
 
-def scenario(python: str, count: int) -> dict[str, float]:
-    out = subprocess.run([python, str(HERE / "_scenario_local.py"), str(count)],
+def scenario(python: str, count: int, *extra: str) -> dict[str, float]:
+    out = subprocess.run([python, str(HERE / "_scenario_local.py"), str(count), *extra],
                          capture_output=True, text=True, timeout=600, cwd=HERE)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
@@ -67,10 +67,12 @@ def main() -> None:
         ours_runs.append(scenario(sys.executable, count))
         reference_runs.append(scenario(reference_python, count))
     ours = max(ours_runs, key=lambda r: r["throughput"])
+    framed = scenario(sys.executable, count, "--framed")
     reference = max(reference_runs, key=lambda r: r["throughput"])
     bare = asyncio.run(asyncio_baseline(count))
     rows = [
         ("wove-core local", ours),
+        ("  (frame path)", framed),
         ("wove 2.0.3 local", reference),
         ("bare asyncio", bare),
     ]
@@ -82,6 +84,8 @@ def main() -> None:
     print()
     print(f"throughput vs wove 2.0.3: {ours['throughput'] / reference['throughput']:.2f}x (target >= 2x)")
     print(f"throughput vs bare asyncio: {ours['throughput'] / bare['throughput']:.2f}x")
+    print(f"frame path (executor subclasses, sync callables, idempotency keys) vs wove 2.0.3: "
+          f"{framed['throughput'] / reference['throughput']:.2f}x")
     print(f"p50 latency vs wove 2.0.3: {ours['p50_us'] / reference['p50_us']:.2f}x (lower is better)")
     print(f"32 concurrent time.sleep(0.2): ours {ours['sleep32_s']:.2f} s (target < 0.5 s), "
           f"wove 2.0.3 {reference['sleep32_s']:.2f} s")

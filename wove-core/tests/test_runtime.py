@@ -317,3 +317,38 @@ async def test_max_workers_reaches_the_executor_config() -> None:
     executor = ScriptedExecutor()
     async with ExecutorRuntime({"a": {"executor": executor, "max_workers": 3, "executor_config": {"x": 1}}}, {}):
         assert executor.config == {"x": 1, "max_workers": 3}
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("cancel", asyncio.CancelledError),
+    ("fail", DeliveryOrphanedError),
+    ("detach", DeliveryOrphanedError),
+])
+async def test_in_process_inline_runs_are_orphaned_by_policy(policy: str, expected: type[BaseException]) -> None:
+    runtime = ExecutorRuntime({"a": {"executor": "local"}}, {})
+    await runtime.start()
+    call = asyncio.ensure_future(runtime.call_with("a", asyncio.sleep, (30,), delivery_orphan_policy=policy))
+    await asyncio.sleep(0.05)
+    await runtime.stop()
+    with pytest.raises(expected):
+        await asyncio.wait_for(call, 2)
+
+
+async def test_in_process_runs_respect_max_concurrency_and_timeout() -> None:
+    running = peak = 0
+
+    async def work() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+
+    async with ExecutorRuntime({"a": {"executor": "local", "executor_config": {"max_concurrency": 3}}}, {}) as runtime:
+        await asyncio.gather(*(runtime.call("a", work) for _ in range(20)))
+        assert peak == 3
+        with pytest.raises(DeliveryTimeoutError, match=r"delivery_timeout=0\.1s; the in-process run was cancelled"):
+            await runtime.call_with("a", asyncio.sleep, (5,), delivery_timeout=0.1)
+        # an idempotency key routes through the engine's deduplication instead
+        results = await asyncio.gather(*(runtime.call_with("a", asyncio.sleep, (0.05, "r"), delivery_idempotency_key="same") for _ in range(3)))
+        assert results == ["r", "r", "r"]

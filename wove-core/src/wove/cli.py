@@ -25,7 +25,7 @@ def announce_listening(where: str) -> None:
 
 def _cmd_executors(_: argparse.Namespace) -> int:
     registry = get_registry()
-    rows = [("executor", "distribution", "version", "plugin", "description")]
+    rows: list[tuple[str, ...]] = [("executor", "distribution", "version", "plugin", "description")]
     for info in registry.executors():
         description = info.description if info.alias_of is None else f"alias of {info.alias_of}"
         rows.append((info.name, info.distribution, info.version, info.plugin, description))

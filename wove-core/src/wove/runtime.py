@@ -16,7 +16,9 @@ from ._gate import Gate
 from .config import check_choice, validate_definition
 from .errors import DeliveryOrphanedError, DeliveryTimeoutError, EnvironmentExecutionError
 from .executor import EnvironmentExecutor
+from .local import LocalEnvironmentExecutor
 from .protocol import CANCEL_MODES, ORPHAN_POLICIES, TERMINAL_EVENTS
+from .worker import is_async_callable
 
 __all__ = ["ExecutorRuntime", "coerce_executor"]
 
@@ -86,6 +88,19 @@ class _Run:
         }
 
 
+@dataclass(eq=False, slots=True)
+class _InlineRun:
+    """An async callable awaited in the caller's task (in-process fast path)."""
+
+    run_id: str
+    task_id: str
+    task: asyncio.Task[Any]
+    orphan_policy: str
+    #: set when the runtime cancels the run: raised instead of CancelledError
+    reason: BaseException | None = None
+    cancelled_by_runtime: bool = False
+
+
 @dataclass(eq=False)
 class _Environment:
     name: str
@@ -97,6 +112,9 @@ class _Environment:
     limits: dict[int, Gate] = field(default_factory=dict)
     #: delivery settings of the definition over run_config, resolved once
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the executor is the built-in in-process one: async calls may run inline
+    inline: bool = False
+    inline_runs: dict[str, _InlineRun] = field(default_factory=dict)
 
 
 class ExecutorRuntime:
@@ -180,6 +198,7 @@ class ExecutorRuntime:
                 raise
             self._definitions[environment_name] = definition
             env = _Environment(environment_name, definition, executor)
+            env.inline = type(executor) is LocalEnvironmentExecutor
             for key in _DELIVERY_KEYS:
                 value = definition.get(key)
                 if value is None:
@@ -220,6 +239,12 @@ class ExecutorRuntime:
             logger.debug("stopped environment %s", env.name)
 
     async def _orphan(self, env: _Environment) -> None:
+        for inline in list(env.inline_runs.values()):
+            self._interrupt_inline(inline, None if inline.orphan_policy == "cancel" else DeliveryOrphanedError(
+                f"Task '{inline.task_id}' (run {inline.run_id}) in environment '{env.name}' was orphaned "
+                f"when the runtime stopped (delivery_orphan_policy='{inline.orphan_policy}'); the "
+                "in-process run was cancelled."
+            ))
         for run in list(env.pending.values()):
             if run.future.done():
                 continue
@@ -248,8 +273,6 @@ class ExecutorRuntime:
     # -- queries ---------------------------------------------------------------
     def is_local_environment(self, environment_name: str) -> bool:
         """True when the environment runs tasks in this process."""
-        from .local import LocalEnvironmentExecutor
-
         env = self._environments.get(environment_name)
         if env is not None:
             return isinstance(env.executor, LocalEnvironmentExecutor)
@@ -346,6 +369,8 @@ class ExecutorRuntime:
             if not limit.try_acquire():
                 await limit.acquire()
         try:
+            if env.inline and raw_key is None and is_async_callable(task_func):
+                return await self._run_inline(env, task_name, task_func, task_args, orphan_policy, timeout)
             return await self._deliver(env, task_name, task_func, task_args, delivery, timeout, heartbeat)
         finally:
             if limit is not None:
@@ -402,6 +427,50 @@ class ExecutorRuntime:
         finally:
             self._clear_timer(run)
             env.pending.pop(run_id, None)
+
+    async def _run_inline(
+        self,
+        env: _Environment,
+        task_name: str,
+        task_func: Any,
+        task_args: dict[str, Any],
+        orphan_policy: str,
+        timeout: float | None,
+    ) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        run = _InlineRun(f"{task_name}:{self._id_prefix}{next(self._ids):x}", task_name, task, orphan_policy)
+        env.inline_runs[run.run_id] = run
+        timer = None
+        if timeout:
+            timer = asyncio.get_running_loop().call_later(
+                float(timeout), self._interrupt_inline, run, DeliveryTimeoutError(
+                    f"Task '{task_name}' (run {run.run_id}) in environment '{env.name}' did not finish "
+                    f"within delivery_timeout={float(timeout):g}s; the in-process run was cancelled."
+                ),
+            )
+        try:
+            return await env.executor.run_inline(task_func, task_args)  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            if run.cancelled_by_runtime:
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                if run.reason is not None:
+                    raise run.reason from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            env.inline_runs.pop(run.run_id, None)
+
+    @staticmethod
+    def _interrupt_inline(run: _InlineRun, reason: BaseException | None) -> None:
+        if run.cancelled_by_runtime:
+            return
+        run.cancelled_by_runtime = True
+        run.reason = reason
+        run.task.cancel()
 
     async def _send_cancel(self, env: _Environment, run: _Run) -> str:
         """Send cancel_task; with require_ack wait (bounded) for task_cancelled."""
