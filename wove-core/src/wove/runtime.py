@@ -404,6 +404,8 @@ class ExecutorRuntime:
         if self._debug:
             logger.debug("environment=%s run_id=%s task_id=%s: run_task", env.name, run_id, task_name)
         try:
+            if run.deadline is not None or run.heartbeat is not None:
+                self._arm(env, run)  # before send: a send held up by backpressure counts too
             await env.executor.send({
                 "type": "run_task",
                 "run_id": run_id,
@@ -412,8 +414,6 @@ class ExecutorRuntime:
                 "args": task_args,
                 "delivery": delivery,
             })
-            if run.deadline is not None or run.heartbeat is not None:
-                self._arm(env, run)
             try:
                 return await run.future
             except DeliveryTimeoutError as exc:
