@@ -1,0 +1,167 @@
+"""gRPC throughput, side by side: wove 2.0.3's grpc executor, ours, and a raw grpc.aio echo.
+
+All Wove clients talk to the same ``wove worker grpc`` subprocess; the raw echo (the
+limit: one unary call per task, no Wove codec, no worker engine) talks to an echo server
+subprocess built the same way. No-op async tasks, 256 in flight.
+
+    uv run --no-sync python bench/bench_grpc.py [--tasks 5000] [--rounds 3]
+
+Targets: ours >= 1.5x wove 2.0.3, and within 2x of the raw echo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _wove2 import wove2_python
+
+IN_FLIGHT = 256
+
+WOVE2_CLIENT = r'''
+import asyncio, json, sys, time
+from wove.environment import ExecutorRuntime
+
+target, tasks, rounds, in_flight = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+async def noop():
+    return None
+
+async def main():
+    runtime = ExecutorRuntime({"w": {"executor": "grpc", "executor_config": {"target": target}}}, {})
+    await runtime.start()
+    info = {"environment": "w", "delivery_max_in_flight": in_flight}
+    rates = []
+    try:
+        for _ in range(rounds + 1):
+            started = time.perf_counter()
+            await asyncio.gather(*(runtime.run_task(task_name="noop", task_func=noop, task_args={}, task_info=info)
+                                   for _ in range(tasks)))
+            rates.append(tasks / (time.perf_counter() - started))
+    finally:
+        await runtime.stop()
+    print(json.dumps(rates[1:]))  # the first round warms up
+
+asyncio.run(main())
+'''
+
+ECHO_SERVER = r'''
+import asyncio, grpc, grpc.aio
+
+async def echo(request, context):
+    return request
+
+async def main():
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
+                                      ("grpc.max_send_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+'''
+
+
+async def noop() -> None:
+    return None
+
+
+def start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on " not in line:
+        proc.kill()
+        raise RuntimeError(f"{args} did not start: {line!r}")
+    return proc, line.split("listening on ", 1)[1].strip()
+
+
+async def ours(target: str, tasks: int, rounds: int) -> list[float]:
+    from wove.runtime import ExecutorRuntime
+
+    definitions = {"w": {"executor": "grpc", "executor_config": {"target": target}}}
+    rates = []
+    async with ExecutorRuntime(definitions, {"delivery_max_in_flight": IN_FLIGHT}) as runtime:
+        for _ in range(rounds + 1):
+            started = time.perf_counter()
+            await asyncio.gather(*(runtime.call("w", noop) for _ in range(tasks)))
+            rates.append(tasks / (time.perf_counter() - started))
+    return rates[1:]
+
+
+async def raw_echo(target: str, tasks: int, rounds: int) -> list[float]:
+    import grpc.aio
+
+    from wove.protocol import encode_frame
+
+    body = encode_frame({"type": "run_task", "run_id": "noop:0", "task_id": "noop", "callable": noop,
+                         "args": {}, "delivery": {"delivery_orphan_policy": "cancel"}})
+    rates = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary("/bench.Echo/Echo")
+        limit = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one() -> None:
+            async with limit:
+                await call(body)
+
+        for _ in range(rounds + 1):
+            started = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(tasks)))
+            rates.append(tasks / (time.perf_counter() - started))
+    return rates[1:]
+
+
+def wove2(target: str, tasks: int, rounds: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "wove2_bench.py"
+        script.write_text(WOVE2_CLIENT)
+        result = subprocess.run([str(wove2_python()), str(script), target, str(tasks), str(rounds), str(IN_FLIGHT)],
+                                capture_output=True, text=True, timeout=600, cwd=tmp)
+    if result.returncode != 0:
+        raise RuntimeError(f"wove 2.0.3 client failed:\n{result.stderr}")
+    return [float(rate) for rate in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    worker, target = start([sys.executable, "-m", "wove.cli", "worker", "grpc", "--port", "0",
+                            "--max-concurrency", str(IN_FLIGHT)])
+    echo, echo_target = start([sys.executable, "-c", ECHO_SERVER])
+    try:
+        rows = {
+            "wove 2.0.3 grpc": wove2(target, args.tasks, args.rounds),
+            "ours (grpc)": asyncio.run(ours(target, args.tasks, args.rounds)),
+            "raw grpc.aio echo": asyncio.run(raw_echo(echo_target, args.tasks, args.rounds)),
+        }
+    finally:
+        for proc in (worker, echo):
+            proc.terminate()
+            proc.wait(timeout=20)
+    best = {name: max(rates) for name, rates in rows.items()}
+    print(f"\n{args.tasks} no-op tasks x {args.rounds} rounds, {IN_FLIGHT} in flight, cpus={os.cpu_count()}")
+    print(f"{'client':<20} {'best tasks/s':>13} {'rounds':>30}")
+    for name, rates in rows.items():
+        print(f"{name:<20} {best[name]:>13,.0f} {', '.join(f'{r:,.0f}' for r in rates):>30}")
+    vs_v2 = best["ours (grpc)"] / best["wove 2.0.3 grpc"]
+    vs_raw = best["raw grpc.aio echo"] / best["ours (grpc)"]
+    print(f"\nours / wove 2.0.3 = {vs_v2:.2f}x (target >= 1.5x)  {'OK' if vs_v2 >= 1.5 else 'MISSED'}")
+    print(f"raw echo / ours   = {vs_raw:.2f}x (target <= 2x)    {'OK' if vs_raw <= 2 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""GrpcEnvironmentExecutor: Wove frames over a grpc.aio channel, no generated stubs.
+
+One channel per environment. Three generic methods, all raw JSON bytes:
+
+* ``Send`` (unary, the Wove 2.x wire): one command in, its events out when the run ends.
+* ``Stream`` (server-streaming extension): one command in, each event out as it happens
+  (``task_started``, heartbeats, the terminal event).
+* ``Session`` (bidirectional extension): one long call per environment carrying many
+  runs; commands queued together travel as one message, events come back as they happen.
+
+With ``streaming: "auto"`` (the default) the environment uses ``Session``; a server that
+answers ``UNIMPLEMENTED`` (a Wove 2.x-style server) is remembered and the environment
+falls back to ``Stream`` for runs with heartbeats and ``Send`` for the rest.
+
+``grpc`` is imported in :meth:`GrpcEnvironmentExecutor.start`, never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from wove.errors import ProtocolError
+from wove.protocol import decode_events, encode_frame, transport_error_event
+from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
+from wove.transport import FrameExecutor, InFlight
+
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "GrpcEnvironmentExecutor"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEND_METHOD = "/wove.network_executor.WorkerService/Send"
+DEFAULT_STREAM_METHOD = "/wove.network_executor.WorkerService/Stream"
+DEFAULT_SESSION_METHOD = "/wove.network_executor.WorkerService/Session"
+#: Largest batch of commands written as one Session message.
+_BATCH_BYTES = 4 * 1024 * 1024
+_MAX_MESSAGE = 256 * 1024 * 1024
+#: Channel options applied before ``executor_config.options`` (which override them).
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    # long unary calls (a task running for minutes) keep their connection proven alive
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+#: Seconds a cancel_task call may take.
+CANCEL_TIMEOUT = 10.0
+#: Seconds a re-delivery waits for an UNAVAILABLE channel to be ready again.
+DEFAULT_READY_TIMEOUT = 10.0
+_CONFIG_KEYS = frozenset({
+    "target", "method", "stream_method", "session_method", "streaming", "secure", "root_certificates",
+    "certificate_chain", "private_key", "metadata", "security", "timeout", "insecure",
+    "options", "max_deliveries", "ready_timeout",
+})
+_MISSING_GRPC = (
+    "grpc executor needs grpcio, which is not installed. Install it with: pip install wove-executor-grpc"
+)
+
+
+class _BadResponse(Exception):
+    """The server answered with something that is not Wove events."""
+
+
+class _Session:
+    """One bidirectional Session call carrying many runs."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.bodies: dict[str, bytes] = {}  # run_id -> encoded run_task, until its terminal event
+        self.pending: list[bytes] = []
+        self.wake = asyncio.Event()
+        self.received = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def put(self, body: bytes) -> None:
+        self.pending.append(body)
+        self.wake.set()
+
+
+class GrpcEnvironmentExecutor(FrameExecutor):
+    """Send Wove frames to a gRPC worker service (see the module docstring).
+
+    ``executor_config`` keys: ``target`` (required, ``host:port``), ``method``,
+    ``stream_method``, ``streaming`` (``"auto"``, True, False), ``secure``,
+    ``root_certificates``, ``certificate_chain``, ``private_key``, ``metadata``,
+    ``security``, ``timeout``, ``insecure``, ``options``, ``max_deliveries``,
+    ``ready_timeout``. See the distribution's README for defaults.
+    """
+
+    executor_name = "grpc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grpc: Any = None
+        self._channel: Any = None
+        self._unary: Any = None
+        self._stream: Any = None
+        self._target = ""
+        self._method = DEFAULT_SEND_METHOD
+        self._stream_method = DEFAULT_STREAM_METHOD
+        self._session_method = DEFAULT_SESSION_METHOD
+        self._streaming: bool | str = "auto"
+        self._session: _Session | None = None
+        self._session_rpc: Any = None
+        self._timeout: float | None = None
+        self._ready_timeout = DEFAULT_READY_TIMEOUT
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._security = NetworkExecutorSecurity()
+        self._calls: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._ready_waiter: asyncio.Task[bool] | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+    async def start(
+        self,
+        *,
+        environment_name: str,
+        environment_config: dict[str, Any],
+        run_config: dict[str, Any],
+    ) -> None:
+        """Validate the config and open the channel (connection is lazy).
+
+        Raises:
+            ImportError: grpcio is not installed.
+            ValueError / TypeError: a bad config value (the message names the key).
+            RuntimeError: a security environment variable is unset.
+        """
+        try:
+            import grpc
+            import grpc.aio
+        except ImportError as exc:
+            raise ImportError(_MISSING_GRPC) from exc
+        config = dict(environment_config or {})
+        where = f"Environment '{environment_name}'"
+        unknown = sorted(set(config) - _CONFIG_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown grpc executor_config key(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(_CONFIG_KEYS))}."
+            )
+        target = config.get("target")
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(
+                f"{where}: executor_config.target must be a gRPC target such as '127.0.0.1:50051', got {target!r}."
+            )
+        self._method = _method_path(config.get("method", DEFAULT_SEND_METHOD), "method", where)
+        self._stream_method = _method_path(config.get("stream_method", DEFAULT_STREAM_METHOD), "stream_method", where)
+        self._session_method = _method_path(config.get("session_method", DEFAULT_SESSION_METHOD), "session_method", where)
+        streaming = config.get("streaming", "auto")
+        if streaming not in ("auto", "session", True, False):
+            raise ValueError(
+                f"{where}: executor_config.streaming must be 'auto', 'session', true or false, got {streaming!r}."
+            )
+        self._timeout = _positive(config.get("timeout"), "timeout", where)
+        ready = _positive(config.get("ready_timeout", DEFAULT_READY_TIMEOUT), "ready_timeout", where)
+        self._ready_timeout = DEFAULT_READY_TIMEOUT if ready is None else ready
+        self._metadata = _metadata(config.get("metadata"), where)
+        security = NetworkExecutorSecurity.from_config(config.get("security")).resolve()
+        root = _pem(config.get("root_certificates"), "root_certificates", where)
+        chain = _pem(config.get("certificate_chain"), "certificate_chain", where)
+        key = _pem(config.get("private_key"), "private_key", where)
+        if (chain is None) != (key is None):
+            raise ValueError(f"{where}: mTLS needs both executor_config.certificate_chain and private_key.")
+        secure = bool(config.get("secure", root is not None or chain is not None))
+        if not secure and (root is not None or chain is not None):
+            raise ValueError(f"{where}: certificates were given but executor_config.secure is false; set secure=True.")
+        ensure_secure_target(
+            environment=environment_name, executor="grpc", target=target, local=is_local_grpc_target(target),
+            tls=secure, security=security, insecure=bool(config.get("insecure", False)),
+        )
+        options = _options(config.get("options"), where)
+        self._open_events(environment_name, config)
+        self._grpc = grpc
+        self._target = target
+        self._streaming = streaming
+        self._security = security
+        if secure:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._unary = self._channel.unary_unary(self._method)
+        self._stream = self._channel.unary_stream(self._stream_method)
+        self._session_rpc = self._channel.stream_stream(self._session_method)
+        self._session = None
+        self._calls = {}
+        logger.debug("environment=%s: grpc channel to %s (tls=%s, streaming=%s)", environment_name, target, secure, streaming)
+
+    async def stop(self) -> None:
+        """Cancel the calls in flight and close the channel."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.call.cancel()
+        tasks = [*self._calls.values(), *self._background, *(session.tasks if session else ())]
+        if self._ready_waiter is not None:
+            tasks.append(self._ready_waiter)  # type: ignore[arg-type]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        self._calls.clear()
+        self._background.clear()
+        self._ready_waiter = None
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close(grace=None)
+        self._unary = self._stream = self._session_rpc = None
+
+    # -- commands ----------------------------------------------------------------
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Transmit one command (returns once the call is under way).
+
+        Raises:
+            RuntimeError: not started.
+            ValueError: an unknown command type.
+            DispatchError: the callable or arguments cannot be pickled.
+        """
+        self._require_started()
+        if self._channel is None:
+            raise RuntimeError(f"grpc executor for environment '{self._environment}' is stopped.")
+        kind = frame.get("type")
+        if kind == "run_task":
+            body = encode_frame(frame)  # DispatchError names the task and the path
+            entry = self._track(frame)
+            if self._streaming == "session" or (self._streaming == "auto" and self._timeout is None):
+                self._session_send(entry.run_id, body)
+            else:
+                self._calls[entry.run_id] = asyncio.get_running_loop().create_task(self._deliver(entry, body))
+        elif kind == "cancel_task":
+            session = self._session
+            if session is not None and frame.get("run_id") in session.bodies:
+                session.put(encode_frame(frame))  # the worker answers task_cancelled on the session
+            else:
+                self._spawn(self._cancel(frame))
+        elif kind == "shutdown":
+            # A worker service is shared; the runtime already sent cancel_task for its runs.
+            logger.debug("environment=%s: shutdown (not forwarded to %s)", self._environment, self._target)
+        else:
+            raise ValueError(
+                f"grpc executor for environment '{self._environment}' cannot send a frame of type {kind!r}; "
+                "expected run_task, cancel_task or shutdown."
+            )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _call_metadata(self, method: str, body: bytes) -> tuple[tuple[str, str], ...] | None:
+        if self._security.mode == "none":
+            return self._metadata or None
+        return (*self._metadata, *self._security.metadata_for(transport="grpc", target=method, body=body))
+
+    def _wants_stream(self, frame: dict[str, Any]) -> bool:
+        if self._streaming is True:
+            return True
+        if self._streaming in ("auto", "auto-calls"):  # per-run calls under "auto"
+            return bool((frame.get("delivery") or {}).get("delivery_heartbeat_seconds"))
+        return False
+
+    # -- Session extension ------------------------------------------------------------
+    def _session_send(self, run_id: str, body: bytes) -> None:
+        session = self._session
+        if session is None:
+            session = self._session = self._open_session()
+        session.bodies[run_id] = body
+        session.put(body)
+
+    def _open_session(self) -> _Session:
+        call = self._session_rpc(metadata=self._call_metadata(self._session_method, b""))
+        session = _Session(call)
+        loop = asyncio.get_running_loop()
+        session.tasks = [loop.create_task(self._session_writer(session)), loop.create_task(self._session_reader(session))]
+        return session
+
+    async def _session_writer(self, session: _Session) -> None:
+        try:
+            while True:
+                await session.wake.wait()
+                session.wake.clear()
+                while session.pending:
+                    take, size = 0, 0
+                    for body in session.pending:
+                        if take and size + len(body) > _BATCH_BYTES:
+                            break
+                        take += 1
+                        size += len(body)
+                    batch = session.pending[:take]
+                    del session.pending[:take]
+                    await session.call.write(batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the reader reports the call's failure
+            logger.debug("environment=%s: session write failed: %r", self._environment, exc)
+
+    async def _session_reader(self, session: _Session) -> None:
+        grpc = self._grpc
+        failure: BaseException | None = None
+        try:
+            async for message in session.call:
+                session.received = True
+                for event in decode_events(message):
+                    if event.get("type") in ("task_result", "task_error", "task_cancelled"):
+                        session.bodies.pop(str(event.get("run_id")), None)
+                    self._emit(event)
+            failure = _BadResponse("the worker ended the session with runs in flight")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = exc
+        if self._session is session:
+            self._session = None
+        for task in session.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if not session.bodies:
+            return
+        if isinstance(failure, grpc.aio.AioRpcError):
+            code = failure.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED and not session.received and self._streaming == "auto":
+                logger.info("environment=%s: %s does not offer %s; using %s / %s per run",
+                            self._environment, self._target, self._session_method, self._method, self._stream_method)
+                self._streaming = "auto-calls"
+                for run_id, body in session.bodies.items():
+                    entry = self._inflight.get(run_id)
+                    if entry is not None:  # nothing ran: the same delivery goes per call
+                        self._calls[run_id] = asyncio.get_running_loop().create_task(self._deliver(entry, body))
+                return
+            reason = (f"gRPC call {self._session_method} to {self._target} failed with {code.name}: "
+                      f"{failure.details() or 'no details'}.{_hint(grpc, code)}")
+            retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        else:
+            reason = f"gRPC session with {self._target} failed: {type(failure).__name__}: {failure}"
+            retry = isinstance(failure, _BadResponse)
+        again = [(run_id, body) for run_id, body in session.bodies.items()
+                 if self._lost(run_id, reason, failure, redeliverable=retry)]
+        if not again:
+            return
+        if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNAVAILABLE:
+            await self._wait_ready()
+        if self._channel is None:
+            return
+        for run_id, body in again:
+            entry = self._inflight.get(run_id)
+            if entry is not None:
+                self._track(entry.frame)
+                self._session_send(run_id, body)
+
+    async def _deliver(self, entry: InFlight, body: bytes) -> None:
+        """Run one delivery after another until the run ends or is given up."""
+        grpc = self._grpc
+        run_id = entry.run_id
+        try:
+            while True:
+                stream = self._wants_stream(entry.frame)
+                method = self._stream_method if stream else self._method
+                received = False
+                try:
+                    if stream:
+                        call = self._stream(body, metadata=self._call_metadata(method, body), timeout=self._timeout)
+                        async for message in call:
+                            received = True
+                            self._emit_all(message)
+                    else:
+                        self._emit_all(await self._unary(
+                            body, metadata=self._call_metadata(method, body), timeout=self._timeout
+                        ))
+                    if run_id in self._inflight:
+                        raise _BadResponse("the response ended without a terminal event for the run")
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    if (stream and code == grpc.StatusCode.UNIMPLEMENTED and not received
+                            and self._streaming in ("auto", "auto-calls")):
+                        logger.info("environment=%s: %s does not offer %s; using %s for this environment",
+                                    self._environment, self._target, method, self._method)
+                        self._streaming = False
+                        continue  # nothing ran: not a delivery
+                    reason = (f"gRPC call {method} to {self._target} failed with {code.name}: "
+                              f"{exc.details() or 'no details'}.{_hint(grpc, code)}")
+                    retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                    if not self._lost(run_id, reason, exc, redeliverable=retry):
+                        return
+                    if code == grpc.StatusCode.UNAVAILABLE:
+                        await self._wait_ready()
+                    self._track(entry.frame)
+                except (_BadResponse, ProtocolError) as exc:
+                    self._lost(run_id, f"gRPC call {method} to {self._target} returned a malformed response: {exc}",
+                               exc, redeliverable=False)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never lose a run silently
+            logger.exception("environment=%s: delivery of %s failed", self._environment, run_id)
+            self._lost(run_id, f"gRPC delivery to {self._target} failed: {type(exc).__name__}: {exc}", exc,
+                       redeliverable=False)
+        finally:
+            if self._calls.get(run_id) is asyncio.current_task():
+                del self._calls[run_id]
+
+    def _emit_all(self, data: bytes) -> None:
+        if not data:
+            raise _BadResponse("empty message")
+        for event in decode_events(data):
+            self._emit(event)
+
+    async def _wait_ready(self) -> bool:
+        """Wait (bounded by ready_timeout, shared by every run) for the channel to be ready."""
+        if self._ready_waiter is None or self._ready_waiter.done():
+            self._ready_waiter = asyncio.get_running_loop().create_task(self._ready())
+        try:
+            return await asyncio.shield(self._ready_waiter)
+        except asyncio.CancelledError:
+            raise
+
+    async def _ready(self) -> bool:
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self._ready_timeout)
+            return True
+        except (asyncio.TimeoutError, AttributeError):
+            logger.warning("environment=%s: %s not ready within %gs", self._environment, self._target, self._ready_timeout)
+            return False
+
+    async def _cancel(self, frame: dict[str, Any]) -> None:
+        """Cancel the run's call, tell the worker (cancel_task through Send) and report."""
+        run_id = str(frame.get("run_id"))
+        call = self._calls.pop(run_id, None)
+        if call is not None:
+            call.cancel()
+        body = encode_frame(frame)
+        failure: BaseException | None = None
+        try:
+            reply = await self._unary(body, metadata=self._call_metadata(self._method, body),
+                                      timeout=min(self._timeout or CANCEL_TIMEOUT, CANCEL_TIMEOUT))
+            events = decode_events(reply) if reply else []
+        except Exception as exc:
+            failure, events = exc, []
+        for event in events:
+            self._emit(event)
+        entry = self._inflight.get(run_id)
+        if entry is None:
+            return
+        if failure is None:
+            self._emit({"type": "task_cancelled", "run_id": run_id, "task_id": entry.frame["task_id"]})
+            return
+        detail = (f"{failure.code().name}: {failure.details()}" if isinstance(failure, self._grpc.aio.AioRpcError)
+                  else f"{type(failure).__name__}: {failure}")
+        self._emit(transport_error_event(
+            entry.frame,
+            f"cancel_task for run {run_id} could not be delivered to {self._target} ({detail}); its call was "
+            "cancelled, but the worker did not confirm and may still run it.",
+            failure, retryable=False,
+        ))
+
+
+def _hint(grpc: Any, code: Any) -> str:
+    hints = {
+        grpc.StatusCode.UNAVAILABLE: " Is the worker service running and reachable at this target?",
+        grpc.StatusCode.DEADLINE_EXCEEDED: " The call outlived executor_config.timeout.",
+        grpc.StatusCode.UNAUTHENTICATED: " Set executor_config.security to the worker's security.",
+        grpc.StatusCode.PERMISSION_DENIED: " Check executor_config.security (secret, key) and clock skew.",
+        grpc.StatusCode.UNIMPLEMENTED: " Check executor_config.method / stream_method.",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: " The message exceeds a size limit (channel options / --max-body-bytes).",
+    }
+    return hints.get(code, "")
+
+
+def _method_path(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or value.count("/") < 2:
+        raise ValueError(
+            f"{where}: executor_config.{key} must be a full gRPC method path like "
+            f"'{DEFAULT_SEND_METHOD}', got {value!r}."
+        )
+    return value
+
+
+def _positive(value: Any, key: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{where}: executor_config.{key} must be a positive number of seconds, got {value!r}.")
+    return float(value)
+
+
+def _metadata(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    pairs: Iterable[Any] = value.items() if isinstance(value, dict) else value
+    try:
+        result = tuple((str(k).lower(), str(v)) for k, v in pairs)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{where}: executor_config.metadata must be a dict or a list of (key, value) pairs, got {value!r:.80}."
+        ) from None
+    return result
+
+
+def _pem(value: Any, key: str, where: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if "-----BEGIN" in text:
+            return text.encode("ascii")
+        try:
+            return Path(text).read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"{where}: executor_config.{key} is neither PEM text nor a readable file ({text!r}: {exc})."
+            ) from exc
+    raise TypeError(f"{where}: executor_config.{key} must be bytes, PEM text or a file path, got {type(value).__name__}.")
+
+
+def _options(value: Any, where: str) -> list[tuple[str, Any]]:
+    merged = dict(DEFAULT_CHANNEL_OPTIONS)
+    if value is not None:
+        items = value.items() if isinstance(value, dict) else value
+        try:
+            merged.update((str(k), v) for k, v in items)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{where}: executor_config.options must be a dict or (name, value) pairs of gRPC channel options, "
+                f"got {value!r:.80}."
+            ) from None
+    return list(merged.items())
