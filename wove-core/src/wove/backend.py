@@ -22,30 +22,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hmac
 import importlib.util
 import inspect
 import json
 import logging
-import secrets
-import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._callback_server import (
+    DEFAULT_MAX_BODY_BYTES,
+    BackendCallbackServer,
+    redact_callback_url,
+)
 from .errors import ProtocolError
 from .protocol import (
     TERMINAL_EVENTS,
-    decode_events,
     encode_event,
     error_event,
     normalize_exception,
     unpack_frame,
 )
+from .security import is_local_host
 from .transport import FrameExecutor
+from .worker import is_async_callable
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -64,11 +66,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Largest callback body the server accepts (results travel in callbacks).
-DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
-EVENTS_PATH = "/wove/events/"
 #: Seconds a worker waits for one callback POST.
 POST_TIMEOUT = 30.0
+#: A run that finishes within this many seconds posts only its terminal event (one request
+#: instead of two); a longer one posts ``task_started`` first.
+STARTED_DELAY = 0.05
 #: Delays between attempts to post a terminal event (then the worker gives up).
 TERMINAL_POST_RETRIES = (0.2, 1.0)
 
@@ -135,13 +137,6 @@ def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None =
         response.read()
 
 
-def _redact(url: str) -> str:
-    """The callback URL without its token (tokens never go into logs or errors)."""
-    if EVENTS_PATH in url:
-        return url.split(EVENTS_PATH, 1)[0] + EVENTS_PATH + "<token>"
-    return url
-
-
 async def _post(url: str, frame: dict[str, Any]) -> None:
     await asyncio.get_running_loop().run_in_executor(None, post_event, url, frame)
 
@@ -154,17 +149,10 @@ async def _post_terminal(url: str, frame: dict[str, Any]) -> bool:
         except OSError as exc:
             if delay is None:
                 logger.error("could not post %s for run %s to %s after %d attempts: %r",
-                             frame.get("type"), frame.get("run_id"), _redact(url), attempt + 1, exc)
+                             frame.get("type"), frame.get("run_id"), redact_callback_url(url), attempt + 1, exc)
                 return False
             await asyncio.sleep(delay)
     return False  # pragma: no cover
-
-
-def _is_async(func: Any) -> bool:
-    if inspect.iscoroutinefunction(func):
-        return True
-    call = getattr(func, "__call__", None)  # noqa: B004 - async __call__ on instances
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 async def execute_backend_payload(
@@ -194,10 +182,21 @@ async def execute_backend_payload(
     url, run_id, task_id = payload["callback_url"], payload["run_id"], payload["task_id"]
     ids = {"run_id": run_id, "task_id": task_id}
     loop = asyncio.get_running_loop()
-    started = asyncio.ensure_future(_post(url, {"type": "task_started", **ids}))
     beat: asyncio.Task[None] | None = None
     delivery = payload.get("delivery") or {}
     interval = delivery.get("delivery_heartbeat_seconds") if isinstance(delivery, dict) else None
+    delay = STARTED_DELAY
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+        delay = min(delay, float(interval) / 6.0)
+
+    async def post_started() -> bool:
+        await asyncio.sleep(delay)
+        posting.append(True)
+        await _post(url, {"type": "task_started", **ids})
+        return True
+
+    posting: list[bool] = []
+    started = asyncio.ensure_future(post_started())
 
     async def heartbeats(every: float) -> None:
         while True:
@@ -205,7 +204,7 @@ async def execute_backend_payload(
             try:
                 await _post(url, {"type": "heartbeat", **ids})
             except OSError as exc:
-                logger.warning("heartbeat for run %s not delivered to %s: %r", run_id, _redact(url), exc)
+                logger.warning("heartbeat for run %s not delivered to %s: %r", run_id, redact_callback_url(url), exc)
 
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
         beat = asyncio.ensure_future(heartbeats(max(float(interval) / 3.0, 0.01)))
@@ -220,7 +219,7 @@ async def execute_backend_payload(
             event = error_event(run_id, task_id, kind=type(exc).__name__, source="executor", exc=exc,
                                 message=f"The backend worker could not decode the payload of run {run_id}: {exc}")
         else:
-            if _is_async(func):
+            if is_async_callable(func):
                 work: asyncio.Future[Any] = asyncio.ensure_future(func(**args))
             else:
                 work = loop.run_in_executor(executor, functools.partial(func, **args))
@@ -251,20 +250,24 @@ async def execute_backend_payload(
         # The engine itself stopped this run (worker shutting down): say so rather than go silent.
         event = error_event(run_id, task_id, kind="WorkerStopped", source="transport", retryable=True,
                             message=f"The backend worker stopped run {run_id} before it finished.")
-        await asyncio.shield(_finish(url, started, beat, event))
+        await asyncio.shield(_finish(url, started, beat, event, bool(posting)))
         raise
-    posted = await _finish(url, started, beat, event)
+    posted = await _finish(url, started, beat, event, bool(posting))
     return event, posted
 
 
-async def _finish(url: str, started: asyncio.Future[None], beat: asyncio.Task[None] | None,
-                  event: dict[str, Any]) -> bool:
+async def _finish(url: str, started: asyncio.Future[bool], beat: asyncio.Task[None] | None,
+                  event: dict[str, Any], posting: bool) -> bool:
     if beat is not None:
         beat.cancel()
+    if not started.done() and not posting:
+        started.cancel()  # not sent yet: a quick run needs only its terminal event
     try:
         await started  # task_started goes first
+    except asyncio.CancelledError:
+        pass
     except OSError as exc:
-        logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"), _redact(url), exc)
+        logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"), redact_callback_url(url), exc)
     return await _post_terminal(url, event)
 
 
@@ -295,185 +298,6 @@ def run_backend_payload(payload: dict[str, Any]) -> Any:
         return asyncio.run(run_backend_payload_async(payload))
     raise RuntimeError("run_backend_payload() was called inside a running event loop; "
                        "await run_backend_payload_async(payload) instead.")
-
-
-# -- callback server ---------------------------------------------------------------------
-def _server_class() -> Any:
-    import contextlib
-
-    import uvicorn
-
-    class Server(uvicorn.Server):  # type: ignore[misc]
-        @contextlib.contextmanager
-        def capture_signals(self) -> Any:
-            # The callback server lives inside the user's program: Ctrl-C belongs to it.
-            yield
-
-    return Server
-
-
-class BackendCallbackServer:
-    """Receives worker callbacks over HTTP (uvicorn + a small ASGI app) on the running loop.
-
-    Workers POST events to :attr:`callback_url` (``/wove/events/<token>``). Any other path,
-    a wrong token, another method or an oversized body gets 404/403/405/413 and nothing
-    is queued; a body that does not decode gets 400.
-
-    Args:
-        host: interface to bind (``127.0.0.1`` by default).
-        port: port to bind; 0 picks a free one.
-        public_url: the URL workers use when they reach this server through another
-            address (a proxy or NAT): its base, or the full ``.../wove/events/<token>`` URL.
-        token: the secret path segment; default: 32 random bytes, URL-safe.
-        max_body_bytes: largest accepted body.
-        on_events: called with each decoded list of events; without it events wait in a
-            queue for :meth:`recv`.
-    """
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        public_url: str | None = None,
-        token: str | None = None,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        on_events: Callable[[list[dict[str, Any]]], None] | None = None,
-    ) -> None:
-        if token is not None and (not isinstance(token, str) or len(token) < 16 or "/" in token):
-            raise ValueError("callback_token must be a string of at least 16 characters without '/'; "
-                             "leave it unset to get a random one.")
-        self.host = host
-        self.port = port
-        self.public_url = public_url
-        self.token = token or secrets.token_urlsafe(32)
-        self.max_body_bytes = max_body_bytes
-        self._on_events = on_events
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self.bound_port: int | None = None
-
-    @property
-    def callback_url(self) -> str | None:
-        """The URL workers post to (None until started)."""
-        if self.bound_port is None:
-            return None
-        if self.public_url:
-            base = self.public_url.rstrip("/")
-            return base if base.endswith(EVENTS_PATH + self.token) else base + EVENTS_PATH + self.token
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if host in ("0.0.0.0", "[::]"):
-            host = socket.gethostname()
-        return f"http://{host}:{self.bound_port}{EVENTS_PATH}{self.token}"
-
-    async def start(self) -> None:
-        """Bind and serve on the running loop; returns when the server accepts connections.
-
-        Raises:
-            OSError: the address cannot be bound (names host and port).
-            RuntimeError: uvicorn is missing (with the install command) or did not start.
-        """
-        if self._task is not None:
-            return
-        try:
-            import uvicorn
-        except ImportError as exc:
-            raise RuntimeError("The backend callback server needs uvicorn, which is not installed. "
-                               'Install it with: pip install "wove-core[backend]"') from exc
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"Backend callback server cannot bind {self.host}:{self.port}: {exc.strerror}. "
-                          "Set executor_config.callback_host/callback_port to a free address.") from exc
-        sock.setblocking(False)
-        config = uvicorn.Config(self._app, lifespan="off", log_level="warning", access_log=False,
-                                timeout_keep_alive=30, server_header=False, date_header=False)
-        self._server = _server_class()(config)
-        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 10.0
-        while not self._server.started:
-            if self._task.done() or time.monotonic() > deadline:
-                error = None if not self._task.done() or self._task.cancelled() else self._task.exception()
-                sock.close()
-                await self.stop()
-                raise RuntimeError(f"Backend callback server on {self.host}:{self.port} did not start: {error!r}")
-            await asyncio.sleep(0.005)
-        self.bound_port = int(sock.getsockname()[1])
-        logger.debug("backend callback server listening on %s", _redact(self.callback_url or ""))
-
-    async def stop(self) -> None:
-        """Stop serving (bounded: open connections get a second to finish)."""
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), 2.0)
-        except (asyncio.TimeoutError, Exception):
-            self._server.force_exit = True
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
-        self._server = None
-        self.bound_port = None
-
-    async def recv(self) -> dict[str, Any]:
-        """The next event (only when no ``on_events`` callback was given)."""
-        return await self._queue.get()
-
-    async def _app(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http":
-            return
-        status, message = await self._handle(scope, receive)
-        body = message.encode("utf-8")
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def _handle(self, scope: dict[str, Any], receive: Callable[..., Any]) -> tuple[int, str]:
-        path: str = scope.get("path", "")
-        if not path.startswith(EVENTS_PATH):
-            return 404, "Not found."
-        if not hmac.compare_digest(path[len(EVENTS_PATH):].encode(), self.token.encode()):
-            return 403, "Unknown callback token."
-        if scope.get("method") != "POST":
-            return 405, "Callbacks are POST requests."
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return 400, "Invalid Content-Length."
-                if declared > self.max_body_bytes:
-                    return 413, f"Body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes."
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return 400, "Client disconnected."
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return 413, f"Body exceeds the limit of {self.max_body_bytes} bytes."
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        try:
-            events = decode_events(b"".join(chunks))
-        except Exception as exc:  # ProtocolError, or cloudpickle missing
-            logger.warning("backend callback rejected: %s", exc)
-            return 400, f"Invalid callback: {exc}"
-        if self._on_events is not None:
-            self._on_events(events)
-        else:
-            for event in events:
-                self._queue.put_nowait(event)
-        return 204, ""
 
 
 # -- adapters ----------------------------------------------------------------------------
@@ -575,10 +399,6 @@ def get_backend_adapter_class(name: str) -> type[BackendAdapter]:
     return adapter_class
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 class BackendAdapterEnvironmentExecutor(FrameExecutor):
     """Submits tasks to an engine through a :class:`BackendAdapter`; events come back over
     an authenticated callback server.
@@ -644,7 +464,7 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
             max_body_bytes=int(config.get("callback_max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
             on_events=self._on_callback,
         )
-        if not _is_loopback(str(host)):
+        if not is_local_host(str(host)):
             logger.warning("environment %s: the backend callback server listens on %s over plain HTTP; the "
                            "path token authenticates workers, so keep that network private.",
                            environment_name, host)

@@ -225,8 +225,9 @@ class ExecutorContract:
     def test_heartbeats_keep_a_long_task_alive(self, environment_definition: dict[str, Any]) -> None:
         async def scenario() -> None:
             async with self._runtime(environment_definition) as runtime:
+                # a 1 s window, heartbeats every third of it, a task twice as long as the window
                 result = await runtime.call_with(
-                    "contract", tasks.sleep, (1.5,), delivery_heartbeat_seconds=0.5
+                    "contract", tasks.sleep, (2.0,), delivery_heartbeat_seconds=1.0
                 )
                 assert result == "slept"
 

@@ -1,0 +1,208 @@
+"""The HTTP server that receives backend workers' callbacks (uvicorn + a raw ASGI app)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .protocol import decode_events
+
+logger = logging.getLogger("wove.backend")
+
+#: Largest callback body the server accepts (results travel in callbacks).
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+EVENTS_PATH = "/wove/events/"
+
+
+def redact_callback_url(url: str) -> str:
+    """The callback URL without its token (tokens never go into logs or errors)."""
+    if EVENTS_PATH in url:
+        return url.split(EVENTS_PATH, 1)[0] + EVENTS_PATH + "<token>"
+    return url
+
+
+def _server_class() -> Any:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):  # type: ignore[misc]
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # The callback server lives inside the user's program: Ctrl-C belongs to it.
+            yield
+
+    return Server
+
+
+class BackendCallbackServer:
+    """Receives worker callbacks over HTTP (uvicorn + a small ASGI app) on the running loop.
+
+    Workers POST events to :attr:`callback_url` (``/wove/events/<token>``). Any other path,
+    a wrong token, another method or an oversized body gets 404/403/405/413 and nothing
+    is queued; a body that does not decode gets 400.
+
+    Args:
+        host: interface to bind (``127.0.0.1`` by default).
+        port: port to bind; 0 picks a free one.
+        public_url: the URL workers use when they reach this server through another
+            address (a proxy or NAT): its base, or the full ``.../wove/events/<token>`` URL.
+        token: the secret path segment; default: 32 random bytes, URL-safe.
+        max_body_bytes: largest accepted body.
+        on_events: called with each decoded list of events; without it events wait in a
+            queue for :meth:`recv`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_url: str | None = None,
+        token: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        on_events: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        if token is not None and (not isinstance(token, str) or len(token) < 16 or "/" in token):
+            raise ValueError("callback_token must be a string of at least 16 characters without '/'; "
+                             "leave it unset to get a random one.")
+        self.host = host
+        self.port = port
+        self.public_url = public_url
+        self.token = token or secrets.token_urlsafe(32)
+        self.max_body_bytes = max_body_bytes
+        self._on_events = on_events
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.bound_port: int | None = None
+
+    @property
+    def callback_url(self) -> str | None:
+        """The URL workers post to (None until started)."""
+        if self.bound_port is None:
+            return None
+        if self.public_url:
+            base = self.public_url.rstrip("/")
+            return base if base.endswith(EVENTS_PATH + self.token) else base + EVENTS_PATH + self.token
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if host in ("0.0.0.0", "[::]"):
+            host = socket.gethostname()
+        return f"http://{host}:{self.bound_port}{EVENTS_PATH}{self.token}"
+
+    async def start(self) -> None:
+        """Bind and serve on the running loop; returns when the server accepts connections.
+
+        Raises:
+            OSError: the address cannot be bound (names host and port).
+            RuntimeError: uvicorn is missing (with the install command) or did not start.
+        """
+        if self._task is not None:
+            return
+        try:
+            import uvicorn
+        except ImportError as exc:
+            raise RuntimeError("The backend callback server needs uvicorn, which is not installed. "
+                               'Install it with: pip install "wove-core[backend]"') from exc
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"Backend callback server cannot bind {self.host}:{self.port}: {exc.strerror}. "
+                          "Set executor_config.callback_host/callback_port to a free address.") from exc
+        sock.setblocking(False)
+        config = uvicorn.Config(self._app, interface="asgi3", lifespan="off", log_level="warning", access_log=False,
+                                proxy_headers=False,
+                                timeout_keep_alive=30, server_header=False, date_header=False)
+        self._server = _server_class()(config)
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
+        deadline = time.monotonic() + 10.0
+        while not self._server.started:
+            if self._task.done() or time.monotonic() > deadline:
+                error = None if not self._task.done() or self._task.cancelled() else self._task.exception()
+                sock.close()
+                await self.stop()
+                raise RuntimeError(f"Backend callback server on {self.host}:{self.port} did not start: {error!r}")
+            await asyncio.sleep(0.005)
+        self.bound_port = int(sock.getsockname()[1])
+        logger.debug("backend callback server listening on %s", redact_callback_url(self.callback_url or ""))
+
+    async def stop(self) -> None:
+        """Stop serving (bounded: open connections get a second to finish)."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            self._server.force_exit = True
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        self._server = None
+        self.bound_port = None
+
+    async def recv(self) -> dict[str, Any]:
+        """The next event (only when no ``on_events`` callback was given)."""
+        return await self._queue.get()
+
+    async def _app(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        status, message = await self._handle(scope, receive)
+        body = message.encode("utf-8")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _handle(self, scope: dict[str, Any], receive: Callable[..., Any]) -> tuple[int, str]:
+        path: str = scope.get("path", "")
+        if not path.startswith(EVENTS_PATH):
+            return 404, "Not found."
+        if not hmac.compare_digest(path[len(EVENTS_PATH):].encode(), self.token.encode()):
+            return 403, "Unknown callback token."
+        if scope.get("method") != "POST":
+            return 405, "Callbacks are POST requests."
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return 400, "Invalid Content-Length."
+                if declared > self.max_body_bytes:
+                    return 413, f"Body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes."
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 400, "Client disconnected."
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return 413, f"Body exceeds the limit of {self.max_body_bytes} bytes."
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            events = decode_events(b"".join(chunks))
+        except Exception as exc:  # ProtocolError, or cloudpickle missing
+            logger.warning("backend callback rejected: %s", exc)
+            return 400, f"Invalid callback: {exc}"
+        if self._on_events is not None:
+            self._on_events(events)
+        else:
+            for event in events:
+                self._queue.put_nowait(event)
+        return 204, ""
+
+

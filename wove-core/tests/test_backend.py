@@ -1,0 +1,321 @@
+"""wove.backend: payloads, worker entry points, the callback server and the adapter executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from wove import _testing_tasks as tasks
+from wove.backend import (
+    BackendAdapter,
+    BackendAdapterEnvironmentExecutor,
+    BackendCallbackServer,
+    build_backend_payload,
+    payload_from_b64,
+    payload_to_b64,
+    post_event,
+    run_backend_payload,
+)
+from wove.environment import EnvironmentExecutionError, ExecutorRuntime
+from wove.protocol import TERMINAL_EVENTS, encode_event, unpack_frame
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _frame(func: Any, args: dict[str, Any], run_id: str = "t:1", **delivery: Any) -> dict[str, Any]:
+    return {"type": "run_task", "run_id": run_id, "task_id": run_id.split(":")[0], "callable": func,
+            "args": args, "delivery": delivery}
+
+
+async def _until_terminal(server: BackendCallbackServer, timeout: float = 10.0) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] not in TERMINAL_EVENTS:
+        events.append(await asyncio.wait_for(server.recv(), timeout))
+    return events
+
+
+@pytest.fixture
+async def server() -> Any:
+    srv = BackendCallbackServer(max_body_bytes=4096)
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+# -- payloads ----------------------------------------------------------------------------
+def test_import_is_light() -> None:
+    code = ("import sys, wove.backend, wove.environment; "
+            "print(sorted(m for m in ('uvicorn','httpx','cloudpickle','distributed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_environment_exports_the_executor() -> None:
+    from wove.environment import BackendAdapterEnvironmentExecutor as exported
+
+    assert exported is BackendAdapterEnvironmentExecutor
+
+
+def test_payload_shape_and_round_trip() -> None:
+    payload = build_backend_payload(_frame(tasks.add, {"a": 1, "b": 2}, delivery_timeout=5.0),
+                                    callback_url="http://127.0.0.1:1/wove/events/x", adapter="test")
+    assert set(payload) == {"version", "adapter", "callback_url", "run_id", "task_id", "task_name",
+                            "callable_pickle", "args_pickle", "delivery"}
+    assert payload["version"] == 1 and payload["delivery"] == {"delivery_timeout": 5.0}
+    assert payload_from_b64(payload_to_b64(payload)) == payload
+    json.dumps(payload)  # JSON-safe
+    decoded = unpack_frame({"callable_pickle": payload["callable_pickle"], "args_pickle": payload["args_pickle"]})
+    assert decoded["callable"](**decoded["args"]) == 3
+
+
+def test_payload_from_b64_rejects_non_objects() -> None:
+    with pytest.raises(ValueError, match="JSON object"):
+        payload_from_b64(payload_to_b64([1, 2]))  # type: ignore[arg-type]
+
+
+def test_unpicklable_args_name_the_task() -> None:
+    import threading
+
+    from wove.errors import DispatchError
+
+    with pytest.raises(DispatchError, match="t"):
+        build_backend_payload(_frame(tasks.echo, {"value": threading.Lock()}), callback_url="http://x", adapter="a")
+
+
+# -- callback server ---------------------------------------------------------------------
+async def test_callback_server_accepts_the_token_path(server: BackendCallbackServer) -> None:
+    assert server.callback_url is not None and server.token in server.callback_url
+    body = encode_event({"type": "task_result", "run_id": "t:1", "task_id": "t", "result": {"x": [1, 2]}})
+    async with httpx.AsyncClient() as client:
+        response = await client.post(server.callback_url, content=body)
+    assert response.status_code == 204
+    event = await asyncio.wait_for(server.recv(), 5)
+    assert event["type"] == "task_result" and event["result"] == {"x": [1, 2]}
+
+
+async def test_callback_server_rejects_everything_else(server: BackendCallbackServer) -> None:
+    assert server.callback_url is not None
+    base = server.callback_url.rsplit("/wove/events/", 1)[0]
+    body = encode_event({"type": "task_result", "run_id": "t:1", "task_id": "t", "result": 1})
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(f"{base}/wove/events/{'x' * 43}", content=body)).status_code == 403
+        assert (await client.post(f"{base}/wove/events/", content=body)).status_code == 403
+        assert (await client.post(f"{base}/wove/events/{server.token}/extra", content=body)).status_code == 403
+        assert (await client.post(f"{base}/", content=body)).status_code == 404
+        assert (await client.post(f"{base}/other/{server.token}", content=body)).status_code == 404
+        assert (await client.get(server.callback_url)).status_code == 405
+        assert (await client.post(server.callback_url, content=b"x" * 5000)).status_code == 413
+
+        async def chunks() -> Any:  # no Content-Length: the limit still applies while reading
+            for _ in range(5):
+                yield b"y" * 1000
+
+        assert (await client.post(server.callback_url, content=chunks())).status_code == 413
+        bad = await client.post(server.callback_url, content=b'{"type": "task_result"}')
+        assert bad.status_code == 400 and "run_id" in bad.text
+        assert (await client.post(server.callback_url, content=b"not json")).status_code == 400
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(server.recv(), 0.3)  # nothing was queued
+
+
+async def test_callback_server_public_url_and_token() -> None:
+    srv = BackendCallbackServer(public_url="http://gateway.example:9000/", token="a" * 20)
+    await srv.start()
+    try:
+        assert srv.callback_url == "http://gateway.example:9000/wove/events/" + "a" * 20
+    finally:
+        await srv.stop()
+    with pytest.raises(ValueError, match="16 characters"):
+        BackendCallbackServer(token="short")
+
+
+async def test_callback_server_port_in_use_is_a_clear_error(server: BackendCallbackServer) -> None:
+    other = BackendCallbackServer(port=server.bound_port or 0)
+    with pytest.raises(OSError, match="callback_port"):
+        await other.start()
+
+
+# -- worker entry points -----------------------------------------------------------------
+async def test_run_backend_payload_posts_started_and_result(server: BackendCallbackServer) -> None:
+    assert server.callback_url is not None
+    payload = build_backend_payload(_frame(tasks.add, {"a": 2, "b": 5}), callback_url=server.callback_url,
+                                    adapter="test")
+    assert await asyncio.to_thread(run_backend_payload, payload) == 7
+    events = await _until_terminal(server)
+    # a quick run posts only its terminal event; a longer one posts task_started first
+    assert [e["type"] for e in events] in (["task_result"], ["task_started", "task_result"])
+    assert events[-1]["result"] == 7 and events[-1]["run_id"] == "t:1"
+    slow = build_backend_payload(_frame(tasks.blocking_sleep, {"seconds": 0.3}, run_id="s:1"),
+                                 callback_url=server.callback_url, adapter="test")
+    assert await asyncio.to_thread(run_backend_payload, slow) == 0.3
+    assert [e["type"] for e in await _until_terminal(server)] == ["task_started", "task_result"]
+
+
+async def test_run_backend_payload_task_error_and_heartbeats(server: BackendCallbackServer) -> None:
+    assert server.callback_url is not None
+
+    def slow_fail() -> None:
+        import time
+
+        time.sleep(0.5)
+        raise tasks.ContractTaskError("nope")
+
+    payload = build_backend_payload(_frame(slow_fail, {}, delivery_heartbeat_seconds=0.3),
+                                    callback_url=server.callback_url, adapter="test")
+    outcome = await asyncio.to_thread(run_backend_payload, payload)
+    assert outcome["type"] == "task_error"
+    events = await _until_terminal(server)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "task_started" and kinds[-1] == "task_error" and "heartbeat" in kinds
+    error = events[-1]
+    assert isinstance(error["exception"], tasks.ContractTaskError)
+    assert error["error"]["source"] == "task" and error["error"]["kind"] == "ContractTaskError"
+
+
+async def test_run_backend_payload_refuses_a_running_loop() -> None:
+    with pytest.raises(RuntimeError, match="run_backend_payload_async"):
+        run_backend_payload({"callback_url": "http://x", "run_id": "a:1", "task_id": "a"})
+
+
+def test_post_event_to_a_dead_server_raises_oserror() -> None:
+    with pytest.raises(OSError):
+        post_event("http://127.0.0.1:9/wove/events/x", {"type": "heartbeat", "run_id": "a:1", "task_id": "a"},
+                   timeout=2)
+
+
+# -- the executor with an in-test adapter -------------------------------------------------
+class ThreadAdapter(BackendAdapter):
+    """Runs each payload in a thread of this process; the first ``lose`` submissions are 'lost'."""
+
+    instances: list[ThreadAdapter] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.submitted: list[dict[str, Any]] = []
+        self.cancelled: list[str] = []
+        self.lose = int(self.config.get("lose", 0))
+        ThreadAdapter.instances.append(self)
+
+    async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> Any:
+        self.submitted.append(payload)
+        if self.lose > 0:
+            self.lose -= 1
+            asyncio.get_running_loop().call_later(0.05, self.report_lost, payload["run_id"], "engine lost it")
+            return None
+        return asyncio.get_running_loop().run_in_executor(None, run_backend_payload, payload)
+
+    async def cancel(self, run_id: str, submission: Any, frame: dict[str, Any]) -> None:
+        self.cancelled.append(run_id)
+
+
+def _runtime(**config: Any) -> ExecutorRuntime:
+    executor = BackendAdapterEnvironmentExecutor("thread", ThreadAdapter)
+    return ExecutorRuntime({"b": {"executor": executor, "executor_config": config}}, {})
+
+
+async def test_executor_results_and_task_errors() -> None:
+    async with _runtime() as runtime:
+        assert await runtime.call("b", tasks.add, 20, 22) == 42
+        with pytest.raises(tasks.ContractTaskError, match="own error"):
+            await runtime.call("b", tasks.fail, "own error")
+        assert await asyncio.gather(*(runtime.call("b", tasks.add, i, 1) for i in range(30))) == [
+            i + 1 for i in range(30)
+        ]
+
+
+async def test_lost_run_ends_with_a_transport_error() -> None:
+    async with _runtime(lose=1) as runtime:
+        with pytest.raises(EnvironmentExecutionError, match="engine lost it") as info:
+            await runtime.call("b", tasks.add, 1, 1)
+        assert info.value.payload["source"] == "transport"
+
+
+async def test_lost_run_is_requeued_with_policy_requeue() -> None:
+    ThreadAdapter.instances.clear()
+    async with _runtime(lose=1) as runtime:
+        result = await runtime.call_with("b", tasks.add, (1, 2), delivery_orphan_policy="requeue")
+        assert result == 3
+    submitted = ThreadAdapter.instances[-1].submitted
+    assert len(submitted) == 2 and submitted[1]["attempt"] == 2 and submitted[0]["run_id"] == submitted[1]["run_id"]
+
+
+async def test_requeue_is_bounded() -> None:
+    async with _runtime(lose=10, max_deliveries=2) as runtime:
+        with pytest.raises(EnvironmentExecutionError, match="Gave up after 2 deliveries"):
+            await runtime.call_with("b", tasks.add, (1, 2), delivery_orphan_policy="requeue")
+
+
+async def test_cancel_reports_task_cancelled_once() -> None:
+    ThreadAdapter.instances.clear()
+    executor = BackendAdapterEnvironmentExecutor("thread", ThreadAdapter)
+    await executor.start(environment_name="b", environment_config={}, run_config={})
+    try:
+        frame = _frame(tasks.blocking_sleep, {"seconds": 0.5}, run_id="blocking_sleep:1")
+        await executor.send(frame)
+        await executor.send({"type": "cancel_task", "run_id": frame["run_id"], "task_id": frame["task_id"]})
+        events = []
+        try:
+            while True:
+                events.append(await asyncio.wait_for(executor.recv(), 1.5))
+        except asyncio.TimeoutError:
+            pass
+        assert [e["type"] for e in events if e["type"] in TERMINAL_EVENTS] == ["task_cancelled"]
+        assert ThreadAdapter.instances[-1].cancelled == [frame["run_id"]]
+        with pytest.raises(ValueError, match="unknown command type"):
+            await executor.send({"type": "bogus"})
+    finally:
+        await executor.stop()
+
+
+async def test_missing_module_names_it_and_the_install_command() -> None:
+    class NeedsEngine(BackendAdapter):
+        required_modules = ("wove_no_such_engine_module",)
+        install_hint = "wove-executor-nosuch"
+
+    executor = BackendAdapterEnvironmentExecutor("nosuch", NeedsEngine)
+    with pytest.raises(RuntimeError, match=r"wove_no_such_engine_module.*pip install wove-executor-nosuch"):
+        await executor.start(environment_name="e", environment_config={}, run_config={})
+
+
+async def test_unknown_adapter_name_is_a_value_error() -> None:
+    executor = BackendAdapterEnvironmentExecutor("no-such-backend-xyz")
+    with pytest.raises(ValueError, match="no-such-backend-xyz"):
+        await executor.start(environment_name="e", environment_config={}, run_config={})
+
+
+# -- interop with Wove 2.0.3 workers -----------------------------------------------------
+async def test_wove2_worker_runs_our_payload_and_posts_to_our_server(
+    server: BackendCallbackServer, wove2_python: Path, tmp_path: Path
+) -> None:
+    assert server.callback_url is not None
+    server.max_body_bytes = 1 << 20
+    factor = 3
+    ok = build_backend_payload(_frame(lambda x: x * factor, {"x": 14}, run_id="mul:1"),
+                               callback_url=server.callback_url, adapter="dask")
+    bad = build_backend_payload(_frame(lambda: 1 / 0, {}, run_id="div:1"),
+                                callback_url=server.callback_url, adapter="dask")
+    (tmp_path / "payloads.json").write_text(json.dumps([ok, bad]))
+    script = textwrap.dedent("""
+        import json, sys
+        from wove.integrations.worker import run
+        for payload in json.load(open(sys.argv[1])):
+            print(repr(run(payload)))
+    """)
+    proc = await asyncio.create_subprocess_exec(str(wove2_python), "-c", script, str(tmp_path / "payloads.json"),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    first = await _until_terminal(server)
+    second = await _until_terminal(server)
+    assert [e["type"] for e in first] == ["task_started", "task_result"] and first[-1]["result"] == 42
+    assert [e["type"] for e in second] == ["task_started", "task_error"]
+    assert isinstance(second[-1]["exception"], ZeroDivisionError)
+    assert second[-1]["error"]["kind"] == "ZeroDivisionError" and second[-1]["error"]["source"] == "task"

@@ -1,0 +1,58 @@
+"""What runs inside a Dask worker: the Wove payload, with cancellation by key.
+
+Dask does not interrupt a running task when its future is cancelled, so this coroutine
+task (Dask runs coroutine functions on the worker's event loop) watches its own key in
+the worker's state and cancels the Wove run when the key is cancelled or released. Sync
+callables run in the worker's own thread pool, so ``threads_per_worker`` still bounds
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from wove.backend import execute_backend_payload
+from wove.protocol import encode_event
+
+__all__ = ["run_payload"]
+
+#: Seconds between checks of the task's key for cancellation.
+CANCEL_POLL_SECONDS = 0.1
+
+
+async def run_payload(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    """Run a Wove backend payload as Dask task ``key``; post its events to the callback URL.
+
+    Returns a small status (never the result itself, which travels in the callback):
+    ``{"posted": True, "type": ...}``, or, when the terminal event could not be posted,
+    ``{"posted": False, "event": <encoded event bytes>}`` so the submitter delivers it.
+
+    Raises:
+        ValueError: the payload lacks its callback URL or ids.
+    """
+    from distributed import get_worker
+
+    try:
+        worker: Any = get_worker()
+    except ValueError:  # not inside a worker (a test calling this directly)
+        worker = None
+    cancel = asyncio.Event()
+
+    async def watch() -> None:
+        while not cancel.is_set():
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            state = worker.state.tasks.get(key)
+            if state is None or state.state in ("cancelled", "released", "forgotten"):
+                cancel.set()
+
+    watcher = asyncio.ensure_future(watch()) if worker is not None else None
+    try:
+        threads = worker.executors.get("default") if worker is not None else None
+        event, posted = await execute_backend_payload(payload, cancel_event=cancel, executor=threads)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if posted:
+        return {"posted": True, "type": event["type"]}
+    return {"posted": False, "event": encode_event(event)}

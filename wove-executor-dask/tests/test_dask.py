@@ -1,0 +1,105 @@
+"""End to end on Dask: worker processes, task errors, cancellation, killed workers, CLI cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wove import _testing_tasks as tasks
+from wove.environment import EnvironmentExecutionError, ExecutorRuntime
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _runtime(address: str, **config: Any) -> ExecutorRuntime:
+    return ExecutorRuntime({"dask": {"executor": "dask", "executor_config": {"address": address, **config}}}, {})
+
+
+async def _wait_for_file(path: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path} not written within {timeout}s"
+        await asyncio.sleep(0.05)
+    return path.read_text()
+
+
+def _pid_then_sleep(pid_file: str) -> Any:
+    """A closure (pickled by value: the workers cannot import this test module)."""
+
+    def pid_then_sleep() -> str:
+        import os
+        import time
+        from pathlib import Path
+
+        marker = Path(pid_file)
+        if marker.exists():
+            return f"re-delivered to {os.getpid()}"
+        marker.write_text(str(os.getpid()))
+        time.sleep(30)
+        return "not killed"
+
+    return pid_then_sleep
+
+
+async def test_results_and_errors_from_worker_processes(process_cluster: Any) -> None:
+    async with _runtime(process_cluster.scheduler_address) as runtime:
+        pids = set(await asyncio.gather(*(runtime.call("dask", tasks.blocking_sleep, 0.2) for _ in range(4))))
+        worker_pid = await runtime.call("dask", tasks.pid)
+        assert worker_pid != os.getpid()
+        assert pids == {0.2}
+        with pytest.raises(tasks.ContractTaskError, match="from a worker"):
+            await runtime.call("dask", tasks.fail, "from a worker")
+        assert await asyncio.gather(*(runtime.call("dask", tasks.add, i, i) for i in range(50))) == [
+            2 * i for i in range(50)
+        ]
+
+
+async def test_cancellation_stops_the_worker_side_task(process_cluster: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    async with _runtime(process_cluster.scheduler_address) as runtime:
+        call = asyncio.ensure_future(runtime.call("dask", tasks.sleep, 1.5, str(marker)))
+        await asyncio.sleep(0.5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(1.5)
+        assert not marker.exists(), "the cancelled task ran to completion on the worker"
+        assert await runtime.call("dask", tasks.add, 1, 2) == 3
+
+
+async def test_killed_worker_fails_the_run_with_a_transport_error(process_cluster: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    async with _runtime(process_cluster.scheduler_address) as runtime:
+        call = asyncio.ensure_future(runtime.call("dask", _pid_then_sleep(str(pid_file))))
+        pid = int(await _wait_for_file(pid_file, 30))
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EnvironmentExecutionError, match="KilledWorker") as info:
+            await asyncio.wait_for(call, 30)
+        assert info.value.payload["source"] == "transport"
+
+
+async def test_killed_worker_with_requeue_is_delivered_again(process_cluster: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    async with _runtime(process_cluster.scheduler_address) as runtime:
+        call = asyncio.ensure_future(runtime.call_with(
+            "dask", _pid_then_sleep(str(pid_file)), (), delivery_orphan_policy="requeue"
+        ))
+        pid = int(await _wait_for_file(pid_file, 30))
+        os.kill(pid, signal.SIGKILL)
+        result = await asyncio.wait_for(call, 45)
+        assert result.startswith("re-delivered to ") and result != f"re-delivered to {pid}"
+
+
+async def test_scheduler_and_worker_started_from_the_cli(cli_cluster: dict[str, Any]) -> None:
+    async with _runtime(cli_cluster["address"]) as runtime:
+        assert await asyncio.wait_for(runtime.call("dask", tasks.add, 40, 2), 30) == 42
+        worker_pid = await runtime.call("dask", tasks.pid)
+        assert worker_pid not in (os.getpid(), cli_cluster["scheduler"].pid)
+        with pytest.raises(tasks.ContractTaskError):
+            await runtime.call("dask", tasks.fail, "cli")
