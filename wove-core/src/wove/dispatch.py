@@ -71,7 +71,9 @@ def dumps_b64(value: Any, *, what: str = "value") -> str:
 
 def loads_b64(text: str) -> Any:
     """Inverse of :func:`dumps_b64`."""
-    return loads(base64.b64decode(text, validate=True))
+    from ._codec_cache import b64decode
+
+    return loads(b64decode(text))
 
 
 def _picklable(value: Any) -> bool:

@@ -14,6 +14,7 @@ import traceback
 from typing import Any, Literal, TypedDict
 
 from . import dispatch
+from ._codec_cache import CallableCache, DecodedCallables, fast_b64
 from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
 
 __all__ = [
@@ -45,6 +46,10 @@ EVENT_TYPES = frozenset({"task_started", "heartbeat", "log", *TERMINAL_EVENTS})
 ORPHAN_POLICIES = ("fail", "cancel", "requeue", "detach")
 CANCEL_MODES = ("best_effort", "require_ack")
 ERROR_SOURCES = ("task", "executor", "transport", "config")
+
+#: process-wide caches of pickled callables (see wove._codec_cache for when they apply)
+_CALLABLES = CallableCache()
+_DECODED = DecodedCallables()
 
 # value field -> wire field
 _PICKLED = {
@@ -173,11 +178,13 @@ def pack_frame(frame: dict[str, Any]) -> dict[str, Any]:
     for field in ("callable", "args", "result"):
         if field in wire:
             value = wire.pop(field)
-            what = field if field != "callable" else "callable"
-            try:
-                wire[_PICKLED[field]] = dispatch.dumps_b64(value, what=what)
-            except DispatchError as exc:
-                raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
+            text = _CALLABLES.encode(value) if field == "callable" else fast_b64(value)
+            if text is None:
+                try:
+                    text = dispatch.dumps_b64(value, what=field)
+                except DispatchError as exc:
+                    raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
+            wire[_PICKLED[field]] = text
     if "exception" in wire:
         exception = wire.pop("exception")
         try:
@@ -227,8 +234,15 @@ def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError(
                 f"Field '{wire_field}' must be a base64 string, got {type(text).__name__}"
             )
+        if field == "callable":
+            cached = _DECODED.get(text)
+            if cached is not None:
+                frame[field] = cached
+                continue
         try:
             frame[field] = dispatch.loads_b64(text)
+            if field == "callable":
+                _DECODED.remember(text, frame[field])
         except MissingDispatchFeatureError:
             raise
         except (binascii.Error, ValueError) as exc:

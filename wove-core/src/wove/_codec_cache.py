@@ -1,0 +1,218 @@
+"""Caches and fast paths behind :mod:`wove.protocol` (the wire format does not change).
+
+Pickling a task's callable by value costs tens of microseconds on each side of a wire,
+more than the rest of a no-op run. Two caches avoid it where that cannot change what a
+task observes:
+
+* the submitter reuses the pickled form of a callable whose pickle cannot have changed:
+  importable functions (pickled by reference), and functions pickled by value that
+  capture no mutable state (no closure, no function attributes, scalar defaults, and
+  every global they name bound to a module, a builtin, an importable function or class,
+  or an immutable scalar; the identity of those values is part of the cache key);
+* the worker reuses the unpickled callable for identical pickled bytes under the same
+  rule, and only when its code never assigns a global (so runs cannot share state that a
+  fresh unpickle would not have given them).
+
+Values made only of builtin scalars and containers are pickled with the C pickler
+(byte-identical to cloudpickle's output for them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import pickle
+import sys
+import types
+from collections import OrderedDict
+from typing import Any
+
+from . import dispatch
+
+__all__ = ["CallableCache", "DecodedCallables", "b64decode", "fast_b64"]
+
+_SCALARS = (int, float, str, bytes, bool, type(None), complex)
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_MISSING = object()
+_STORE_GLOBAL = {97, 98}  # STORE_GLOBAL, DELETE_GLOBAL (stable since 3.0)
+_CACHE_SIZE = 256
+_MAX_CACHED_PICKLE = 64 * 1024
+_NODE_BUDGET = 10_000
+
+_code_info_cache: dict[types.CodeType, tuple[tuple[str, ...], bool]] = {}
+
+
+def _by_reference(obj: Any) -> bool:
+    """True when cloudpickle pickles ``obj`` by reference (an importable name)."""
+    try:
+        cloudpickle = dispatch.require_dispatch("pickling task callables")
+        check = cloudpickle.cloudpickle._should_pickle_by_reference
+    except Exception:
+        return False
+    try:
+        return bool(check(obj))
+    except Exception:
+        return False
+
+
+def _code_info(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
+    """Names a code object (and nested ones) may read as globals; whether it stores globals."""
+    info = _code_info_cache.get(code)
+    if info is not None:
+        return info
+    names: set[str] = set()
+    stores = False
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        if not stores:
+            raw = current.co_code
+            stores = any(raw[i] in _STORE_GLOBAL for i in range(0, len(raw), 2))
+        stack.extend(const for const in current.co_consts if isinstance(const, types.CodeType))
+    info = (tuple(sorted(names)), stores)
+    if len(_code_info_cache) > 4096:
+        _code_info_cache.clear()
+    _code_info_cache[code] = info
+    return info
+
+
+def _stable_value(value: Any) -> bool:
+    if type(value) in _SCALARS or isinstance(value, (types.ModuleType, types.BuiltinFunctionType)):
+        return True
+    if isinstance(value, (types.FunctionType, type)):
+        return _by_reference(value)
+    return False
+
+
+def _stable_key(func: types.FunctionType) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+    """A key that changes whenever the by-value pickle of ``func`` could change, or None
+    when ``func`` may carry mutable state (then it is never cached).
+
+    The key is ``(objects compared by identity, values compared by equality)``; holding
+    the objects keeps their ids from being reused.
+    """
+    if func.__closure__ or func.__dict__:
+        return None
+    defaults = func.__defaults__ or ()
+    kwdefaults = func.__kwdefaults__ or {}
+    if any(type(d) not in _SCALARS for d in (*defaults, *kwdefaults.values())):
+        return None
+    names, stores = _code_info(func.__code__)
+    if stores:
+        return None
+    scope = func.__globals__
+    objects: list[Any] = [func.__code__]
+    for name in names:
+        value = scope.get(name, _MISSING)
+        if value is _MISSING:
+            continue
+        if not _stable_value(value):
+            return None
+        objects.append(value)
+    values = (defaults, tuple(map(type, defaults)), tuple((k, v, type(v)) for k, v in sorted(kwdefaults.items())), func.__name__, func.__qualname__,
+              func.__module__, len(objects))
+    return tuple(objects), values
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    if a == "ref" or b == "ref":
+        return a == b
+    return (len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1])
+
+
+class CallableCache:
+    """Submitter side: pickled (base64) callables, reused while they cannot have changed."""
+
+    def __init__(self, size: int = _CACHE_SIZE) -> None:
+        self._size = size
+        # id(func) -> (func, key, b64); the strong reference keeps the id from being reused
+        self._entries: OrderedDict[int, tuple[Any, Any, str]] = OrderedDict()
+
+    def _key(self, func: Any) -> Any:
+        if isinstance(func, types.FunctionType):
+            if _by_reference(func):
+                return "ref"
+            return _stable_key(func)
+        if isinstance(func, types.BuiltinFunctionType) or (isinstance(func, type) and _by_reference(func)):
+            return "ref"
+        return None
+
+    def encode(self, func: Any) -> str | None:
+        """The base64 pickle of ``func``, or None when it must be pickled afresh."""
+        entry = self._entries.get(id(func))
+        key = self._key(func)
+        if key is None:
+            return None
+        if entry is not None and entry[0] is func and _same_key(entry[1], key):
+            self._entries.move_to_end(id(func))
+            return entry[2]
+        try:
+            text = dispatch.dumps_b64(func, what="callable")
+        except Exception:
+            return None  # the regular path raises the proper DispatchError
+        if len(text) <= _MAX_CACHED_PICKLE:
+            self._entries[id(func)] = (func, key, text)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return text
+
+
+class DecodedCallables:
+    """Worker side: unpickled callables for identical pickled bytes (see the module docstring)."""
+
+    def __init__(self, size: int = _CACHE_SIZE) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, text: str) -> Any:
+        func = self._entries.get(text, _MISSING)
+        if func is not _MISSING:
+            self._entries.move_to_end(text)
+            return func
+        return None
+
+    def remember(self, text: str, func: Any) -> None:
+        if len(text) > _MAX_CACHED_PICKLE:
+            return
+        if isinstance(func, types.FunctionType):
+            if not _by_reference(func) and _stable_key(func) is None:
+                return
+        elif not isinstance(func, types.BuiltinFunctionType):
+            return
+        self._entries[text] = func
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+def _simple(value: Any, budget: list[int]) -> bool:
+    """True when ``value`` holds only builtin scalars and containers (bounded walk)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    kind = type(value)
+    if kind in _SCALARS or kind is bytearray:
+        return True
+    if kind is dict:
+        return all(_simple(k, budget) and _simple(v, budget) for k, v in value.items())
+    if kind in _CONTAINERS:
+        return all(_simple(item, budget) for item in value)
+    return False
+
+
+def fast_b64(value: Any) -> str | None:
+    """Base64 pickle of a value made only of builtin scalars and containers (the C pickler,
+    byte-identical to cloudpickle for them), or None for anything else."""
+    if not _simple(value, [_NODE_BUDGET]):
+        return None
+    return base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")
+
+
+if sys.version_info >= (3, 11):
+    def b64decode(text: str) -> bytes:
+        """Strict base64 decoding (faster than ``base64.b64decode(validate=True)``)."""
+        return binascii.a2b_base64(text, strict_mode=True)
+else:  # pragma: no cover - Python 3.10
+    def b64decode(text: str) -> bytes:
+        """Strict base64 decoding."""
+        return base64.b64decode(text, validate=True)

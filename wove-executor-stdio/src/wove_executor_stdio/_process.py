@@ -1,0 +1,138 @@
+"""One worker subprocess of the stdio executor: its pipes, split into lines as data arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from .worker import FrameWriter
+
+__all__ = ["FLUSH_BYTES", "STDERR_LINES", "Pipes", "Worker"]
+
+logger = logging.getLogger("wove_executor_stdio.executor")
+
+#: stderr lines kept per worker for error messages.
+STDERR_LINES = 20
+#: stderr bytes without a newline passed on as one line.
+STDERR_LINE_LIMIT = 64 * 1024
+#: Queued bytes after which ``send`` writes at once instead of at the end of the iteration.
+FLUSH_BYTES = 256 * 1024
+
+
+class Pipes(asyncio.SubprocessProtocol):
+    """Splits the worker's stdout and stderr into lines as data arrives (no reader tasks)."""
+
+    def __init__(self, on_stdout: Callable[[bytes], None], on_stderr: Callable[[bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._handlers = {1: on_stdout, 2: on_stderr}
+        self._partial: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self.closed = {1: loop.create_future(), 2: loop.create_future()}
+        self.exited = loop.create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        handler = self._handlers.get(fd)
+        if handler is None:
+            return
+        partial = self._partial[fd]
+        end = data.rfind(b"\n")
+        if end < 0:
+            partial += data  # a long line arrives in pieces; search only the new bytes
+            if fd == 2 and len(partial) > STDERR_LINE_LIMIT:
+                self._partial[fd] = bytearray()
+                handler(bytes(partial))
+            return
+        if partial:
+            partial += data[:end]
+            lines = bytes(partial).split(b"\n")
+            partial.clear()
+        else:
+            lines = data[:end].split(b"\n")
+        partial += data[end + 1:]
+        for line in lines:
+            try:
+                handler(line)
+            except Exception:
+                logger.exception("stdio executor: handling a line of fd %d failed", fd)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 0:
+            self.writable.set()
+            return
+        partial = self._partial.get(fd)
+        if partial:
+            line = bytes(partial)
+            partial.clear()
+            with contextlib.suppress(Exception):
+                self._handlers[fd](line)
+        future = self.closed.get(fd)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class Worker:
+    """One worker subprocess and what the executor knows about it."""
+
+    def __init__(self, worker_id: int, transport: asyncio.SubprocessTransport, pipes: Pipes) -> None:
+        self.id = worker_id
+        self.transport = transport
+        self.pipes = pipes
+        self.pid: int = transport.get_pid()
+        self.runs: set[str] = set()
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_LINES)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.alive = True
+        self.started = False  # part of the pool (its death is handled, not a start failure)
+        self.started_at = time.monotonic()
+        self.watcher: asyncio.Task[None] | None = None
+        self.queued = 0
+        stdin = transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        self.stdin = stdin
+        self.out = FrameWriter(asyncio.get_running_loop(), self._write)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.transport.get_returncode()
+
+    def _write(self, data: bytes) -> None:
+        self.queued = 0
+        if not self.stdin.is_closing():
+            self.stdin.write(data)
+
+    def write(self, data: bytes) -> None:
+        self.queued += len(data)
+        self.out.write(data, urgent=True)
+        if self.queued >= FLUSH_BYTES:
+            self.out.flush()
+
+    def signal(self, kill: bool) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.transport.kill() if kill else self.transport.terminate()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait (bounded) for the process to exit; True when it has."""
+        if self.returncode is None:
+            await asyncio.wait([self.pipes.exited], timeout=timeout)
+        return self.returncode is not None
+
+    def tail_text(self) -> str:
+        if not self.stderr_tail:
+            return " It wrote nothing to stderr."
+        return " Last stderr lines:\n" + "\n".join(f"    {line}" for line in self.stderr_tail)

@@ -1,0 +1,539 @@
+"""StdioEnvironmentExecutor: runs tasks in a pool of worker subprocesses over JSON lines.
+
+Each worker reads one command frame per line on stdin and writes one event frame per
+line on stdout (the Wove 2.x stdio wire format); its stderr is its log. ``run_task``
+goes to the least-loaded live worker, ``cancel_task`` to the worker holding the run.
+When a worker dies, a replacement is started and each run it held is delivered again
+(orphan policy ``requeue``, bounded by ``max_deliveries``) or ends with a ``task_error``
+(source ``transport``) naming the worker, its pid, exit code or signal and its last
+stderr lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from wove.dispatch import require_dispatch
+from wove.errors import ConfigError, ProtocolError
+from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
+from wove.transport import FrameExecutor
+
+from ._process import Pipes, Worker
+from .worker import READY_KEY
+
+__all__ = ["StdioEnvironmentExecutor"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a worker that prints no ready line must stay alive to count as started.
+STARTUP_GRACE = 0.5
+#: Seconds workers get to exit after ``shutdown`` before they are terminated.
+SHUTDOWN_GRACE = 2.0
+#: Pipe buffer size above which ``send`` waits for the worker to read.
+HIGH_WATER = 4 * 1024 * 1024
+#: Workers dying this soon after they started count as a crash loop.
+RAPID_DEATH_SECONDS = 2.0
+#: Consecutive rapid deaths after which dead workers are replaced on demand only.
+RAPID_DEATH_LIMIT = 5
+
+
+class StdioEnvironmentExecutor(FrameExecutor):
+    """Runs tasks in worker subprocesses speaking JSON lines on stdin/stdout.
+
+    ``executor_config`` keys:
+
+    * ``command`` (list of strings, or a string split like a shell): the worker
+      command; default ``[sys.executable, "-m", "wove_executor_stdio"]``. Any Wove 2.x
+      compatible worker works, such as ``python -m wove.stdio_worker``.
+    * ``processes`` (int, default 1): worker processes in the pool.
+    * ``env`` (dict of str): environment variables set over ``os.environ``.
+    * ``cwd`` (str): working directory of the workers.
+    * ``startup_timeout`` (seconds, default 30): how long a worker may take to report
+      ready.
+    * ``ready_line`` (bool): whether the worker prints a ready line first (default:
+      true when the command runs ``wove_executor_stdio``). Without one, a worker
+      that is still alive after 0.5 s counts as started.
+    * ``max_deliveries`` (int, default 3): deliveries of a ``requeue`` run.
+    """
+
+    executor_name = "stdio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._command: list[str] = []
+        self._processes = 1
+        self._env: dict[str, str] | None = None
+        self._cwd: str | None = None
+        self._startup_timeout = 30.0
+        self._ready_line = True
+        self._workers: list[Worker] = []
+        self._owner: dict[str, Worker] = {}
+        self._spawning: set[asyncio.Task[Worker]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._next_id = 0
+        self._rapid_deaths = 0
+        self._closing = False
+
+    # -- configuration ---------------------------------------------------------
+    def _configure(self, environment_name: str, config: dict[str, Any]) -> None:
+        where = f"Environment '{environment_name}': executor_config"
+        command = config.get("command")
+        if command is None or command == "" or command == []:
+            command = [sys.executable, "-m", "wove_executor_stdio"]
+        elif isinstance(command, str):
+            try:
+                command = shlex.split(command)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.command {command!r} cannot be split like a shell command line: {exc}.")
+            if not command:
+                raise ConfigError(f"{where}.command is blank; give the worker program and its arguments.")
+        elif isinstance(command, (list, tuple)):
+            bad = [part for part in command if not isinstance(part, (str, os.PathLike))]
+            if bad:
+                raise TypeError(
+                    f"{where}.command must be a list of strings, got {command!r} "
+                    f"(item {bad[0]!r} is a {type(bad[0]).__name__})."
+                )
+            command = [os.fspath(part) for part in command]
+        else:
+            raise TypeError(
+                f"{where}.command must be a list of strings or a command string, got "
+                f"{type(command).__name__} {command!r}."
+            )
+        self._command = list(command)
+
+        processes = config.get("processes", 1)
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            raise ConfigError(f"{where}.processes must be a positive integer (pool size), got {processes!r}.")
+        self._processes = processes
+
+        env = config.get("env")
+        if env is not None:
+            if not isinstance(env, dict):
+                raise TypeError(f"{where}.env must be a dict of environment variables, got {type(env).__name__}.")
+            for key, value in env.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise TypeError(
+                        f"{where}.env must map strings to strings; {key!r} maps to "
+                        f"{type(value).__name__} {value!r}. Convert the value with str()."
+                    )
+            self._env = {**os.environ, **env}
+        else:
+            self._env = None
+
+        cwd = config.get("cwd")
+        if cwd is not None:
+            if not isinstance(cwd, (str, os.PathLike)):
+                raise TypeError(f"{where}.cwd must be a path string, got {type(cwd).__name__} {cwd!r}.")
+            cwd = os.fspath(cwd)
+            if not os.path.isdir(cwd):
+                raise ConfigError(f"{where}.cwd {cwd!r} is not an existing directory.")
+        self._cwd = cwd
+
+        timeout = config.get("startup_timeout", 30.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ConfigError(f"{where}.startup_timeout must be a positive number of seconds, got {timeout!r}.")
+        self._startup_timeout = float(timeout)
+
+        ready_line = config.get("ready_line")
+        if ready_line is None:
+            ready_line = any("wove_executor_stdio" in part for part in self._command)
+        elif not isinstance(ready_line, bool):
+            raise TypeError(f"{where}.ready_line must be true or false, got {ready_line!r}.")
+        self._ready_line = ready_line
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(
+        self,
+        *,
+        environment_name: str,
+        environment_config: dict[str, Any],
+        run_config: dict[str, Any],
+    ) -> None:
+        """Start the worker pool.
+
+        Raises:
+            TypeError, ConfigError: an ``executor_config`` value is invalid.
+            MissingDispatchFeatureError: cloudpickle is not installed.
+            FileNotFoundError: the worker command does not exist.
+            RuntimeError: a worker exited during startup (exit code, last stderr lines)
+                or did not report ready within ``startup_timeout``.
+        """
+        self._configure(environment_name, environment_config)
+        self._open_events(environment_name, environment_config)
+        require_dispatch("the stdio executor sends task callables and arguments to worker processes.")
+        self._closing = False
+        spawns = [asyncio.ensure_future(self._spawn()) for _ in range(self._processes)]
+        done, _ = await asyncio.wait(spawns, return_when=asyncio.FIRST_EXCEPTION)
+        failure = next((task.exception() for task in done if task.exception() is not None), None)
+        if failure is not None:
+            for task in spawns:
+                task.cancel()
+            results = await asyncio.gather(*spawns, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Worker):
+                    await self._kill(result)
+            self._events = None
+            raise failure
+        for task in spawns:
+            self._enlist(task.result())
+        logger.debug("stdio executor for %s started %d worker(s): %s", environment_name, len(self._workers),
+                     ", ".join(str(w.pid) for w in self._workers))
+
+    async def stop(self) -> None:
+        """Shut every worker down (``shutdown``, then terminate, then kill); never hangs."""
+        self._closing = True
+        for task in list(self._spawning):
+            task.cancel()
+        if self._spawning:
+            await asyncio.gather(*self._spawning, return_exceptions=True)
+        workers = list(self._workers)
+        shutdown = encode_frame({"type": "shutdown"}) + b"\n"
+        for worker in workers:
+            if worker.alive:
+                worker.write(shutdown)
+                worker.out.flush()
+            with contextlib.suppress(Exception):
+                worker.stdin.close()
+        exits = [w.pipes.exited for w in workers if w.returncode is None]
+        if exits:
+            await asyncio.wait(exits, timeout=SHUTDOWN_GRACE)
+        for worker in workers:
+            if worker.returncode is None:
+                logger.warning("stdio worker %d (pid %d) did not exit within %gs of shutdown; terminating it",
+                               worker.id, worker.pid, SHUTDOWN_GRACE)
+                worker.signal(kill=False)
+        for worker in workers:
+            if not await worker.wait(1.0):
+                await self._kill(worker)
+        watchers = [w.watcher for w in workers if w.watcher is not None]
+        watchers += list(self._background)
+        if watchers:
+            _done, pending = await asyncio.wait(watchers, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        for worker in workers:
+            worker.transport.close()
+        self._workers.clear()
+        self._owner.clear()
+        self._background.clear()
+
+    # -- sending ---------------------------------------------------------------
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Send a command frame to the pool.
+
+        Raises:
+            DispatchError: the run's callable or arguments cannot be pickled (the run is
+                not sent; the executor stays usable).
+            ValueError: an unknown frame type.
+            RuntimeError: the executor is not started or is shutting down, or no worker
+                could be started.
+        """
+        self._require_started()
+        frame_type = frame.get("type")
+        if frame_type == "run_task":
+            if self._closing:
+                raise RuntimeError(
+                    f"stdio executor for environment '{self._environment}' is shutting down; "
+                    f"run {frame.get('run_id')} was not sent."
+                )
+            data = encode_frame(frame) + b"\n"
+            worker = await self._pick()
+            self._assign(worker, frame, data)
+            await self._backpressure(worker)
+        elif frame_type == "cancel_task":
+            run_id = str(frame.get("run_id"))
+            worker = self._owner.get(run_id)
+            if worker is not None and worker.alive:
+                worker.write(encode_frame(frame) + b"\n")
+            elif run_id in self._inflight:
+                # lost with its worker and waiting for re-delivery: it never runs again
+                self._emit({"type": "task_cancelled", "run_id": run_id, "task_id": frame.get("task_id")})
+        elif frame_type == "shutdown":
+            self._closing = True
+            data = encode_frame(frame) + b"\n"
+            for worker in self._workers:
+                if worker.alive:
+                    worker.write(data)
+        else:
+            raise ValueError(
+                f"stdio executor for environment '{self._environment}' cannot send frame type "
+                f"{frame_type!r}; expected run_task, cancel_task or shutdown."
+            )
+
+    def _assign(self, worker: Worker, frame: dict[str, Any], data: bytes) -> None:
+        run_id = frame["run_id"]
+        self._track(frame)
+        worker.runs.add(run_id)
+        self._owner[run_id] = worker
+        worker.write(data)
+
+    async def _backpressure(self, worker: Worker) -> None:
+        if worker.stdin.get_write_buffer_size() <= HIGH_WATER or worker.pipes.writable.is_set():
+            return
+        # bounded: a worker that stops reading for this long is dead or stuck, not slow
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(worker.pipes.writable.wait(), 60.0)
+
+    async def _pick(self) -> Worker:
+        """The least-loaded live worker, starting a replacement when none is alive."""
+        for _attempt in range(3):
+            live = [w for w in self._workers if w.alive]
+            if live:
+                return min(live, key=lambda w: len(w.runs))
+            self._replenish()
+            spawning = list(self._spawning)
+            done, _ = await asyncio.wait(spawning, timeout=self._startup_timeout + 5.0,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            live = [w for w in self._workers if w.alive]
+            if live:
+                return min(live, key=lambda w: len(w.runs))
+            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            if errors:
+                raise RuntimeError(
+                    f"stdio executor for environment '{self._environment}' has no running worker "
+                    f"and could not start one: {errors[0]}"
+                ) from errors[0]
+            if self._closing:
+                break
+        raise RuntimeError(
+            f"stdio executor for environment '{self._environment}' has no running worker "
+            f"(command {shlex.join(self._command)})."
+        )
+
+    # -- worker processes ------------------------------------------------------
+    def _replenish(self) -> None:
+        """Start workers in the background until the pool is full again."""
+        if self._closing:
+            return
+        missing = self._processes - sum(1 for w in self._workers if w.alive) - len(self._spawning)
+        for _ in range(missing):
+            task = asyncio.ensure_future(self._spawn())
+            self._spawning.add(task)
+            task.add_done_callback(self._spawned)
+
+    def _spawned(self, task: asyncio.Task[Worker]) -> None:
+        self._spawning.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error("stdio executor for environment '%s' could not start a replacement worker: %s",
+                         self._environment, exc)
+            return
+        worker = task.result()
+        if self._closing:
+            self._background_task(self._kill(worker))
+        else:
+            self._enlist(worker)
+
+    def _enlist(self, worker: Worker) -> None:
+        worker.started = True
+        worker.started_at = time.monotonic()
+        self._workers.append(worker)
+        if not worker.alive:  # died between its ready line and now
+            self._background_task(self._worker_died(worker))
+
+    def _background_task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _spawn(self) -> Worker:
+        """Start one worker and wait until it is ready (see the class docstring)."""
+        self._next_id += 1
+        worker_id = self._next_id
+        shown = shlex.join(self._command)
+        loop = asyncio.get_running_loop()
+        holder: list[Worker] = []
+        pipes = Pipes(lambda line: self._handle_line(holder[0], line),
+                       lambda line: self._stderr_line(holder[0], line))
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: pipes,
+                *self._command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                cwd=self._cwd,
+            )
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"Environment '{self._environment}': cannot start the stdio worker: the program "
+                f"{self._command[0]!r} of executor_config.command ({shown}) was not found. Give an "
+                f"installed program or its full path; the default is "
+                f"[sys.executable, '-m', 'wove_executor_stdio']."
+            ) from exc
+        except OSError as exc:
+            raise type(exc)(
+                f"Environment '{self._environment}': cannot start the stdio worker ({shown}): "
+                f"{exc.strerror or exc}. Check executor_config.command and executor_config.cwd."
+            ) from exc
+        worker = Worker(worker_id, transport, pipes)  # type: ignore[arg-type]
+        holder.append(worker)
+        worker.watcher = asyncio.ensure_future(self._watch(worker))
+        try:
+            await self._await_ready(worker, shown)
+        except BaseException:
+            await self._kill(worker)
+            raise
+        logger.debug("stdio worker %d (pid %d) of environment %s started", worker_id, worker.pid, self._environment)
+        return worker
+
+    async def _await_ready(self, worker: Worker, shown: str) -> None:
+        stdout_closed = worker.pipes.closed[1]
+        timeout = self._startup_timeout if self._ready_line else min(STARTUP_GRACE, self._startup_timeout)
+        await asyncio.wait([worker.ready, stdout_closed], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if worker.ready.done():
+            return
+        if not stdout_closed.done() and worker.returncode is None:
+            if not self._ready_line:
+                return  # alive after the grace period: a worker that prints nothing until asked
+            raise RuntimeError(
+                f"Environment '{self._environment}': the stdio worker ({shown}, pid {worker.pid}) did "
+                f"not report ready within startup_timeout={self._startup_timeout:g}s.{worker.tail_text()} "
+                "Raise executor_config.startup_timeout, or set executor_config.ready_line=False "
+                "for a worker that prints nothing before its first command."
+            )
+        returncode = await self._reap(worker, timeout=2.0)
+        await self._drain_stderr(worker)
+        raise RuntimeError(
+            f"Environment '{self._environment}': the stdio worker ({shown}, pid {worker.pid}) "
+            f"{_exit_text(returncode)} during startup.{worker.tail_text()}"
+        )
+
+    async def _reap(self, worker: Worker, *, timeout: float) -> int | None:
+        """Wait for the process to exit; kill it when it does not within ``timeout``."""
+        if not await worker.wait(timeout):
+            worker.signal(kill=True)
+            await worker.wait(5.0)
+        return worker.returncode
+
+    async def _drain_stderr(self, worker: Worker) -> None:
+        await asyncio.wait([worker.pipes.closed[2]], timeout=1.0)
+
+    async def _kill(self, worker: Worker) -> None:
+        worker.alive = False
+        worker.signal(kill=True)
+        await worker.wait(5.0)
+        with contextlib.suppress(Exception):
+            worker.stdin.close()
+        if worker.watcher is not None and not worker.started:
+            await asyncio.wait([worker.watcher], timeout=1.0)
+        worker.transport.close()
+
+    # -- receiving -------------------------------------------------------------
+    async def _watch(self, worker: Worker) -> None:
+        """Wait for the worker's stdout to close; then it is gone."""
+        await worker.pipes.closed[1]
+        worker.alive = False
+        if worker.started:
+            await self._worker_died(worker)
+
+    def _handle_line(self, worker: Worker, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        if line[:1] not in (b"{", b"["):
+            logger.warning("stdio worker %d (pid %d) wrote a line that is not a frame (ignored): %.200r",
+                           worker.id, worker.pid, line)
+            return
+        try:
+            events = decode_events(line)
+        except ProtocolError as exc:
+            logger.warning("stdio worker %d (pid %d) wrote a line that is not a valid frame (ignored): %s",
+                           worker.id, worker.pid, exc)
+            return
+        for event in events:
+            event_type = event.get("type")
+            if event_type == "log":
+                if READY_KEY in event:
+                    if not worker.ready.done():
+                        worker.ready.set_result(None)
+                    continue
+                logger.info("stdio worker %d (pid %d): %s", worker.id, worker.pid, event.get("message"))
+                self._emit(event)
+                continue
+            if not worker.ready.done():
+                worker.ready.set_result(None)
+            if event_type in TERMINAL_EVENTS:
+                run_id = str(event.get("run_id"))
+                worker.runs.discard(run_id)
+                if self._owner.get(run_id) is worker:
+                    del self._owner[run_id]
+            self._emit(event)
+
+    def _stderr_line(self, worker: Worker, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip()
+        if len(text) > 2000:
+            text = text[:2000] + "…"
+        worker.stderr_tail.append(text)
+        logger.info("stdio worker %d (pid %d): %s", worker.id, worker.pid, text)
+
+    async def _worker_died(self, worker: Worker) -> None:
+        """Replace a dead worker; re-deliver or fail each run it held."""
+        worker.alive = False
+        if worker in self._workers:
+            self._workers.remove(worker)
+        returncode = await self._reap(worker, timeout=2.0)
+        await self._drain_stderr(worker)
+        worker.transport.close()
+        lifetime = time.monotonic() - worker.started_at
+        head = (f"The stdio worker {worker.id} (pid {worker.pid}) of environment '{self._environment}' "
+                f"{_exit_text(returncode)}")
+        if not self._closing:
+            logger.warning("%s after %.1fs with %d run(s) in progress.%s", head, lifetime, len(worker.runs),
+                           worker.tail_text())
+            self._rapid_deaths = self._rapid_deaths + 1 if lifetime < RAPID_DEATH_SECONDS else 0
+            if self._rapid_deaths < RAPID_DEATH_LIMIT:
+                self._replenish()
+            else:
+                logger.error("stdio workers of environment '%s' keep dying at startup; replacing them on "
+                             "demand only", self._environment)
+        for run_id in sorted(worker.runs):
+            worker.runs.discard(run_id)
+            if self._owner.get(run_id) is worker:
+                del self._owner[run_id]
+            entry = self._inflight.get(run_id)
+            if entry is None:
+                continue
+            reason = (f"{head} while running task '{entry.frame.get('task_id')}' (run {run_id})."
+                      f"{worker.tail_text()}")
+            if not self._lost(run_id, reason, redeliverable=not self._closing):
+                continue
+            try:
+                target = await self._pick()
+            except Exception as exc:
+                self._lost(run_id, f"{reason} Re-delivery failed: {exc}", redeliverable=False)
+                continue
+            if run_id not in self._inflight or self._closing:
+                continue  # cancelled while waiting for a worker
+            try:
+                data = encode_frame(entry.frame) + b"\n"
+            except Exception as exc:  # pickled fine the first time; be safe anyway
+                self._lost(run_id, f"{reason} Re-delivery failed: {exc}", exc, redeliverable=False)
+                continue
+            self._assign(target, entry.frame, data)
+
+
+def _exit_text(returncode: int | None) -> str:
+    if returncode is None:
+        return "stopped answering (its stdout closed while it kept running)"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name} (exit status {returncode})"
+    return f"exited with exit code {returncode}"

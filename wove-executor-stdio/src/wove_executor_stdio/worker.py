@@ -1,0 +1,259 @@
+"""The built-in stdio worker: ``python -m wove_executor_stdio``.
+
+Reads one JSON command per line on stdin, runs it with :class:`wove.worker.WorkerEngine`
+and writes one JSON event per line on stdout; stderr is its log. It speaks the Wove 2.x
+stdio wire format, so a Wove 2.x ``StdioEnvironmentExecutor`` can use it as its
+``command`` too.
+
+The frame streams are protected from the tasks: at startup the real stdin and stdout are
+duplicated for the frames, and file descriptors 0 and 1 are pointed at ``/dev/null`` and
+stderr, so a task that calls ``print()`` (or a C library writing to fd 1) logs to stderr
+instead of corrupting the event stream, and a task reading stdin reads nothing.
+
+The first event is a ``log`` frame carrying ``"wove_stdio_ready": <pid>``; the executor
+takes it as proof that the worker started. Wove 2.x clients ignore ``log`` frames.
+
+On end of input or a ``shutdown`` command the engine ends its runs by orphan policy and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from wove.errors import ProtocolError
+from wove.protocol import ORPHAN_POLICIES, TERMINAL_EVENTS, encode_event, parse_json
+from wove.worker import WorkerEngine
+
+from ._lines import STREAM_LIMIT, read_line
+
+__all__ = ["READY_KEY", "FrameWriter", "main", "serve"]
+
+logger = logging.getLogger(__name__)
+
+#: Field of the first ``log`` event that tells the executor the worker is ready.
+READY_KEY = "wove_stdio_ready"
+
+
+class FrameWriter:
+    """Coalesces the frames written during one loop iteration into few writes.
+
+    An *urgent* frame (a terminal event, a command) is written at once together with
+    everything queued before it, unless a write already happened in this loop
+    iteration; other frames, and urgent ones after the first, are written at the end of
+    the iteration. A lone request/response therefore pays no extra loop iteration, and a
+    burst costs two writes.
+
+    Args:
+        loop: the running loop.
+        write: writes bytes (a pipe transport's ``write`` or a blocking fallback).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, write: Callable[[bytes], None]) -> None:
+        self._loop = loop
+        self._write = write
+        self._parts: list[bytes] = []
+        self._scheduled = False
+        self._wrote = False
+        self.broken = False
+
+    def write(self, data: bytes, *, urgent: bool = False) -> None:
+        """Queue ``data``; write it now when ``urgent`` and nothing was written this iteration."""
+        self._parts.append(data)
+        if urgent and not self._wrote:
+            self._wrote = True
+            self._send()
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write everything queued now (and end the iteration's urgent write)."""
+        self._scheduled = False
+        self._wrote = False
+        self._send()
+
+    def _send(self) -> None:
+        if not self._parts:
+            return
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts.clear()
+        if self.broken:
+            return
+        try:
+            self._write(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.broken = True
+            logger.warning("stdio worker: the event stream is closed (%s); events are dropped", exc)
+
+
+class _OutputProtocol(asyncio.streams.FlowControlMixin):
+    """Write-pipe protocol that notices when the reader goes away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _open_input(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+    pipe = os.fdopen(fd, "rb", buffering=0, closefd=False)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except ValueError:  # a regular file: no pipe transport, read it from a thread
+        def pump() -> None:
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    loop.call_soon_threadsafe(reader.feed_eof)
+                    return
+                loop.call_soon_threadsafe(reader.feed_data, chunk)
+
+        threading.Thread(target=pump, name="wove-stdio-stdin", daemon=True).start()
+    return reader
+
+
+async def _open_output(fd: int) -> tuple[Callable[[bytes], None], Callable[[], Any]]:
+    """Return ``(write, close)`` for the frame output fd."""
+    loop = asyncio.get_running_loop()
+    pipe = os.fdopen(fd, "wb", buffering=0, closefd=False)
+    try:
+        transport, protocol = await loop.connect_write_pipe(_OutputProtocol, pipe)
+    except ValueError:  # a regular file: plain blocking writes
+        def write_all(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+
+        async def noop() -> None:
+            return None
+
+        return write_all, noop
+
+    async def close() -> None:
+        transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.closed), 5.0)
+        except asyncio.TimeoutError:
+            transport.abort()
+
+    return transport.write, close
+
+
+async def serve(
+    *,
+    input_fd: int = 0,
+    output_fd: int = 1,
+    max_concurrency: int = 256,
+    max_threads: int | None = None,
+    grace: float = 10.0,
+) -> int:
+    """Serve JSON-lines commands from ``input_fd`` until end of input or ``shutdown``.
+
+    Args:
+        input_fd: file descriptor the commands are read from.
+        output_fd: file descriptor the events are written to.
+        max_concurrency: runs executing at once (more wait, then reading pauses).
+        max_threads: threads for sync callables.
+        grace: seconds ``detach`` runs may take to finish at shutdown.
+
+    Returns:
+        The exit status (0).
+    """
+    loop = asyncio.get_running_loop()
+    reader = await _open_input(input_fd)
+    write, close = await _open_output(output_fd)
+    out = FrameWriter(loop, write)
+    pid = os.getpid()
+    engine = WorkerEngine(max_concurrency=max_concurrency, max_threads=max_threads, name=f"stdio:{pid}")
+
+    def sink(event: dict[str, Any]) -> None:
+        out.write(encode_event(event) + b"\n", urgent=event.get("type") in TERMINAL_EVENTS)
+
+    sink({"type": "log", "message": f"wove_executor_stdio worker ready (pid {pid})", READY_KEY: pid})
+    policy: str | None = None
+    reason = "end of input"
+    while True:
+        line = await read_line(reader)
+        if line is None:
+            break
+        if not line.strip():
+            continue
+        try:
+            command = parse_json(line)
+        except ProtocolError as exc:
+            engine.reject(exc, sink)
+            continue
+        if isinstance(command, dict) and command.get("type") == "shutdown":
+            requested = command.get("delivery_orphan_policy")
+            policy = requested if requested in ORPHAN_POLICIES else None
+            reason = "shutdown command"
+            break
+        await engine.handle(command, sink)
+    logger.debug("stdio worker %d: %s; shutting down (policy %s, %d active)", pid, reason, policy, engine.active)
+    await engine.shutdown(policy, grace=grace)
+    out.flush()
+    await close()
+    return 0
+
+
+def _protect_streams() -> tuple[int, int]:
+    """Move the frame streams off fds 0/1; return ``(input_fd, output_fd)`` for frames."""
+    input_fd = os.dup(0)
+    output_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)  # stray writes to fd 1 (print, C libraries, child processes) go to stderr
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = sys.stderr
+    return input_fd, output_fd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m wove_executor_stdio``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m wove_executor_stdio",
+        description="Wove stdio worker: JSON-lines commands on stdin, events on stdout, log on stderr.",
+    )
+    parser.add_argument("--max-concurrency", type=int, default=256, help="runs executing at once (default 256)")
+    parser.add_argument("--max-threads", type=int, default=None, help="threads for sync tasks (default 64)")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds detached runs may take to finish at shutdown (default 10)")
+    parser.add_argument("--log-level", default=os.environ.get("WOVE_LOG_LEVEL", "WARNING"),
+                        help="log level on stderr (default WARNING, or $WOVE_LOG_LEVEL)")
+    parser.add_argument("--adapter", default="stdio", help=argparse.SUPPRESS)  # Wove 2.x flag; ignored
+    args = parser.parse_args(argv)
+    if args.max_concurrency < 1:
+        parser.error(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    if not os.isatty(0):
+        # The parent owns our lifetime (we exit at end of input); a terminal's Ctrl-C
+        # reaching the whole process group must not print tracebacks from every worker.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    input_fd, output_fd = _protect_streams()
+    return asyncio.run(serve(
+        input_fd=input_fd,
+        output_fd=output_fd,
+        max_concurrency=args.max_concurrency,
+        max_threads=args.max_threads,
+        grace=args.grace,
+    ))
