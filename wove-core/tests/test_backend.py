@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,12 @@ from wove.backend import (
     BackendAdapter,
     BackendAdapterEnvironmentExecutor,
     BackendCallbackServer,
+    CallbackConnectionPool,
     build_backend_payload,
     payload_from_b64,
     payload_to_b64,
     post_event,
+    post_events,
     run_backend_payload,
 )
 from wove.environment import EnvironmentExecutionError, ExecutorRuntime
@@ -189,6 +193,111 @@ def test_post_event_to_a_dead_server_raises_oserror() -> None:
     with pytest.raises(OSError):
         post_event("http://127.0.0.1:9/wove/events/x", {"type": "heartbeat", "run_id": "a:1", "task_id": "a"},
                    timeout=2)
+
+
+# -- keep-alive callback connections -----------------------------------------------------
+def _event(run_id: str = "k:1", **fields: Any) -> dict[str, Any]:
+    return {"type": "task_result", "run_id": run_id, "task_id": run_id.split(":")[0], "result": 1, **fields}
+
+
+async def test_pool_reuses_one_connection(server: BackendCallbackServer) -> None:
+    url = server.callback_url
+    assert url is not None
+    pool = CallbackConnectionPool()
+    try:
+        for i in range(5):
+            await asyncio.to_thread(pool.post, url, encode_event(_event(f"k:{i}", result=i)), 5.0)
+        assert [(await asyncio.wait_for(server.recv(), 5))["result"] for _ in range(5)] == [0, 1, 2, 3, 4]
+        assert pool.opened == 1
+    finally:
+        pool.close()
+
+
+async def test_pool_reconnects_after_the_server_restarts(server: BackendCallbackServer) -> None:
+    url, port, token = server.callback_url, server.bound_port, server.token
+    assert url is not None and port is not None
+    pool = CallbackConnectionPool()
+    try:
+        await asyncio.to_thread(pool.post, url, encode_event(_event("k:1")), 5.0)
+        assert (await asyncio.wait_for(server.recv(), 5))["run_id"] == "k:1"
+        await server.stop()  # closes the idle keep-alive connection the pool holds
+        with pytest.raises(OSError):
+            await asyncio.to_thread(pool.post, url, encode_event(_event("k:2")), 5.0)
+        restarted = BackendCallbackServer(port=port, token=token)
+        await restarted.start()
+        try:
+            await asyncio.to_thread(pool.post, url, encode_event(_event("k:3")), 5.0)
+            assert (await asyncio.wait_for(restarted.recv(), 5))["run_id"] == "k:3"
+        finally:
+            await restarted.stop()
+        assert pool.opened >= 2
+    finally:
+        pool.close()
+
+
+async def test_pool_retries_a_connection_the_server_closed_while_idle(server: BackendCallbackServer) -> None:
+    url = server.callback_url
+    assert url is not None
+    pool = CallbackConnectionPool()
+    try:
+        await asyncio.to_thread(pool.post, url, encode_event(_event("k:1")), 5.0)
+        for _since, conn in pool._idle[("http", "127.0.0.1", server.bound_port or 0)]:
+            assert conn.sock is not None
+            conn.sock.shutdown(2)  # as if the server had dropped it: the next POST fails on it first
+        await asyncio.to_thread(pool.post, url, encode_event(_event("k:2")), 5.0)
+        assert [(await asyncio.wait_for(server.recv(), 5))["run_id"] for _ in range(2)] == ["k:1", "k:2"]
+        assert pool.opened == 2
+    finally:
+        pool.close()
+
+
+async def test_pool_raises_http_errors_without_the_token(server: BackendCallbackServer) -> None:
+    url = server.callback_url
+    assert url is not None
+    pool = CallbackConnectionPool()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            await asyncio.to_thread(pool.post, url.rsplit("/", 1)[0] + "/" + "x" * 43, b"{}", 5.0)
+        assert info.value.code == 403 and "x" * 43 not in str(info.value.filename)
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            await asyncio.to_thread(pool.post, url, b"not json", 5.0)
+        assert bad.value.code == 400
+        await asyncio.to_thread(pool.post, url, encode_event(_event()), 5.0)  # the connection still works
+        assert (await asyncio.wait_for(server.recv(), 5))["run_id"] == "k:1"
+    finally:
+        pool.close()
+
+
+async def test_post_events_sends_a_list_in_one_request(server: BackendCallbackServer) -> None:
+    assert server.callback_url is not None
+    frames = [{"type": "task_started", "run_id": "k:1", "task_id": "k"}, _event("k:1", result={"a": 1})]
+    await asyncio.to_thread(post_events, server.callback_url, frames)
+    assert [e["type"] for e in await _until_terminal(server)] == ["task_started", "task_result"]
+
+
+async def test_urllib_post_like_wove_2_workers_still_works(server: BackendCallbackServer) -> None:
+    """Wove 2.0.3 workers POST each event with urllib on a new connection."""
+    assert server.callback_url is not None
+
+    def post() -> int:
+        request = urllib.request.Request(server.callback_url or "", data=encode_event(_event(result=[1])),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+            return int(response.status)
+
+    assert await asyncio.to_thread(post) == 204
+    assert (await asyncio.wait_for(server.recv(), 5))["result"] == [1]
+
+
+def test_pool_goes_through_urllib_when_a_proxy_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    pool = CallbackConnectionPool()
+    with pytest.raises(urllib.error.URLError):
+        pool.post("http://callback.invalid:8000/wove/events/" + "t" * 20, b"{}", 2.0)
+    assert pool.opened == 0  # urllib (and its proxy) carried the request, not the pool
 
 
 # -- the executor with an in-test adapter -------------------------------------------------

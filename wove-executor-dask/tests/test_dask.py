@@ -103,3 +103,29 @@ async def test_scheduler_and_worker_started_from_the_cli(cli_cluster: dict[str, 
         assert worker_pid not in (os.getpid(), cli_cluster["scheduler"].pid)
         with pytest.raises(tasks.ContractTaskError):
             await runtime.call("dask", tasks.fail, "cli")
+
+
+def test_dask_keys_group_runs_by_task() -> None:
+    from dask.utils import key_split
+
+    from wove_executor_dask.adapter import dask_key
+
+    keys = [dask_key("add", f"add:0f3a9c1b2d4e5f6a{i:x}") for i in range(1, 40)]
+    assert keys[0] == "add-add:0f3a9c1b2d4e5f6a1" and len(set(keys)) == len(keys)
+    assert {key_split(key) for key in keys} == {"add"}  # one Dask task group, as with Dask's own keys
+    assert dask_key("add", "add:1", attempt=2) == "add-add:1#2" and key_split("add-add:1#2") == "add"
+
+
+async def test_runs_share_one_task_group_on_the_scheduler(process_cluster: Any) -> None:
+    from wove_executor_dask import build_dask_executor
+
+    executor = build_dask_executor()
+    definition = {"executor": executor, "executor_config": {"address": process_cluster.scheduler_address}}
+    async with ExecutorRuntime({"dask": definition}, {}) as runtime:
+        assert await asyncio.gather(*(runtime.call("dask", tasks.add, i, 1) for i in range(20))) == [
+            i + 1 for i in range(20)
+        ]
+        assert executor.adapter is not None
+        client = executor.adapter.client  # type: ignore[attr-defined]
+        groups = await client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert "add" in groups and not any(name.startswith("add:") for name in groups)

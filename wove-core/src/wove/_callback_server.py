@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import logging
 import secrets
 import socket
@@ -119,8 +120,11 @@ class BackendCallbackServer:
             raise OSError(exc.errno, f"Backend callback server cannot bind {self.host}:{self.port}: {exc.strerror}. "
                           "Set executor_config.callback_host/callback_port to a free address.") from exc
         sock.setblocking(False)
+        # httptools (uvicorn[standard]) parses several times faster than h11; workers keep
+        # their connections alive (wove.backend.CallbackConnectionPool), so no per-request setup.
+        http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
         config = uvicorn.Config(self._app, interface="asgi3", lifespan="off", log_level="warning", access_log=False,
-                                proxy_headers=False,
+                                proxy_headers=False, http=http, ws="none",
                                 timeout_keep_alive=30, server_header=False, date_header=False)
         self._server = _server_class()(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))

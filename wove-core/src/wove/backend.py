@@ -22,10 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import http.client
 import importlib.util
 import inspect
 import json
 import logging
+import os
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -54,11 +58,13 @@ __all__ = [
     "BackendAdapter",
     "BackendAdapterEnvironmentExecutor",
     "BackendCallbackServer",
+    "CallbackConnectionPool",
     "build_backend_payload",
     "get_backend_adapter_class",
     "payload_from_b64",
     "payload_to_b64",
     "post_event",
+    "post_events",
     "register_backend_adapter",
     "run_backend_payload",
     "run_backend_payload_async",
@@ -117,24 +123,156 @@ def payload_from_b64(value: str) -> dict[str, Any]:
 
 
 # -- worker side -------------------------------------------------------------------------
-def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None) -> None:
-    """POST one event to ``callback_url`` (synchronous; stdlib only, like Wove 2.x workers).
+#: Seconds an idle keep-alive callback connection may wait for reuse (below uvicorn's
+#: default keep-alive of 5 s, so a proxy or server closing idle connections rarely races us).
+KEEPALIVE_IDLE_SECONDS = 4.0
+#: Idle connections kept per callback server and worker process.
+KEEPALIVE_MAX_IDLE = 8
+_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                 ConnectionAbortedError)
 
-    The result and exception travel as pickled fields; a result that cannot be pickled is
-    sent as a ``task_error`` instead (see :func:`wove.protocol.encode_event`).
+
+class CallbackConnectionPool:
+    """Thread-safe keep-alive HTTP(S) connections to callback servers, per worker process.
+
+    Connections are keyed by ``(scheme, host, port)``; a POST reuses an idle one (idle
+    less than :data:`KEEPALIVE_IDLE_SECONDS`) or opens a new one. A reused connection the
+    server already closed is detected when the request fails before any answer and the
+    request is sent once more on a fresh connection (a duplicate event, in the rare case
+    the server did read it, is dropped by the executor). When ``urllib`` would route the
+    URL through a proxy (``http_proxy`` & co.), the POST goes through ``urllib`` as in
+    Wove 2.x. After a ``fork`` the child starts with an empty pool.
+    """
+
+    def __init__(self, max_idle: int = KEEPALIVE_MAX_IDLE, idle_seconds: float = KEEPALIVE_IDLE_SECONDS) -> None:
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._proxied: dict[tuple[str, str, int], bool] = {}
+        self._pid = os.getpid()
+        #: Connections opened so far (for tests and diagnostics).
+        self.opened = 0
+
+    def post(self, url: str, body: bytes, timeout: float) -> bytes:
+        """POST ``body`` (JSON) to ``url``; return the response body.
+
+        Raises:
+            urllib.error.HTTPError: the server answered with a status of 400 or more.
+            OSError: the server could not be reached, or the connection broke.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise urllib.error.URLError(f"callback URL {redact_callback_url(url)!r} is not an http(s) URL")
+        key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
+        if self._uses_proxy(key, url):
+            return _urllib_post(url, body, timeout)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        while True:
+            conn, reused = self._checkout(key, timeout)
+            try:
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                conn.request("POST", target, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except _STALE_ERRORS:
+                conn.close()
+                if reused:
+                    continue  # the server closed this idle connection: retry on a fresh one
+                raise
+            except http.client.HTTPException as exc:
+                conn.close()
+                raise urllib.error.URLError(f"bad HTTP answer from {redact_callback_url(url)}: {exc!r}") from exc
+            except BaseException:
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self._checkin(key, conn)
+            if response.status >= 400:
+                raise urllib.error.HTTPError(redact_callback_url(url), response.status,
+                                             f"{response.reason}: {data[:200].decode('utf-8', 'replace')}",
+                                             response.headers, None)
+            return data
+
+    def _uses_proxy(self, key: tuple[str, str, int], url: str) -> bool:
+        known = self._proxied.get(key)
+        if known is None:
+            proxies = urllib.request.getproxies()
+            known = key[0] in proxies and not urllib.request.proxy_bypass(key[1])
+            self._proxied[key] = known
+        return known
+
+    def _checkout(self, key: tuple[str, str, int], timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        now = time.monotonic()
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+                self._idle, self._pid = {}, os.getpid()
+            idle = self._idle.get(key)
+            while idle:
+                since, conn = idle.pop()
+                if now - since < self.idle_seconds:
+                    return conn, True
+                conn.close()
+            self.opened += 1
+        if key[0] == "https":
+            return http.client.HTTPSConnection(key[1], key[2], timeout=timeout), False
+        return http.client.HTTPConnection(key[1], key[2], timeout=timeout), False
+
+    def _checkin(self, key: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_idle and self._pid == os.getpid():
+                idle.append((time.monotonic(), conn))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for entries in idle.values():
+            for _since, conn in entries:
+                conn.close()
+
+
+def _urllib_post(url: str, body: bytes, timeout: float) -> bytes:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        data: bytes = response.read()
+    return data
+
+
+#: The worker process's callback connections (see :class:`CallbackConnectionPool`).
+callback_connections = CallbackConnectionPool()
+
+
+def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None) -> None:
+    """POST one event to ``callback_url`` (synchronous, thread-safe; stdlib only).
+
+    Uses the process's keep-alive :data:`callback_connections`. The result and exception
+    travel as pickled fields; a result that cannot be pickled is sent as a ``task_error``
+    instead (see :func:`wove.protocol.encode_event`).
 
     Raises:
         OSError: the callback server could not be reached or answered with an error status
             (``urllib.error.HTTPError`` / ``URLError``).
     """
-    request = urllib.request.Request(
-        callback_url,
-        data=encode_event(frame),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=POST_TIMEOUT if timeout is None else timeout) as response:
-        response.read()
+    callback_connections.post(callback_url, encode_event(frame), POST_TIMEOUT if timeout is None else timeout)
+
+
+def post_events(callback_url: str, frames: list[dict[str, Any]], timeout: float | None = None) -> None:
+    """POST several events in one request (a JSON list body, which the callback server accepts).
+
+    Raises:
+        OSError: as :func:`post_event`.
+    """
+    body = b"[" + b",".join(encode_event(frame) for frame in frames) + b"]"
+    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout)
 
 
 async def _post(url: str, frame: dict[str, Any]) -> None:
@@ -189,14 +327,12 @@ async def execute_backend_payload(
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
         delay = min(delay, float(interval) / 6.0)
 
-    async def post_started() -> bool:
-        await asyncio.sleep(delay)
-        posting.append(True)
-        await _post(url, {"type": "task_started", **ids})
-        return True
-
-    posting: list[bool] = []
-    started = asyncio.ensure_future(post_started())
+    # A timer, not a task per run: most short runs end before it fires and post only
+    # their terminal event.
+    started: list[asyncio.Future[None]] = []
+    started_timer = loop.call_later(
+        delay, lambda: started.append(asyncio.ensure_future(_post(url, {"type": "task_started", **ids})))
+    )
 
     async def heartbeats(every: float) -> None:
         while True:
@@ -250,24 +386,24 @@ async def execute_backend_payload(
         # The engine itself stopped this run (worker shutting down): say so rather than go silent.
         event = error_event(run_id, task_id, kind="WorkerStopped", source="transport", retryable=True,
                             message=f"The backend worker stopped run {run_id} before it finished.")
-        await asyncio.shield(_finish(url, started, beat, event, bool(posting)))
+        started_timer.cancel()
+        await asyncio.shield(_finish(url, started, beat, event))
         raise
-    posted = await _finish(url, started, beat, event, bool(posting))
+    started_timer.cancel()  # not sent yet: a quick run needs only its terminal event
+    posted = await _finish(url, started, beat, event)
     return event, posted
 
 
-async def _finish(url: str, started: asyncio.Future[bool], beat: asyncio.Task[None] | None,
-                  event: dict[str, Any], posting: bool) -> bool:
+async def _finish(url: str, started: list[asyncio.Future[None]], beat: asyncio.Task[None] | None,
+                  event: dict[str, Any]) -> bool:
     if beat is not None:
         beat.cancel()
-    if not started.done() and not posting:
-        started.cancel()  # not sent yet: a quick run needs only its terminal event
-    try:
-        await started  # task_started goes first
-    except asyncio.CancelledError:
-        pass
-    except OSError as exc:
-        logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"), redact_callback_url(url), exc)
+    for post in started:
+        try:
+            await post  # task_started goes first
+        except OSError as exc:
+            logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"),
+                           redact_callback_url(url), exc)
     return await _post_terminal(url, event)
 
 

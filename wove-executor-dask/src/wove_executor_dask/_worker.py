@@ -38,21 +38,24 @@ async def run_payload(payload: dict[str, Any], key: str) -> dict[str, Any]:
     except ValueError:  # not inside a worker (a test calling this directly)
         worker = None
     cancel = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
 
-    async def watch() -> None:
-        while not cancel.is_set():
-            await asyncio.sleep(CANCEL_POLL_SECONDS)
-            state = worker.state.tasks.get(key)
-            if state is None or state.state in ("cancelled", "released", "forgotten"):
-                cancel.set()
+    def check() -> None:  # a timer, not a task per run: cheap for the many short runs
+        state = worker.state.tasks.get(key)
+        if state is None or state.state in ("cancelled", "released", "forgotten"):
+            cancel.set()
+        else:
+            timer[:] = [loop.call_later(CANCEL_POLL_SECONDS, check)]
 
-    watcher = asyncio.ensure_future(watch()) if worker is not None else None
+    if worker is not None:
+        timer.append(loop.call_later(CANCEL_POLL_SECONDS, check))
     try:
         threads = worker.executors.get("default") if worker is not None else None
         event, posted = await execute_backend_payload(payload, cancel_event=cancel, executor=threads)
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for handle in timer:
+            handle.cancel()
     if posted:
         return {"posted": True, "type": event["type"]}
     return {"posted": False, "event": encode_event(event)}

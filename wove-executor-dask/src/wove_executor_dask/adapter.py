@@ -13,7 +13,7 @@ from typing import Any
 from wove.backend import BackendAdapter
 from wove.protocol import decode_events
 
-__all__ = ["DaskAdapter"]
+__all__ = ["DaskAdapter", "DaskSubmission", "dask_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,32 @@ logger = logging.getLogger(__name__)
 #: is declared lost (the callback and the failure race).
 DEFAULT_LOSS_GRACE_SECONDS = 1.0
 _RESERVED_SUBMIT_OPTIONS = ("key", "pure")
+
+
+async def _settled(future: Any) -> None:
+    """Wait until a Dask future is no longer pending, without fetching its result.
+
+    Uses the coroutine behind ``distributed.wait`` (which itself would go through the
+    *default* client, perhaps not ours); a ``distributed`` without it makes this return at
+    once, and the caller then fetches the result as it would anyway.
+    """
+    try:
+        from distributed.client import _wait
+    except ImportError:  # pragma: no cover - another distributed version
+        return
+    try:
+        await _wait([future])
+    except Exception:  # FuturesCancelledError: a cancelled future is settled too
+        pass
+
+
+def dask_key(task_id: str, run_id: str, attempt: int = 1) -> str:
+    """The Dask key of a run's delivery: ``<task_id>-<run_id>`` (``#<attempt>`` from the second).
+
+    ``dask.utils.key_split`` of it is the task id, so Dask groups runs by task.
+    """
+    key = f"{task_id}-{run_id}"
+    return key if attempt <= 1 else f"{key}#{attempt}"
 
 
 @dataclass(eq=False)
@@ -134,12 +160,17 @@ class DaskAdapter(BackendAdapter):
         self._owns_client = True
 
     async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> DaskSubmission:
-        """Submit ``payload`` as a Dask task keyed by its run id (re-deliveries: ``<run_id>#<n>``)."""
+        """Submit ``payload`` as Dask task ``<task_id>-<run_id>`` (re-deliveries: ``...#<n>``).
+
+        The ``<task_id>-`` prefix puts every run of one task in one Dask task group (as
+        Dask's own ``<name>-<token>`` keys do); a key per group would make the scheduler's
+        per-transition bookkeeping grow with the number of runs ever submitted.
+        """
         from ._worker import run_payload
 
         run_id = str(payload["run_id"])
         attempt = payload.get("attempt") or 1
-        key = run_id if attempt <= 1 else f"{run_id}#{attempt}"
+        key = dask_key(str(payload.get("task_id") or "wove"), run_id, attempt)
         future = self._client.submit(run_payload, payload, key, key=key, pure=False, **self._submit_options)
         submission = DaskSubmission(run_id=run_id, key=key, future=future)
         submission.watcher = asyncio.ensure_future(self._watch(submission))
@@ -156,6 +187,9 @@ class DaskAdapter(BackendAdapter):
     async def _watch(self, submission: DaskSubmission) -> None:
         future = submission.future
         try:
+            await _settled(future)
+            if future.status == "finished" and not self.is_pending(submission.run_id):
+                return  # the worker posted the outcome before finishing: no need to fetch the result
             try:
                 status = await future
             except asyncio.CancelledError:
