@@ -21,37 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
-import http.client
 import importlib.util
-import inspect
 import json
 import logging
-import os
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._callback_server import (
-    DEFAULT_MAX_BODY_BYTES,
-    BackendCallbackServer,
-    redact_callback_url,
+from ._backend_worker import (
+    CallbackConnectionPool,
+    callback_connections,
+    execute_backend_payload,
+    post_event,
+    post_events,
+    run_backend_payload,
+    run_backend_payload_async,
 )
-from .errors import ProtocolError
+from ._callback_server import DEFAULT_MAX_BODY_BYTES, BackendCallbackServer
 from .protocol import (
     TERMINAL_EVENTS,
-    encode_event,
-    error_event,
-    normalize_exception,
-    unpack_frame,
 )
 from .security import is_local_host
 from .transport import FrameExecutor
-from .worker import is_async_callable
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -60,6 +51,8 @@ __all__ = [
     "BackendCallbackServer",
     "CallbackConnectionPool",
     "build_backend_payload",
+    "callback_connections",
+    "execute_backend_payload",
     "get_backend_adapter_class",
     "payload_from_b64",
     "payload_to_b64",
@@ -71,15 +64,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds a worker waits for one callback POST.
-POST_TIMEOUT = 30.0
-#: A run that finishes within this many seconds posts only its terminal event (one request
-#: instead of two); a longer one posts ``task_started`` first.
-STARTED_DELAY = 0.05
-#: Delays between attempts to post a terminal event (then the worker gives up).
-TERMINAL_POST_RETRIES = (0.2, 1.0)
-
 
 # -- payloads ----------------------------------------------------------------------------
 def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: str) -> dict[str, Any]:
@@ -120,320 +104,6 @@ def payload_from_b64(value: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ValueError(f"A backend payload must be a JSON object, got {type(payload).__name__}.")
     return payload
-
-
-# -- worker side -------------------------------------------------------------------------
-#: Seconds an idle keep-alive callback connection may wait for reuse (below uvicorn's
-#: default keep-alive of 5 s, so a proxy or server closing idle connections rarely races us).
-KEEPALIVE_IDLE_SECONDS = 4.0
-#: Idle connections kept per callback server and worker process.
-KEEPALIVE_MAX_IDLE = 8
-_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                 ConnectionAbortedError)
-
-
-class CallbackConnectionPool:
-    """Thread-safe keep-alive HTTP(S) connections to callback servers, per worker process.
-
-    Connections are keyed by ``(scheme, host, port)``; a POST reuses an idle one (idle
-    less than :data:`KEEPALIVE_IDLE_SECONDS`) or opens a new one. A reused connection the
-    server already closed is detected when the request fails before any answer and the
-    request is sent once more on a fresh connection (a duplicate event, in the rare case
-    the server did read it, is dropped by the executor). When ``urllib`` would route the
-    URL through a proxy (``http_proxy`` & co.), the POST goes through ``urllib`` as in
-    Wove 2.x. After a ``fork`` the child starts with an empty pool.
-    """
-
-    def __init__(self, max_idle: int = KEEPALIVE_MAX_IDLE, idle_seconds: float = KEEPALIVE_IDLE_SECONDS) -> None:
-        self.max_idle = max_idle
-        self.idle_seconds = idle_seconds
-        self._lock = threading.Lock()
-        self._idle: dict[tuple[str, str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
-        self._proxied: dict[tuple[str, str, int], bool] = {}
-        self._pid = os.getpid()
-        #: Connections opened so far (for tests and diagnostics).
-        self.opened = 0
-
-    def post(self, url: str, body: bytes, timeout: float) -> bytes:
-        """POST ``body`` (JSON) to ``url``; return the response body.
-
-        Raises:
-            urllib.error.HTTPError: the server answered with a status of 400 or more.
-            OSError: the server could not be reached, or the connection broke.
-        """
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise urllib.error.URLError(f"callback URL {redact_callback_url(url)!r} is not an http(s) URL")
-        key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
-        if self._uses_proxy(key, url):
-            return _urllib_post(url, body, timeout)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
-        while True:
-            conn, reused = self._checkout(key, timeout)
-            try:
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                conn.request("POST", target, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-            except _STALE_ERRORS:
-                conn.close()
-                if reused:
-                    continue  # the server closed this idle connection: retry on a fresh one
-                raise
-            except http.client.HTTPException as exc:
-                conn.close()
-                raise urllib.error.URLError(f"bad HTTP answer from {redact_callback_url(url)}: {exc!r}") from exc
-            except BaseException:
-                conn.close()
-                raise
-            if response.will_close:
-                conn.close()
-            else:
-                self._checkin(key, conn)
-            if response.status >= 400:
-                raise urllib.error.HTTPError(redact_callback_url(url), response.status,
-                                             f"{response.reason}: {data[:200].decode('utf-8', 'replace')}",
-                                             response.headers, None)
-            return data
-
-    def _uses_proxy(self, key: tuple[str, str, int], url: str) -> bool:
-        known = self._proxied.get(key)
-        if known is None:
-            proxies = urllib.request.getproxies()
-            known = key[0] in proxies and not urllib.request.proxy_bypass(key[1])
-            self._proxied[key] = known
-        return known
-
-    def _checkout(self, key: tuple[str, str, int], timeout: float) -> tuple[http.client.HTTPConnection, bool]:
-        now = time.monotonic()
-        with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
-                self._idle, self._pid = {}, os.getpid()
-            idle = self._idle.get(key)
-            while idle:
-                since, conn = idle.pop()
-                if now - since < self.idle_seconds:
-                    return conn, True
-                conn.close()
-            self.opened += 1
-        if key[0] == "https":
-            return http.client.HTTPSConnection(key[1], key[2], timeout=timeout), False
-        return http.client.HTTPConnection(key[1], key[2], timeout=timeout), False
-
-    def _checkin(self, key: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self.max_idle and self._pid == os.getpid():
-                idle.append((time.monotonic(), conn))
-                return
-        conn.close()
-
-    def close(self) -> None:
-        """Close every idle connection."""
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for entries in idle.values():
-            for _since, conn in entries:
-                conn.close()
-
-
-def _urllib_post(url: str, body: bytes, timeout: float) -> bytes:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        data: bytes = response.read()
-    return data
-
-
-#: The worker process's callback connections (see :class:`CallbackConnectionPool`).
-callback_connections = CallbackConnectionPool()
-
-
-def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None) -> None:
-    """POST one event to ``callback_url`` (synchronous, thread-safe; stdlib only).
-
-    Uses the process's keep-alive :data:`callback_connections`. The result and exception
-    travel as pickled fields; a result that cannot be pickled is sent as a ``task_error``
-    instead (see :func:`wove.protocol.encode_event`).
-
-    Raises:
-        OSError: the callback server could not be reached or answered with an error status
-            (``urllib.error.HTTPError`` / ``URLError``).
-    """
-    callback_connections.post(callback_url, encode_event(frame), POST_TIMEOUT if timeout is None else timeout)
-
-
-def post_events(callback_url: str, frames: list[dict[str, Any]], timeout: float | None = None) -> None:
-    """POST several events in one request (a JSON list body, which the callback server accepts).
-
-    Raises:
-        OSError: as :func:`post_event`.
-    """
-    body = b"[" + b",".join(encode_event(frame) for frame in frames) + b"]"
-    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout)
-
-
-async def _post(url: str, frame: dict[str, Any]) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, post_event, url, frame)
-
-
-async def _post_terminal(url: str, frame: dict[str, Any]) -> bool:
-    for attempt, delay in enumerate((*TERMINAL_POST_RETRIES, None)):
-        try:
-            await _post(url, frame)
-            return True
-        except OSError as exc:
-            if delay is None:
-                logger.error("could not post %s for run %s to %s after %d attempts: %r",
-                             frame.get("type"), frame.get("run_id"), redact_callback_url(url), attempt + 1, exc)
-                return False
-            await asyncio.sleep(delay)
-    return False  # pragma: no cover
-
-
-async def execute_backend_payload(
-    payload: dict[str, Any],
-    *,
-    cancel_event: asyncio.Event | None = None,
-    executor: Any = None,
-) -> tuple[dict[str, Any], bool]:
-    """Run a payload, posting its events; return ``(terminal_event, posted)``.
-
-    ``task_started`` is posted, heartbeats follow every third of
-    ``delivery_heartbeat_seconds`` (from a timer, so a busy sync task still proves
-    liveness), then exactly one terminal event. Sync callables run in ``executor`` (a
-    :class:`concurrent.futures.Executor`; default: the loop's). Setting ``cancel_event``
-    cancels the run (an async task stops; a sync one is abandoned) and posts
-    ``task_cancelled``. ``posted`` is False when the terminal event could not be posted,
-    so an engine adapter can deliver it another way.
-
-    Raises:
-        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
-    """
-    if not isinstance(payload, dict):
-        raise ValueError(f"A backend payload must be a dict, got {type(payload).__name__}.")
-    missing = [key for key in ("callback_url", "run_id", "task_id") if not isinstance(payload.get(key), str)]
-    if missing:
-        raise ValueError(f"Backend payload lacks the string field(s) {missing}; it cannot be run or answered.")
-    url, run_id, task_id = payload["callback_url"], payload["run_id"], payload["task_id"]
-    ids = {"run_id": run_id, "task_id": task_id}
-    loop = asyncio.get_running_loop()
-    beat: asyncio.Task[None] | None = None
-    delivery = payload.get("delivery") or {}
-    interval = delivery.get("delivery_heartbeat_seconds") if isinstance(delivery, dict) else None
-    delay = STARTED_DELAY
-    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
-        delay = min(delay, float(interval) / 6.0)
-
-    # A timer, not a task per run: most short runs end before it fires and post only
-    # their terminal event.
-    started: list[asyncio.Future[None]] = []
-    started_timer = loop.call_later(
-        delay, lambda: started.append(asyncio.ensure_future(_post(url, {"type": "task_started", **ids})))
-    )
-
-    async def heartbeats(every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await _post(url, {"type": "heartbeat", **ids})
-            except OSError as exc:
-                logger.warning("heartbeat for run %s not delivered to %s: %r", run_id, redact_callback_url(url), exc)
-
-    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
-        beat = asyncio.ensure_future(heartbeats(max(float(interval) / 3.0, 0.01)))
-    event: dict[str, Any]
-    try:
-        try:
-            frame = unpack_frame({key: payload[key] for key in ("callable_pickle", "args_pickle") if key in payload})
-            func, args = frame.get("callable"), frame.get("args") or {}
-            if not callable(func) or not isinstance(args, dict):
-                raise ProtocolError(f"payload of run {run_id} holds no callable and dict of keyword arguments")
-        except (ProtocolError, KeyError) as exc:
-            event = error_event(run_id, task_id, kind=type(exc).__name__, source="executor", exc=exc,
-                                message=f"The backend worker could not decode the payload of run {run_id}: {exc}")
-        else:
-            if is_async_callable(func):
-                work: asyncio.Future[Any] = asyncio.ensure_future(func(**args))
-            else:
-                work = loop.run_in_executor(executor, functools.partial(func, **args))
-            waiters: set[asyncio.Future[Any]] = {work}
-            cancelled = asyncio.ensure_future(cancel_event.wait()) if cancel_event is not None else None
-            if cancelled is not None:
-                waiters.add(cancelled)
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if cancelled is not None:
-                    cancelled.cancel()
-            if not work.done():
-                work.cancel()
-                event = {"type": "task_cancelled", **ids}
-            else:
-                try:
-                    result = work.result()
-                    if inspect.isawaitable(result):
-                        result = await result
-                    event = {"type": "task_result", **ids, "result": result}
-                except asyncio.CancelledError:
-                    event = {"type": "task_cancelled", **ids}
-                except Exception as exc:
-                    event = {"type": "task_error", **ids, "exception": exc,
-                             "error": normalize_exception(exc, source="task")}
-    except asyncio.CancelledError:
-        # The engine itself stopped this run (worker shutting down): say so rather than go silent.
-        event = error_event(run_id, task_id, kind="WorkerStopped", source="transport", retryable=True,
-                            message=f"The backend worker stopped run {run_id} before it finished.")
-        started_timer.cancel()
-        await asyncio.shield(_finish(url, started, beat, event))
-        raise
-    started_timer.cancel()  # not sent yet: a quick run needs only its terminal event
-    posted = await _finish(url, started, beat, event)
-    return event, posted
-
-
-async def _finish(url: str, started: list[asyncio.Future[None]], beat: asyncio.Task[None] | None,
-                  event: dict[str, Any]) -> bool:
-    if beat is not None:
-        beat.cancel()
-    for post in started:
-        try:
-            await post  # task_started goes first
-        except OSError as exc:
-            logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"),
-                           redact_callback_url(url), exc)
-    return await _post_terminal(url, event)
-
-
-async def run_backend_payload_async(payload: dict[str, Any]) -> Any:
-    """Worker entry point on a running loop: run ``payload`` and post its events.
-
-    Returns the task's result, or the terminal event frame when the task did not succeed
-    (as Wove 2.x does).
-
-    Raises:
-        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
-    """
-    event, _posted = await execute_backend_payload(payload)
-    return event["result"] if event["type"] == "task_result" else event
-
-
-def run_backend_payload(payload: dict[str, Any]) -> Any:
-    """Synchronous worker entry point (for engines that call a plain function).
-
-    Raises:
-        RuntimeError: called on a thread with a running event loop; use
-            :func:`run_backend_payload_async` there.
-        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(run_backend_payload_async(payload))
-    raise RuntimeError("run_backend_payload() was called inside a running event loop; "
-                       "await run_backend_payload_async(payload) instead.")
 
 
 # -- adapters ----------------------------------------------------------------------------

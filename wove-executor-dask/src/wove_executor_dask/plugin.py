@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,8 +31,21 @@ def wove_register_executors(register: Callable[..., None]) -> None:
 def wove_demo_environments(register: Callable[..., None]) -> None:
     @contextlib.asynccontextmanager
     async def dask() -> AsyncIterator[dict[str, Any]]:
-        # The executor starts (and stops) the embedded LocalCluster itself.
-        yield {"executor": "dask",
-               "executor_config": {"n_workers": 2, "threads_per_worker": 2, "processes": False}}
+        # The executor starts (and stops) the embedded LocalCluster itself. Dask logs its
+        # cluster's lifecycle at INFO and harmless comm errors at teardown: keep the demo's
+        # output to the table.
+        import distributed  # noqa: F401 - applies Dask's logging config, which we then quiet
+
+        loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                   if name == "distributed" or name.startswith("distributed.")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        try:
+            yield {"executor": "dask",
+                   "executor_config": {"n_workers": 2, "threads_per_worker": 2, "processes": False}}
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
     register("dask", dask)
