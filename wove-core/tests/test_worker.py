@@ -175,3 +175,12 @@ async def test_a_sink_that_raises_does_not_break_the_engine(caplog: pytest.LogCa
     await engine.submit(frame("y:1", absolute, {"x": -1}), sink)
     assert (await sink.terminal("y:1"))["result"] == 1
     assert "could not deliver" in caplog.text
+
+
+async def test_the_same_run_delivered_twice_reaches_both_deliveries() -> None:
+    engine, first, second = WorkerEngine(), Collector(), Collector()
+    await engine.submit(frame("r:1", asyncio.sleep, {"delay": 0.1, "result": "once"}), first)
+    await engine.submit(frame("r:1", asyncio.sleep, {"delay": 0.1, "result": "once"}), second)
+    assert (await first.terminal("r:1"))["result"] == "once"
+    assert (await second.terminal("r:1"))["result"] == "once"
+    await engine.aclose()

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "MissingCredentialsError",
     "NetworkExecutorSecurity",
     "canonical_http_target",
     "ensure_secure_target",
@@ -31,6 +32,14 @@ __all__ = [
 
 _KEY, _TIMESTAMP, _NONCE, _SIGNATURE = "X-Wove-Key", "X-Wove-Timestamp", "X-Wove-Nonce", "X-Wove-Signature"
 MODES = ("none", "signed", "bearer")
+
+
+class MissingCredentialsError(PermissionError):
+    """The request carries no credentials at all (HTTP 401 / gRPC UNAUTHENTICATED).
+
+    Any other failed check raises a plain :class:`PermissionError` (HTTP 403 /
+    PERMISSION_DENIED): the credentials are there but wrong, expired or replayed.
+    """
 
 
 class NetworkExecutorSecurity:
@@ -184,13 +193,15 @@ class NetworkExecutorSecurity:
         if self.mode == "bearer":
             actual = values.get("authorization", "")
             if not actual:
-                raise PermissionError("Missing Authorization: Bearer header.")
+                raise MissingCredentialsError("Missing Authorization: Bearer header; this worker requires bearer requests.")
             if not hmac.compare_digest(actual.encode(), f"Bearer {self._token}".encode()):
                 raise PermissionError("Invalid bearer token.")
             return
         missing = [h for h in (_KEY, _TIMESTAMP, _NONCE, _SIGNATURE) if not values.get(h.lower())]
         if missing:
-            raise PermissionError(f"Missing Wove signature header(s): {', '.join(missing)}.")
+            raise MissingCredentialsError(
+                f"Missing Wove signature header(s): {', '.join(missing)}; this worker requires signed requests."
+            )
         key, timestamp = values[_KEY.lower()], values[_TIMESTAMP.lower()]
         nonce, signature = values[_NONCE.lower()], values[_SIGNATURE.lower()]
         if not hmac.compare_digest(key.encode(), self.key.encode()):

@@ -271,6 +271,11 @@ class WorkerEngine:
         execution = self._runs.get(run_id) or (self._by_key.get(key) if key is not None else None)
         if execution is not None:
             logger.debug("%s: run %s attached to a running duplicate", self.name, run_id)
+            previous = execution.subscribers.get(run_id)
+            if previous is not None and previous[1] is not sink:
+                # The same run delivered again (a client that lost its connection or gave up
+                # on a request): both deliveries get the events; the client keeps one terminal.
+                sink = self._fanout(previous[1], sink)
             execution.subscribers[run_id] = (task_id, sink)
             self._runs[run_id] = execution
             self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
@@ -363,6 +368,13 @@ class WorkerEngine:
                     if event is not None:
                         self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
             subscribers.clear()
+
+    def _fanout(self, first: Sink, second: Sink) -> Sink:
+        def both(event: dict[str, Any]) -> None:
+            self._safe(first, event)
+            self._safe(second, dict(event))
+
+        return both
 
     def _safe(self, sink: Sink, event: dict[str, Any]) -> None:
         try:

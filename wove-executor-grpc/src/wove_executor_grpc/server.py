@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from wove.errors import ProtocolError
 from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, parse_json
-from wove.security import NetworkExecutorSecurity
+from wove.security import MissingCredentialsError, NetworkExecutorSecurity
 from wove.worker import WorkerEngine
 
 if TYPE_CHECKING:
@@ -59,7 +59,6 @@ SESSION_METHOD = f"/{SERVICE}/Session"
 #: Largest request (and response) message, in bytes.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _EMPTY_REPLY = b'{"events":[]}'
-_SIGNED_METADATA = ("x-wove-key", "x-wove-timestamp", "x-wove-nonce", "x-wove-signature")
 
 
 class _Closing(Exception):
@@ -154,17 +153,11 @@ class GrpcWorkerService:
 
         if self.security.mode != "none":
             metadata = tuple(context.invocation_metadata() or ())
-            names = {str(key).lower() for key, _ in metadata}
-            needed = _SIGNED_METADATA if self.security.mode == "signed" else ("authorization",)
-            missing = [name for name in needed if name not in names]
-            if missing:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"Missing Wove authentication metadata: {', '.join(missing)}. "
-                    "Configure executor_config.security with this worker's secret.",
-                )
             try:
                 self.security.verify_metadata(metadata=metadata, transport="grpc", target=method, body=request)
+            except MissingCredentialsError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"{exc} Configure executor_config.security with this worker's secret.")
             except PermissionError as exc:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"Request rejected: {exc}")
 

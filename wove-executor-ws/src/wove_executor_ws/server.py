@@ -27,7 +27,7 @@ from typing import Any
 
 from wove.errors import ProtocolError
 from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, error_event
-from wove.security import NetworkExecutorSecurity, canonical_http_target
+from wove.security import MissingCredentialsError, NetworkExecutorSecurity, canonical_http_target
 from wove.worker import WorkerEngine
 
 __all__ = ["DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
@@ -38,7 +38,6 @@ DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 #: Coalesced event messages stay below this (Wove 2.x clients accept 1 MiB messages).
 COALESCE_LIMIT = 512 * 1024
 _PROGRESS = frozenset({"task_started", "heartbeat"})
-_SIGNED_HEADERS = ("x-wove-key", "x-wove-timestamp", "x-wove-nonce", "x-wove-signature")
 
 
 class _Session:
@@ -257,19 +256,13 @@ class WebSocketWorkerServer:
         if self.security.mode == "none":
             return None
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
-        required = ("authorization",) if self.security.mode == "bearer" else _SIGNED_HEADERS
-        missing = [name for name in required if not headers.get(name)]
-        if missing:
-            logger.warning("websocket worker: rejected a handshake without credentials (missing %s)", ", ".join(missing))
-            return connection.respond(
-                HTTPStatus.UNAUTHORIZED,
-                f"This Wove worker requires {self.security.mode} requests; missing header(s): {', '.join(missing)}. "
-                "Set executor_config.security.\n",
-            )
         try:
             self.security.verify_headers(
                 headers=headers, transport="websocket", target=canonical_http_target(request.path), body=b"",
             )
+        except MissingCredentialsError as exc:
+            logger.warning("websocket worker: rejected a handshake without credentials: %s", exc)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc} Set executor_config.security.\n")
         except PermissionError as exc:
             logger.warning("websocket worker: rejected a handshake: %s", exc)
             return connection.respond(HTTPStatus.FORBIDDEN, f"{exc}\n")
