@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wove.errors import ProtocolError
-from wove.protocol import decode_events, encode_frame, transport_error_event
+from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame, transport_error_event
 from wove.security import (
     NetworkExecutorSecurity,
     canonical_http_target,
@@ -355,6 +355,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         error: BaseException | None = None
         recv = connection.ws.recv
         emit = self._emit
+        sent = connection.sent
         try:
             while True:
                 data = await recv(decode=False)
@@ -364,6 +365,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                     logger.warning("websocket: ignoring a malformed message from %s: %s", self._url, exc)
                     continue
                 for event in events:
+                    if event.get("type") in TERMINAL_EVENTS:
+                        sent.discard(event.get("run_id"))  # type: ignore[arg-type]
                     emit(event)
         except asyncio.CancelledError:
             raise

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 #: Coalesced event messages stay below this (Wove 2.x clients accept 1 MiB messages).
 COALESCE_LIMIT = 512 * 1024
+#: Commands read, and events coalesced into one message, before the other side gets a turn.
+PIPELINE_BATCH = 64
 _PROGRESS = frozenset({"task_started", "heartbeat"})
 
 
@@ -86,7 +88,7 @@ class _Session:
                 while pending:
                     size, count = 0, 0
                     for item in pending:
-                        if count and size + len(item) > COALESCE_LIMIT:
+                        if count and (size + len(item) > COALESCE_LIMIT or count >= PIPELINE_BATCH):
                             break
                         size += len(item) + 1
                         count += 1
@@ -101,8 +103,14 @@ class _Session:
         engine = server.engine
         recv = self.ws.recv
         sink = self.sink
+        received = 0
         while True:
             data = await recv(decode=False)
+            received += 1
+            if received % PIPELINE_BATCH == 0:
+                # Let the runs started so far execute and their events go out before reading
+                # on: client and worker then overlap instead of taking turns in big waves.
+                await asyncio.sleep(0)
             try:
                 frame = decode_command(data)
             except ProtocolError as exc:
