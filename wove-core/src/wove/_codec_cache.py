@@ -20,16 +20,14 @@ Values made only of builtin scalars and containers are pickled with the C pickle
 from __future__ import annotations
 
 import base64
-import binascii
 import pickle
-import sys
 import types
 from collections import OrderedDict
 from typing import Any
 
 from . import dispatch
 
-__all__ = ["CallableCache", "DecodedCallables", "b64decode", "fast_b64"]
+__all__ = ["CallableCache", "DecodedCallables", "fast_b64"]
 
 _SCALARS = (int, float, str, bytes, bool, type(None), complex)
 _CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -115,6 +113,22 @@ def _stable_key(func: types.FunctionType) -> tuple[tuple[Any, ...], tuple[Any, .
     return tuple(objects), values
 
 
+def _unchanged(func: Any, key: tuple[tuple[Any, ...], tuple[Any, ...]]) -> bool:
+    """True when a by-value function still has the code, defaults and global bindings it
+    had when ``key`` was taken (the bound objects were checked stable then)."""
+    objects, values = key
+    if func.__code__ is not objects[0] or func.__closure__ or func.__dict__:
+        return False
+    defaults = func.__defaults__ or ()
+    kwdefaults = func.__kwdefaults__ or {}
+    if values[0] != defaults or values[2] != tuple((k, v, type(v)) for k, v in sorted(kwdefaults.items())):
+        return False
+    names, _stores = _code_info(func.__code__)
+    scope = func.__globals__
+    bound = [value for value in (scope.get(name, _MISSING) for name in names) if value is not _MISSING]
+    return len(bound) == len(objects) - 1 and all(a is b for a, b in zip(bound, objects[1:]))
+
+
 def _same_key(a: Any, b: Any) -> bool:
     if a == "ref" or b == "ref":
         return a == b
@@ -141,6 +155,8 @@ class CallableCache:
     def encode(self, func: Any) -> str | None:
         """The base64 pickle of ``func``, or None when it must be pickled afresh."""
         entry = self._entries.get(id(func))
+        if entry is not None and entry[0] is func and (entry[1] == "ref" or _unchanged(func, entry[1])):
+            return entry[2]  # the hot path: identity checks only
         key = self._key(func)
         if key is None:
             return None
@@ -200,19 +216,17 @@ def _simple(value: Any, budget: list[int]) -> bool:
     return False
 
 
+_EMPTY_DICT_B64 = base64.b64encode(pickle.dumps({}, protocol=5)).decode("ascii")
+_NONE_B64 = base64.b64encode(pickle.dumps(None, protocol=5)).decode("ascii")
+
+
 def fast_b64(value: Any) -> str | None:
     """Base64 pickle of a value made only of builtin scalars and containers (the C pickler,
     byte-identical to cloudpickle for them), or None for anything else."""
+    if value is None:
+        return _NONE_B64
+    if type(value) is dict and not value:
+        return _EMPTY_DICT_B64
     if not _simple(value, [_NODE_BUDGET]):
         return None
     return base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")
-
-
-if sys.version_info >= (3, 11):
-    def b64decode(text: str) -> bytes:
-        """Strict base64 decoding (faster than ``base64.b64decode(validate=True)``)."""
-        return binascii.a2b_base64(text, strict_mode=True)
-else:  # pragma: no cover - Python 3.10
-    def b64decode(text: str) -> bytes:
-        """Strict base64 decoding."""
-        return base64.b64decode(text, validate=True)

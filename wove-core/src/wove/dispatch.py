@@ -7,7 +7,9 @@ in-process executor works without it.
 from __future__ import annotations
 
 import base64
+import binascii
 import importlib
+import sys
 from typing import Any
 
 from .errors import DispatchError, MissingDispatchFeatureError
@@ -69,11 +71,21 @@ def dumps_b64(value: Any, *, what: str = "value") -> str:
     return base64.b64encode(dumps(value, what=what)).decode("ascii")
 
 
+if sys.version_info >= (3, 11):
+    def b64decode(text: str) -> bytes:
+        """Strict base64 decoding (faster than ``base64.b64decode(validate=True)``)."""
+        return binascii.a2b_base64(text, strict_mode=True)
+else:  # pragma: no cover - Python 3.10
+    def b64decode(text: str) -> bytes:
+        """Strict base64 decoding."""
+        return base64.b64decode(text, validate=True)
+
+
 def loads_b64(text: str) -> Any:
     """Inverse of :func:`dumps_b64`."""
-    from ._codec_cache import b64decode
-
-    return loads(b64decode(text))
+    if _cloudpickle is None:
+        require_dispatch(_REASON)
+    return _cloudpickle.loads(b64decode(text))
 
 
 def _picklable(value: Any) -> bool:
