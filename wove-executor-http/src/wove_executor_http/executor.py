@@ -1,10 +1,12 @@
 """``HttpEnvironmentExecutor``: sends command frames to a worker service over HTTP(S).
 
-One ``POST`` per command (the Wove 2.x wire format). The client asks for NDJSON
-(``Accept: application/x-ndjson, application/json``) and hands each event to the runtime
-as its line arrives, so ``task_started`` and heartbeats flow while the task runs; a
-plain JSON answer (one event, a list, or ``{"events": [...]}``) from a Wove 2.x worker
-works as well.
+One ``POST`` per command (the Wove 2.x wire format). For a run with a heartbeat window
+(``delivery_heartbeat_seconds``) the client asks for NDJSON (``Accept:
+application/x-ndjson, application/json``) and hands each event to the runtime as its line
+arrives, so ``task_started`` and heartbeats flow while the task runs; other runs ask for
+one JSON body, which is cheaper for both sides (``executor_config.stream``: ``"auto"``,
+true to always stream, false never). A plain JSON answer (one event, a list, or
+``{"events": [...]}``) from a Wove 2.x worker works either way.
 
 The client is httpx's async API. By default its transport is ``httpx-aiohttp``'s
 :class:`AiohttpTransport` (aiohttp's connection pool under the httpx API), which
@@ -50,13 +52,15 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "Install it with: pip install wove-executor-http"
 ACCEPT = "application/x-ndjson, application/json"
+_ACCEPT_STREAM = (b"Accept", ACCEPT.encode())
+_ACCEPT_JSON = (b"Accept", b"application/json")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
 TRANSPORTS = ("aiohttp", "httpx")
 CONFIG_KEYS = frozenset({
     "url", "security", "headers", "timeout", "connect_timeout", "insecure", "verify", "cert",
     "max_connections", "max_keepalive_connections", "keepalive_expiry", "http2", "transport",
-    "max_deliveries", "retry_backoff", "max_workers",
+    "max_deliveries", "retry_backoff", "max_workers", "stream",
 })
 _ERROR_PREVIEW = 300
 
@@ -189,8 +193,11 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._url = url
         self._target = canonical_http_target(url)
         self._security = security
-        self._headers = [(b"Host", self._url_object.netloc), (b"Accept", ACCEPT.encode()),
-                         (b"Content-Type", b"application/json"),
+        stream = config.get("stream", "auto")
+        if stream not in ("auto", True, False):
+            raise ValueError(f"{where}: stream must be 'auto', true or false, got {stream!r}.")
+        self._stream = stream
+        self._headers = [(b"Host", self._url_object.netloc), (b"Content-Type", b"application/json"),
                          *((str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items())]
         logger.debug("%s executor for environment %s: %s via %s", self.executor_name, environment_name, url, transport_name)
 
@@ -242,9 +249,14 @@ class HttpEnvironmentExecutor(FrameExecutor):
         if self._side:
             await asyncio.wait(list(self._side), timeout=2.0)
 
-    def _request(self, body: bytes) -> Any:
-        """An httpx.Request for one command: prebuilt URL and headers, signed over ``body``."""
-        headers = [*self._headers, (b"Content-Length", str(len(body)).encode())]
+    def _request(self, body: bytes, *, stream: bool = False) -> Any:
+        """An httpx.Request for one command: prebuilt URL and headers, signed over ``body``.
+
+        ``stream`` asks for the NDJSON extension (events as they happen); otherwise the
+        answer is one JSON body, which costs both sides less per request.
+        """
+        accept = _ACCEPT_STREAM if stream else _ACCEPT_JSON
+        headers = [*self._headers, accept, (b"Content-Length", str(len(body)).encode())]
         if self._security.mode != "none":
             signed = self._security.headers_for(transport="http", target=self._target, body=body)
             headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items())
@@ -303,7 +315,9 @@ class HttpEnvironmentExecutor(FrameExecutor):
             # The transport is called directly: AsyncClient's per-request machinery (header
             # merging, URL parsing, auth/redirect/cookie handling) cost more CPU than the
             # request itself at high concurrency (README, "Performance").
-            response = await self._transport.handle_async_request(self._request(body))
+            stream = self._stream if self._stream != "auto" else bool(
+                (frame.get("delivery") or {}).get("delivery_heartbeat_seconds"))
+            response = await self._transport.handle_async_request(self._request(body, stream=stream))
             try:
                 status = response.status_code
                 if status != 200:
