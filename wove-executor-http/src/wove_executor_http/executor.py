@@ -328,10 +328,13 @@ class HttpEnvironmentExecutor(FrameExecutor):
                             404: " Check the URL path (the worker's --path, default /wove)."}.get(status, "")
                     return (f"{where} answered HTTP {status} for run {run_id}: {text.strip()}.{hint}", None,
                             idempotent)
-                content_type = response.headers.get("content-type", "")
-                if "ndjson" in content_type:
+                # Raw headers and the raw byte stream: the worker sends no content-encoding,
+                # and httpx's decoded views cost more than the rest of a no-op request.
+                content_type = next((value for name, value in response.headers.raw
+                                     if name.lower() == b"content-type"), b"")
+                if b"ndjson" in content_type:
                     parts: list[bytes] = []  # the unfinished line, in pieces (results may be large)
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.stream:
                         if b"\n" not in chunk:
                             parts.append(chunk)
                             continue
@@ -345,7 +348,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
                     if rest.strip():
                         terminal = self._deliver_events(rest, run_id) or terminal
                 else:
-                    data = await response.aread()
+                    data = b"".join([chunk async for chunk in response.stream])
                     if data.strip():
                         terminal = self._deliver_events(data, run_id)
             finally:
