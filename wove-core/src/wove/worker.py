@@ -252,9 +252,9 @@ class WorkerEngine:
             return
         if not self._admission.try_acquire():
             await self._admission.acquire()
-        if self._attach(run_id, task_id, key, sink):  # a twin may have started while we waited
-            self._admission.release()
-            return
+            if self._attach(run_id, task_id, key, sink):  # a twin may have started while we waited
+                self._admission.release()
+                return
         policy = delivery.get("delivery_orphan_policy") or "cancel"
         execution = _Execution(key=key, policy=policy, subscribers={run_id: (task_id, sink)})
         self._runs[run_id] = execution
