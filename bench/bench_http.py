@@ -60,8 +60,12 @@ async def ours(url: str, tasks: int, transport: str) -> tuple[float, float]:
                   "delivery_max_in_flight": IN_FLIGHT}
     async with ExecutorRuntime({"w": definition}, {}) as runtime:
         await asyncio.gather(*(runtime.call("w", noop) for _ in range(IN_FLIGHT)))  # warm-up
+        async def lane(count: int) -> None:  # IN_FLIGHT lanes, each one call at a time
+            for _ in range(count):
+                await runtime.call("w", noop)
+
         started = time.perf_counter()
-        await asyncio.gather(*(runtime.call("w", noop) for _ in range(tasks)))
+        await asyncio.gather(*(lane(tasks // IN_FLIGHT + (i < tasks % IN_FLIGHT)) for i in range(IN_FLIGHT)))
         rate = tasks / (time.perf_counter() - started)
         started = time.perf_counter()
         results = await asyncio.gather(*(runtime.call("w", nap, 0.5) for _ in range(64)))
@@ -175,7 +179,6 @@ WOVE2_SCRIPT = textwrap.dedent('''
         return "slept"
 
     async def batch(executor, fn, args, count, limit):
-        gate = asyncio.Semaphore(limit)
         waiting = {}
         async def receiver():
             while waiting:
@@ -184,19 +187,20 @@ WOVE2_SCRIPT = textwrap.dedent('''
                     fut = waiting.pop(event["run_id"], None)
                     if fut: fut.set_result(event)
         async def one():
-            async with gate:
-                run_id = "t:" + uuid.uuid4().hex
-                fut = asyncio.get_running_loop().create_future()
-                waiting[run_id] = fut
-                await executor.send({"type": "run_task", "run_id": run_id, "task_id": "t", "callable": fn,
-                                     "args": args, "delivery": {}})
-                event = await fut
-                assert event["type"] == "task_result", event
-                return event["result"]
-        futures = [asyncio.ensure_future(one()) for _ in range(count)]
+            run_id = "t:" + uuid.uuid4().hex
+            fut = asyncio.get_running_loop().create_future()
+            waiting[run_id] = fut
+            await executor.send({"type": "run_task", "run_id": run_id, "task_id": "t", "callable": fn,
+                                 "args": args, "delivery": {}})
+            event = await fut
+            assert event["type"] == "task_result", event
+            return event["result"]
+        async def lane(n):  # `limit` lanes, each one call at a time: `limit` in flight
+            return [await one() for _ in range(n)]
+        lanes = [asyncio.ensure_future(lane(count // limit + (i < count % limit))) for i in range(min(limit, count))]
         await asyncio.sleep(0)
         recv = asyncio.ensure_future(receiver())
-        results = await asyncio.gather(*futures)
+        results = [r for chunk in await asyncio.gather(*lanes) for r in chunk]
         recv.cancel()
         return results
 
