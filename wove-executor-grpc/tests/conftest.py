@@ -2,66 +2,28 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-STARTUP_TIMEOUT = 30.0
+from wove.testing import WorkerProcess as BaseWorkerProcess
 
 
-class WorkerProcess:
+class WorkerProcess(BaseWorkerProcess):
     """A `wove worker grpc` subprocess; ``target`` is its ``host:port``."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
-        self.args = [sys.executable, "-m", "wove.cli", "worker", "grpc", "--port", str(port), *args]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[str] | None = None
-        self.target = ""
+        super().__init__("grpc", *args, env=env)
         self.port = port
 
-    def start(self) -> WorkerProcess:
-        self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
-        )
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
-        try:
-            line = lines.get(timeout=STARTUP_TIMEOUT)
-        except queue.Empty:
-            self.kill()
-            raise RuntimeError(f"`{' '.join(self.args)}` printed nothing within {STARTUP_TIMEOUT}s") from None
-        if "listening on " not in line:
-            self.kill()
-            raise RuntimeError(f"unexpected first line from the worker: {line!r}; stderr: {self.stderr()}")
-        self.target = line.split("listening on ", 1)[1].strip()
-        self.port = int(self.target.rsplit(":", 1)[1])
+    def start(self, port: int | None = None) -> WorkerProcess:  # type: ignore[override]
+        super().start(port)
         return self
 
-    def stderr(self) -> str:
-        if self.proc is None or self.proc.stderr is None or self.proc.poll() is None:
-            return ""
-        return self.proc.stderr.read()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    @property
+    def target(self) -> str:
+        return self.address
 
 
 @pytest.fixture(scope="session")

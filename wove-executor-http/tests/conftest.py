@@ -4,44 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from wove.testing import WorkerProcess
+
 SECRET_ENV = "WOVE_HTTP_TEST_SECRET"
 SECRET = "correct horse battery staple"
 
 
-class Worker:
-    """A ``wove worker http`` subprocess and its URL."""
+class Worker(WorkerProcess):
+    """A ``wove worker http`` subprocess (started at once) and its URL."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "wove.cli", "worker", "http", "--port", "0", *args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        reader.join(30)
-        if not lines or "listening on " not in lines[0]:
-            self.stop()
-            raise RuntimeError(f"worker did not start: {lines!r}; stderr: {self.proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-        self.url = lines[0].split("listening on ", 1)[1].strip()
+        super().__init__("http", *args, env=env)
+        self.start(0)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    @property
+    def url(self) -> str:
+        return self.address
 
 
 @pytest.fixture(scope="module")

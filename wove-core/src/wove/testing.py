@@ -23,6 +23,13 @@ wherever wove-core is installed.
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,7 +41,111 @@ from . import _testing_tasks as tasks
 from .environment import EnvironmentExecutor, ExecutorRuntime, build_executor_from_name
 from .protocol import TERMINAL_EVENTS
 
-__all__ = ["ExecutorContract", "collect_events", "run_async"]
+__all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async"]
+
+
+class WorkerProcess:
+    """``wove worker SERVICE`` in a subprocess on 127.0.0.1, for tests of worker services.
+
+    :meth:`start` waits for the ``listening on <address>`` line; stderr is drained in the
+    background (a chatty worker never blocks on a full pipe) and kept in
+    :attr:`stderr_lines`. Restarting on the same port retries while the old socket lingers.
+
+    Args:
+        service: the ``wove worker`` subcommand (``http``, ``grpc``, ``websocket``, ...).
+        args: further command-line arguments (``--security``, ``--path``...).
+        env: environment variables added to this process's environment.
+        startup_timeout: seconds to wait for the ready line.
+    """
+
+    def __init__(self, service: str, *args: str, env: dict[str, str] | None = None,
+                 startup_timeout: float = 30.0) -> None:
+        self.service = service
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.port = 0
+        self.stderr_lines: list[str] = []
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "wove.cli", "worker", self.service, "--port", str(port), *self.args]
+
+    def start(self, port: int | None = None) -> str:
+        """Start the worker (on ``port``; default: the previous port, or a free one).
+
+        Returns:
+            The address it printed (a URL, or ``host:port``).
+
+        Raises:
+            RuntimeError: no ready line within ``startup_timeout`` (with the worker's stderr).
+        """
+        port = self.port if port is None else port
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            proc = subprocess.Popen(self.command(port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=self.env)
+            lines: queue.Queue[str | None] = queue.Queue()
+            stderr: list[str] = []
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+            threading.Thread(target=_collect, args=(proc.stderr, stderr), daemon=True).start()
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                line = None
+            if line is not None and "listening on " in line:
+                break
+            proc.kill()
+            proc.wait(timeout=10)
+            if time.monotonic() > deadline or port == 0:
+                raise RuntimeError(
+                    f"`{' '.join(self.command(port))}` did not start: first line {line!r}; "
+                    f"stderr: {''.join(stderr)[-3000:]}"
+                )
+            time.sleep(0.1)  # the previous process's socket may linger briefly: retry
+        self.proc, self.stderr_lines = proc, stderr
+        self.address = line.split("listening on ", 1)[1].strip()
+        self.port = int(self.address.rsplit(":", 1)[1].split("/", 1)[0])
+        return self.address
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash, as far as clients can tell)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM (a graceful shutdown), then SIGKILL after ``grace`` seconds."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> WorkerProcess:
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _collect(stream: Any, into: list[str]) -> None:
+    for line in stream:
+        into.append(line)
 
 
 def run_async(coro_factory: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
