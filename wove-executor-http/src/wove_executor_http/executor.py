@@ -181,7 +181,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
             except ImportError as exc:  # pragma: no cover - a dependency
                 raise RuntimeError(f"{self.executor_name} executor transport 'aiohttp' needs httpx-aiohttp, which is "
                                    f"not installed. {INSTALL_HINT}, or set executor_config.transport='httpx'.") from exc
-            transport = AiohttpTransport(verify=ssl_verify, limits=limits, trust_env=False)
+            transport: httpx.AsyncBaseTransport = AiohttpTransport(verify=ssl_verify, limits=limits, trust_env=False)
         else:
             try:
                 transport = httpx.AsyncHTTPTransport(verify=ssl_verify, limits=limits, http2=http2, trust_env=False)

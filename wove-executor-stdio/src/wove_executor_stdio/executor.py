@@ -215,7 +215,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
         for worker in workers:
             if not await worker.wait(1.0):
                 await self._kill(worker)
-        watchers = [w.watcher for w in workers if w.watcher is not None]
+        watchers: list[asyncio.Task[Any]] = [w.watcher for w in workers if w.watcher is not None]
         watchers += list(self._background)
         if watchers:
             _done, pending = await asyncio.wait(watchers, timeout=2.0)
@@ -253,9 +253,9 @@ class StdioEnvironmentExecutor(FrameExecutor):
             await self._backpressure(worker)
         elif frame_type == "cancel_task":
             run_id = str(frame.get("run_id"))
-            worker = self._owner.get(run_id)
-            if worker is not None and worker.alive:
-                worker.write(encode_frame(frame) + b"\n")
+            owner = self._owner.get(run_id)
+            if owner is not None and owner.alive:
+                owner.write(encode_frame(frame) + b"\n")
             elif run_id in self._inflight:
                 # lost with its worker and waiting for re-delivery: it never runs again
                 self._emit({"type": "task_cancelled", "run_id": run_id, "task_id": frame.get("task_id")})
