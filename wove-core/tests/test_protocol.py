@@ -20,6 +20,7 @@ from wove.protocol import (
     encode_event,
     encode_frame,
     normalize_exception,
+    pack_frame,
 )
 
 
@@ -151,3 +152,11 @@ def test_arbitrary_json_shapes_raise_only_protocol_errors(value: Any) -> None:
 def test_any_json_result_round_trips(value: Any) -> None:
     wire = encode_event({"type": "task_result", "run_id": "t:1", "task_id": "t", "result": value})
     assert decode_events(wire)[0]["result"] == value
+
+
+def test_encoded_frames_are_the_json_of_the_packed_frame() -> None:
+    for frame in (run_frame(), run_frame(args={"quote": 'a"b\\c', "n": [1, 2]}),
+                  {"type": "task_result", "run_id": "t:1", "task_id": "t", "result": {"x": "ü"}},
+                  {"type": "task_started", "run_id": "t:1", "task_id": "t"}):
+        encoded = encode_frame(frame)
+        assert json.loads(encoded) == json.loads(json.dumps(pack_frame(frame)))

@@ -113,20 +113,25 @@ def _stable_key(func: types.FunctionType) -> tuple[tuple[Any, ...], tuple[Any, .
     return tuple(objects), values
 
 
-def _unchanged(func: Any, key: tuple[tuple[Any, ...], tuple[Any, ...]]) -> bool:
-    """True when a by-value function still has the code, defaults and global bindings it
-    had when ``key`` was taken (the bound objects were checked stable then)."""
-    objects, values = key
-    if func.__code__ is not objects[0] or func.__closure__ or func.__dict__:
-        return False
-    defaults = func.__defaults__ or ()
-    kwdefaults = func.__kwdefaults__ or {}
-    if values[0] != defaults or values[2] != tuple((k, v, type(v)) for k, v in sorted(kwdefaults.items())):
-        return False
+def _snapshot(func: Any) -> tuple[Any, ...]:
+    """What a by-value function's pickle depends on, for identity checks: its code,
+    defaults, closure, attributes, and the object bound to every global name it reads
+    (a missing name included, so binding it later is noticed)."""
     names, _stores = _code_info(func.__code__)
     scope = func.__globals__
-    bound = [value for value in (scope.get(name, _MISSING) for name in names) if value is not _MISSING]
-    return len(bound) == len(objects) - 1 and all(a is b for a, b in zip(bound, objects[1:]))
+    return (func.__code__, func.__defaults__, func.__kwdefaults__,
+            tuple((name, scope.get(name, _MISSING)) for name in names))
+
+
+def _unchanged(func: Any, snapshot: tuple[Any, ...]) -> bool:
+    """True when nothing in ``snapshot`` was rebound since it was taken (the bound objects
+    were checked stable then; identity is enough)."""
+    code, defaults, kwdefaults, pairs = snapshot
+    if (func.__code__ is not code or func.__defaults__ is not defaults
+            or func.__kwdefaults__ is not kwdefaults or func.__closure__ or func.__dict__):
+        return False
+    get = func.__globals__.get
+    return all(get(name, _MISSING) is value for name, value in pairs)
 
 
 def _same_key(a: Any, b: Any) -> bool:
@@ -140,8 +145,9 @@ class CallableCache:
 
     def __init__(self, size: int = _CACHE_SIZE) -> None:
         self._size = size
-        # id(func) -> (func, key, b64); the strong reference keeps the id from being reused
-        self._entries: OrderedDict[int, tuple[Any, Any, str]] = OrderedDict()
+        # id(func) -> (func, key, b64, snapshot or None for by-reference); the strong
+        # reference keeps the id from being reused
+        self._entries: OrderedDict[int, tuple[Any, Any, str, tuple[Any, ...] | None]] = OrderedDict()
 
     def _key(self, func: Any) -> Any:
         if isinstance(func, types.FunctionType):
@@ -155,7 +161,7 @@ class CallableCache:
     def encode(self, func: Any) -> str | None:
         """The base64 pickle of ``func``, or None when it must be pickled afresh."""
         entry = self._entries.get(id(func))
-        if entry is not None and entry[0] is func and (entry[1] == "ref" or _unchanged(func, entry[1])):
+        if entry is not None and entry[0] is func and (entry[3] is None or _unchanged(func, entry[3])):
             return entry[2]  # the hot path: identity checks only
         key = self._key(func)
         if key is None:
@@ -168,7 +174,8 @@ class CallableCache:
         except Exception:
             return None  # the regular path raises the proper DispatchError
         if len(text) <= _MAX_CACHED_PICKLE:
-            self._entries[id(func)] = (func, key, text)
+            snapshot = None if key == "ref" else _snapshot(func)
+            self._entries[id(func)] = (func, key, text, snapshot)
             if len(self._entries) > self._size:
                 self._entries.popitem(last=False)
         return text

@@ -173,7 +173,15 @@ def pack_frame(frame: dict[str, Any]) -> dict[str, Any]:
         DispatchError: the callable, an argument or a result cannot be pickled.
         MissingDispatchFeatureError: a value needs pickling and cloudpickle is missing.
     """
+    wire, pickles = _pack(frame)
+    wire.update(pickles)
+    return wire
+
+
+def _pack(frame: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``pack_frame`` in two parts: the plain fields, and the base64 ``*_pickle`` fields."""
     wire = dict(frame)
+    pickles: dict[str, str] = {}
     task = frame.get("task_id") or frame.get("run_id") or "?"
     for field in ("callable", "args", "result"):
         if field in wire:
@@ -184,16 +192,16 @@ def pack_frame(frame: dict[str, Any]) -> dict[str, Any]:
                     text = dispatch.dumps_b64(value, what=field)
                 except DispatchError as exc:
                     raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
-            wire[_PICKLED[field]] = text
+            pickles[_PICKLED[field]] = text
     if "exception" in wire:
         exception = wire.pop("exception")
         try:
-            wire["exception_pickle"] = dispatch.dumps_b64(exception, what="exception")
+            pickles["exception_pickle"] = dispatch.dumps_b64(exception, what="exception")
         except DispatchError:
             pass  # the normalized error payload still says kind, message and traceback
     if "error" in wire and not _is_json_error(wire["error"]):
-        wire["error_pickle"] = dispatch.dumps_b64(wire.pop("error"), what="error")
-    return wire
+        pickles["error_pickle"] = dispatch.dumps_b64(wire.pop("error"), what="error")
+    return wire, pickles
 
 
 def _is_json_error(error: Any) -> bool:
@@ -205,7 +213,15 @@ def _is_json_error(error: Any) -> bool:
 
 def encode_frame(frame: dict[str, Any]) -> bytes:
     """Encode one command or event frame as compact UTF-8 JSON (no trailing newline)."""
-    return json.dumps(pack_frame(frame), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    wire, pickles = _pack(frame)
+    text = json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
+    if pickles and text != "{}":
+        # base64 needs no JSON escaping: append the (long) pickled fields verbatim instead
+        # of having the encoder scan them character by character
+        text = text[:-1] + "".join([f',"{key}":"{value}"' for key, value in pickles.items()]) + "}"
+    elif pickles:
+        text = json.dumps(pickles, separators=(",", ":"))
+    return text.encode("utf-8")
 
 
 def parse_json(data: bytes | bytearray | memoryview | str) -> Any:
