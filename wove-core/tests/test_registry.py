@@ -66,7 +66,6 @@ def test_resolution_is_lazy_and_finds_names_in_any_plugin(plugin_dir: Path) -> N
         write_plugin(plugin_dir, "plug_broken", "raise ImportError('missing transport library')"),
     ]
     registry = Registry(entry_points=eps)
-    assert registry.lookup("multi") is None or True  # entry point name != executor name is fine
     info = registry.lookup("alpha")
     assert info is not None and info.plugin == "multi"
     assert registry.lookup("alpha2").alias_of == "alpha"  # type: ignore[union-attr]
