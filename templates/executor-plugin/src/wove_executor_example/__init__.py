@@ -1,0 +1,5 @@
+"""An example Wove executor plugin."""
+
+from .executor import ExampleEnvironmentExecutor
+
+__all__ = ["ExampleEnvironmentExecutor"]
