@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,3 +20,34 @@ def wove2_python() -> Path:
     from _wove2 import wove2_python as build
 
     return build()
+
+
+@dataclass
+class ThrowawayVenv:
+    """A fresh virtual environment: ``install(*requirements)``, then run ``python``."""
+
+    python: Path
+    bin: Path
+    installer: list[str]
+    #: the environment to run its programs with (no leaking VIRTUAL_ENV / PYTHONPATH)
+    env: dict[str, str]
+
+    def install(self, *requirements: str) -> None:
+        result = subprocess.run([*self.installer, *requirements], capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, f"installing {requirements} failed:\n{result.stderr}"
+
+
+@pytest.fixture
+def throwaway_venv(tmp_path: Path) -> ThrowawayVenv:
+    """A new venv in the test's temp dir (uv when available, else venv + pip)."""
+    venv = tmp_path / "venv"
+    python = venv / "bin" / "python"
+    uv = shutil.which("uv")
+    if uv:
+        subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, timeout=120)
+        installer = [uv, "pip", "install", "--quiet", "--python", str(python)]
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        installer = [str(python), "-m", "pip", "install", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return ThrowawayVenv(python=python, bin=venv / "bin", installer=installer, env=env)

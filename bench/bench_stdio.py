@@ -36,6 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from wove import _testing_tasks as tasks
+
 IN_FLIGHT = 256
 
 
@@ -47,11 +49,7 @@ def noop_sync() -> None:
     return None
 
 
-def burn(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total = (total + i * i) % 1_000_003
-    return total
+burn = tasks.burn  # importable in every worker: pickled by reference
 
 
 def proc_cpu(pids: list[int]) -> float:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import textwrap
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,29 +174,19 @@ asyncio.run(main())
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_third_party_distribution_installed_in_a_venv_resolves_by_name(tmp_path: Path) -> None:
+def test_third_party_distribution_installed_in_a_venv_resolves_by_name(tmp_path: Path, throwaway_venv: Any) -> None:
     project = tmp_path / "wove-executor-echo"
     (project / "src" / "wove_executor_echo").mkdir(parents=True)
     (project / "pyproject.toml").write_text(THIRD_PARTY_PYPROJECT)
     (project / "src" / "wove_executor_echo" / "__init__.py").write_text(THIRD_PARTY_MODULE)
-    venv = tmp_path / "venv"
-    uv = shutil.which("uv")
-    python = venv / "bin" / "python"
-    if uv:
-        subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, timeout=120)
-        install = [uv, "pip", "install", "--quiet", "--python", str(python)]
-    else:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-        install = [str(python), "-m", "pip", "install", "--quiet"]
-    result = subprocess.run([*install, str(CORE), str(project)], capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    throwaway_venv.install(str(CORE), str(project))
+    python, env, venv_bin = throwaway_venv.python, throwaway_venv.env, throwaway_venv.bin
     run = subprocess.run([str(python), "-c", THIRD_PARTY_SCRIPT], capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     import json
 
     assert json.loads(run.stdout) == {"type": "EchoExecutor", "result": ["echo", 1024], "heavy": []}
-    listing = subprocess.run([str(venv / "bin" / "wove"), "executors"], capture_output=True, text=True, timeout=60, env=env)
+    listing = subprocess.run([str(venv_bin / "wove"), "executors"], capture_output=True, text=True, timeout=60, env=env)
     assert listing.returncode == 0, listing.stderr
     assert any(line.split()[:3] == ["echo", "wove-executor-echo", "1.2.3"] for line in listing.stdout.splitlines())
     unknown = subprocess.run([str(python), "-c", "from wove.environment import build_executor_from_name as b; b('grpc')"],

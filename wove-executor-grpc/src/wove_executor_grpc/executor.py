@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from wove.errors import ProtocolError
 from wove.protocol import decode_events, encode_frame, transport_error_event
 from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
 from wove.transport import FrameExecutor, InFlight
+
+from ._pem import read_pem
 
 __all__ = ["DEFAULT_CHANNEL_OPTIONS", "GrpcEnvironmentExecutor"]
 
@@ -160,9 +161,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._ready_timeout = DEFAULT_READY_TIMEOUT if ready is None else ready
         self._metadata = _metadata(config.get("metadata"), where)
         security = NetworkExecutorSecurity.from_config(config.get("security")).resolve()
-        root = _pem(config.get("root_certificates"), "root_certificates", where)
-        chain = _pem(config.get("certificate_chain"), "certificate_chain", where)
-        key = _pem(config.get("private_key"), "private_key", where)
+        root = read_pem(config.get("root_certificates"), f"{where}: executor_config.root_certificates")
+        chain = read_pem(config.get("certificate_chain"), f"{where}: executor_config.certificate_chain")
+        key = read_pem(config.get("private_key"), f"{where}: executor_config.private_key")
         if (chain is None) != (key is None):
             raise ValueError(f"{where}: mTLS needs both executor_config.certificate_chain and private_key.")
         secure = bool(config.get("secure", root is not None or chain is not None))
@@ -498,21 +499,6 @@ def _metadata(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         ) from None
     return result
 
-
-def _pem(value: Any, key: str, where: str) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        if "-----BEGIN" in text:
-            return text.encode("ascii")
-        try:
-            return Path(text).read_bytes()
-        except OSError as exc:
-            raise ValueError(
-                f"{where}: executor_config.{key} is neither PEM text nor a readable file ({text!r}: {exc})."
-            ) from exc
-    raise TypeError(f"{where}: executor_config.{key} must be bytes, PEM text or a file path, got {type(value).__name__}.")
 
 
 def _options(value: Any, where: str) -> list[tuple[str, Any]]:

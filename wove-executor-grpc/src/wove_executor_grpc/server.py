@@ -33,6 +33,8 @@ from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, parse_j
 from wove.security import MissingCredentialsError, NetworkExecutorSecurity
 from wove.worker import WorkerEngine
 
+from ._pem import read_pem
+
 if TYPE_CHECKING:
     import argparse
 
@@ -352,19 +354,6 @@ class GrpcWorkerServer:
         await self.server.wait_for_termination()
 
 
-def _read_pem(value: str | bytes | Path | None, what: str) -> bytes | None:
-    """PEM bytes from bytes, a PEM string or a file path."""
-    if value is None or isinstance(value, bytes):
-        return value
-    text = str(value)
-    if "-----BEGIN" in text:
-        return text.encode("ascii")
-    try:
-        return Path(text).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"Cannot read the {what} file {text!r}: {exc}. Pass a PEM file path, PEM text or bytes.") from exc
-
-
 async def start_server(
     engine: WorkerEngine | None = None,
     *,
@@ -412,9 +401,9 @@ async def start_server(
     server.add_generic_rpc_handlers(service.handlers())
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if certfile is not None:
-        chain = _read_pem(certfile, "certificate")
-        key = _read_pem(keyfile, "private key")
-        ca = _read_pem(client_ca, "client CA")
+        chain = read_pem(certfile, "the certificate (--certfile)")
+        key = read_pem(keyfile, "the private key (--keyfile)")
+        ca = read_pem(client_ca, "the client CA (--client-ca)")
         credentials = grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
         )
