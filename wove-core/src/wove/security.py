@@ -10,19 +10,23 @@ Verification runs on raw bytes, before anything is decoded or unpickled.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import os
+import re
 import secrets
+import threading
 import time
 import urllib.parse
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "MemoryNonceStore",
     "MissingCredentialsError",
     "NetworkExecutorSecurity",
+    "NonceStore",
     "canonical_http_target",
     "ensure_secure_target",
     "is_local_grpc_target",
@@ -32,6 +36,9 @@ __all__ = [
 
 _KEY, _TIMESTAMP, _NONCE, _SIGNATURE = "X-Wove-Key", "X-Wove-Timestamp", "X-Wove-Nonce", "X-Wove-Signature"
 MODES = ("none", "signed", "bearer")
+_INTEGER_SECONDS = re.compile(r"[0-9]{1,15}")
+#: The forms ``from_config`` accepts as a string (``wove worker --security``).
+SECURITY_STRING_FORMS = "'none', 'env:VAR', 'signed:env:VAR' or 'bearer:env:VAR'"
 
 
 class MissingCredentialsError(PermissionError):
@@ -40,6 +47,81 @@ class MissingCredentialsError(PermissionError):
     Any other failed check raises a plain :class:`PermissionError` (HTTP 403 /
     PERMISSION_DENIED): the credentials are there but wrong, expired or replayed.
     """
+
+
+@runtime_checkable
+class NonceStore(Protocol):
+    """Where a verifier remembers the nonces of accepted signed requests.
+
+    The default, :class:`MemoryNonceStore`, lives in one worker process: a request
+    replayed to another worker with the same secret, or to the same worker after a
+    restart, is not recognised. Share one store between workers (and keep it across
+    restarts) to close that: see ``docs/security.md`` for a Redis-backed store.
+    """
+
+    def seen(self, key: str, nonce: str, expires: float) -> bool:
+        """Record ``nonce`` (of signing key id ``key``) until Unix time ``expires``.
+
+        Returns:
+            True when the nonce was recorded before and has not expired (a replay; the
+            request is rejected); False when it is new (it is now recorded).
+
+        Raises:
+            PermissionError: the store cannot remember the nonce (the request is
+                rejected with this message).
+        """
+        ...
+
+
+class MemoryNonceStore:
+    """The in-process :class:`NonceStore`: at most ``max_nonces`` nonces, never forgetting
+    a fresh one.
+
+    A nonce is kept until its request's timestamp leaves the clock-skew window (after
+    that the timestamp check rejects a replay). When the store is full of nonces that
+    have not expired, the one expiring first is dropped and its expiry becomes a
+    *floor*: a request expiring at or before the floor is rejected ("replay cache is
+    full"), so a dropped nonce can never be replayed. Under sustained load above
+    ``max_nonces`` per skew window this shrinks the accepted window instead of
+    reopening replays.
+    """
+
+    def __init__(self, max_nonces: int = 100_000) -> None:
+        if not isinstance(max_nonces, int) or isinstance(max_nonces, bool) or max_nonces < 1:
+            raise ValueError(f"max_nonces must be a positive integer, got {max_nonces!r}.")
+        self.max_nonces = max_nonces
+        self._entries: dict[tuple[str, str], float] = {}
+        self._expiry: list[tuple[float, str, str]] = []
+        self._floor = float("-inf")
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop_first(self) -> None:
+        expires, key, nonce = heapq.heappop(self._expiry)
+        self._entries.pop((key, nonce), None)
+        self._floor = max(self._floor, expires)
+
+    def seen(self, key: str, nonce: str, expires: float) -> bool:
+        with self._lock:
+            now = time.time()
+            while self._expiry and self._expiry[0][0] < now:
+                self._drop_first()
+            if (key, nonce) in self._entries:
+                return True
+            if len(self._entries) >= self.max_nonces:
+                self._drop_first()
+            if expires <= self._floor:
+                raise PermissionError(
+                    f"Replay cache is full: it holds {self.max_nonces} nonces that are still inside the "
+                    f"clock-skew window, and this request (valid until Unix time {expires:.0f}) could no "
+                    f"longer be checked for replay. Retry later with a fresh signature, or raise "
+                    f"max_nonces on the worker."
+                )
+            self._entries[(key, nonce)] = expires
+            heapq.heappush(self._expiry, (expires, key, nonce))
+            return False
 
 
 class NetworkExecutorSecurity:
@@ -52,7 +134,12 @@ class NetworkExecutorSecurity:
         key: key id sent as ``X-Wove-Key`` (default ``default``).
         token / token_env: bearer token, or the variable holding it.
         clock_skew_seconds: accepted timestamp distance (default 300).
-        max_nonces: replay cache bound (entries); they also expire with the skew window.
+        max_nonces: bound of the default in-memory replay cache (entries); they also
+            expire with the skew window. A full cache rejects requests rather than forget
+            a fresh nonce.
+        nonce_store: a shared :class:`NonceStore` (for example backed by Redis) instead of
+            the in-memory cache, so a request replayed to another worker with the same
+            secret, or after a restart, is rejected too.
     """
 
     def __init__(
@@ -66,6 +153,7 @@ class NetworkExecutorSecurity:
         token_env: str | None = None,
         clock_skew_seconds: float = 300.0,
         max_nonces: int = 100_000,
+        nonce_store: NonceStore | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"security type must be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
@@ -73,8 +161,13 @@ class NetworkExecutorSecurity:
             raise ValueError("signed security needs 'secret' or 'secret_env' (or use security='env:VARIABLE').")
         if mode == "bearer" and token is None and not token_env:
             raise ValueError("bearer security needs 'token' or 'token_env'.")
-        if not isinstance(clock_skew_seconds, (int, float)) or clock_skew_seconds <= 0:
-            raise ValueError(f"clock_skew_seconds must be a positive number, got {clock_skew_seconds!r}.")
+        if (not isinstance(clock_skew_seconds, (int, float)) or isinstance(clock_skew_seconds, bool)
+                or not clock_skew_seconds > 0 or clock_skew_seconds == float("inf")):
+            raise ValueError(f"clock_skew_seconds must be a positive, finite number, got {clock_skew_seconds!r}.")
+        if nonce_store is not None and not callable(getattr(nonce_store, "seen", None)):
+            raise TypeError(
+                f"nonce_store must have a seen(key, nonce, expires) -> bool method, got {type(nonce_store).__name__}."
+            )
         self.mode = mode
         self.key = str(key)
         self.clock_skew_seconds = float(clock_skew_seconds)
@@ -82,8 +175,8 @@ class NetworkExecutorSecurity:
         self._secret_env = secret_env
         self._token = token
         self._token_env = token_env
-        self._nonces: OrderedDict[str, float] = OrderedDict()
-        self._max_nonces = max_nonces
+        #: where accepted nonces are remembered (see :class:`NonceStore`)
+        self.nonce_store: NonceStore = nonce_store if nonce_store is not None else MemoryNonceStore(max_nonces)
 
     def __repr__(self) -> str:  # never shows the secret
         source = f" from ${self._secret_env or self._token_env}" if (self._secret_env or self._token_env) else ""
@@ -91,29 +184,32 @@ class NetworkExecutorSecurity:
 
     @classmethod
     def from_config(cls, config: Any) -> NetworkExecutorSecurity:
-        """Build from an ``executor_config.security`` value.
+        """Build from an ``executor_config.security`` value (or ``wove worker --security``).
 
-        Accepts ``None``/``"none"``/``{"type": "none"}``, ``"env:VAR"``,
-        ``{"type": "signed", "secret"|"secret_env", "key"?, "clock_skew_seconds"?}`` and
-        ``{"type": "bearer", "token"|"token_env"}``. Environment variables are read by
-        :meth:`resolve` (called at ``start()``), so a missing one fails there.
+        Accepts ``None``/``"none"``/``{"type": "none"}``; the strings ``"env:VAR"`` and
+        ``"signed:env:VAR"`` (signed with the secret in VAR) and ``"bearer:env:VAR"``
+        (bearer token in VAR); ``{"type": "signed", "secret"|"secret_env", "key"?,
+        "clock_skew_seconds"?, "max_nonces"?, "nonce_store"?}`` and ``{"type": "bearer",
+        "token"|"token_env"}``. Environment variables are read by :meth:`resolve` (called
+        at ``start()``), so a missing one fails there.
+
+        Raises:
+            ValueError / TypeError: the value is none of these (the message lists them).
         """
         if config is None or config == "none":
             return cls()
         if isinstance(config, NetworkExecutorSecurity):
             return config
         if isinstance(config, str):
-            if config.startswith("env:") and len(config) > 4:
-                return cls(mode="signed", secret_env=config[4:])
-            raise ValueError(
-                f"security string must be 'none' or 'env:VARIABLE', got {config[:40]!r}."
-            )
+            return cls._from_string(config)
         if not isinstance(config, dict):
             raise TypeError(
                 f"security must be a dict, 'env:VARIABLE' or 'none', got {type(config).__name__}."
             )
         mode = config.get("type", "signed")
-        allowed = {"none": {"type"}, "signed": {"type", "secret", "secret_env", "key", "clock_skew_seconds", "remember_nonces"},
+        allowed = {"none": {"type"},
+                   "signed": {"type", "secret", "secret_env", "key", "clock_skew_seconds", "remember_nonces",
+                              "max_nonces", "nonce_store"},
                    "bearer": {"type", "token", "token_env"}}.get(mode)
         if allowed is None:
             raise ValueError(f"security.type must be one of 'signed', 'bearer', 'none', got {mode!r}.")
@@ -130,6 +226,27 @@ class NetworkExecutorSecurity:
             secret_env=config.get("secret_env"),
             key=str(config.get("key", "default")),
             clock_skew_seconds=float(config.get("clock_skew_seconds", 300.0)),
+            max_nonces=config.get("max_nonces", 100_000),
+            nonce_store=config.get("nonce_store"),
+        )
+
+    @classmethod
+    def _from_string(cls, config: str) -> NetworkExecutorSecurity:
+        mode, _, rest = config.partition(":")
+        if mode == "env":
+            mode, rest = "signed", config
+        if mode in ("signed", "bearer") and rest.startswith("env:"):
+            variable = rest[4:]
+            if variable and not any(c.isspace() for c in variable):
+                if mode == "signed":
+                    return cls(mode="signed", secret_env=variable)
+                return cls(mode="bearer", token_env=variable)
+        hint = ""
+        if mode == "bearer" and not rest.startswith("env:"):
+            hint = " Put the token in an environment variable and write 'bearer:env:VAR' (a token on a command line is visible to other users)."
+        raise ValueError(
+            f"security string must be 'none' or 'env:VARIABLE' (also 'signed:env:VARIABLE', "
+            f"'bearer:env:VARIABLE'), got {config[:40]!r}.{hint}"
         )
 
     def resolve(self) -> NetworkExecutorSecurity:
@@ -206,10 +323,12 @@ class NetworkExecutorSecurity:
         nonce, signature = values[_NONCE.lower()], values[_SIGNATURE.lower()]
         if not hmac.compare_digest(key.encode(), self.key.encode()):
             raise PermissionError(f"Unknown signing key id {key[:64]!r}.")
-        try:
-            stamp = float(timestamp)
-        except ValueError:
-            raise PermissionError(f"Invalid X-Wove-Timestamp {timestamp[:32]!r}: not a number.") from None
+        if not _INTEGER_SECONDS.fullmatch(timestamp):
+            raise PermissionError(
+                f"Invalid X-Wove-Timestamp {timestamp[:32]!r}: not a number of integer Unix seconds "
+                f"(the scheme sends digits only, such as {int(time.time())})."
+            )
+        stamp = int(timestamp)
         skew = time.time() - stamp
         if skew > self.clock_skew_seconds:
             raise PermissionError(f"Expired signature: timestamp is {skew:.0f}s old (clock_skew_seconds={self.clock_skew_seconds:g}).")
@@ -218,19 +337,8 @@ class NetworkExecutorSecurity:
         expected = self._signature(transport, target, body, timestamp, nonce)
         if not hmac.compare_digest(signature.encode(), expected.encode()):
             raise PermissionError("Invalid signature: the request was not signed with this secret, or was altered.")
-        self._remember(nonce)
-
-    def _remember(self, nonce: str) -> None:
-        now = time.monotonic()
-        horizon = now - 2 * self.clock_skew_seconds
-        while self._nonces:
-            _oldest, seen = next(iter(self._nonces.items()))
-            if seen >= horizon and len(self._nonces) < self._max_nonces:
-                break
-            self._nonces.popitem(last=False)
-        if nonce in self._nonces:
+        if self.nonce_store.seen(key, nonce, stamp + self.clock_skew_seconds):
             raise PermissionError("Replayed request: this nonce was already used.")
-        self._nonces[nonce] = now
 
 
 def _read_env(name: str | None, label: str) -> str:
