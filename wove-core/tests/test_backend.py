@@ -72,8 +72,10 @@ def test_payload_shape_and_round_trip() -> None:
     payload = build_backend_payload(_frame(tasks.add, {"a": 1, "b": 2}, delivery_timeout=5.0),
                                     callback_url="http://127.0.0.1:1/wove/events/x", adapter="test")
     assert set(payload) == {"version", "adapter", "callback_url", "run_id", "task_id", "task_name",
-                            "callable_pickle", "args_pickle", "delivery"}
+                            "callable_pickle", "args_pickle", "delivery", "callback_key"}
     assert payload["version"] == 1 and payload["delivery"] == {"delivery_timeout": 5.0}
+    other = build_backend_payload(_frame(tasks.add, {"a": 1, "b": 2}), callback_url="http://x", adapter="test")
+    assert len(payload["callback_key"]) == 64 and other["callback_key"] != payload["callback_key"]  # per run
     assert payload_from_b64(payload_to_b64(payload)) == payload
     json.dumps(payload)  # JSON-safe
     decoded = unpack_frame({"callable_pickle": payload["callable_pickle"], "args_pickle": payload["args_pickle"]})
@@ -428,3 +430,195 @@ async def test_wove2_worker_runs_our_payload_and_posts_to_our_server(
     assert [e["type"] for e in second] == ["task_started", "task_error"]
     assert isinstance(second[-1]["exception"], ZeroDivisionError)
     assert second[-1]["error"]["kind"] == "ZeroDivisionError" and second[-1]["error"]["source"] == "task"
+
+
+# -- callbacks for runs that are not pending are never decoded ---------------------------
+class _TouchOnLoad:
+    """Unpickling this creates ``path`` (through a public function): a visible side effect."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (Path.touch, (self.path,))
+
+
+def _pickled_b64(value: Any) -> str:
+    import base64
+    import pickle
+
+    return base64.b64encode(pickle.dumps(value)).decode("ascii")
+
+
+class IdleAdapter(BackendAdapter):
+    """Accepts submissions and never runs them (the test posts the callbacks itself)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.payloads: list[dict[str, Any]] = []
+
+    async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> Any:
+        self.payloads.append(payload)
+        return None
+
+
+async def _started_idle_executor() -> BackendAdapterEnvironmentExecutor:
+    executor = BackendAdapterEnvironmentExecutor("idle", IdleAdapter)
+    await executor.start(environment_name="b", environment_config={}, run_config={})
+    return executor
+
+
+async def test_callback_for_an_unknown_run_is_refused_without_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    executor = await _started_idle_executor()
+    try:
+        assert executor.adapter is not None
+        url = executor.adapter.callback_url  # the right token
+        evil = {"type": "task_result", "run_id": "nope:0123456789abcdef", "task_id": "nope",
+                "result_pickle": _pickled_b64(_TouchOnLoad(marker))}
+        async with httpx.AsyncClient() as client:
+            single = await client.post(url, content=json.dumps(evil))
+            listed = await client.post(url, content=json.dumps([evil]))
+            wrapped = await client.post(url, content=json.dumps({"events": [dict(evil, type="task_error",
+                                                                                  error_pickle=evil["result_pickle"])]}))
+        assert (single.status_code, listed.status_code, wrapped.status_code) == (404, 404, 404)
+        assert "nope:0123456789abcdef" in single.text
+        assert not marker.exists(), "the callback server unpickled a body for a run that does not exist"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(executor.recv(), 0.3)  # nothing reached the runtime
+    finally:
+        await executor.stop()
+
+
+async def test_callback_mixing_a_pending_and_an_unknown_run_decodes_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    executor = await _started_idle_executor()
+    try:
+        assert executor.adapter is not None
+        frame = _frame(tasks.add, {"a": 1, "b": 2}, run_id="add:1")
+        await executor.send(frame)
+        pending = {"type": "task_result", "run_id": "add:1", "task_id": "add",
+                   "result_pickle": _pickled_b64(_TouchOnLoad(marker))}
+        unknown = dict(pending, run_id="add:2")
+        async with httpx.AsyncClient() as client:
+            response = await client.post(executor.adapter.callback_url, content=json.dumps([pending, unknown]))
+        assert response.status_code == 404 and "add:2" in response.text
+        assert not marker.exists()
+    finally:
+        await executor.stop()
+
+
+async def test_signed_callbacks_are_verified_before_anything_is_decoded(tmp_path: Path) -> None:
+    from wove.backend import callback_headers
+
+    marker = tmp_path / "unpickled"
+    executor = await _started_idle_executor()
+    try:
+        adapter = executor.adapter
+        assert isinstance(adapter, IdleAdapter)
+        url = adapter.callback_url
+        for run_id in ("add:1", "add:2"):
+            await executor.send(_frame(tasks.add, {"a": 1, "b": 2}, run_id=run_id))
+        key_1, key_2 = (payload["callback_key"] for payload in adapter.payloads)
+        evil = json.dumps({"type": "task_result", "run_id": "add:1", "task_id": "add",
+                           "result_pickle": _pickled_b64(_TouchOnLoad(marker))}).encode()
+        async with httpx.AsyncClient() as client:
+            wrong_key = await client.post(url, content=evil, headers=callback_headers(key_2, "add:1", evil))
+            # run 2's key signs a body that carries run 1's event
+            cross_run = await client.post(url, content=evil, headers=callback_headers(key_2, "add:2", evil))
+            unknown = await client.post(url, content=evil, headers=callback_headers(key_1, "add:9", evil))
+            half = await client.post(url, content=evil,
+                                     headers={"X-Wove-Run-Id": "add:1"})  # no signature header
+        assert (wrong_key.status_code, cross_run.status_code, unknown.status_code, half.status_code) == (
+            403, 403, 404, 400)
+        assert "does not match" in wrong_key.text and "add:1" in cross_run.text and "add:9" in unknown.text
+        assert not marker.exists()
+        good = encode_event({"type": "task_result", "run_id": "add:1", "task_id": "add", "result": 3})
+        async with httpx.AsyncClient() as client:
+            accepted = await client.post(url, content=good, headers=callback_headers(key_1, "add:1", good))
+        assert accepted.status_code == 204
+        event = await asyncio.wait_for(executor.recv(), 5)
+        assert event["run_id"] == "add:1" and event["result"] == 3
+    finally:
+        await executor.stop()
+
+
+async def test_require_signed_callbacks_refuses_unsigned_ones_and_our_workers_sign() -> None:
+    async with _runtime(require_signed_callbacks=True) as runtime:
+        assert await runtime.call("b", tasks.add, 20, 22) == 42  # run_backend_payload signs its callbacks
+        with pytest.raises(tasks.ContractTaskError):
+            await runtime.call("b", tasks.fail, "signed error")
+    executor = BackendAdapterEnvironmentExecutor("idle", IdleAdapter)
+    await executor.start(environment_name="b", environment_config={"require_signed_callbacks": True},
+                         run_config={})
+    try:
+        assert executor.adapter is not None
+        await executor.send(_frame(tasks.add, {"a": 1, "b": 2}, run_id="add:1"))
+        body = encode_event({"type": "task_result", "run_id": "add:1", "task_id": "add", "result": 3})
+        async with httpx.AsyncClient() as client:
+            unsigned = await client.post(executor.adapter.callback_url, content=body)
+        assert unsigned.status_code == 403 and "require_signed_callbacks" in unsigned.text
+    finally:
+        await executor.stop()
+    with pytest.raises(ValueError, match="require_signed_callbacks must be true or false, got 'yes'"):
+        await BackendAdapterEnvironmentExecutor("idle", IdleAdapter).start(
+            environment_name="b", environment_config={"require_signed_callbacks": "yes"}, run_config={})
+
+
+async def test_a_refused_terminal_callback_is_not_retried() -> None:
+    """A 4xx is the server's final word: the worker does not spend its slot posting again."""
+    import http.server
+    import threading
+
+    from wove.backend import execute_backend_payload
+
+    posts: list[str] = []
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            posts.append(self.headers.get("X-Wove-Run-Id", ""))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/wove/events/" + "t" * 20
+        payload = build_backend_payload(_frame(tasks.add, {"a": 1, "b": 1}, run_id="add:7"), callback_url=url,
+                                        adapter="test")
+        event, posted = await execute_backend_payload(payload)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert event["type"] == "task_result" and posted is False
+    assert posts == ["add%3A7"]  # one signed attempt, no retries
+
+
+class Wove2ProcessAdapter(BackendAdapter):
+    """Runs each payload with Wove 2.0.3's worker entry point in a subprocess (it does not sign)."""
+
+    python: Path | None = None
+
+    async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> Any:
+        assert self.python is not None
+        script = "import json, sys; from wove.integrations.worker import run; run(json.loads(sys.stdin.read()))"
+        proc = await asyncio.create_subprocess_exec(str(self.python), "-c", script, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.DEVNULL)
+        return asyncio.ensure_future(proc.communicate(json.dumps(payload).encode()))
+
+
+async def test_wove2_worker_callbacks_reach_the_executor_for_pending_runs(wove2_python: Path) -> None:
+    """Unsigned 2.x callbacks are accepted for a pending run (the executor gates on the run, not the key)."""
+    Wove2ProcessAdapter.python = wove2_python
+    executor = BackendAdapterEnvironmentExecutor("wove2", Wove2ProcessAdapter)
+    runtime = ExecutorRuntime({"b": {"executor": executor, "executor_config": {}}}, {})
+    async with runtime:
+        offset = 40
+        assert await asyncio.wait_for(runtime.call("b", lambda x: x + offset, 2), 60) == 42  # by value
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.wait_for(runtime.call("b", lambda: 1 / 0), 60)

@@ -19,7 +19,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._callback_server import redact_callback_url
+from ._callback_server import callback_headers, redact_callback_url
 from .errors import ProtocolError
 from .protocol import (
     encode_event,
@@ -81,8 +81,8 @@ class CallbackConnectionPool:
         #: Connections opened so far (for tests and diagnostics).
         self.opened = 0
 
-    def post(self, url: str, body: bytes, timeout: float) -> bytes:
-        """POST ``body`` (JSON) to ``url``; return the response body.
+    def post(self, url: str, body: bytes, timeout: float, headers: dict[str, str] | None = None) -> bytes:
+        """POST ``body`` (JSON) to ``url`` with extra ``headers``; return the response body.
 
         Raises:
             urllib.error.HTTPError: the server answered with a status of 400 or more.
@@ -94,15 +94,15 @@ class CallbackConnectionPool:
             raise urllib.error.URLError(f"callback URL {redact_callback_url(url)!r} is not an http(s) URL")
         key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
         if self._uses_proxy(key, url):
-            return _urllib_post(url, body, timeout)
+            return _urllib_post(url, body, timeout, headers)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        all_headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
         while True:
             conn, reused = self._checkout(key, timeout)
             try:
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout)
-                conn.request("POST", target, body=body, headers=headers)
+                conn.request("POST", target, body=body, headers=all_headers)
                 response = conn.getresponse()
                 data = response.read()
             except _STALE_ERRORS:
@@ -167,8 +167,9 @@ class CallbackConnectionPool:
                 conn.close()
 
 
-def _urllib_post(url: str, body: bytes, timeout: float) -> bytes:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+def _urllib_post(url: str, body: bytes, timeout: float, headers: dict[str, str] | None = None) -> bytes:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         data: bytes = response.read()
     return data
@@ -178,41 +179,66 @@ def _urllib_post(url: str, body: bytes, timeout: float) -> bytes:
 callback_connections = CallbackConnectionPool()
 
 
-def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None) -> None:
+def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None, *,
+               key: str | None = None) -> None:
     """POST one event to ``callback_url`` (synchronous, thread-safe; stdlib only).
 
     Uses the process's keep-alive :data:`callback_connections`. The result and exception
     travel as pickled fields; a result that cannot be pickled is sent as a ``task_error``
-    instead (see :func:`wove.protocol.encode_event`).
+    instead (see :func:`wove.protocol.encode_event`). With ``key`` (the payload's
+    ``callback_key``) the request is signed for the event's run.
 
     Raises:
         OSError: the callback server could not be reached or answered with an error status
             (``urllib.error.HTTPError`` / ``URLError``).
     """
-    callback_connections.post(callback_url, encode_event(frame), POST_TIMEOUT if timeout is None else timeout)
+    body = encode_event(frame)
+    headers = callback_headers(key, str(frame.get("run_id")), body) if key else None
+    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout, headers)
 
 
-def post_events(callback_url: str, frames: list[dict[str, Any]], timeout: float | None = None) -> None:
+def post_events(callback_url: str, frames: list[dict[str, Any]], timeout: float | None = None, *,
+                key: str | None = None) -> None:
     """POST several events in one request (a JSON list body, which the callback server accepts).
+
+    With ``key`` the request is signed; every frame must then belong to one run.
 
     Raises:
         OSError: as :func:`post_event`.
+        ValueError: ``key`` is given and the frames name more than one run.
     """
     body = b"[" + b",".join(encode_event(frame) for frame in frames) + b"]"
-    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout)
+    headers = None
+    if key:
+        runs = {str(frame.get("run_id")) for frame in frames}
+        if len(runs) != 1:
+            raise ValueError(f"post_events(key=...) signs the events of one run; got runs {sorted(runs)[:5]}.")
+        headers = callback_headers(key, runs.pop(), body)
+    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout, headers)
 
 
-async def _post(url: str, frame: dict[str, Any]) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, post_event, url, frame)
+def _definitive(exc: OSError) -> bool:
+    """A 4xx answer: the server understood and refused; posting again cannot help."""
+    return isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500
 
 
-async def _post_terminal(url: str, frame: dict[str, Any]) -> bool:
+async def _post(url: str, frame: dict[str, Any], key: str | None = None) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, functools.partial(post_event, url, frame, key=key))
+
+
+async def _post_terminal(url: str, frame: dict[str, Any], key: str | None = None) -> bool:
     for attempt, delay in enumerate((*TERMINAL_POST_RETRIES, None)):
         try:
-            await _post(url, frame)
+            await _post(url, frame, key)
             return True
         except OSError as exc:
-            if delay is None:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 404:
+                # Usually: the caller no longer waits for this run (it finished, was cancelled
+                # or timed out). Not posted: an engine adapter may still deliver it its own way.
+                logger.info("%s for run %s refused by %s (404, not retried): %s", frame.get("type"),
+                            frame.get("run_id"), redact_callback_url(url), exc)
+                return False
+            if _definitive(exc) or delay is None:
                 logger.error("could not post %s for run %s to %s after %d attempts: %r",
                              frame.get("type"), frame.get("run_id"), redact_callback_url(url), attempt + 1, exc)
                 return False
@@ -245,6 +271,7 @@ async def execute_backend_payload(
     if missing:
         raise ValueError(f"Backend payload lacks the string field(s) {missing}; it cannot be run or answered.")
     url, run_id, task_id = payload["callback_url"], payload["run_id"], payload["task_id"]
+    key = payload.get("callback_key") if isinstance(payload.get("callback_key"), str) else None
     ids = {"run_id": run_id, "task_id": task_id}
     loop = asyncio.get_running_loop()
     beat: asyncio.Task[None] | None = None
@@ -258,15 +285,19 @@ async def execute_backend_payload(
     # their terminal event.
     started: list[asyncio.Future[None]] = []
     started_timer = loop.call_later(
-        delay, lambda: started.append(asyncio.ensure_future(_post(url, {"type": "task_started", **ids})))
+        delay, lambda: started.append(asyncio.ensure_future(_post(url, {"type": "task_started", **ids}, key)))
     )
 
     async def heartbeats(every: float) -> None:
         while True:
             await asyncio.sleep(every)
             try:
-                await _post(url, {"type": "heartbeat", **ids})
+                await _post(url, {"type": "heartbeat", **ids}, key)
             except OSError as exc:
+                if _definitive(exc):
+                    logger.info("heartbeats for run %s stop: %s refused them: %r", run_id,
+                                redact_callback_url(url), exc)
+                    return
                 logger.warning("heartbeat for run %s not delivered to %s: %r", run_id, redact_callback_url(url), exc)
 
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
@@ -314,15 +345,15 @@ async def execute_backend_payload(
         event = error_event(run_id, task_id, kind="WorkerStopped", source="transport", retryable=True,
                             message=f"The backend worker stopped run {run_id} before it finished.")
         started_timer.cancel()
-        await asyncio.shield(_finish(url, started, beat, event))
+        await asyncio.shield(_finish(url, started, beat, event, key))
         raise
     started_timer.cancel()  # not sent yet: a quick run needs only its terminal event
-    posted = await _finish(url, started, beat, event)
+    posted = await _finish(url, started, beat, event, key)
     return event, posted
 
 
 async def _finish(url: str, started: list[asyncio.Future[None]], beat: asyncio.Task[None] | None,
-                  event: dict[str, Any]) -> bool:
+                  event: dict[str, Any], key: str | None = None) -> bool:
     if beat is not None:
         beat.cancel()
     for post in started:
@@ -331,7 +362,7 @@ async def _finish(url: str, started: list[asyncio.Future[None]], beat: asyncio.T
         except OSError as exc:
             logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"),
                            redact_callback_url(url), exc)
-    return await _post_terminal(url, event)
+    return await _post_terminal(url, event, key)
 
 
 async def run_backend_payload_async(payload: dict[str, Any]) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import importlib.util
 import logging
@@ -11,14 +12,52 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote, unquote
 
-from .protocol import decode_events
+from .errors import ProtocolError
+from .protocol import decode_events, parse_json
 
 logger = logging.getLogger("wove.backend")
 
 #: Largest callback body the server accepts (results travel in callbacks).
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 EVENTS_PATH = "/wove/events/"
+#: Header naming the run a signed callback is for (percent-encoded run id).
+CALLBACK_RUN_HEADER = "X-Wove-Run-Id"
+#: Header carrying ``v1=<hex HMAC-SHA256>`` of a callback, keyed by the run's ``callback_key``.
+CALLBACK_SIGNATURE_HEADER = "X-Wove-Callback-Signature"
+
+
+def new_callback_key() -> str:
+    """A fresh per-run callback key (64 hex characters), carried in the run's payload."""
+    return secrets.token_hex(32)
+
+
+def sign_callback(key: str, run_id: str, body: bytes) -> str:
+    """The ``X-Wove-Callback-Signature`` value of ``body`` posted for ``run_id``.
+
+    ``v1=`` + hex HMAC-SHA256(key, ``"wove-callback-v1\n" + run_id + "\n" + body``): the
+    signature binds the body to one run, so a worker holding one run's payload cannot
+    post events for another run.
+    """
+    mac = hmac.new(key.encode("utf-8"), b"wove-callback-v1\n", hashlib.sha256)
+    mac.update(run_id.encode("utf-8"))
+    mac.update(b"\n")
+    mac.update(body)
+    return "v1=" + mac.hexdigest()
+
+
+def callback_headers(key: str, run_id: str, body: bytes) -> dict[str, str]:
+    """The headers that sign a callback ``body`` for ``run_id`` (see :func:`sign_callback`)."""
+    return {CALLBACK_RUN_HEADER: quote(run_id, safe=""), CALLBACK_SIGNATURE_HEADER: sign_callback(key, run_id, body)}
+
+
+def _raw_events(obj: Any) -> list[Any]:
+    """The event objects of a parsed body, as :func:`wove.protocol.decode_events` reads them."""
+    if isinstance(obj, dict) and "events" in obj and "type" not in obj:
+        events = obj["events"]
+        return events if isinstance(events, list) else []
+    return obj if isinstance(obj, list) else [obj]
 
 
 def redact_callback_url(url: str) -> str:
@@ -49,6 +88,15 @@ class BackendCallbackServer:
     a wrong token, another method or an oversized body gets 404/403/405/413 and nothing
     is queued; a body that does not decode gets 400.
 
+    With ``is_pending`` (as :class:`BackendAdapterEnvironmentExecutor` runs it), the body
+    is parsed as JSON and every run it names is checked *before any pickled field is
+    decoded*: a callback naming a run that is not pending gets 404 and nothing of it is
+    unpickled. With ``run_key``, a callback carrying ``X-Wove-Run-Id`` and
+    ``X-Wove-Callback-Signature`` (what Wove 3 workers send) is verified against that
+    run's key on the raw bytes first (403 when it does not match, or when an event in it
+    names another run); an unsigned callback (a Wove 2.x worker) is accepted for a pending
+    run unless ``require_signature`` is set (then 403).
+
     Args:
         host: interface to bind (``127.0.0.1`` by default).
         port: port to bind; 0 picks a free one.
@@ -58,6 +106,9 @@ class BackendCallbackServer:
         max_body_bytes: largest accepted body.
         on_events: called with each decoded list of events; without it events wait in a
             queue for :meth:`recv`.
+        is_pending: True for a run id whose events are expected; without it every run is.
+        run_key: the callback key of a pending run (verifies signed callbacks).
+        require_signature: refuse unsigned callbacks (no Wove 2.x workers).
     """
 
     def __init__(
@@ -68,6 +119,9 @@ class BackendCallbackServer:
         token: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         on_events: Callable[[list[dict[str, Any]]], None] | None = None,
+        is_pending: Callable[[str], bool] | None = None,
+        run_key: Callable[[str], str | None] | None = None,
+        require_signature: bool = False,
     ) -> None:
         if token is not None and (not isinstance(token, str) or len(token) < 16 or "/" in token):
             raise ValueError("callback_token must be a string of at least 16 characters without '/'; "
@@ -78,6 +132,9 @@ class BackendCallbackServer:
         self.token = token or secrets.token_urlsafe(32)
         self.max_body_bytes = max_body_bytes
         self._on_events = on_events
+        self._is_pending = is_pending
+        self._run_key = run_key
+        self.require_signature = require_signature
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -197,8 +254,46 @@ class BackendCallbackServer:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        status, message = self._verify_signature(scope, body)
+        if status:
+            return status, message
+        signed_run = message or None
+        # Parse JSON only (no pickle) and check every run the body names before decoding.
         try:
-            events = decode_events(b"".join(chunks))
+            obj = parse_json(body)
+        except ProtocolError as exc:
+            logger.warning("backend callback rejected: %s", exc)
+            return 400, f"Invalid callback: {exc}"
+        run_ids: list[str] = []
+        for index, raw in enumerate(_raw_events(obj)):
+            if not isinstance(raw, dict):
+                return 400, f"Invalid callback: event {index} must be a JSON object, got {type(raw).__name__}."
+            run_id = raw.get("run_id")
+            if isinstance(run_id, str):
+                run_ids.append(run_id)
+            elif raw.get("type") != "log":
+                return 400, f"Invalid callback: {raw.get('type')!r:.60} event {index} needs a string 'run_id', got {run_id!r:.80}."
+        if self._is_pending is not None:
+            unknown = sorted({run_id for run_id in run_ids if not self._is_pending(run_id)})
+            if unknown:
+                shown = ", ".join(repr(run_id[:120]) for run_id in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+                logger.warning("backend callback refused (404): no pending run %s; nothing in it was decoded", shown)
+                return 404, (f"Unknown run {shown}: no run with that id is pending here (it finished, was "
+                             "cancelled, or was never submitted); nothing in this callback was decoded.")
+        if signed_run is not None:
+            others = sorted({run_id for run_id in run_ids if run_id != signed_run})
+            if others:
+                logger.warning("backend callback refused (403): signed for run %r but names %r", signed_run[:120],
+                               others[0][:120])
+                return 403, (f"Callback signed for run {signed_run[:120]!r} carries events of run "
+                             f"{others[0][:120]!r}; a run's key signs only that run's events.")
+        elif self.require_signature and run_ids:
+            logger.warning("backend callback refused (403): unsigned callback for run %r", run_ids[0][:120])
+            return 403, (f"Unsigned callback for run {run_ids[0][:120]!r}: this executor requires signed "
+                         "callbacks (executor_config.require_signed_callbacks); Wove 2.x workers do not sign.")
+        try:
+            events = decode_events(obj)
         except Exception as exc:  # ProtocolError, or cloudpickle missing
             logger.warning("backend callback rejected: %s", exc)
             return 400, f"Invalid callback: {exc}"
@@ -209,4 +304,35 @@ class BackendCallbackServer:
                 self._queue.put_nowait(event)
         return 204, ""
 
-
+    def _verify_signature(self, scope: dict[str, Any], body: bytes) -> tuple[int, str]:
+        """``(0, run_id)`` for a valid signed callback, ``(0, "")`` for an unsigned one, else an error."""
+        if self._run_key is None:
+            return 0, ""  # nothing to verify with: the token alone authenticates
+        run_header = CALLBACK_RUN_HEADER.lower().encode()
+        signature_header = CALLBACK_SIGNATURE_HEADER.lower().encode()
+        run_value = signature = None
+        for name, value in scope.get("headers", []):
+            if name == run_header:
+                run_value = value
+            elif name == signature_header:
+                signature = value
+        if run_value is None and signature is None:
+            return 0, ""
+        if run_value is None or signature is None:
+            return 400, (f"A signed callback needs both {CALLBACK_RUN_HEADER} and {CALLBACK_SIGNATURE_HEADER}; "
+                         f"got only {CALLBACK_RUN_HEADER if signature is None else CALLBACK_SIGNATURE_HEADER}.")
+        run_id = unquote(run_value.decode("latin-1"))
+        if self._is_pending is not None and not self._is_pending(run_id):
+            logger.warning("backend callback refused (404): no pending run %r; nothing in it was decoded",
+                           run_id[:120])
+            return 404, (f"Unknown run {run_id[:120]!r}: no run with that id is pending here (it finished, was "
+                         "cancelled, or was never submitted); nothing in this callback was decoded.")
+        key = self._run_key(run_id)
+        if not key:
+            logger.warning("backend callback refused (403): run %r has no callback key", run_id[:120])
+            return 403, f"Run {run_id[:120]!r} has no callback key here; its callbacks cannot be verified."
+        if not hmac.compare_digest(signature, sign_callback(key, run_id, body).encode()):
+            logger.warning("backend callback refused (403): bad signature for run %r", run_id[:120])
+            return 403, (f"Callback signature for run {run_id[:120]!r} does not match the run's key; "
+                         "the body was changed or was not posted by the worker of this run.")
+        return 0, run_id

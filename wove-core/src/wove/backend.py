@@ -6,8 +6,13 @@ it to a :class:`BackendAdapter`, which submits it to the engine. A worker of the
 runs the payload with :func:`run_backend_payload` (or :func:`run_backend_payload_async`)
 and posts the run's events back over HTTP to a :class:`BackendCallbackServer` the
 executor runs on its own event loop, at ``/wove/events/<token>`` where the token is
-unguessable and per executor. Wove 2.x workers (``wove.integrations.worker.run``) run
-these payloads and post to this server unchanged.
+unguessable and per executor. Each payload also carries a per-run ``callback_key``; the
+worker signs every callback with it (``X-Wove-Callback-Signature``) and the server
+verifies that signature on the raw bytes, and checks that the run is pending, before it
+decodes any pickled field: a callback for a run that is not pending is answered 404 and
+nothing of it is unpickled. Wove 2.x workers (``wove.integrations.worker.run``) run these
+payloads and post to this server unchanged (unsigned: accepted for pending runs unless
+``executor_config.require_signed_callbacks`` is true).
 
 Adapters may watch their submissions and call :meth:`BackendAdapter.report_lost` when
 the engine lost a run (worker killed, scheduler gone): the executor then re-delivers it
@@ -37,7 +42,15 @@ from ._backend_worker import (
     run_backend_payload,
     run_backend_payload_async,
 )
-from ._callback_server import DEFAULT_MAX_BODY_BYTES, BackendCallbackServer
+from ._callback_server import (
+    CALLBACK_RUN_HEADER,
+    CALLBACK_SIGNATURE_HEADER,
+    DEFAULT_MAX_BODY_BYTES,
+    BackendCallbackServer,
+    callback_headers,
+    new_callback_key,
+    sign_callback,
+)
 from .protocol import (
     TERMINAL_EVENTS,
 )
@@ -45,6 +58,8 @@ from .security import is_local_host
 from .transport import FrameExecutor
 
 __all__ = [
+    "CALLBACK_RUN_HEADER",
+    "CALLBACK_SIGNATURE_HEADER",
     "DEFAULT_MAX_BODY_BYTES",
     "BackendAdapter",
     "BackendAdapterEnvironmentExecutor",
@@ -52,8 +67,10 @@ __all__ = [
     "CallbackConnectionPool",
     "build_backend_payload",
     "callback_connections",
+    "callback_headers",
     "execute_backend_payload",
     "get_backend_adapter_class",
+    "new_callback_key",
     "payload_from_b64",
     "payload_to_b64",
     "post_event",
@@ -61,13 +78,18 @@ __all__ = [
     "register_backend_adapter",
     "run_backend_payload",
     "run_backend_payload_async",
+    "sign_callback",
 ]
 
 logger = logging.getLogger(__name__)
 
 # -- payloads ----------------------------------------------------------------------------
-def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: str) -> dict[str, Any]:
+def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: str,
+                          callback_key: str | None = None) -> dict[str, Any]:
     """Build the JSON-safe payload a backend worker runs (the Wove 2.x shape).
+
+    Beyond the 2.x fields it carries ``callback_key`` (``callback_key`` or a fresh random
+    one): the per-run key the worker signs its callbacks with. Wove 2.x workers ignore it.
 
     Raises:
         DispatchError: the callable or an argument cannot be pickled (names the task and path).
@@ -86,6 +108,7 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
         "callable_pickle": packed["callable_pickle"],
         "args_pickle": packed["args_pickle"],
         "delivery": dict(frame.get("delivery") or {}),
+        "callback_key": callback_key or new_callback_key(),
     }
 
 
@@ -124,7 +147,7 @@ class BackendAdapter:
         self.config = config
         self.callback_url = callback_url
         self.run_config = run_config
-        self._on_lost: Callable[[str, str, BaseException | None], None] | None = None
+        self._on_lost: Callable[..., None] | None = None
         self._on_event: Callable[[dict[str, Any]], None] | None = None
         self._is_pending: Callable[[str], bool] = lambda run_id: False
 
@@ -147,7 +170,7 @@ class BackendAdapter:
         """Release engine resources."""
 
     # -- hooks the executor binds --------------------------------------------------------
-    def bind(self, *, on_lost: Callable[[str, str, BaseException | None], None],
+    def bind(self, *, on_lost: Callable[..., None],
              on_event: Callable[[dict[str, Any]], None], is_pending: Callable[[str], bool]) -> None:
         """Called by the executor before :meth:`start`."""
         self._on_lost, self._on_event, self._is_pending = on_lost, on_event, is_pending
@@ -156,10 +179,18 @@ class BackendAdapter:
         """True while ``run_id`` has no terminal event."""
         return self._is_pending(run_id)
 
-    def report_lost(self, run_id: str, reason: str, exc: BaseException | None = None) -> None:
-        """The engine lost ``run_id``: the executor re-delivers it or ends it with a transport error."""
+    def report_lost(self, run_id: str, reason: str, exc: BaseException | None = None, *,
+                    redeliverable: bool = True) -> None:
+        """The engine lost ``run_id``: the executor re-delivers it or ends it with a transport error.
+
+        ``redeliverable=False`` ends it with the error even under orphan policy ``requeue``
+        (the engine itself is gone, so a re-delivery could not run).
+        """
         if self._on_lost is not None:
-            self._on_lost(run_id, reason, exc)
+            if redeliverable:
+                self._on_lost(run_id, reason, exc)
+            else:
+                self._on_lost(run_id, reason, exc, redeliverable=False)
 
     def report_event(self, event: dict[str, Any]) -> None:
         """Deliver an event (such as a terminal event the worker could not post)."""
@@ -212,8 +243,9 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
     ``executor_config``: ``callback_host`` (default ``127.0.0.1``), ``callback_port``
     (default 0), ``callback_url`` (the URL workers use when they reach this process
     through another address), ``callback_token`` (default random),
-    ``callback_max_body_bytes``, ``max_deliveries`` (``requeue`` bound), plus the
-    adapter's own keys.
+    ``callback_max_body_bytes``, ``require_signed_callbacks`` (default False: unsigned
+    callbacks of Wove 2.x workers are accepted for pending runs), ``max_deliveries``
+    (``requeue`` bound), plus the adapter's own keys.
 
     Args:
         name: the executor name (``"dask"``); used for messages and adapter lookup.
@@ -264,11 +296,18 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
         if public is not None and urlsplit(str(public)).scheme not in ("http", "https"):
             raise ValueError(f"Environment '{environment_name}': executor_config.callback_url must be an "
                              f"http(s) URL, got {public!r}.")
+        require_signed = config.get("require_signed_callbacks", False)
+        if not isinstance(require_signed, bool):
+            raise ValueError(f"Environment '{environment_name}': executor_config.require_signed_callbacks must be "
+                             f"true or false, got {require_signed!r}.")
         server = BackendCallbackServer(
             host=str(host), port=int(config.get("callback_port", 0)), public_url=public,
             token=config.get("callback_token"),
             max_body_bytes=int(config.get("callback_max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
             on_events=self._on_callback,
+            is_pending=lambda run_id: run_id in self._inflight,
+            run_key=self._callback_key,
+            require_signature=require_signed,
         )
         if not is_local_host(str(host)):
             logger.warning("environment %s: the backend callback server listens on %s over plain HTTP; the "
@@ -280,7 +319,7 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
                                 run_config=run_config)
         if isinstance(adapter, BackendAdapter):
             adapter.bind(on_lost=self._on_lost, on_event=self._on_adapter_event,
-                         is_pending=self._inflight.__contains__)
+                         is_pending=lambda run_id: run_id in self._inflight)
         try:
             await adapter.start()
         except BaseException:
@@ -337,6 +376,11 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
         except Exception as exc:
             self._on_lost(run_id, f"{self._name} executor for environment '{self._environment}' could not "
                           f"submit run {run_id}: {type(exc).__name__}: {exc}", exc, redeliverable=False)
+
+    def _callback_key(self, run_id: str) -> str | None:
+        payload = self._payloads.get(run_id)
+        key = payload.get("callback_key") if payload is not None else None
+        return key if isinstance(key, str) else None
 
     def _on_callback(self, events: list[dict[str, Any]]) -> None:
         for event in events:
