@@ -20,7 +20,10 @@ Values made only of builtin scalars and containers are pickled with the C pickle
 from __future__ import annotations
 
 import base64
+import dis
+import importlib
 import pickle
+import sys
 import types
 from collections import OrderedDict
 from typing import Any
@@ -32,7 +35,9 @@ __all__ = ["CallableCache", "DecodedCallables", "fast_b64"]
 _SCALARS = (int, float, str, bytes, bool, type(None), complex)
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 _MISSING = object()
-_STORE_GLOBAL = {97, 98}  # STORE_GLOBAL, DELETE_GLOBAL (stable since 3.0)
+# Opcodes are numbered differently in each Python version (3.13 renumbered them all):
+# look them up by name, never by number.
+_STORE_GLOBAL = frozenset(dis.opmap[name] for name in ("STORE_GLOBAL", "DELETE_GLOBAL"))
 _CACHE_SIZE = 256
 _MAX_CACHED_PICKLE = 64 * 1024
 _NODE_BUDGET = 10_000
@@ -41,16 +46,41 @@ _code_info_cache: dict[types.CodeType, tuple[tuple[str, ...], bool]] = {}
 
 
 def _by_reference(obj: Any) -> bool:
-    """True when cloudpickle pickles ``obj`` by reference (an importable name)."""
+    """True when cloudpickle pickles ``obj`` by reference (an importable name).
+
+    Uses cloudpickle's own rule where its (private) helper exists; otherwise the same rule
+    written here: the object is what its module's attribute of that qualified name holds,
+    and the module is importable and not ``__main__``.
+    """
     try:
         cloudpickle = dispatch.require_dispatch("pickling task callables")
-        check = cloudpickle.cloudpickle._should_pickle_by_reference
     except Exception:
         return False
+    check = getattr(getattr(cloudpickle, "cloudpickle", None), "_should_pickle_by_reference", None)
     try:
-        return bool(check(obj))
+        return bool(check(obj)) if check is not None else _importable(obj)
     except Exception:
         return False
+
+
+def _importable(obj: Any) -> bool:
+    """True when ``obj`` is found again by importing its module and walking its qualname."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module_name or not qualname or module_name == "__main__" or "<locals>" in qualname:
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            return False
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, _MISSING)
+        if found is _MISSING:
+            return False
+    return found is obj
 
 
 def _code_info(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
@@ -65,8 +95,7 @@ def _code_info(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
         current = stack.pop()
         names.update(current.co_names)
         if not stores:
-            raw = current.co_code
-            stores = any(raw[i] in _STORE_GLOBAL for i in range(0, len(raw), 2))
+            stores = any(ins.opcode in _STORE_GLOBAL for ins in dis.get_instructions(current))
         stack.extend(const for const in current.co_consts if isinstance(const, types.CodeType))
     info = (tuple(sorted(names)), stores)
     if len(_code_info_cache) > 4096:
@@ -234,6 +263,9 @@ def fast_b64(value: Any) -> str | None:
         return _NONE_B64
     if type(value) is dict and not value:
         return _EMPTY_DICT_B64
-    if not _simple(value, [_NODE_BUDGET]):
+    try:
+        if not _simple(value, [_NODE_BUDGET]):
+            return None
+        return base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")
+    except RecursionError:  # nested deeper than the stack: the regular path reports it
         return None
-    return base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")

@@ -53,3 +53,11 @@ def burn(n: int) -> int:
     for i in range(n):
         total = (total + i * i) % 1_000_003
     return total
+
+
+def nested(depth: int) -> list[Any]:
+    """A list nested ``depth`` deep (deeper than the stack: no pickler can encode it)."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import binascii
 import json
+import logging
 import traceback
 from typing import Any, Literal, TypedDict
 
 from . import dispatch
 from ._codec_cache import CallableCache, DecodedCallables, fast_b64
 from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CANCEL_MODES",
@@ -402,14 +405,22 @@ def _unpack_event(raw: dict[str, Any], run_id: str, task_id: str) -> dict[str, A
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    """Encode an event; a result or error that cannot be pickled becomes a ``task_error``.
+    """Encode an event; never raises.
 
-    A worker must never lose a run because its result does not serialize: the caller
-    gets an error naming the task and the path to the offending object instead.
+    A worker must never lose a run because its result does not serialize: a terminal
+    event that cannot be encoded (an unpicklable result, one nested deeper than the stack,
+    a ``__reduce__`` that raises) becomes a ``task_error`` naming the task and the path to
+    the offending object; any other event that cannot be encoded becomes a ``log`` event
+    saying so.
     """
     try:
         return encode_frame(event)
-    except (DispatchError, MissingDispatchFeatureError) as exc:
+    except Exception as exc:  # DispatchError, RecursionError, a __reduce__ that raises...
+        if event.get("type") not in TERMINAL_EVENTS:
+            logger.warning("could not encode a %s event: %s: %s", event.get("type"), type(exc).__name__, exc)
+            return encode_frame({"type": "log", "message": (
+                f"A {event.get('type')} event of run {event.get('run_id')} could not be encoded: "
+                f"{type(exc).__name__}: {exc}")})
         replacement = error_event(
             str(event.get("run_id")),
             str(event.get("task_id")),

@@ -38,7 +38,12 @@ from typing import Any
 import pytest
 
 from . import _testing_tasks as tasks
-from .environment import EnvironmentExecutor, ExecutorRuntime, build_executor_from_name
+from .environment import (
+    EnvironmentExecutionError,
+    EnvironmentExecutor,
+    ExecutorRuntime,
+    build_executor_from_name,
+)
 from .protocol import TERMINAL_EVENTS
 
 __all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async"]
@@ -246,6 +251,24 @@ class ExecutorContract:
                 with pytest.raises(tasks.ContractTaskError, match="broken on purpose"):
                     await runtime.call("contract", tasks.fail, "broken on purpose")
                 assert await runtime.call("contract", tasks.add, 1, 1) == 2  # still usable
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_unencodable_result_fails_the_run_not_the_connection(
+            self, environment_definition: dict[str, Any]) -> None:
+        """A result the codec cannot encode ends its run with an error naming the task;
+        the executor (and its connection) keeps serving later runs."""
+
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                try:
+                    value = await runtime.call("contract", tasks.nested, 5000)
+                except EnvironmentExecutionError as exc:
+                    assert "nested" in str(exc), f"the error names the task: {exc}"
+                else:  # in-process execution hands the object over without encoding it
+                    assert len(value) == 1
+                results = await asyncio.gather(*(runtime.call("contract", tasks.add, i, 1) for i in range(10)))
+                assert results == [i + 1 for i in range(10)]
 
         run_async(scenario, self.contract_timeout)
 
