@@ -2,27 +2,134 @@
 
 :class:`FrameExecutor` keeps the event queue behind ``recv()``, tracks the runs in flight
 and decides, when the transport loses a run (a worker died, a connection dropped, a
-request failed), whether it is delivered again (orphan policy ``requeue``, bounded
-attempts) or ends with a ``task_error`` whose source is ``transport``. Every transport
-uses it, so they all behave the same way.
+request failed), whether it is delivered again (orphan policy ``requeue``) or ends with a
+``task_error`` whose source is ``transport``. Every transport uses it, so they all follow
+one re-delivery policy (:class:`RedeliveryPolicy`, ``docs/runtime.md``, "Re-delivery"):
+
+* ``max_deliveries`` (default 3): a ``requeue`` run is transmitted to a worker at most
+  this many times (the first delivery plus re-deliveries);
+* ``reconnect_initial_delay`` (0.1 s) and ``reconnect_max_delay`` (5 s): the back-off
+  before each re-delivery or reconnection attempt, exponential with jitter;
+* ``reconnect_timeout`` (30 s): how long a ``requeue`` run waits for an unreachable worker
+  to come back before it fails with an error that says so. Attempts that could not reach a
+  worker are not deliveries.
+
+Older keys keep working as aliases: ``retry_backoff`` (HTTP) for
+``reconnect_initial_delay``, ``ready_timeout`` (gRPC) for ``reconnect_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .executor import EnvironmentExecutor
-from .protocol import TERMINAL_EVENTS, transport_error_event
+from .protocol import TERMINAL_EVENTS, error_event, transport_error_event
 
-__all__ = ["DEFAULT_MAX_DELIVERIES", "FrameExecutor", "InFlight"]
+__all__ = [
+    "DEFAULT_MAX_DELIVERIES",
+    "DEFAULT_RECONNECT_INITIAL_DELAY",
+    "DEFAULT_RECONNECT_MAX_DELAY",
+    "DEFAULT_RECONNECT_TIMEOUT",
+    "REDELIVERY_ALIASES",
+    "REDELIVERY_CONFIG_KEYS",
+    "FrameExecutor",
+    "InFlight",
+    "RedeliveryPolicy",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Deliveries of one run (the first plus re-deliveries) under orphan policy ``requeue``.
 DEFAULT_MAX_DELIVERIES = 3
+#: Seconds a ``requeue`` run waits for an unreachable worker to come back.
+DEFAULT_RECONNECT_TIMEOUT = 30.0
+#: First back-off (seconds) before a re-delivery or reconnection attempt; it doubles.
+DEFAULT_RECONNECT_INITIAL_DELAY = 0.1
+#: Largest back-off (seconds).
+DEFAULT_RECONNECT_MAX_DELAY = 5.0
+#: The ``executor_config`` keys of the re-delivery policy, on every transport.
+REDELIVERY_CONFIG_KEYS = frozenset({
+    "max_deliveries", "reconnect_timeout", "reconnect_initial_delay", "reconnect_max_delay",
+})
+#: Older spellings still accepted: alias -> key.
+REDELIVERY_ALIASES: Mapping[str, str] = {
+    "retry_backoff": "reconnect_initial_delay",
+    "ready_timeout": "reconnect_timeout",
+}
+
+
+@dataclass(frozen=True)
+class RedeliveryPolicy:
+    """What a transport does with a ``requeue`` run it lost (see the module docstring).
+
+    Attributes:
+        max_deliveries: transmissions of one run to a worker, at most.
+        reconnect_timeout: seconds to wait for an unreachable worker to come back.
+        initial_delay: first back-off in seconds (``reconnect_initial_delay``).
+        max_delay: largest back-off in seconds (``reconnect_max_delay``).
+    """
+
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    initial_delay: float = DEFAULT_RECONNECT_INITIAL_DELAY
+    max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str = "executor_config") -> RedeliveryPolicy:
+        """Read the policy from ``executor_config`` (aliases included).
+
+        Raises:
+            ValueError: a value is not a positive integer / non-negative number of
+                seconds, or a key and its alias are both set (the message names them).
+        """
+        values: dict[str, Any] = {}
+        for key in REDELIVERY_CONFIG_KEYS:
+            if key in config:
+                values[key] = (key, config[key])
+        for alias, key in REDELIVERY_ALIASES.items():
+            if alias in config:
+                if key in values:
+                    raise ValueError(f"{where}: executor_config sets both {key} and its older alias {alias}; "
+                                     f"keep only {key}.")
+                values[key] = (alias, config[alias])
+        max_deliveries = DEFAULT_MAX_DELIVERIES
+        if "max_deliveries" in values:
+            name, value = values["max_deliveries"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}: executor_config.{name} must be a positive integer, got {value!r}.")
+            max_deliveries = value
+
+        def seconds(key: str, default: float, *, none_is_zero: bool = False) -> float:
+            if key not in values:
+                return default
+            name, value = values[key]
+            if value is None and none_is_zero:
+                return 0.0
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0):
+                raise ValueError(f"{where}: executor_config.{name} must be a non-negative number of seconds, "
+                                 f"got {value!r}.")
+            return float(value)
+
+        return cls(
+            max_deliveries=max_deliveries,
+            reconnect_timeout=seconds("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT),
+            initial_delay=seconds("reconnect_initial_delay", DEFAULT_RECONNECT_INITIAL_DELAY, none_is_zero=True),
+            max_delay=seconds("reconnect_max_delay", DEFAULT_RECONNECT_MAX_DELAY, none_is_zero=True),
+        )
+
+    def delay(self, attempt: int) -> float:
+        """Back-off before attempt number ``attempt`` (1-based) of a re-delivery or
+        reconnection: ``min(max_delay, initial_delay * 2 ** (attempt - 1))`` scaled by a
+        random factor in [0.5, 1] (jitter, so many clients do not retry in step)."""
+        base = min(self.max_delay, self.initial_delay * 2.0 ** min(max(attempt - 1, 0), 60))
+        return base * random.uniform(0.5, 1.0)
 
 
 @dataclass(eq=False)
@@ -44,10 +151,12 @@ class InFlight:
 class FrameExecutor(EnvironmentExecutor):
     """Base class: event queue, in-flight tracking, re-delivery decisions.
 
-    Subclasses call :meth:`_open_events` in ``start()``, :meth:`_track` before they
-    transmit a ``run_task``, :meth:`_emit` for every event they receive, and
-    :meth:`_lost` when the transport loses a run. ``executor_config.max_deliveries``
-    (default 3) bounds deliveries of a ``requeue`` run.
+    Subclasses call :meth:`_open_events` in ``start()`` (it reads the re-delivery policy,
+    :class:`RedeliveryPolicy`, from ``executor_config``), :meth:`_track` before they
+    transmit a ``run_task``, :meth:`_emit` for every event they receive, :meth:`_lost`
+    when the transport loses a run and :meth:`_unreachable` when a delivery could not
+    reach a worker at all. Their ``executor_config`` keys include
+    :data:`REDELIVERY_CONFIG_KEYS`.
     """
 
     executor_name = "executor"
@@ -55,20 +164,16 @@ class FrameExecutor(EnvironmentExecutor):
     def __init__(self) -> None:
         self._events: asyncio.Queue[dict[str, Any] | BaseException] | None = None
         self._inflight: dict[str, InFlight] = {}
+        self._redelivery = RedeliveryPolicy()
         self._max_deliveries = DEFAULT_MAX_DELIVERIES
         self._environment = "?"
 
     def _open_events(self, environment_name: str, config: dict[str, Any]) -> None:
         self._environment = environment_name
+        self._redelivery = RedeliveryPolicy.from_config(config, f"Environment '{environment_name}'")
+        self._max_deliveries = self._redelivery.max_deliveries
         self._events = asyncio.Queue()
         self._inflight = {}
-        value = config.get("max_deliveries", DEFAULT_MAX_DELIVERIES)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"Environment '{environment_name}': executor_config.max_deliveries must be a "
-                f"positive integer, got {value!r}."
-            )
-        self._max_deliveries = value
 
     def _require_started(self) -> asyncio.Queue[dict[str, Any] | BaseException]:
         if self._events is None:
@@ -99,25 +204,69 @@ class FrameExecutor(EnvironmentExecutor):
             return
         self._events.put_nowait(event)
 
-    def _lost(self, run_id: str, reason: str, exc: BaseException | None = None, *, redeliverable: bool = True) -> bool:
+    def _error(self, entry: InFlight, reason: str, exc: BaseException | None, kind: str | None) -> None:
+        if kind is None:
+            event = transport_error_event(entry.frame, reason, exc)
+        else:
+            event = error_event(entry.run_id, str(entry.frame.get("task_id")), kind=kind, message=reason,
+                                source="transport", retryable=True, exc=exc)
+        self._emit(event)
+
+    def _lost(self, run_id: str, reason: str, exc: BaseException | None = None, *, redeliverable: bool = True,
+              kind: str | None = None) -> bool:
         """The transport lost ``run_id`` before its terminal event.
 
         Returns True when the caller should deliver it again (policy ``requeue`` with
-        deliveries left and ``redeliverable``); otherwise emits a ``task_error`` (source
-        ``transport``) with ``reason`` and returns False.
+        deliveries left and ``redeliverable``) after :meth:`_redelivery_delay`; otherwise
+        emits a ``task_error`` (source ``transport``, ``kind`` or the exception's type
+        name) with ``reason`` and returns False.
         """
         entry = self._inflight.get(run_id)
         if entry is None:
             return False
-        if entry.policy == "requeue" and redeliverable and entry.deliveries < self._max_deliveries:
+        limit = self._redelivery.max_deliveries
+        if entry.policy == "requeue" and redeliverable and entry.deliveries < limit:
             logger.warning("%s: environment %s lost run %s (%s); re-delivering (delivery %d of %d)",
-                           self.executor_name, self._environment, run_id, reason,
-                           entry.deliveries + 1, self._max_deliveries)
+                           self.executor_name, self._environment, run_id, reason, entry.deliveries + 1, limit)
             return True
-        if entry.policy == "requeue" and entry.deliveries >= self._max_deliveries:
-            reason = f"{reason} Gave up after {entry.deliveries} deliveries (executor_config.max_deliveries={self._max_deliveries})."
-        self._emit(transport_error_event(entry.frame, reason, exc))
+        if entry.policy == "requeue" and entry.deliveries >= limit:
+            reason = f"{reason} Gave up after {entry.deliveries} deliveries (executor_config.max_deliveries={limit})."
+        self._error(entry, reason, exc, kind)
         return False
+
+    def _redelivery_delay(self, run_id: str) -> float:
+        """Seconds to wait before delivering ``run_id`` again (the policy's back-off)."""
+        entry = self._inflight.get(run_id)
+        return self._redelivery.delay(entry.deliveries if entry is not None else 1)
+
+    def _unreachable(self, run_id: str, reason: str, exc: BaseException | None = None, *, since: float,
+                     attempt: int, kind: str | None = None) -> float | None:
+        """A delivery of ``run_id`` could not reach a worker (nothing ran).
+
+        The attempt is not counted as a delivery. For policy ``requeue``, returns the
+        seconds to wait before the next attempt while the outage (which began at
+        ``since``, loop time) is shorter than ``reconnect_timeout``; ``attempt`` is the
+        number of consecutive unreachable attempts. Otherwise emits a ``task_error``
+        (source ``transport``) and returns None.
+        """
+        entry = self._inflight.get(run_id)
+        if entry is None:
+            return None
+        entry.deliveries = max(entry.deliveries - 1, 0)
+        if entry.policy != "requeue":
+            self._error(entry, reason, exc, kind)
+            return None
+        timeout = self._redelivery.reconnect_timeout
+        remaining = since + timeout - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            self._error(entry, f"{reason} The worker did not come back within executor_config.reconnect_timeout="
+                               f"{timeout:g}s (delivery_orphan_policy='requeue'); start the worker service, or "
+                               "raise reconnect_timeout to wait longer.", exc, kind)
+            return None
+        wait = min(self._redelivery.delay(attempt), remaining)
+        logger.info("%s: environment %s cannot reach a worker for run %s (%s); trying again in %.2fs",
+                    self.executor_name, self._environment, run_id, reason, wait)
+        return wait
 
     def _fail(self, exc: BaseException) -> None:
         """Make ``recv()`` raise ``exc``: the runtime fails every pending run with it."""

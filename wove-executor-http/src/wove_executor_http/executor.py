@@ -14,19 +14,17 @@ measured ~2-4x faster than httpx's own pool at 256 concurrent requests (see the 
 ``executor_config.transport = "httpx"`` selects httpx's native transport instead.
 
 Failures in transit become a ``task_error`` with ``source="transport"`` naming the URL,
-the status and what was wrong. With orphan policy ``requeue`` a run is re-delivered
-(bounded by ``max_deliveries``) only when that is safe:
+the status and what was wrong: one table (:data:`FAILURES`, in the style of httpx's
+``map_httpcore_exceptions``) maps the exception chain of a failed request to a label and
+a hint (connection refused, TLS verification failed, timeout, connection lost, ...).
 
-* the request never reached the worker (connection refused, DNS, TLS handshake, connect
-  timeout) — nothing can have run;
-* the worker ended the response cleanly without a terminal event (it shut down and
-  dropped the run for re-delivery);
-* the run carries a ``delivery_idempotency_key``, after any other failure (reset, read
-  timeout, 5xx): the worker deduplicates by key and run id, and the key is the user's
-  statement that running twice is acceptable.
-
-Otherwise (the worker may have started the run) the run fails rather than risking a
-second execution.
+Re-delivery follows the policy every transport shares (:mod:`wove.transport`,
+``docs/runtime.md``): a ``requeue`` run that was lost (reset mid-response, read timeout,
+5xx, a response without a terminal event) is delivered again after a back-off, up to
+``max_deliveries`` times, with or without an idempotency key (the worker deduplicates by
+run id and idempotency key); while the worker cannot be reached (connection refused, DNS,
+TLS handshake, connect timeout) the run waits for it up to ``reconnect_timeout`` seconds,
+and those attempts are not deliveries. Runs with another orphan policy fail at once.
 """
 
 from __future__ import annotations
@@ -34,7 +32,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import ssl
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
@@ -44,9 +45,9 @@ from wove.security import (
     ensure_secure_target,
     is_local_url,
 )
-from wove.transport import FrameExecutor
+from wove.transport import REDELIVERY_CONFIG_KEYS, FrameExecutor
 
-__all__ = ["HttpEnvironmentExecutor"]
+__all__ = ["FAILURES", "HttpEnvironmentExecutor", "TransportFailure", "describe_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ TRANSPORTS = ("aiohttp", "httpx")
 CONFIG_KEYS = frozenset({
     "url", "security", "headers", "timeout", "connect_timeout", "insecure", "verify", "cert",
     "max_connections", "max_keepalive_connections", "keepalive_expiry", "http2", "transport",
-    "max_deliveries", "retry_backoff", "max_workers", "stream",
+    "retry_backoff", "max_workers", "stream", *REDELIVERY_CONFIG_KEYS,
 })
 _ERROR_PREVIEW = 300
 
@@ -87,7 +88,8 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._target = "/"
         self._headers: list[tuple[bytes, bytes]] = []
         self._security = NetworkExecutorSecurity()
-        self._backoff = 0.1
+        self._connect_timeout = DEFAULT_CONNECT_TIMEOUT
+        self._read_timeout: float | None = None
         self._requests: dict[str, asyncio.Task[None]] = {}
         self._side: set[asyncio.Task[None]] = set()
 
@@ -142,7 +144,6 @@ class HttpEnvironmentExecutor(FrameExecutor):
         keepalive = _positive_int(config.get("max_keepalive_connections", max_connections),
                                   "max_keepalive_connections", where)
         expiry = _positive(config.get("keepalive_expiry", 30.0), "keepalive_expiry", where)
-        self._backoff = _positive(config.get("retry_backoff", 0.1), "retry_backoff", where, allow_zero=True)
         verify = config.get("verify", True)
         if isinstance(verify, str):
             if not os.path.exists(verify):
@@ -190,6 +191,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._transport = transport
         self._url_object = httpx.URL(url)
         self._extensions = {"timeout": {"connect": connect_timeout, "read": timeout, "write": timeout, "pool": None}}
+        self._connect_timeout, self._read_timeout = connect_timeout, timeout
         self._url = url
         self._target = canonical_http_target(url)
         self._security = security
@@ -280,17 +282,28 @@ class HttpEnvironmentExecutor(FrameExecutor):
 
     async def _deliver(self, frame: dict[str, Any], body: bytes) -> None:
         run_id = frame["run_id"]
+        loop = asyncio.get_running_loop()
+        outage: float | None = None  # loop time the worker became unreachable
+        unreachable = 0  # consecutive attempts that could not reach it
         try:
             while True:
                 outcome = await self._post_run(frame, body)
                 if outcome is None:
                     return
-                reason, exc, redeliverable = outcome
-                if not self._lost(run_id, reason, exc, redeliverable=redeliverable):
-                    return
-                entry = self._inflight.get(run_id)
-                attempts = entry.deliveries if entry is not None else 1
-                await asyncio.sleep(self._backoff * attempts)
+                if not outcome.reached:
+                    outage = loop.time() if outage is None else outage
+                    unreachable += 1
+                    wait = self._unreachable(run_id, outcome.reason, outcome.exc, since=outage, attempt=unreachable,
+                                             kind=outcome.kind)
+                    if wait is None:
+                        return
+                else:
+                    outage, unreachable = None, 0
+                    if not self._lost(run_id, outcome.reason, outcome.exc, redeliverable=outcome.redeliverable,
+                                      kind=outcome.kind):
+                        return
+                    wait = self._redelivery_delay(run_id)
+                await asyncio.sleep(wait)
                 self._track(frame)
         except asyncio.CancelledError:
             raise
@@ -302,12 +315,11 @@ class HttpEnvironmentExecutor(FrameExecutor):
             if self._requests.get(run_id) is asyncio.current_task():
                 del self._requests[run_id]
 
-    async def _post_run(self, frame: dict[str, Any], body: bytes) -> tuple[str, BaseException | None, bool] | None:
+    async def _post_run(self, frame: dict[str, Any], body: bytes) -> _Outcome | None:
         """POST one run_task and emit its events. Returns None when a terminal event came,
-        else ``(reason, exception, redeliverable)``."""
+        else what went wrong."""
         httpx = self._httpx
         run_id = frame["run_id"]
-        idempotent = bool((frame.get("delivery") or {}).get("delivery_idempotency_key"))
         where = f"HTTP worker service at {self._url}"
         status: int | None = None
         terminal = False
@@ -324,10 +336,13 @@ class HttpEnvironmentExecutor(FrameExecutor):
                     text = (await response.aread())[:_ERROR_PREVIEW].decode("utf-8", "replace")
                     hint = {401: " Configure executor_config.security to match the worker's --security.",
                             403: " Check that executor_config.security uses the worker's secret and that clocks agree.",
+                            408: " The worker timed out reading the request (its --body-timeout).",
                             413: " Start the worker with a larger --max-body-bytes or send smaller arguments.",
                             404: " Check the URL path (the worker's --path, default /wove)."}.get(status, "")
-                    return (f"{where} answered HTTP {status} for run {run_id}: {text.strip()}.{hint}", None,
-                            idempotent)
+                    # the worker may answer later (overloaded, restarting); a 4xx will not change
+                    retry = status >= 500 or status in (408, 429)
+                    return _Outcome(f"{where} answered HTTP {status} for run {run_id}: {text.strip()}.{hint}",
+                                    None, redeliverable=retry, kind=f"HTTP{status}")
                 # Raw headers and the raw byte stream: the worker sends no content-encoding,
                 # and httpx's decoded views cost more than the rest of a no-op request.
                 content_type = next((value for name, value in response.headers.raw
@@ -354,22 +369,20 @@ class HttpEnvironmentExecutor(FrameExecutor):
             finally:
                 await response.aclose()
         except _WrongAnswer as exc:
-            return (f"{where} sent an invalid answer for run {run_id} (HTTP {status}): {exc}", exc.__cause__,
-                    idempotent)
-        except httpx.HTTPError as exc:
-            never_reached = _never_reached(httpx, exc) and status is None
-            what = "could not be reached" if never_reached else "failed during the request"
-            detail = f"{type(exc.__cause__ or exc).__name__}: {exc or exc.__cause__}"
-            status_text = f" (HTTP {status})" if status is not None else ""
-            return (f"{where} {what}{status_text} for run {run_id}: {detail}", exc, never_reached or idempotent)
-        except OSError as exc:
-            return (f"{where} failed for run {run_id}: {type(exc).__name__}: {exc}", exc, idempotent)
+            return _Outcome(f"{where} sent an invalid answer for run {run_id} (HTTP {status}): {exc}", exc.__cause__,
+                            redeliverable=False)
+        except (httpx.HTTPError, OSError) as exc:
+            failure = describe_failure(exc, self._url, connect_timeout=self._connect_timeout,
+                                       timeout=self._read_timeout)
+            status_text = f" (after HTTP {status})" if status is not None else ""
+            return _Outcome(f"{failure.message}{status_text} [run {run_id}]", exc, kind=failure.kind,
+                            reached=failure.reached or status is not None)
         if terminal:
             return None
         # a clean end of the response without a terminal event: the worker dropped the run
         # (it shut down with orphan policy requeue), so delivering it again is safe.
-        return (f"{where} ended the response (HTTP {status}) without a terminal event for run {run_id}; "
-                "the worker may have shut down.", None, True)
+        return _Outcome(f"{where} ended the response (HTTP {status}) without a terminal event for run {run_id}; "
+                        "the worker may have shut down.", None)
 
     def _deliver_events(self, data: bytes, run_id: str) -> bool:
         try:
@@ -390,14 +403,142 @@ class _WrongAnswer(Exception):
     """The worker's answer is not a valid event stream for the run."""
 
 
-def _never_reached(httpx: Any, exc: BaseException) -> bool:
+@dataclass(frozen=True)
+class _Outcome:
+    """Why a delivery ended without a terminal event."""
+
+    reason: str
+    exc: BaseException | None
+    redeliverable: bool = True
+    kind: str | None = None
+    reached: bool = True  # False: the request certainly never reached a worker
+
+
+@dataclass(frozen=True)
+class TransportFailure:
+    """A failed request, described: see :func:`describe_failure`.
+
+    Attributes:
+        kind: short name (the ``kind`` of the ``task_error``), e.g. ``ConnectionRefused``.
+        message: what happened, naming the URL, the cause and the fix.
+        reached: False when the request certainly never reached the worker (nothing ran).
+    """
+
+    kind: str
+    message: str
+    reached: bool
+
+
+#: The one table of request failures, most specific first: (exception types, kind,
+#: label, hint, reached). A failure is described by the first row whose types match any
+#: exception in its chain (``__cause__``, ``__context__``, aiohttp's ``os_error``); labels
+#: and hints are formatted with ``url``, ``port``, ``connect_timeout`` and ``timeout``.
+#: Rows for aiohttp and httpx types are added when an executor first describes a failure
+#: (they are imported lazily).
+FAILURES: list[tuple[tuple[type[BaseException], ...], str, str, str, bool]] = [
+    ((ssl.SSLCertVerificationError,), "TLSVerifyFailed",
+     "TLS certificate verify failed for {url}",
+     "The worker's certificate is not trusted here: set executor_config.verify to the CA bundle (PEM) that "
+     "signed it; executor_config.cert sends a client certificate ([certfile, keyfile]) when the worker asks "
+     "for one; verify=false only for development.", False),
+    ((ssl.SSLError,), "TLSError",
+     "TLS handshake with {url} failed",
+     "Check that the worker serves HTTPS (wove worker http --certfile/--keyfile) on that port, and the TLS "
+     "settings executor_config.verify and executor_config.cert.", False),
+    ((ConnectionRefusedError,), "ConnectionRefused",
+     "connection refused at {url}",
+     "Is the worker service running? Start it with `wove worker http --port {port}`, or fix executor_config.url.",
+     False),
+    ((socket.gaierror,), "HostNotFound",
+     "could not resolve the host of {url}",
+     "Check the host name in executor_config.url.", False),
+]
+_LOST_HINT = ("The worker may have crashed or restarted; use delivery_orphan_policy='requeue' to deliver such "
+              "runs again automatically.")
+_CONNECT_TIMEOUT = ("ConnectTimeout", "timeout: no connection to {url} within connect_timeout={connect_timeout:g}s",
+                    "Is the worker reachable from here (host, port, firewall)? Raise executor_config.connect_timeout "
+                    "on a slow network.", False)
+_READ_TIMEOUT = ("Timeout", "timeout: {url} sent nothing for {timeout}s (executor_config.timeout)",
+                 "Raise executor_config.timeout, or bound runs with delivery_timeout instead.", True)
+_table_ready = False
+
+
+def _complete_table() -> None:
+    """Add the aiohttp and httpx rows to :data:`FAILURES` (once)."""
+    global _table_ready
+    if _table_ready:
+        return
+    import aiohttp
+    import httpx
+
+    connect_timeouts: tuple[type[BaseException], ...] = (httpx.ConnectTimeout, httpx.PoolTimeout)
+    if hasattr(aiohttp, "ConnectionTimeoutError"):
+        connect_timeouts += (aiohttp.ConnectionTimeoutError,)
+    FAILURES.extend([
+        (connect_timeouts, *_CONNECT_TIMEOUT),
+        ((aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, httpx.RemoteProtocolError, httpx.ReadError,
+          httpx.WriteError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "ConnectionLost",
+         "the connection to {url} was lost before the run finished", _LOST_HINT, True),
+        ((httpx.TimeoutException, TimeoutError, asyncio.TimeoutError), *_READ_TIMEOUT),
+        ((aiohttp.ClientConnectorError, httpx.ConnectError), "ConnectError",
+         "could not connect to {url}",
+         "Is the worker service running and reachable? Check executor_config.url.", False),
+    ])
+    _table_ready = True
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, outermost first. httpx-aiohttp maps every aiohttp
+    connection error to ``httpx.ConnectTimeout``, so an httpx exception raised from an
+    aiohttp one is left out: aiohttp's own exception says what happened."""
+    found: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if item is None or any(item is seen for seen in found):
+            continue
+        cause = item.__cause__
+        if not (type(item).__module__.startswith("httpx") and cause is not None
+                and type(cause).__module__.startswith("aiohttp")):
+            found.append(item)
+        todo.extend([cause, item.__context__, getattr(item, "os_error", None),
+                     getattr(item, "certificate_error", None)])
+    return found
+
+
+def describe_failure(exc: BaseException, url: str, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                     timeout: float | None = None) -> TransportFailure:
+    """Describe a failed request to ``url`` with the :data:`FAILURES` table.
+
+    The message reads ``<label>: <cause>. <hint>``, for example ``connection refused at
+    http://127.0.0.1:8000/wove: [Errno 111] ... Is the worker service running? ...``.
+    """
+    _complete_table()
+    chain = _chain(exc)
+    port = urllib.parse.urlsplit(url).port or ""
+    for types, kind, label, hint, reached in FAILURES:
+        matches = [item for item in chain if isinstance(item, types)]
+        if not matches:
+            continue
+        match = matches[-1]  # the deepest: the most specific detail
+        values = {"url": url, "port": port, "connect_timeout": connect_timeout,
+                  "timeout": "none" if timeout is None else f"{timeout:g}"}
+        detail = getattr(match, "verify_message", None) or str(match) or type(match).__name__
+        return TransportFailure(kind, f"{label.format(**values)}: {detail}. {hint.format(**values)}",
+                                reached and not _never_reached(exc))
+    root = chain[-1] if chain else exc
+    return TransportFailure(type(root).__name__, f"the request to {url} failed: {type(root).__name__}: {root}.",
+                            _never_reached(exc))
+
+
+def _never_reached(exc: BaseException) -> bool:
     """True when the request certainly did not reach the worker (safe to send again)."""
+    import httpx
+
     cause = exc.__cause__
     if cause is not None and type(cause).__module__.startswith("aiohttp"):
         import aiohttp
 
-        # httpx-aiohttp maps every ClientConnectionError (including a server disconnect
-        # mid-response) to ConnectTimeout, so look at aiohttp's own exception.
         return isinstance(cause, aiohttp.ClientConnectorError)
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
