@@ -340,6 +340,41 @@ class NetworkExecutorSecurity:
         if self.nonce_store.seen(key, nonce, stamp + self.clock_skew_seconds):
             raise PermissionError("Replayed request: this nonce was already used.")
 
+    def precheck_headers(self, headers: Mapping[str, Any]) -> None:
+        """Check what the headers alone can prove, before a request body is read.
+
+        A worker calls this first, so an anonymous or forged request is refused without
+        buffering its body; :meth:`verify_headers` still runs on the body afterwards
+        (signature and nonce). Signed: the four headers are present, the key id is ours,
+        the timestamp is integer seconds within ``clock_skew_seconds``. Bearer: the
+        whole check (the token does not depend on the body). Records nothing.
+
+        Raises:
+            MissingCredentialsError: no credentials at all (HTTP 401).
+            PermissionError: a wrong key id or token, or a bad, expired or future
+                timestamp (HTTP 403).
+        """
+        if self.mode == "none":
+            return
+        values = {str(k).lower(): str(v) for k, v in headers.items()}
+        if self.mode == "bearer":
+            self._verify(values, "", "", b"")
+            return
+        missing = [h for h in (_KEY, _TIMESTAMP, _NONCE, _SIGNATURE) if not values.get(h.lower())]
+        if missing:
+            raise MissingCredentialsError(
+                f"Missing Wove signature header(s): {', '.join(missing)}; this worker requires signed requests."
+            )
+        key, timestamp = values[_KEY.lower()], values[_TIMESTAMP.lower()]
+        if not hmac.compare_digest(key.encode(), self.key.encode()):
+            raise PermissionError(f"Unknown signing key id {key[:64]!r}.")
+        if not _INTEGER_SECONDS.fullmatch(timestamp):
+            raise PermissionError(f"Invalid X-Wove-Timestamp {timestamp[:32]!r}: not a number of integer Unix seconds.")
+        skew = time.time() - int(timestamp)
+        if not -self.clock_skew_seconds <= skew <= self.clock_skew_seconds:
+            raise PermissionError(f"Signature timestamp is {skew:.0f}s from this worker's clock "
+                                  f"(clock_skew_seconds={self.clock_skew_seconds:g}): expired or in the future.")
+
 
 def _read_env(name: str | None, label: str) -> str:
     value = os.environ.get(name or "")
