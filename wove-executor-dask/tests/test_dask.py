@@ -129,3 +129,48 @@ async def test_runs_share_one_task_group_on_the_scheduler(process_cluster: Any) 
         client = executor.adapter.client  # type: ignore[attr-defined]
         groups = await client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert "add" in groups and not any(name.startswith("add:") for name in groups)
+
+
+@pytest.mark.parametrize("policy", ["requeue", "fail"])
+async def test_scheduler_death_ends_pending_runs_with_a_transport_error(
+    cli_cluster: dict[str, Any], tmp_path: Path, policy: str
+) -> None:
+    """The client gives up reconnecting: every pending run (re-delivered ones too) ends, naming the scheduler.
+
+    One run sleeps on the worker; another asks for a resource no worker has, so it is never
+    scheduled and no worker will ever answer for it: only the executor can end it.
+    """
+    from wove_executor_dask import build_dask_executor
+
+    address = cli_cluster["address"]
+    pid_file = tmp_path / "pid"
+    config = {"address": address, "connect_timeout": 1.0}
+    never = build_dask_executor()
+    environments = {
+        "dask": {"executor": "dask", "executor_config": config},
+        "never": {"executor": never, "executor_config": {**config,
+                                                         "submit_options": {"resources": {"no-such-thing": 1}}}},
+    }
+    async with ExecutorRuntime(environments, {}) as runtime:
+        running = asyncio.ensure_future(runtime.call_with(
+            "dask", _pid_then_sleep(str(pid_file)), (), delivery_orphan_policy=policy
+        ))
+        stranded = asyncio.ensure_future(runtime.call_with("never", tasks.add, (1, 2), delivery_orphan_policy=policy))
+        await _wait_for_file(pid_file, 30)
+        assert never.adapter is not None
+        client = never.adapter.client  # type: ignore[attr-defined]
+        while await client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) < 2:
+            await asyncio.sleep(0.05)
+        os.killpg(cli_cluster["scheduler"].pid, signal.SIGKILL)
+        for call in (running, stranded):
+            with pytest.raises(EnvironmentExecutionError) as info:
+                await asyncio.wait_for(call, 30)
+            assert info.value.payload["source"] == "transport"
+        message = str(info.value)  # the never-scheduled run
+        assert address in message and "scheduler" in message
+        if policy == "requeue":  # re-delivered while the client reconnected, then ended when it gave up
+            assert "gave up reconnecting" in message
+        # later calls fail at once with the same explanation instead of hanging
+        with pytest.raises(EnvironmentExecutionError, match="gave up reconnecting") as later:
+            await asyncio.wait_for(runtime.call("never", tasks.add, 1, 2), 30)
+        assert address in str(later.value)

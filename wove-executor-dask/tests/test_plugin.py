@@ -43,11 +43,49 @@ async def test_bad_config_is_rejected_before_starting_anything(config: dict, mat
         await executor.start(environment_name="e", environment_config=config, run_config={})
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 async def test_unreachable_scheduler_names_the_address() -> None:
     executor = build_executor_from_name("dask")
     config = {"address": "tcp://127.0.0.1:9", "client_options": {"timeout": "1s"}}
     with pytest.raises(OSError, match=r"tcp://127\.0\.0\.1:9"):
         await executor.start(environment_name="e", environment_config=config, run_config={})
+
+
+@pytest.mark.timeout(15)
+async def test_unreachable_scheduler_fails_within_connect_timeout() -> None:
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    executor = build_executor_from_name("dask")
+    with pytest.raises(OSError) as info:
+        await executor.start(environment_name="e", environment_config={"address": address, "connect_timeout": 0.5},
+                             run_config={})
+    message = str(info.value)
+    assert address in message and "executor_config.connect_timeout=0.5 s" in message
+
+
+@pytest.mark.timeout(20)  # Dask's own default would be 30 s of silence
+async def test_unreachable_scheduler_fails_fast_by_default() -> None:
+    from wove_executor_dask import DEFAULT_CONNECT_TIMEOUT
+
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    executor = build_executor_from_name("dask")
+    with pytest.raises(OSError, match=f"connect_timeout={DEFAULT_CONNECT_TIMEOUT:g} s") as info:
+        await executor.start(environment_name="e", environment_config={"address": address}, run_config={})
+    assert address in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, -1, "5s", True])
+async def test_bad_connect_timeout_is_rejected(value: object) -> None:
+    executor = build_executor_from_name("dask")
+    with pytest.raises(ValueError, match="connect_timeout"):
+        await executor.start(environment_name="e", environment_config={"connect_timeout": value}, run_config={})
 
 
 async def test_demo_environment() -> None:

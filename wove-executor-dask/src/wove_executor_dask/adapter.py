@@ -13,13 +13,20 @@ from typing import Any
 from wove.backend import BackendAdapter
 from wove.protocol import decode_events
 
-__all__ = ["DaskAdapter", "DaskSubmission", "dask_key"]
+from ._main_guard import MainGuardError, check_main_guard
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskAdapter", "DaskSubmission", "MainGuardError", "dask_key"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a failed future waits for the worker's own terminal callback before the run
 #: is declared lost (the callback and the failure race).
 DEFAULT_LOSS_GRACE_SECONDS = 1.0
+#: Seconds to reach the scheduler (Dask's own default is 30 s of silence); Dask also uses
+#: it as the time to reconnect after the connection to the scheduler dropped.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Seconds between checks that the client still has its scheduler.
+CLIENT_CHECK_SECONDS = 0.2
 _RESERVED_SUBMIT_OPTIONS = ("key", "pure")
 
 
@@ -38,6 +45,14 @@ async def _settled(future: Any) -> None:
         await _wait([future])
     except Exception:  # FuturesCancelledError: a cancelled future is settled too
         pass
+
+
+def _address_of(client: Any, default: str) -> str:
+    """The scheduler address of a connected client (read once: it is gone after close)."""
+    try:
+        return str(client.scheduler.address)
+    except AttributeError:
+        return default
 
 
 def dask_key(task_id: str, run_id: str, attempt: int = 1) -> str:
@@ -75,6 +90,13 @@ class DaskAdapter(BackendAdapter):
       ``priority``, ``retries``, ``workers``...; not ``key``/``pure``).
     * ``loss_grace_seconds`` (default 1.0): how long a failed future waits for the
       worker's own terminal callback before the run is declared lost.
+    * ``connect_timeout`` (seconds, default 5): how long to try to reach the scheduler
+      at start, and (Dask's client ``timeout``) to reconnect when the connection drops;
+      ``client_options["timeout"]`` overrides it for the client.
+
+    When the client gives up reconnecting to its scheduler, every pending run ends with
+    a ``task_error`` (source ``transport``) naming the scheduler, whatever its orphan
+    policy, and later submissions fail the same way.
     """
 
     required_modules = ("distributed",)
@@ -88,6 +110,11 @@ class DaskAdapter(BackendAdapter):
         self._submissions: dict[str, DaskSubmission] = {}
         self._submit_options: dict[str, Any] = {}
         self._grace = DEFAULT_LOSS_GRACE_SECONDS
+        self._scheduler_address = "?"
+        self._monitor: asyncio.Task[None] | None = None
+        self._closing = False
+        #: Why the client is unusable (set once it lost its scheduler for good).
+        self._gone: str | None = None
 
     @property
     def client(self) -> Any:
@@ -101,7 +128,8 @@ class DaskAdapter(BackendAdapter):
 
     def _option(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
         value = self.config.get(key, default)
-        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds)):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ValueError(f"dask executor: executor_config.{key} must be {expected}, got {value!r}.")
         return value
@@ -111,7 +139,10 @@ class DaskAdapter(BackendAdapter):
 
         Raises:
             ValueError: a config value has the wrong type.
-            OSError / TimeoutError: the scheduler cannot be reached (names the address).
+            MainGuardError: the embedded cluster would start worker processes that re-run a
+                main script lacking an ``if __name__ == "__main__":`` guard (says what to add).
+            OSError: the scheduler cannot be reached within ``connect_timeout`` (names the
+                address and the key).
         """
         import dask
         from distributed import Client, LocalCluster
@@ -124,40 +155,101 @@ class DaskAdapter(BackendAdapter):
                 raise ValueError(f"dask executor: executor_config.submit_options may not set {reserved!r}; "
                                  "Wove keys each task by its run id.")
         self._grace = float(self._option("loss_grace_seconds", (int, float), DEFAULT_LOSS_GRACE_SECONDS))
+        connect_timeout = float(self._option("connect_timeout", (int, float), DEFAULT_CONNECT_TIMEOUT))
+        if connect_timeout <= 0:
+            raise ValueError(f"dask executor: executor_config.connect_timeout must be a positive number of seconds, "
+                             f"got {connect_timeout!r}.")
+        self._closing, self._gone = False, None
         existing = self.config.get("client")
         if existing is not None:
             if not getattr(existing, "asynchronous", False):
                 raise ValueError("dask executor: executor_config.client must be an asynchronous Client "
                                  "(Client(..., asynchronous=True)) on the runtime's loop; or give 'address'.")
             self._client = existing
+            self._scheduler_address = _address_of(existing, "the given client's scheduler")
+            self._watch_client()
             return
         if address is None:
+            processes = self._option("processes", bool, True)
+            if processes:
+                check_main_guard(str(dask.config.get("distributed.worker.multiprocessing-method", "spawn")))
             cluster_options: dict[str, Any] = {
                 "n_workers": self._option("n_workers", int),
                 "threads_per_worker": self._option("threads_per_worker", int),
-                "processes": self._option("processes", bool, True),
-                "dashboard_address": None,
+                "processes": processes,
                 **dict(self._option("cluster_options", dict) or {}),
             }
             cluster_options = {k: v for k, v in cluster_options.items() if v is not None or k == "dashboard_address"}
+            if "dashboard_address" not in cluster_options:
+                # No dashboard. (dashboard_address=None alone still makes Dask's scheduler bind
+                # its HTTP endpoints on port 8787: put them on a free loopback port instead.)
+                cluster_options["dashboard_address"] = None
+                scheduler_kwargs = dict(cluster_options.get("scheduler_kwargs") or {})
+                scheduler_kwargs.setdefault("dashboard", False)
+                scheduler_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+                cluster_options["scheduler_kwargs"] = scheduler_kwargs
             # A worker that dies with a task ends the task at once (KilledWorker), so the
             # run's orphan policy decides what happens, not a silent re-run.
             with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
                 self._cluster = await LocalCluster(asynchronous=True, **cluster_options)
             target: Any = self._cluster
+            self._scheduler_address = str(self._cluster.scheduler_address)
         else:
             target = address
+            self._scheduler_address = address
+        client_options.setdefault("timeout", connect_timeout)
         try:
-            self._client = await Client(target, asynchronous=True, **client_options)
+            # Dask bounds its connection attempts by `timeout`; the outer bound only guards
+            # against a client that never answers at all.
+            self._client = await asyncio.wait_for(Client(target, asynchronous=True, **client_options),
+                                                  connect_timeout + 10.0)
         except BaseException as exc:
             if self._cluster is not None:
                 await self._cluster.close()
                 self._cluster = None
             if isinstance(exc, (OSError, asyncio.TimeoutError)):
-                raise OSError(f"dask executor cannot connect to the Dask scheduler at {address}: {exc}. "
-                              "Check executor_config.address and that the scheduler is running.") from exc
+                raise OSError(
+                    f"dask executor cannot connect to the Dask scheduler at {self._scheduler_address} within "
+                    f"executor_config.connect_timeout={connect_timeout:g} s: {type(exc).__name__}: {exc}. Check "
+                    "executor_config.address and that the scheduler is running and reachable from here, or raise "
+                    "executor_config.connect_timeout."
+                ) from exc
             raise
         self._owns_client = True
+        self._scheduler_address = _address_of(self._client, self._scheduler_address)
+        self._watch_client()
+
+    def _watch_client(self) -> None:
+        self._monitor = asyncio.ensure_future(self._check_client())
+
+    async def _check_client(self) -> None:
+        """End every pending run once the client gave up on its scheduler (it never comes back)."""
+        client = self._client
+        try:
+            while not self._closing:
+                status = getattr(client, "status", "running")
+                if status in ("closing", "closed", "failed"):
+                    self._scheduler_lost(status)
+                    return
+                await asyncio.sleep(CLIENT_CHECK_SECONDS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never die silently: say so and end the runs
+            logger.exception("dask executor: watching the Dask client failed")
+            self._scheduler_lost(f"unknown ({type(exc).__name__}: {exc})")
+
+    def _scheduler_lost(self, status: str) -> None:
+        self._gone = (f"dask executor: the Dask client lost its connection to the scheduler at "
+                      f"{self._scheduler_address} and gave up reconnecting (client status {status!r}); the scheduler "
+                      "died or became unreachable, and runs submitted to it cannot finish. Restart the scheduler and "
+                      "the environment (executor_config.connect_timeout bounds the reconnection).")
+        logger.error("%s", self._gone)
+        for submission in list(self._submissions.values()):
+            if self.is_pending(submission.run_id):
+                self.report_lost(submission.run_id, f"{self._gone} Run {submission.run_id} was Dask task "
+                                 f"{submission.key!r}.", None, redeliverable=False)
+            if submission.watcher is not None:
+                submission.watcher.cancel()
 
     async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> DaskSubmission:
         """Submit ``payload`` as Dask task ``<task_id>-<run_id>`` (re-deliveries: ``...#<n>``).
@@ -168,6 +260,8 @@ class DaskAdapter(BackendAdapter):
         """
         from ._worker import run_payload
 
+        if self._gone is not None:
+            raise RuntimeError(self._gone)
         run_id = str(payload["run_id"])
         attempt = payload.get("attempt") or 1
         key = dask_key(str(payload.get("task_id") or "wove"), run_id, attempt)
@@ -185,47 +279,71 @@ class DaskAdapter(BackendAdapter):
         await self._client.cancel([submission.future])
 
     async def _watch(self, submission: DaskSubmission) -> None:
-        future = submission.future
         try:
-            await _settled(future)
-            if future.status == "finished" and not self.is_pending(submission.run_id):
-                return  # the worker posted the outcome before finishing: no need to fetch the result
-            try:
-                status = await future
-            except asyncio.CancelledError:
-                if future.status == "pending" or submission.cancelled:
-                    raise  # our own watcher was cancelled (close) or the user cancelled the run
-                await self._on_failure(submission, f"the Dask future was cancelled ({future.status})", None)
-                return
-            except Exception as exc:
-                await self._on_failure(submission, f"{type(exc).__name__}: {exc}", exc)
-                return
-            if isinstance(status, dict) and status.get("posted") is False:
-                for event in decode_events(status["event"]):
-                    self.report_event(event)
-            elif self.is_pending(submission.run_id) and not await self.wait_for_terminal(
-                submission.run_id, self._grace
-            ):
-                self.report_lost(submission.run_id, f"dask executor: the Dask task {submission.key!r} finished "
-                                 "but its worker never reported the run's outcome.")
+            await self._follow(submission)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a Dask surprise: end the run rather than strand it
+            logger.exception("dask executor: watching Dask task %r failed", submission.key)
+            self.report_lost(submission.run_id, f"dask executor: watching Dask task {submission.key!r} on the "
+                             f"scheduler at {self._scheduler_address} failed: {type(exc).__name__}: {exc}", exc)
         finally:
             if self._submissions.get(submission.run_id) is submission:
                 del self._submissions[submission.run_id]
-            future.release()
+            try:
+                submission.future.release()
+            except Exception as exc:  # the client may be closed already
+                logger.debug("dask executor: releasing %r failed: %r", submission.key, exc)
+
+    async def _follow(self, submission: DaskSubmission) -> None:
+        future = submission.future
+        await _settled(future)
+        if future.status == "finished" and not self.is_pending(submission.run_id):
+            return  # the worker posted the outcome before finishing: no need to fetch the result
+        try:
+            status = await future
+        except asyncio.CancelledError:
+            if future.status == "pending" or submission.cancelled:
+                raise  # our own watcher was cancelled (close) or the user cancelled the run
+            await self._on_failure(submission, f"the Dask future was cancelled ({future.status})", None)
+            return
+        except Exception as exc:
+            await self._on_failure(submission, f"{type(exc).__name__}: {exc}", exc)
+            return
+        if isinstance(status, dict) and status.get("posted") is False:
+            if self.is_pending(submission.run_id):  # decode nothing for a run nobody waits for
+                for event in decode_events(status["event"]):
+                    self.report_event(event)
+        elif self.is_pending(submission.run_id) and not await self.wait_for_terminal(
+            submission.run_id, self._grace
+        ):
+            self.report_lost(submission.run_id, f"dask executor: the Dask task {submission.key!r} finished "
+                             "but its worker never reported the run's outcome.")
 
     async def _on_failure(self, submission: DaskSubmission, what: str, exc: BaseException | None) -> None:
         if submission.cancelled or await self.wait_for_terminal(submission.run_id, self._grace):
             return
-        where = f"scheduler {self._client.scheduler.address}" if self._client is not None else "Dask"
+        if self._gone is not None:
+            self.report_lost(submission.run_id, self._gone, exc, redeliverable=False)
+            return
+        status = getattr(self._client, "status", None)
+        connection = "" if status in (None, "running") else (
+            f"; the client lost its connection to the scheduler (client status {status!r})")
         self.report_lost(
             submission.run_id,
-            f"dask executor: the Dask task {submission.key!r} on {where} failed before its worker "
-            f"reported an outcome ({what}); the worker running it died or the cluster lost it.",
+            f"dask executor: the Dask task {submission.key!r} on the scheduler at {self._scheduler_address} failed "
+            f"before its worker reported an outcome ({what}{connection}); the worker running it died or the "
+            "cluster lost it.",
             exc,
         )
 
     async def close(self) -> None:
         """Stop watching, close the client we opened and the embedded cluster (bounded)."""
+        self._closing = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
         watchers = [s.watcher for s in self._submissions.values() if s.watcher is not None]
         for watcher in watchers:
             watcher.cancel()
