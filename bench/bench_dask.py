@@ -56,8 +56,10 @@ async def _best_of(rounds: int, raw: Callable[[], Awaitable[float]],
 async def main(n_tasks: int, cpu_tasks: int, burn: int, workers: int, threads: int, rounds: int) -> None:
     from distributed import Client, LocalCluster
 
+    # dashboard_address=None alone still binds the scheduler's HTTP endpoints on port 8787
     cluster = await LocalCluster(asynchronous=True, n_workers=workers, threads_per_worker=threads,
-                                 processes=True, dashboard_address=None)
+                                 processes=True, dashboard_address=None,
+                                 scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
     client = await Client(cluster, asynchronous=True)
     definition = {"executor": "dask", "executor_config": {"address": cluster.scheduler_address}}
     cpu_tasks = cpu_tasks or 2 * workers * threads
