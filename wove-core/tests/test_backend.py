@@ -468,8 +468,11 @@ async def _started_idle_executor() -> BackendAdapterEnvironmentExecutor:
     return executor
 
 
-async def test_callback_for_an_unknown_run_is_refused_without_unpickling(tmp_path: Path) -> None:
+async def test_callback_for_an_unknown_run_is_refused_without_unpickling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     marker = tmp_path / "unpickled"
+    caplog.set_level("WARNING", logger="wove.backend")
     executor = await _started_idle_executor()
     try:
         assert executor.adapter is not None
@@ -484,6 +487,8 @@ async def test_callback_for_an_unknown_run_is_refused_without_unpickling(tmp_pat
         assert (single.status_code, listed.status_code, wrapped.status_code) == (404, 404, 404)
         assert "nope:0123456789abcdef" in single.text
         assert not marker.exists(), "the callback server unpickled a body for a run that does not exist"
+        assert any("nope:0123456789abcdef" in record.getMessage() and "404" in record.getMessage()
+                   for record in caplog.records), "the refusal was not logged"
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(executor.recv(), 0.3)  # nothing reached the runtime
     finally:
