@@ -40,6 +40,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds runs with orphan policy 'detach' may finish on SIGTERM (default 10)")
     parser.add_argument("--allow-remote-shutdown", action="store_true",
                         help="obey 'shutdown' commands from clients (off: the service is shared)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a request body may take to arrive; 408 after that (default 60)")
+    parser.add_argument("--header-timeout", type=float, default=30.0,
+                        help="seconds a connection may take to send complete request headers (default 30)")
+    parser.add_argument("--keepalive-timeout", type=float, default=35.0,
+                        help="seconds an idle keep-alive connection stays open (default 35)")
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -55,7 +61,9 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         app = create_app(security=args.security, max_concurrency=args.max_concurrency,
                          max_body_bytes=args.max_body_bytes, path=args.path,
-                         allow_remote_shutdown=args.allow_remote_shutdown, shutdown_grace=args.shutdown_grace)
+                         allow_remote_shutdown=args.allow_remote_shutdown, shutdown_grace=args.shutdown_grace,
+                         body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+                         keepalive_timeout=args.keepalive_timeout)
         sock = bind_socket(args.host, args.port)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"wove worker http: {exc}", file=sys.stderr)

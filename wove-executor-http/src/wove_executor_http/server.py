@@ -6,11 +6,18 @@ router. ``wove worker http`` serves it with uvicorn (:func:`serve`).
 
 Per request, in this order and before anything is unpickled:
 
-1. the body is read up to ``max_body_bytes`` (``413`` beyond, without reading the rest);
-2. the signature or bearer token is verified on the raw bytes (``401`` when credentials
-   are missing, ``403`` when they are wrong, replayed or expired);
-3. the command is decoded (``400`` for a body that is not JSON or not a command; a
+1. with security on, the headers alone are checked (``401`` when credentials are missing,
+   ``403`` for a wrong key id or token, or a bad, expired or future timestamp), before a
+   byte of the body is read, and the connection is closed;
+2. the body is read up to ``max_body_bytes`` (``413`` beyond, without reading the rest),
+   within ``body_timeout`` seconds (``408`` after that: a slow or stalled sender);
+3. the signature is verified on the raw bytes (``403`` when it is wrong or replayed);
+4. the command is decoded (``400`` for a body that is not JSON or not a command; a
    ``run_task`` whose pickles fail answers ``200`` with that run's ``task_error``).
+
+Connections: served by uvicorn (:func:`uvicorn_config`), a connection must send complete
+request headers within ``header_timeout`` seconds of opening (or of the previous
+response), and an idle keep-alive connection is closed after ``keepalive_timeout``.
 
 A ``run_task`` answers with its events: NDJSON, one event per line as it happens
 (``task_started``, heartbeats, the terminal event), when the ``Accept`` header names
@@ -34,12 +41,22 @@ from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, parse_j
 from wove.security import MissingCredentialsError, NetworkExecutorSecurity
 from wove.worker import WorkerEngine
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_PATH", "WorkerApp", "create_app"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_KEEPALIVE_TIMEOUT", "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_PATH", "WorkerApp", "create_app",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/wove"
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+#: Seconds the whole request body may take to arrive after the headers.
+DEFAULT_BODY_TIMEOUT = 60.0
+#: Seconds a connection may take to send complete request headers.
+DEFAULT_HEADER_TIMEOUT = 30.0
+#: Seconds an idle keep-alive connection is kept open (longer than the executor's 30 s
+#: ``keepalive_expiry``, so the client, not the server, closes idle connections).
+DEFAULT_KEEPALIVE_TIMEOUT = 35.0
 NDJSON = "application/x-ndjson"
 
 Scope = MutableMapping[str, Any]
@@ -81,6 +98,11 @@ class WorkerApp:
         allow_remote_shutdown: obey ``shutdown`` commands (default False: a worker
             service is shared, so one client must not stop it; the command is ignored).
         shutdown_grace: seconds ``detach`` runs may take to finish on shutdown.
+        body_timeout: seconds the request body may take to arrive once the headers are
+            in (``408`` after that); None for no limit.
+        header_timeout: seconds a connection may take to send complete request headers
+            (applied by :func:`uvicorn_config`; a mounting server applies its own).
+        keepalive_timeout: seconds an idle keep-alive connection stays open (likewise).
 
     Raises:
         ValueError / TypeError: invalid security configuration or limits.
@@ -97,9 +119,18 @@ class WorkerApp:
         path: str = DEFAULT_PATH,
         allow_remote_shutdown: bool = False,
         shutdown_grace: float = 10.0,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     ) -> None:
         if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}.")
+        for name, value in (("body_timeout", body_timeout), ("header_timeout", header_timeout),
+                            ("keepalive_timeout", keepalive_timeout)):
+            if value is None and name == "body_timeout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
         if not isinstance(path, str) or (path and not path.startswith("/")):
             raise ValueError(f"path must start with '/', got {path!r}.")
         self.security = NetworkExecutorSecurity.from_config(security).resolve()
@@ -108,6 +139,9 @@ class WorkerApp:
         self.path = path.rstrip("/")
         self.allow_remote_shutdown = allow_remote_shutdown
         self.shutdown_grace = shutdown_grace
+        self.body_timeout = None if body_timeout is None else float(body_timeout)
+        self.header_timeout = float(header_timeout)
+        self.keepalive_timeout = float(keepalive_timeout)
         self._streams: set[_Stream] = set()
         self._shutdown: asyncio.Task[None] | None = None
 
@@ -170,17 +204,21 @@ class WorkerApp:
 
     async def _command(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        secured = self.security.mode != "none"
+        if secured:
+            try:  # from the headers alone: an anonymous or forged body is never read
+                self.security.precheck_headers(headers)
+            except PermissionError as exc:
+                await self._reject(scope, send, exc, before_body=True)
+                return
         body = await self._read_body(headers, receive, send)
         if body is None:
             return
-        if self.security.mode != "none":
+        if secured:
             try:
                 self.security.verify_headers(headers=headers, transport="http", target=_signed_target(scope), body=body)
             except PermissionError as exc:
-                status = 401 if isinstance(exc, MissingCredentialsError) else 403
-                logger.warning("http worker: rejected a request from %s: %s", _client(scope), exc)
-                await _respond(send, status, {"error": f"Request rejected: {exc}"},
-                               extra=[(b"www-authenticate", b"Wove-HMAC")] if status == 401 else None)
+                await self._reject(scope, send, exc, before_body=False)
                 return
         try:
             obj = parse_json(body)
@@ -211,7 +249,28 @@ class WorkerApp:
                             _client(scope))
             await _respond_raw(send, 200, _EMPTY_EVENTS)
 
+    async def _reject(self, scope: Scope, send: Send, exc: PermissionError, *, before_body: bool) -> None:
+        status = 401 if isinstance(exc, MissingCredentialsError) else 403
+        logger.warning("http worker: rejected a request from %s: %s", _client(scope), exc)
+        extra = [(b"www-authenticate", b"Wove-HMAC")] if status == 401 else []
+        if before_body:  # the unread body is not wanted: close instead of draining it
+            extra.append((b"connection", b"close"))
+        await _respond(send, status, {"error": f"Request rejected: {exc}"}, extra=extra)
+
     async def _read_body(self, headers: dict[str, str], receive: Receive, send: Send) -> bytes | None:
+        if self.body_timeout is None:
+            return await self._read_body_within(headers, receive, send)
+        try:
+            return await asyncio.wait_for(self._read_body_within(headers, receive, send), self.body_timeout)
+        except asyncio.TimeoutError:
+            await _respond(send, 408, {
+                "error": f"The request body did not arrive within this worker's body_timeout of "
+                         f"{self.body_timeout:g} seconds; send it faster, or start the worker with a larger "
+                         "--body-timeout."
+            }, extra=[(b"connection", b"close")])
+            return None
+
+    async def _read_body_within(self, headers: dict[str, str], receive: Receive, send: Send) -> bytes | None:
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -379,6 +438,9 @@ def create_app(
     path: str = DEFAULT_PATH,
     allow_remote_shutdown: bool = False,
     shutdown_grace: float = 10.0,
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
 ) -> WorkerApp:
     """Build the worker service's ASGI application (arguments as for :class:`WorkerApp`).
 
@@ -389,6 +451,7 @@ def create_app(
     return WorkerApp(
         security=security, engine=engine, max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
         path=path, allow_remote_shutdown=allow_remote_shutdown, shutdown_grace=shutdown_grace,
+        body_timeout=body_timeout, header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
     )
 
 
@@ -417,21 +480,72 @@ def url_for(host: str, port: int, path: str, *, tls: bool) -> str:
 
 
 def uvicorn_config(app: WorkerApp, **options: Any) -> Any:
-    """A ``uvicorn.Config`` tuned for the worker: httptools when installed, no access log."""
+    """A ``uvicorn.Config`` tuned for the worker: httptools when installed, no access log,
+    the app's ``keepalive_timeout`` and ``header_timeout`` (``options`` override)."""
     import uvicorn
 
     try:
         import httptools  # noqa: F401
 
-        http = "httptools"
+        http: Any = _header_timeout_protocol(app.header_timeout)
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
         http = "h11"
     settings: dict[str, Any] = {
         "http": http, "lifespan": "on", "access_log": False, "log_level": "warning",
-        "backlog": 4096, "timeout_keep_alive": 30, "ws": "none",
+        "backlog": 4096, "timeout_keep_alive": app.keepalive_timeout, "ws": "none",
     }
     settings.update(options)
     return uvicorn.Config(app, **settings)
+
+
+def _header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, closing a connection that does not send complete
+    request headers within ``header_timeout`` seconds of opening (or of starting its next
+    request). uvicorn itself never times out a connection before its first request, nor
+    headers sent a byte at a time."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _wove_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._wove_arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._wove_arm()
+
+        def on_headers_complete(self) -> None:
+            self._wove_disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._wove_disarm()
+            super().connection_lost(exc)
+
+        def _wove_arm(self) -> None:
+            if self._wove_timer is None:
+                self._wove_timer = self.loop.call_later(header_timeout, self._wove_expired)
+
+        def _wove_disarm(self) -> None:
+            if self._wove_timer is not None:
+                self._wove_timer.cancel()
+                self._wove_timer = None
+
+        def _wove_expired(self) -> None:
+            self._wove_timer = None
+            if not self.transport.is_closing():
+                logger.info("http worker: closing a connection from %s that sent no complete request headers "
+                            "within header_timeout=%gs", _peer(self.transport), header_timeout)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
 
 def make_server(app: WorkerApp, config: Any, *, on_ready: Callable[[], None] | None = None) -> Any:
