@@ -73,14 +73,20 @@ def test_resolution_is_lazy_and_finds_names_in_any_plugin(plugin_dir: Path) -> N
     assert "Plugin 'broken'" in registry.unknown_message("nothing")
 
 
-def test_named_entry_point_is_loaded_first(plugin_dir: Path) -> None:
+def test_named_entry_point_is_loaded_first_and_a_broken_other_plugin_is_skipped(plugin_dir: Path) -> None:
+    (plugin_dir / "load_order.py").write_text("ORDER = []\n")
+    first = "import load_order\nload_order.ORDER.append('first')\n" + textwrap.dedent(ECHO.format(name="first", aliases=()))
     eps = [
-        write_plugin(plugin_dir, "plug_first", ECHO.format(name="first", aliases=())),
-        write_plugin(plugin_dir, "plug_other", "raise RuntimeError('must not be imported')"),
+        write_plugin(plugin_dir, "plug_other", "import load_order\nload_order.ORDER.append('other')\nraise RuntimeError('broken plugin')"),
+        write_plugin(plugin_dir, "plug_first", first),
     ]
     registry = Registry(entry_points=eps)
     assert registry.lookup("first") is not None
-    assert {p.name: p.status for p in registry._plugins.values()}["other"] == "not loaded"
+    import load_order  # type: ignore[import-not-found]
+
+    assert load_order.ORDER == ["first", "other"]
+    statuses = {p.name: p.status for p in registry.plugins()}
+    assert statuses == {"first": "loaded", "other": "failed to import: RuntimeError: broken plugin"}
 
 
 def test_duplicate_names_name_both_plugins(plugin_dir: Path) -> None:
@@ -91,6 +97,55 @@ def test_duplicate_names_name_both_plugins(plugin_dir: Path) -> None:
     registry = Registry(entry_points=eps)
     with pytest.raises(ConfigError, match=r"'same' is registered twice: by plugin 'one' .* and by plugin 'two'"):
         registry.load_all()
+
+
+@pytest.mark.parametrize("order", [("east", "west"), ("west", "east")])
+def test_resolving_a_name_two_plugins_claim_is_an_error_naming_both(plugin_dir: Path, order: tuple[str, str]) -> None:
+    # the entry point named like the executor registers it; the lookup must not stop there
+    suffix = "".join(name[0] for name in order)  # fresh module names per case (imports are cached)
+    eps = [write_plugin(plugin_dir, f"plug_{name}{suffix}", ECHO.format(name=name, aliases=("shared",))) for name in order]
+    eps.append(write_plugin(plugin_dir, f"plug_shared{suffix}", ECHO.format(name="shared", aliases=())))
+    eps[-1] = metadata.EntryPoint(name="shared", value=eps[-1].value, group=ENTRY_POINT_GROUP)
+    registry = Registry(entry_points=eps)
+    for _attempt in range(2):  # the same answer every time, not only the first
+        with pytest.raises(ConfigError, match=r"'shared' is registered 3 times: by plugin '\w+' .*, by plugin '\w+' .* and by plugin '\w+'") as info:
+            registry.build("shared")
+        assert all(f"plugin '{name}" in str(info.value) for name in ("east", "west", "shared"))
+    assert registry.lookup("east") is not None and registry.lookup("west") is not None
+    assert set(registry.conflicts()) == {"shared"}
+    assert "shared" not in {info.name for info in registry.executors()}
+
+
+def test_register_plugin_still_refuses_a_taken_name_at_once(plugin_dir: Path) -> None:
+    registry = Registry(entry_points=[write_plugin(plugin_dir, "plug_base", ECHO.format(name="taken", aliases=()))])
+    assert registry.lookup("taken") is not None
+    import types
+
+    from wove import hookimpl
+
+    embedded = types.SimpleNamespace()
+    embedded.wove_register_executors = hookimpl(lambda register: register("taken", LocalEnvironmentExecutor))
+    with pytest.raises(ConfigError, match=r"'taken' is registered twice: by plugin 'base' .* and by plugin 'app'"):
+        registry.register_plugin(embedded, name="app")
+    assert registry.lookup("taken").plugin == "base"  # type: ignore[union-attr]
+
+
+def test_a_typo_in_the_plugin_variables_is_a_warning_naming_the_known_plugins(
+        plugin_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    eps = [write_plugin(plugin_dir, "plug_skip", ECHO.format(name="skip", aliases=())),
+           write_plugin(plugin_dir, "plug_keep", ECHO.format(name="keep", aliases=()))]
+    monkeypatch.setenv("WOVE_DISABLE_PLUGINS", "skpi")
+    monkeypatch.setenv("WOVE_LOAD_PLUGINS", "skip,keep,kep")
+    with caplog.at_level("WARNING", logger="wove.registry"):
+        registry = Registry(entry_points=eps)
+        assert registry.lookup("skip") is not None
+        registry.plugins()
+    messages = [r.getMessage() for r in caplog.records]
+    disable = [m for m in messages if m.startswith("WOVE_DISABLE_PLUGINS")]
+    load = [m for m in messages if m.startswith("WOVE_LOAD_PLUGINS")]
+    assert len(disable) == 1 and "'skpi'" in disable[0] and "installed plugins: keep, skip" in disable[0]
+    assert "Did you mean 'skip'?" in disable[0]
+    assert len(load) == 1 and "'kep'" in load[0] and "Did you mean 'keep'?" in load[0]
 
 
 def test_plugin_api_mismatch_and_bad_factories(plugin_dir: Path) -> None:
@@ -121,6 +176,64 @@ def test_disable_and_only_load(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("WOVE_DISABLE_PLUGINS")
     monkeypatch.setenv("WOVE_LOAD_PLUGINS", "other")
     assert Registry(entry_points=eps).lookup("skip") is None
+
+
+FAKE_DIST_PLUGIN = """
+from wove import hookimpl
+from wove.local import LocalEnvironmentExecutor
+
+@hookimpl
+def wove_register_executors(register):
+    register("{executor}", LocalEnvironmentExecutor, description="{dist}")
+"""
+
+DUPLICATE_SCRIPT = """
+import json, sys
+from wove.environment import build_executor_from_name
+result = {}
+build_executor_from_name("local")
+try:
+    build_executor_from_name("lokal")
+except Exception as exc:
+    result["error"] = f"{type(exc).__name__}: {exc}"
+result["heavy"] = [m for m in ("httpx", "grpc", "websockets", "uvicorn", "dask", "distributed") if m in sys.modules]
+print(json.dumps(result))
+"""
+
+
+def write_fake_distribution(site: Path, dist: str, ep_name: str, module: str, executor: str) -> None:
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[wove.executors]\n{ep_name} = {module}\n")
+    (site / f"{module}.py").write_text(FAKE_DIST_PLUGIN.format(executor=executor, dist=dist))
+
+
+@pytest.mark.integration
+def test_two_installed_distributions_claiming_one_name_fail_naming_both(tmp_path: Path) -> None:
+    import json
+    import os
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    # the first is the entry point named like the executor: the lookup must look further
+    write_fake_distribution(site, "wove-executor-lokal", "lokal", "wove_lokal_plugin", "lokal")
+    write_fake_distribution(site, "acme-wove-tools", "acme", "acme_wove_plugin", "lokal")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", DUPLICATE_SCRIPT], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["error"].startswith("ConfigError: Executor name 'lokal' is registered twice")
+    assert "plugin 'lokal' (wove-executor-lokal 0.1)" in result["error"]
+    assert "plugin 'acme' (acme-wove-tools 0.1)" in result["error"]
+    # every plugin module was imported to find the clash, and none imported its transport
+    assert result["heavy"] == []
+    listing = subprocess.run([sys.executable, "-m", "wove.cli", "executors"], capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "executor name 'lokal' is registered twice" in listing.stdout.lower()
+    assert not any(line.split()[:1] == ["lokal"] for line in listing.stdout.splitlines())
 
 
 THIRD_PARTY_PYPROJECT = """

@@ -1,28 +1,59 @@
-"""The ``wove`` command: ``wove executors``, ``wove demo``, ``wove worker NAME``."""
+"""The ``wove`` command: ``wove executors``, ``wove demo``, ``wove worker NAME``.
+
+Every ``wove worker`` service gets the same checks here, before its own runner starts:
+``--security`` is parsed and its environment variable read (one parser:
+:meth:`wove.security.NetworkExecutorSecurity.from_config`), certificate and key files
+must exist, and a non-loopback ``--host`` without security is refused unless
+``--insecure`` is given. A problem prints one line, ``wove worker NAME: <what, value,
+fix>``, and exits 2. Ctrl-C exits 130 without a traceback (a worker that drains
+gracefully exits 0).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-from .registry import get_registry
+from .registry import ENTRY_POINT_GROUP, KNOWN_DISTRIBUTIONS, KNOWN_SERVICES, get_registry
+from .security import NetworkExecutorSecurity, is_local_host
 
-__all__ = ["announce_listening", "main"]
+__all__ = ["announce_listening", "build_parser", "main"]
 
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+SECURITY_HELP = (
+    "how clients authenticate: 'env:VAR' or 'signed:env:VAR' (Wove 2.x signed requests, HMAC secret "
+    "in the environment variable VAR), 'bearer:env:VAR' (Authorization: Bearer <token in VAR>), or "
+    "'none' (default). Required on a non-loopback --host unless --insecure."
+)
+
+#: Flags (argparse dests) that name files a service reads at start: checked to exist first.
+_FILE_DESTS = frozenset({"certfile", "keyfile", "ca_certs", "cafile", "ca_file", "client_ca", "client_ca_file"})
+
+logger = logging.getLogger(__name__)
+_announced = False
 
 
 def announce_listening(where: str) -> None:
     """Print the ready line every worker service prints (``listening on <where>``)."""
+    global _announced
+    _announced = True
     print(f"listening on {where}", flush=True)
 
 
+# -- wove executors -----------------------------------------------------------------
 def _cmd_executors(_: argparse.Namespace) -> int:
     registry = get_registry()
     rows: list[tuple[str, ...]] = [("executor", "distribution", "version", "plugin", "description")]
@@ -33,6 +64,10 @@ def _cmd_executors(_: argparse.Namespace) -> int:
     problems = [p for p in registry.plugins() if p.status not in ("loaded",)]
     for plugin in problems:
         print(f"plugin {plugin.name} ({plugin.distribution} {plugin.version}): {plugin.status}")
+    for name, claims in registry.conflicts().items():
+        who = " and ".join(f"plugin {c.plugin} ({c.distribution} {c.version})" for c in claims)
+        print(f"executor name '{name}' is registered twice, by {who}: unusable until one is "
+              f"uninstalled or disabled (WOVE_DISABLE_PLUGINS={claims[-1].plugin})")
     return 0
 
 
@@ -44,6 +79,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
+# -- wove demo ------------------------------------------------------------------------
 def _demo_square(x: int) -> int:
     return x * x
 
@@ -67,16 +103,44 @@ async def _demo_one(name: str, factory: Callable[[], Any], tasks: int) -> tuple[
     return (definition.get("executor", name), str(tasks), f"{correct}/{tasks}", f"{median:,.0f} µs")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def demo_environments() -> dict[str, Callable[[], Any]]:
+    """The ``wove demo`` environments every loaded plugin offers (``wove_demo_environments``)."""
     registry = get_registry()
-    registry.load_all()
+    registry.plugins()  # loads every allowed plugin without raising on name clashes
     demos: dict[str, Callable[[], Any]] = {}
 
     def register(name: str, factory: Callable[[], Any]) -> None:
         demos[name] = factory
 
     registry.manager.hook.wove_demo_environments(register=register)
-    selected = [n for n in sorted(demos, key=lambda n: (n != "local", n)) if not args.only or n in args.only]
+    return demos
+
+
+def _unknown_demo_message(unknown: list[str], demos: dict[str, Callable[[], Any]]) -> str:
+    available = sorted(demos)
+    message = (f"wove demo: --only names {', '.join(map(repr, unknown))}, for which no installed plugin "
+               f"offers a demo; available: {', '.join(available) or '(none)'}.")
+    for name in unknown:
+        close = difflib.get_close_matches(name, available, n=1)
+        if close:
+            message += f" Did you mean '{close[0]}' (not {name!r})?"
+        elif name in KNOWN_DISTRIBUTIONS:
+            message += f" '{name}' is provided by {KNOWN_DISTRIBUTIONS[name]}: pip install {KNOWN_DISTRIBUTIONS[name]}"
+    return message
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    demos = demo_environments()
+    only = [name for name in (args.only or []) if name]
+    if args.only is not None and not only:
+        print(f"wove demo: --only needs comma-separated executor names, got {','.join(args.only)!r}; "
+              f"available: {', '.join(sorted(demos))}.", file=sys.stderr)
+        return EXIT_USAGE
+    unknown = [name for name in only if name not in demos]
+    if unknown:
+        print(_unknown_demo_message(unknown, demos), file=sys.stderr)
+        return EXIT_USAGE
+    selected = [n for n in sorted(demos, key=lambda n: (n != "local", n)) if not only or n in only]
     print(f"Running {args.tasks} tasks through each of: {', '.join(selected)} (workers on loopback)")
     rows: list[tuple[str, ...]] = [("executor", "tasks", "results correct", "median latency")]
     failed = False
@@ -92,54 +156,229 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _add_worker_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    worker = sub.add_parser("worker", help="serve the worker engine over a transport")
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+# -- wove worker ------------------------------------------------------------------------
+class _WorkerSetupError(Exception):
+    """One line for stderr: what was wrong, the value, the fix."""
+
+
+def check_worker_args(service: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The checks every ``wove worker`` service shares; returns warnings to print.
+
+    Raises:
+        _WorkerSetupError: a bad ``--security``, an unset variable, a missing file, or an
+            exposed address without authentication.
+    """
+    warnings: list[str] = []
+    raw = getattr(args, "security", None)
+    try:
+        security = NetworkExecutorSecurity.from_config(raw).resolve()
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise _WorkerSetupError(f"--security {raw!r}: {exc}") from None
+    options = {action.dest: action for action in parser._actions}
+    for dest in sorted(_FILE_DESTS & set(options)):
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = options[dest].option_strings[-1] if options[dest].option_strings else dest
+        path = Path(value)
+        if not path.is_file():
+            problem = "is a directory" if path.is_dir() else "does not exist"
+            raise _WorkerSetupError(
+                f"{flag} {value!r}: the file {problem} (looked for {path.resolve()}). "
+                f"Pass the path of an existing PEM file."
+            )
+        if not os.access(path, os.R_OK):
+            raise _WorkerSetupError(f"{flag} {value!r}: the file is not readable by this user. Fix its permissions.")
+    host = getattr(args, "host", "127.0.0.1")
+    if not is_local_host(host):
+        if security.mode == "none":
+            if not getattr(args, "insecure", False):
+                raise _WorkerSetupError(
+                    f"refusing to serve on --host {host} without authentication: anyone who can reach "
+                    f"it could run code on this machine. Pass --security env:VAR (signed; or "
+                    f"bearer:env:VAR), bind --host 127.0.0.1, or add --insecure to serve "
+                    f"unauthenticated anyway (trusted networks and development only)."
+                )
+            warnings.append(
+                f"WARNING: serving on {host} without authentication (--insecure): anyone who can "
+                f"reach it can run code on this machine. Use --security env:VAR outside development."
+            )
+        elif security.mode == "bearer" and "certfile" in options and not getattr(args, "certfile", None):
+            warnings.append(
+                f"WARNING: bearer tokens travel in clear text on {host} without TLS; add --certfile/--keyfile "
+                f"(or use signed requests: --security env:VAR)."
+            )
+    return warnings
+
+
+def _worker_runner(service: str, parser: argparse.ArgumentParser,
+                   run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    label = f"wove worker {service}"
+
+    def checked_run(args: argparse.Namespace) -> int:
+        try:
+            warnings = check_worker_args(service, parser, args)
+        except _WorkerSetupError as exc:
+            print(f"{label}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        for warning in warnings:
+            print(f"{label}: {warning}", file=sys.stderr, flush=True)
+        try:
+            return int(run(args) or 0)
+        except KeyboardInterrupt:
+            raise
+        except (OSError, ValueError, TypeError, RuntimeError, ImportError) as exc:
+            # a bind failure, an unreadable certificate, ... : one line, not a traceback
+            if getattr(args, "verbose", 0):
+                logger.exception("%s failed", label)
+            more = "" if getattr(args, "verbose", 0) else " (run with -v for the traceback)"
+            print(f"{label}: {type(exc).__name__}: {exc}{more}", file=sys.stderr)
+            return 1 if _announced else EXIT_USAGE
+
+    return checked_run
+
+
+def _missing_service(service: str, distribution: str) -> Callable[[argparse.Namespace], int]:
+    def explain(_: argparse.Namespace) -> int:
+        try:
+            installed: str | None = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed is None:
+            fix = f"It is provided by {distribution}: pip install {distribution}"
+        else:
+            statuses = [f"plugin {p.name}: {p.status}" for p in get_registry().plugins() if p.distribution == distribution]
+            fix = (f"{distribution} {installed} is installed but its plugin is not loaded "
+                   f"({'; '.join(statuses) or 'no wove.executors entry point'}); check WOVE_DISABLE_PLUGINS / "
+                   f"WOVE_LOAD_PLUGINS.")
+        print(f"wove worker {service}: no installed plugin provides the '{service}' worker service. {fix}",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+    explain.missing_service = True  # type: ignore[attr-defined]
+    return explain
+
+
+def _add_worker_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    worker = sub.add_parser("worker", help="serve the worker engine over a transport", parents=[common])
     services = worker.add_subparsers(dest="service", metavar="SERVICE")
     registry = get_registry()
-    registry.load_all()
+    registry.plugins()  # loads every allowed plugin without raising on executor name clashes
+    provided: set[str] = set()
 
     def register(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
                  run: Callable[[argparse.Namespace], int], *, help: str = "") -> None:
-        parser = services.add_parser(name, help=help)
+        parser = services.add_parser(name, help=help, parents=[common])
         parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
         parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
-        parser.add_argument("--security", default=None,
-                            help="'env:VAR' (signed with the secret in VAR) or 'none'")
+        parser.add_argument("--security", default=None, help=SECURITY_HELP)
+        parser.add_argument("--insecure", action="store_true",
+                            help="allow a non-loopback --host without --security (warns on every start)")
         parser.add_argument("--max-concurrency", type=int, default=256, help="runs executing at once")
         parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                             help=f"largest accepted command (default {DEFAULT_MAX_BODY})")
         add_arguments(parser)
-        parser.set_defaults(handler=run)
+        parser.set_defaults(handler=_worker_runner(name, parser, run))
+        provided.add(name)
 
     registry.manager.hook.wove_worker_services(register=register)
-    worker.set_defaults(handler=lambda ns: (worker.print_help(), 2)[1])
+    for name, distribution in sorted(KNOWN_SERVICES.items()):
+        if name not in provided:
+            placeholder = services.add_parser(name, help=f"(not installed: pip install {distribution})",
+                                              parents=[common])
+            placeholder.set_defaults(handler=_missing_service(name, distribution))
+    worker.set_defaults(handler=lambda ns: (worker.print_help(), EXIT_USAGE)[1])
+
+
+# -- the command ------------------------------------------------------------------------
+def version_text() -> str:
+    """``wove --version``: wove-core's version, then each installed plugin distribution's."""
+    lines = [f"wove-core {_version('wove-core')}"]
+    seen: set[str] = {"wove-core"}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        name = dist.metadata["Name"] if dist is not None else None
+        if name and name not in seen:
+            seen.add(name)
+            lines.append(f"{name} {dist.version if dist is not None else '?'}")
+    return "\n".join([lines[0], *sorted(lines[1:])])
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "(not installed)"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wove", description="Run Python functions in named environments.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    # -v/--verbose is accepted before and after the subcommand; SUPPRESS keeps a
+    # subcommand's default from overwriting a count given earlier.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging (-vv for debug)")
+    parser = argparse.ArgumentParser(prog="wove", description="Run Python functions in named environments.",
+                                     parents=[common])
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version of wove-core and of the installed executor distributions")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    executors = sub.add_parser("executors", help="list installed executors")
+    executors = sub.add_parser("executors", help="list installed executors", parents=[common])
     executors.set_defaults(handler=_cmd_executors)
-    demo = sub.add_parser("demo", help="run a small workload through every installed executor")
-    demo.add_argument("--tasks", type=int, default=200)
+    demo = sub.add_parser("demo", help="run a small workload through every installed executor", parents=[common])
+    demo.add_argument("--tasks", type=_positive_int, default=200, help="tasks per executor (default 200)")
     demo.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated executor names")
     demo.set_defaults(handler=_cmd_demo)
-    _add_worker_commands(sub)
+    _add_worker_commands(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``wove`` command; returns its exit status (130 after Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args, extra = parser.parse_known_args(argv)
     handler = getattr(args, "handler", None)
+    if extra and not getattr(handler, "missing_service", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    verbose = getattr(args, "verbose", 0)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if handler is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     return int(handler(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run through the importable module, so that services importing ``wove.cli`` share its state.
+    from wove.cli import main as _entry
+
+    sys.exit(_entry())

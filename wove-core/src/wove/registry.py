@@ -1,11 +1,14 @@
 """Executor plugin discovery through the ``wove.executors`` entry point group.
 
-Resolution is lazy: ``build_executor_from_name("grpc")`` loads the entry point named
-``grpc`` first and the other plugins only when the name is not registered there, so one
-broken or slow plugin does not affect environments that do not use it.
+Resolution loads the entry point named like the executor first (its import errors
+surface as they are), then the other plugin modules, so that a name two installed plugins
+claim is an error naming both rather than a silent pick of the first. Plugin modules are
+light by contract (they import no transport library), so loading them all is cheap; a
+plugin that fails to import or to register is recorded, logged and skipped: it does not
+affect environments that do not use it.
 
 ``WOVE_DISABLE_PLUGINS=a,b`` skips the named entry points; ``WOVE_LOAD_PLUGINS=a,b``
-loads only those.
+loads only those. A name in either that no installed plugin has is logged as a warning.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KNOWN_DISTRIBUTIONS",
+    "KNOWN_SERVICES",
     "WOVE_PLUGIN_API",
     "ExecutorInfo",
     "PluginInfo",
@@ -42,6 +46,13 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "wove.executors"
 WOVE_PLUGIN_API = 1
+
+#: ``wove worker NAME`` services provided by distributions of this project, for install hints.
+KNOWN_SERVICES = {
+    "http": "wove-executor-http",
+    "grpc": "wove-executor-grpc",
+    "websocket": "wove-executor-ws",
+}
 
 #: Executor names provided by distributions of this project, for install hints.
 KNOWN_DISTRIBUTIONS = {
@@ -90,6 +101,8 @@ class Registry:
         self._executors: dict[str, ExecutorInfo] = {}
         self._plugins: dict[str, PluginInfo] = {}
         self._entry_points: dict[str, metadata.EntryPoint] = {}
+        self._conflicts: dict[str, list[ExecutorInfo]] = {}
+        self._warned: set[tuple[str, str]] = set()
         self._all_loaded = False
         for ep in entry_points if entry_points is not None else _group_entry_points():
             if ep.name in self._entry_points:
@@ -107,9 +120,25 @@ class Registry:
     def _allowed(self, name: str) -> bool:
         disabled = _env_list("WOVE_DISABLE_PLUGINS")
         only = _env_list("WOVE_LOAD_PLUGINS")
+        self._warn_unknown_plugin_names("WOVE_DISABLE_PLUGINS", disabled)
+        self._warn_unknown_plugin_names("WOVE_LOAD_PLUGINS", only)
         return name not in disabled and (not only or name in only)
 
-    def _load(self, name: str) -> None:
+    def _warn_unknown_plugin_names(self, variable: str, names: set[str]) -> None:
+        known = sorted(self._entry_points)
+        for unknown in sorted(names - set(known)):
+            if (variable, unknown) in self._warned:
+                continue
+            self._warned.add((variable, unknown))
+            close = difflib.get_close_matches(unknown, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            logger.warning(
+                "%s names plugin %r, but no installed plugin has that name; installed plugins: %s.%s "
+                "(Plugin names are the wove.executors entry point names `wove executors` lists.)",
+                variable, unknown, ", ".join(known) or "(none)", hint,
+            )
+
+    def _load(self, name: str, *, strict: bool = True) -> None:
         info = self._plugins[name]
         if info.status != "not loaded":
             return
@@ -125,7 +154,17 @@ class Registry:
                 name, info.distribution, info.version, exc,
             )
             return
-        self.register_plugin(plugin, name=name, distribution=info.distribution, version=info.version)
+        try:
+            self._register(plugin, name=name, distribution=info.distribution, version=info.version,
+                           strict=False)
+        except Exception as exc:
+            if strict:
+                raise
+            info.status = f"failed to register: {type(exc).__name__}: {exc}"
+            logger.warning(
+                "Wove plugin %r from %s %s failed to register its executors and is skipped: %s",
+                name, info.distribution, info.version, exc,
+            )
 
     def register_plugin(
         self,
@@ -141,6 +180,12 @@ class Registry:
             ConfigError: the plugin registers a name another plugin already registered,
                 or was built for another plugin API version.
         """
+        self._register(plugin, name=name, distribution=distribution, version=version, strict=True)
+
+    def _register(self, plugin: Any, *, name: str, distribution: str, version: str, strict: bool) -> None:
+        # strict: a clash with an already registered name raises (and registers nothing).
+        # Otherwise (entry points) the clashing name is recorded in self._conflicts, so
+        # resolving it raises an error naming both plugins, and the plugin's other names work.
         with self._lock:
             info = self._plugins.setdefault(
                 name, PluginInfo(name=name, value=repr(plugin), distribution=distribution, version=version)
@@ -149,6 +194,7 @@ class Registry:
                 return
             self.manager.register(plugin, name=name)
             registered: dict[str, ExecutorInfo] = {}
+            clashes: list[ExecutorInfo] = []
 
             def register(
                 executor_name: str,
@@ -172,17 +218,19 @@ class Registry:
                         f"factory {factory!r}; register a class or a zero-argument function."
                     )
                 for alias, alias_of in [(executor_name, None), *((a, executor_name) for a in aliases)]:
-                    existing = self._executors.get(alias) or registered.get(alias)
-                    if existing is not None:
-                        raise ConfigError(
-                            f"Executor name '{alias}' is registered twice: by plugin '{existing.plugin}' "
-                            f"({existing.distribution}) and by plugin '{name}' ({distribution}). "
-                            f"Uninstall one of them, or disable one with WOVE_DISABLE_PLUGINS={name}."
-                        )
-                    registered[alias] = ExecutorInfo(
+                    entry = ExecutorInfo(
                         name=alias, factory=factory, plugin=name, distribution=distribution,
                         version=version, description=description, alias_of=alias_of,
                     )
+                    existing = registered.get(alias)
+                    if existing is None and strict:
+                        existing = self._executors.get(alias) or next(iter(self._conflicts.get(alias, ())), None)
+                    if existing is not None:
+                        raise ConfigError(_duplicate_message(alias, [existing, entry]))
+                    if alias in self._executors or alias in self._conflicts:
+                        clashes.append(entry)
+                    else:
+                        registered[alias] = entry
 
             try:
                 for impl in self.manager.hook.wove_register_executors.get_hookimpls():
@@ -193,37 +241,60 @@ class Registry:
                 info.status = "error"
                 raise
             self._executors.update(registered)
+            for entry in clashes:
+                first = self._executors.pop(entry.name, None)
+                self._conflicts.setdefault(entry.name, [first] if first is not None else []).append(entry)
+                logger.warning("%s", _duplicate_message(entry.name, self._conflicts[entry.name]))
             info.status = "loaded"
-            info.executors = sorted(registered)
+            info.executors = sorted([*registered, *(entry.name for entry in clashes)])
 
-    def load_all(self) -> None:
-        """Load every allowed plugin (for listings and the non-executor hooks)."""
+    def _load_everything(self) -> None:
         with self._lock:
             if self._all_loaded:
                 return
             for name in list(self._entry_points):
-                self._load(name)
+                self._load(name, strict=False)
             self._all_loaded = True
 
-    # -- queries ---------------------------------------------------------------
+    def load_all(self) -> None:
+        """Load every allowed plugin (for listings and the non-executor hooks).
+
+        Raises:
+            ConfigError: two plugins register one executor name (the message names both).
+        """
+        self._load_everything()
+        for name in sorted(self._conflicts):
+            raise ConfigError(_duplicate_message(name, self._conflicts[name]))
+
     def lookup(self, name: str) -> ExecutorInfo | None:
-        """Return the executor registered as ``name``, loading plugins as needed."""
+        """Return the executor registered as ``name``, loading plugins as needed.
+
+        The entry point named ``name`` is loaded first (its errors propagate), then every
+        other allowed plugin, so that a second claim on the name is found.
+
+        Raises:
+            ConfigError: two installed plugins register ``name`` (the message names both).
+        """
         with self._lock:
-            if name in self._executors:
-                return self._executors[name]
             if name in self._entry_points:
                 self._load(name)
-                if name in self._executors:
-                    return self._executors[name]
-            self.load_all()
+            self._load_everything()
+            if name in self._conflicts:
+                raise ConfigError(_duplicate_message(name, self._conflicts[name]))
             return self._executors.get(name)
 
+    def conflicts(self) -> dict[str, list[ExecutorInfo]]:
+        """Executor names that more than one plugin registers (none of them is used)."""
+        self._load_everything()
+        return {name: list(infos) for name, infos in sorted(self._conflicts.items())}
+
     def executors(self) -> list[ExecutorInfo]:
-        self.load_all()
+        """Every usable registered name (names claimed twice are in :meth:`conflicts`)."""
+        self._load_everything()
         return sorted(self._executors.values(), key=lambda info: info.name)
 
     def plugins(self) -> list[PluginInfo]:
-        self.load_all()
+        self._load_everything()
         return sorted(self._plugins.values(), key=lambda info: info.name)
 
     def build(self, name: str, *, environment: str | None = None) -> EnvironmentExecutor:
@@ -261,6 +332,15 @@ class Registry:
         for plugin in failed:
             message += f" (Plugin '{plugin.name}' from {plugin.distribution} {plugin.status}.)"
         return message
+
+
+def _duplicate_message(name: str, claims: list[ExecutorInfo]) -> str:
+    who = [f"by plugin '{c.plugin}' ({c.distribution} {c.version})" for c in claims]
+    times = "twice" if len(claims) == 2 else f"{len(claims)} times"
+    return (
+        f"Executor name '{name}' is registered {times}: {', '.join(who[:-1])} and {who[-1]}. "
+        f"Uninstall one of them, or disable one with WOVE_DISABLE_PLUGINS={claims[-1].plugin}."
+    )
 
 
 def _env_list(variable: str) -> set[str]:
