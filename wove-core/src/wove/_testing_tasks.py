@@ -61,3 +61,8 @@ def nested(depth: int) -> list[Any]:
     for _ in range(depth):
         value = [value]
     return value
+
+
+def blob(size: int) -> bytes:
+    """``size`` bytes (large results)."""
+    return os.urandom(16) * (size // 16) + b"x" * (size % 16)

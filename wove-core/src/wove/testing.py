@@ -46,7 +46,7 @@ from .environment import (
 )
 from .protocol import TERMINAL_EVENTS
 
-__all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async"]
+__all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async", "tasks"]
 
 
 class WorkerProcess:

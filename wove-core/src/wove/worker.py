@@ -17,7 +17,15 @@ Semantics:
   ignored.
 * Runs sharing a ``delivery_idempotency_key`` (or re-sent with the same ``run_id``) attach
   to the running execution; a duplicate of a recently finished run gets the same terminal
-  event without running again (bounded LRU with a TTL).
+  event without running again. Finished results are kept in a cache bounded three ways:
+  entries (``idempotency_cache_size``), time (``idempotency_ttl``; a large result, at least
+  ``large_result_bytes`` by a cheap size estimate, only for ``large_result_ttl``: long enough
+  for a client to re-deliver after a lost connection) and bytes (``idempotency_cache_bytes``,
+  oldest first; a result larger than the whole bound is not kept). Expired entries are
+  swept on a timer, not only when asked for.
+* Sync callables run on daemon threads that never keep the process from exiting: a sync
+  call that timed out or was cancelled cannot be interrupted, so it is abandoned, not
+  waited for.
 * ``shutdown`` stops accepting work and ends runs by orphan policy: ``cancel`` →
   ``task_cancelled``; ``fail`` → ``task_error``; ``requeue`` → cancelled silently so the
   submitter re-delivers it; ``detach`` → allowed to finish within the grace period.
@@ -30,14 +38,16 @@ import contextvars
 import functools
 import inspect
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._gate import Gate
+from ._memory import release_large_buffers
+from ._threads import DaemonThreadPool
 from .errors import ProtocolError
 from .protocol import (
     ORPHAN_POLICIES,
@@ -46,11 +56,16 @@ from .protocol import (
     normalize_exception,
 )
 
-__all__ = ["Sink", "WorkerEngine"]
+__all__ = ["Sink", "WorkerEngine", "release_large_buffers"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 64
+#: Bytes of finished results kept for re-deliveries (see the module docstring).
+DEFAULT_IDEMPOTENCY_CACHE_BYTES = 32 * 1024 * 1024
+#: A result at least this large is kept only for ``large_result_ttl`` seconds.
+DEFAULT_LARGE_RESULT_BYTES = 1024 * 1024
+DEFAULT_LARGE_RESULT_TTL = 30.0
 
 Sink = Callable[[dict[str, Any]], None]
 
@@ -76,6 +91,9 @@ class WorkerEngine:
             and the threads are only created when used).
         idempotency_cache_size: finished results kept for duplicate runs.
         idempotency_ttl: seconds a finished result is kept for duplicates.
+        idempotency_cache_bytes: estimated bytes of finished results kept (default 32 MiB).
+        large_result_bytes: a result estimated at least this large (default 1 MiB) is kept
+            only for ``large_result_ttl`` seconds (default 30).
         remember_run_ids: also answer a re-sent ``run_id`` from the cache (network
             workers, where a client re-delivers after a lost connection).
         announce_start: emit ``task_started`` (in-process execution has no liveness to
@@ -91,25 +109,38 @@ class WorkerEngine:
         max_threads: int | None = None,
         idempotency_cache_size: int = 1024,
         idempotency_ttl: float = 600.0,
+        idempotency_cache_bytes: int = DEFAULT_IDEMPOTENCY_CACHE_BYTES,
+        large_result_bytes: int = DEFAULT_LARGE_RESULT_BYTES,
+        large_result_ttl: float = DEFAULT_LARGE_RESULT_TTL,
         remember_run_ids: bool = True,
         announce_start: bool = True,
         name: str = "worker",
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        for label, number in (("idempotency_cache_bytes", idempotency_cache_bytes),
+                              ("large_result_bytes", large_result_bytes)):
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise ValueError(f"{label} must be a non-negative integer (bytes), got {number!r}")
         self.name = name
         self.max_concurrency = max_concurrency
         self.max_queued = max_concurrency * 4 if max_queued is None else max_queued
         self._threads_size = max_threads or DEFAULT_THREADS
-        self._threads: ThreadPoolExecutor | None = None
+        self._threads: DaemonThreadPool | None = None
         self._slots = Gate(max_concurrency)
         self._admission = Gate(max_concurrency + self.max_queued)
         self._announce = announce_start
         self._runs: dict[str, _Execution] = {}
         self._by_key: dict[str, _Execution] = {}
-        self._finished: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        # key -> (expires, estimated bytes, terminal event); insertion order = age
+        self._finished: OrderedDict[str, tuple[float, int, dict[str, Any]]] = OrderedDict()
         self._cache_size = idempotency_cache_size
         self._ttl = idempotency_ttl
+        self._cache_bytes_limit = idempotency_cache_bytes
+        self._large = large_result_bytes
+        self._large_ttl = min(large_result_ttl, idempotency_ttl)
+        self._cached_bytes = 0
+        self._sweeper: asyncio.TimerHandle | None = None
         self._remember_run_ids = remember_run_ids and idempotency_cache_size > 0
         self._closing = False
 
@@ -122,6 +153,11 @@ class WorkerEngine:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def cached_results(self) -> tuple[int, int]:
+        """``(entries, estimated bytes)`` of finished results kept for re-deliveries."""
+        return len(self._finished), self._cached_bytes
 
     async def handle(self, data: bytes | str | dict[str, Any], sink: Sink) -> None:
         """Decode one command (bytes or parsed JSON already verified) and run it.
@@ -214,6 +250,7 @@ class WorkerEngine:
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
+        self._forget_all()
 
     async def run_inline(self, func: Callable[..., Any], args: dict[str, Any]) -> Any:
         """Await ``func(**args)`` in the calling task, within the concurrency cap.
@@ -295,18 +332,57 @@ class WorkerEngine:
         entry = self._finished.get(key)
         if entry is None:
             return None
-        expires, event = entry
-        if expires < time.monotonic():
-            del self._finished[key]
+        if entry[0] < time.monotonic():
+            self._forget(key)
             return None
-        self._finished.move_to_end(key)
-        return event
+        return entry[2]
 
-    def _remember(self, key: str, event: dict[str, Any]) -> None:
-        self._finished[key] = (time.monotonic() + self._ttl, event)
-        self._finished.move_to_end(key)
-        while len(self._finished) > self._cache_size:
-            self._finished.popitem(last=False)
+    def _remember(self, keys: list[str], event: dict[str, Any]) -> None:
+        """Keep ``event`` for re-deliveries under ``keys`` (one execution: its size counts once)."""
+        try:
+            size = _estimate_size(event.get("result"), [_SIZE_BUDGET]) if event["type"] == "task_result" else 256
+        except RecursionError:  # nested deeper than the stack: no transport can send it either
+            return
+        if size > self._cache_bytes_limit:
+            logger.debug("%s: result of %s (~%d bytes) exceeds idempotency_cache_bytes; not kept",
+                         self.name, keys, size)
+            return
+        expires = time.monotonic() + (self._large_ttl if size >= self._large else self._ttl)
+        last = len(keys) - 1
+        for index, key in enumerate(keys):
+            self._forget(key)
+            # the size is booked on the newest key, so older siblings are evicted first and
+            # the event is never held by an entry that books no bytes after its sized twin left
+            entry_size = size if index == last else 0
+            self._finished[key] = (expires, entry_size, event)
+            self._cached_bytes += entry_size
+        finished = self._finished
+        while finished and (len(finished) > self._cache_size or self._cached_bytes > self._cache_bytes_limit):
+            _key, (_expires, dropped, _event) = finished.popitem(last=False)
+            self._cached_bytes -= dropped
+        if self._sweeper is None and finished:
+            self._sweeper = asyncio.get_running_loop().call_later(min(self._large_ttl, 5.0), self._sweep)
+
+    def _forget(self, key: str) -> None:
+        entry = self._finished.pop(key, None)
+        if entry is not None:
+            self._cached_bytes -= entry[1]
+
+    def _forget_all(self) -> None:
+        self._finished.clear()
+        self._cached_bytes = 0
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep(self) -> None:
+        """Drop expired results (a timer: memory is given back without a lookup asking)."""
+        self._sweeper = None
+        now = time.monotonic()
+        for key in [key for key, entry in self._finished.items() if entry[0] < now]:
+            self._forget(key)
+        if self._finished:
+            self._sweeper = asyncio.get_running_loop().call_later(min(self._large_ttl, 5.0), self._sweep)
 
     def _schedule_heartbeat(self, execution: _Execution, interval: float) -> None:
         def beat() -> None:
@@ -331,7 +407,7 @@ class WorkerEngine:
                     result = await func(**args)
                 else:
                     if self._threads is None:
-                        self._threads = ThreadPoolExecutor(self._threads_size, thread_name_prefix=f"wove-{self.name}")
+                        self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
                     call = functools.partial(contextvars.copy_context().run, func, **args)
                     result = await asyncio.get_running_loop().run_in_executor(self._threads, call)
                     if inspect.isawaitable(result):
@@ -350,11 +426,11 @@ class WorkerEngine:
             if execution.key is not None and self._by_key.get(execution.key) is execution:
                 del self._by_key[execution.key]
             if event is not None and event["type"] != "task_cancelled" and self._cache_size > 0:
-                if execution.key is not None:
-                    self._remember(execution.key, event)
+                keys = [execution.key] if execution.key is not None else []
                 if self._remember_run_ids:
-                    for run_id in execution.subscribers:
-                        self._remember(f"run:{run_id}", event)
+                    keys.extend(f"run:{run_id}" for run_id in execution.subscribers)
+                if keys:
+                    self._remember(keys, event)
             subscribers = execution.subscribers
             if event is not None and len(subscribers) == 1:
                 run_id, (task_id, sink) = next(iter(subscribers.items()))
@@ -381,6 +457,39 @@ class WorkerEngine:
             sink(event)
         except Exception:
             logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
+
+
+_SIZE_BUDGET = 10_000
+_FLAT = (bytes, bytearray, str, memoryview)
+
+
+def _estimate_size(value: Any, budget: list[int]) -> int:
+    """A cheap estimate of the bytes ``value`` holds (a bounded walk: buffers count by
+    length, containers by their items, objects with ``nbytes``, such as arrays, by that)."""
+    budget[0] -= 1
+    if isinstance(value, _FLAT):
+        return len(value) if not isinstance(value, memoryview) else value.nbytes
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    size = sys.getsizeof(value, 64)
+    if budget[0] <= 0:
+        return size
+    if isinstance(value, dict):
+        for key, item in value.items():
+            size += _estimate_size(key, budget) + _estimate_size(item, budget)
+            if budget[0] <= 0:
+                break
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            size += _estimate_size(item, budget)
+            if budget[0] <= 0:
+                break
+    else:
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict) and state:
+            size += _estimate_size(state, budget)
+    return size
 
 
 _last_checked: list[Any] = [None, False]

@@ -31,7 +31,7 @@ from typing import Any
 
 from wove.errors import ProtocolError
 from wove.protocol import ORPHAN_POLICIES, TERMINAL_EVENTS, encode_event, parse_json
-from wove.worker import WorkerEngine
+from wove.worker import WorkerEngine, release_large_buffers
 
 from ._lines import STREAM_LIMIT, read_line
 
@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="log level on stderr (default WARNING, or $WOVE_LOG_LEVEL)")
     parser.add_argument("--adapter", default="stdio", help=argparse.SUPPRESS)  # Wove 2.x flag; ignored
     args = parser.parse_args(argv)
+    release_large_buffers()
     if args.max_concurrency < 1:
         parser.error(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
     logging.basicConfig(
