@@ -306,3 +306,9 @@ def test_third_party_distribution_installed_in_a_venv_resolves_by_name(tmp_path:
                              capture_output=True, text=True, timeout=60, env=env)
     assert "Installed executors: echo, local" in unknown.stderr
     assert "pip install wove-executor-grpc" in unknown.stderr
+    # without the service's distribution, `wove worker http` names the one to install
+    service = subprocess.run([str(venv_bin / "wove"), "worker", "http", "--host", "0.0.0.0", "--port", "0"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert service.returncode == 2
+    assert service.stderr.strip() == ("wove worker http: no installed plugin provides the 'http' worker service. "
+                                      "It is provided by wove-executor-http: pip install wove-executor-http")
