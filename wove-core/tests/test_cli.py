@@ -150,15 +150,19 @@ def test_loopback_and_secured_workers_start_without_a_warning(service: str) -> N
 # -- one line for a bad setting, on every service -------------------------------------
 @pytest.mark.integration
 @pytest.mark.parametrize("service", SERVICES)
-@pytest.mark.parametrize("problem", ["bad-security", "unset-variable", "missing-certificate"])
+@pytest.mark.parametrize("problem", ["bad-security", "unset-variable", "missing-certificate", "not-pem"])
 def test_a_bad_setting_is_one_line_and_exit_2(service: str, problem: str, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-cert.pem"
     key = tmp_path / "key.pem"
-    key.write_text("not used")
+    key.write_text("-----BEGIN PRIVATE KEY-----\nnot used\n-----END PRIVATE KEY-----\n")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("this is not a certificate\n")
     args, expected = {
         "bad-security": (["--security", "secret123"], "--security 'secret123': security string must be"),
         "unset-variable": (["--security", "env:WOVE_CLI_TEST_UNSET"], "'WOVE_CLI_TEST_UNSET' is not set"),
-        "missing-certificate": (["--certfile", str(missing), "--keyfile", str(key)], f"--certfile '{missing}'"),
+        "missing-certificate": (["--certfile", str(missing), "--keyfile", str(key)],
+                                f"--certfile '{missing}': the file does not exist"),
+        "not-pem": (["--certfile", str(junk), "--keyfile", str(key)], f"--certfile '{junk}': not a PEM file"),
     }[problem]
     env = {k: v for k, v in os.environ.items() if k != "WOVE_CLI_TEST_UNSET"}
     out = subprocess.run([sys.executable, "-m", "wove.cli", "worker", service, *args], capture_output=True,
@@ -173,7 +177,7 @@ def test_a_bad_setting_is_one_line_and_exit_2(service: str, problem: str, tmp_pa
 @pytest.mark.integration
 def test_a_missing_http_client_ca_names_the_flag_and_the_path(tmp_path: Path) -> None:
     cert = tmp_path / "cert.pem"
-    cert.write_text("x")
+    cert.write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
     out = wove("worker", "http", "--certfile", str(cert), "--keyfile", str(cert), "--ca-certs", str(tmp_path / "ca.pem"))
     assert out.returncode == 2
     assert out.stderr.strip() == (f"wove worker http: --ca-certs '{tmp_path / 'ca.pem'}': the file does not exist "

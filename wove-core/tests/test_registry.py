@@ -196,6 +196,11 @@ try:
     build_executor_from_name("lokal")
 except Exception as exc:
     result["error"] = f"{type(exc).__name__}: {exc}"
+from wove.config import validate_definition
+try:
+    validate_definition("reports", {"executor": "lokal"})
+except Exception as exc:
+    result["config"] = str(exc)
 result["heavy"] = [m for m in ("httpx", "grpc", "websockets", "uvicorn", "dask", "distributed") if m in sys.modules]
 print(json.dumps(result))
 """
@@ -227,6 +232,7 @@ def test_two_installed_distributions_claiming_one_name_fail_naming_both(tmp_path
     assert result["error"].startswith("ConfigError: Executor name 'lokal' is registered twice")
     assert "plugin 'lokal' (wove-executor-lokal 0.1)" in result["error"]
     assert "plugin 'acme' (acme-wove-tools 0.1)" in result["error"]
+    assert result["config"].startswith("Environment 'reports': Executor name 'lokal' is registered twice")
     # every plugin module was imported to find the clash, and none imported its transport
     assert result["heavy"] == []
     listing = subprocess.run([sys.executable, "-m", "wove.cli", "executors"], capture_output=True, text=True,

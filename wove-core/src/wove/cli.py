@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import difflib
 import logging
-import os
 import statistics
 import sys
 import time
@@ -197,8 +196,16 @@ def check_worker_args(service: str, parser: argparse.ArgumentParser, args: argpa
                 f"{flag} {value!r}: the file {problem} (looked for {path.resolve()}). "
                 f"Pass the path of an existing PEM file."
             )
-        if not os.access(path, os.R_OK):
-            raise _WorkerSetupError(f"{flag} {value!r}: the file is not readable by this user. Fix its permissions.")
+        try:
+            with path.open("rb") as file:
+                head = file.read(1 << 20)
+        except OSError as exc:
+            raise _WorkerSetupError(f"{flag} {value!r}: cannot read the file ({exc.strerror}). Fix its permissions.") from None
+        if b"-----BEGIN " not in head:
+            raise _WorkerSetupError(
+                f"{flag} {value!r}: not a PEM file (no '-----BEGIN ...-----' line). Pass a PEM file "
+                f"(convert DER with: openssl x509 -inform der -in FILE -out FILE.pem)."
+            )
     host = getattr(args, "host", "127.0.0.1")
     if not is_local_host(host):
         if security.mode == "none":
@@ -242,7 +249,14 @@ def _worker_runner(service: str, parser: argparse.ArgumentParser,
             if getattr(args, "verbose", 0):
                 logger.exception("%s failed", label)
             more = "" if getattr(args, "verbose", 0) else " (run with -v for the traceback)"
-            print(f"{label}: {type(exc).__name__}: {exc}{more}", file=sys.stderr)
+            import ssl
+
+            hint = ""
+            if isinstance(exc, ssl.SSLError):
+                files = [f"{action.option_strings[-1]} {getattr(args, action.dest)!r}" for action in parser._actions
+                         if action.dest in _FILE_DESTS and action.option_strings and getattr(args, action.dest, None)]
+                hint = f"; check that {', '.join(files) or 'the TLS files'} hold a matching certificate and key"
+            print(f"{label}: {type(exc).__name__}: {exc}{hint}{more}", file=sys.stderr)
             return 1 if _announced else EXIT_USAGE
 
     return checked_run

@@ -95,7 +95,11 @@ def validate_definition(name: str, definition: Any, *, source: str | None = None
             from .registry import get_registry
 
             registry = get_registry()
-            if registry.lookup(executor) is None:
+            try:
+                found = registry.lookup(executor)
+            except ConfigError as exc:  # two installed plugins claim the name
+                raise ConfigError(f"{where}: {exc}") from None
+            if found is None:
                 raise ConfigError(f"{where}: {registry.unknown_message(executor)}")
     elif not isinstance(executor, EnvironmentExecutor) and not (
         isinstance(executor, type) and issubclass(executor, EnvironmentExecutor)
