@@ -2,7 +2,7 @@
 
 Its import name (``wove``) collides with ours, so it lives in its own interpreter; tests
 and benchmarks run scripts there as subprocesses. The venv is cached under
-``.cache/wove2-venv`` (ignored by git) and rebuilt when missing or broken.
+``.cache/wove2-venv-<python version>`` (ignored by git) and rebuilt when missing or broken.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 
 WOVE2_VERSION = "2.0.3"
 ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(os.environ.get("WOVE2_VENV", ROOT / ".cache" / "wove2-venv"))
+# One venv per Python version: pickled code objects only load on the version that made them.
+VENV = Path(os.environ.get(
+    "WOVE2_VENV", ROOT / ".cache" / f"wove2-venv-{sys.version_info[0]}.{sys.version_info[1]}"))
 _lock = threading.Lock()
 
 

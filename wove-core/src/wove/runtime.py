@@ -193,8 +193,9 @@ class ExecutorRuntime:
                     run_config=self._run_config,
                 )
             except Exception as exc:
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"while starting environment '{environment_name}' ({type(executor).__name__})")
+                note = f"while starting environment '{environment_name}' ({type(executor).__name__})"
+                # add_note is 3.11+; on 3.10 the same attribute, which tools there read too
+                exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
                 raise
             self._definitions[environment_name] = definition
             env = _Environment(environment_name, definition, executor)
