@@ -201,7 +201,7 @@ try:
     validate_definition("reports", {"executor": "lokal"})
 except Exception as exc:
     result["config"] = str(exc)
-result["heavy"] = [m for m in ("httpx", "grpc", "websockets", "uvicorn", "dask", "distributed") if m in sys.modules]
+result["heavy"] = [m for m in ("httpx", "grpc", "websockets", "uvicorn", "dask", "distributed", "cloudpickle") if m in sys.modules]
 print(json.dumps(result))
 """
 
