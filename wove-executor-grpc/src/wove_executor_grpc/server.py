@@ -41,9 +41,14 @@ if TYPE_CHECKING:
     import grpc
 
 __all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_KEEPALIVE_INTERVAL",
+    "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SEND_METHOD",
     "SERVICE",
+    "SESSION_CONFIRMATION",
     "SESSION_METHOD",
     "STREAM_METHOD",
     "GrpcWorkerServer",
@@ -60,6 +65,16 @@ STREAM_METHOD = f"/{SERVICE}/Stream"
 SESSION_METHOD = f"/{SERVICE}/Session"
 #: Largest request (and response) message, in bytes.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Seconds a new connection may take to finish its TLS and HTTP/2 setup.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a connection without calls stays open.
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: Seconds between the server's keepalive pings, and how long it waits for the answer.
+DEFAULT_KEEPALIVE_INTERVAL = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT = 20.0
+#: Initial metadata a Session sends before it reads any command: clients write commands
+#: only once a server confirmed it serves Session (a server without it answers UNIMPLEMENTED).
+SESSION_CONFIRMATION: tuple[tuple[str, str], ...] = (("wove-session", "1"),)
 _EMPTY_REPLY = b'{"events":[]}'
 
 
@@ -67,8 +82,27 @@ class _Closing(Exception):
     """The service stops while a run waits for its terminal event."""
 
 
-def _server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
+def _millis(value: float | None, name: str) -> int | None:
+    """Seconds (or None: off) as the integer milliseconds grpc options take."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds or None (off), got {value!r}.")
+    return max(1, round(float(value) * 1000))
+
+
+def _server_options(
+    max_message_bytes: int,
+    *,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+    max_connection_age: float | None = None,
+    max_connection_age_grace: float | None = None,
+) -> list[tuple[str, Any]]:
+    """The server's grpc options: message limits, pings and connection timeouts (see start_server)."""
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # clients keep long calls alive with pings (the executor pings every 30 s)
@@ -76,6 +110,33 @@ def _server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
+    # A connection that never completes its TLS / HTTP/2 setup (a raw TCP connection that
+    # sends nothing, a slow handshake) is closed after handshake_timeout.
+    handshake = _millis(handshake_timeout, "handshake_timeout")
+    # grpc's own default is 120 s; "off" is approximated by a day
+    options.append(("grpc.server_handshake_timeout_ms", handshake if handshake is not None else 86_400_000))
+    # A connection without calls for idle_timeout gets GOAWAY and is closed (clients reconnect).
+    idle = _millis(idle_timeout, "idle_timeout")
+    if idle is not None:
+        options.append(("grpc.max_connection_idle_ms", idle))
+    # The server pings every keepalive_interval; a peer that does not answer within
+    # keepalive_timeout (a dead host, a half-open connection) is dropped with its calls.
+    interval = _millis(keepalive_interval, "keepalive_interval")
+    if interval is not None:
+        timeout = _millis(keepalive_timeout, "keepalive_timeout")
+        options += [("grpc.keepalive_time_ms", interval), ("grpc.keepalive_timeout_ms", timeout),
+                    ("grpc.http2.max_pings_without_data", 0)]
+    # Connections older than max_connection_age get GOAWAY; their calls have
+    # max_connection_age_grace more to finish (off by default: a Session lasts for hours).
+    age = _millis(max_connection_age, "max_connection_age")
+    if age is not None:
+        options.append(("grpc.max_connection_age_ms", age))
+        grace = _millis(max_connection_age_grace, "max_connection_age_grace")
+        if grace is not None:
+            options.append(("grpc.max_connection_age_grace_ms", grace))
+    elif max_connection_age_grace is not None:
+        raise ValueError("max_connection_age_grace needs max_connection_age (got only the grace).")
+    return options
 
 
 class GrpcWorkerService:
@@ -158,8 +219,8 @@ class GrpcWorkerService:
             try:
                 self.security.verify_metadata(metadata=metadata, transport="grpc", target=method, body=request)
             except MissingCredentialsError as exc:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    f"{exc} Configure executor_config.security with this worker's secret.")
+                # the fact only: the client adds the one fix (a Wove 2.x client shows this as is)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             except PermissionError as exc:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"Request rejected: {exc}")
 
@@ -243,15 +304,25 @@ class GrpcWorkerService:
         """Session extension (bidirectional): many commands and events on one call.
 
         Authenticated once, at call start (signed over the method path and an empty
-        body, like a WebSocket handshake). Each request message is one command or a
-        JSON list of commands; each response message is ``{"events": [...]}`` with the
-        events that were ready. A command that does not decode is answered with a
-        ``task_error`` (or a ``log``) on the session; nothing runs for it.
+        body, like a WebSocket handshake); then the server confirms the method with the
+        initial metadata :data:`SESSION_CONFIRMATION` before it reads any command. Each
+        request message is one command or a JSON list of commands; each response message
+        is ``{"events": [...]}`` with the events that were ready. A command that does not
+        decode is answered with a ``task_error`` (or a ``log``) on the session; nothing
+        runs for it.
+
+        Drain (:meth:`close`): the engine ends every run by its orphan policy (``detach``
+        runs finish within the grace, then are cancelled with ``task_cancelled``); the
+        session keeps sending every event until each of its runs has its terminal event,
+        then ends the call with OK. Runs the engine dropped for re-delivery (``requeue``)
+        have none: the call then ends with ``UNAVAILABLE`` naming them, after all the
+        other events, so their client delivers them again elsewhere.
         """
         assert self.session_method is not None
         await self._authorize(b"", context, self.session_method)
+        await context.send_initial_metadata(SESSION_CONFIRMATION)
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        live: dict[str, str | None] = {}
+        live: dict[str, tuple[str, str | None]] = {}  # run_id -> (task_id, orphan policy)
         closing: list[bool] = []
         ended: list[BaseException | None] = []
 
@@ -275,7 +346,8 @@ class GrpcWorkerService:
                             self.engine.reject(exc, sink)
                             continue
                         if frame["type"] == "run_task":
-                            live[frame["run_id"]] = (frame.get("delivery") or {}).get("delivery_orphan_policy")
+                            policy = (frame.get("delivery") or {}).get("delivery_orphan_policy")
+                            live[frame["run_id"]] = (str(frame.get("task_id")), policy)
                             await self.engine.submit(frame, sink)
                         else:
                             await self._control(frame)
@@ -286,6 +358,7 @@ class GrpcWorkerService:
                 out.put_nowait(None)  # the client finished sending
 
         def closer() -> None:
+            # called once the engine has shut down: every terminal event it will send is queued
             closing.append(True)
             out.put_nowait(None)
 
@@ -301,18 +374,38 @@ class GrpcWorkerService:
                         batch.append(more)
                 if batch:
                     yield b'{"events":[' + b",".join(batch) + b"]}"
+                if not out.empty():
+                    continue  # events queued while that batch was written go first
                 if closing:
-                    await self._abort_closing(context, {"run_id": ", ".join(live) or "-"})
-                if ended and not live and out.empty():
+                    self._end_leftovers(live, sink)
+                    if not out.empty():
+                        continue
+                    if live:
+                        await self._abort_closing(context, {"run_id": ", ".join(live)})
+                    return
+                if ended and not live:
                     if ended[0] is not None:
                         raise ended[0]
                     return
         finally:
             self._waiting.discard(closer)
             reader.cancel()
-            for run_id, policy in list(live.items()):
+            for run_id, (_task_id, policy) in list(live.items()):
                 if policy != "detach":
                     self.engine.cancel(run_id)
+
+    def _end_leftovers(self, live: dict[str, tuple[str, str | None]], sink: Callable[[dict[str, Any]], None]) -> None:
+        """After the engine shut down: a run still without its terminal event gets one.
+
+        ``requeue`` runs are left for the client to deliver again. Any other run (one
+        that was admitted while the engine was shutting down) is cancelled now, with
+        ``task_cancelled``.
+        """
+        for run_id, (task_id, policy) in list(live.items()):
+            if policy == "requeue":
+                continue
+            if not self.engine.cancel(run_id):  # the engine reports task_cancelled itself
+                sink({"type": "task_cancelled", "run_id": run_id, "task_id": task_id})
 
     @staticmethod
     async def _abort_closing(context: grpc.aio.ServicerContext, frame: dict[str, Any]) -> None:
@@ -366,6 +459,12 @@ async def start_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     options: list[tuple[str, Any]] | None = None,
     allow_remote_shutdown: bool = False,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+    max_connection_age: float | None = None,
+    max_connection_age_grace: float | None = None,
 ) -> GrpcWorkerServer:
     """Start a grpc.aio worker service on the running loop.
 
@@ -377,13 +476,25 @@ async def start_server(
         certfile / keyfile: serve TLS with this certificate chain and key (paths, PEM
             text or bytes). ``client_ca``: also require client certificates signed by it (mTLS).
         max_message_bytes: largest accepted request and sent response.
-        options: extra grpc server options (appended after the defaults).
+        options: extra grpc server options; one named like a default replaces it.
         allow_remote_shutdown: obey a client's ``shutdown`` command.
+        handshake_timeout: seconds a new connection may take to complete its TLS and
+            HTTP/2 setup (``grpc.server_handshake_timeout_ms``); a TCP connection that
+            sends nothing is closed after it. ``None``: off.
+        idle_timeout: seconds a connection without calls stays open before the server
+            sends GOAWAY and closes it (``grpc.max_connection_idle_ms``). ``None``: off.
+        keepalive_interval / keepalive_timeout: the server pings each connection every
+            ``keepalive_interval`` seconds and drops it (and its calls) when no answer comes
+            within ``keepalive_timeout`` (``grpc.keepalive_time_ms`` / ``_timeout_ms``).
+            ``keepalive_interval=None``: no server pings.
+        max_connection_age / max_connection_age_grace: GOAWAY connections older than this,
+            then give their calls the grace to finish (``grpc.max_connection_age_ms`` /
+            ``_grace_ms``). Off by default: one Session call may rightly last for hours.
 
     Raises:
         ImportError: grpcio is not installed.
         ValueError: only one of certfile/keyfile, a client CA without TLS, an unreadable
-            file, or the address cannot be bound.
+            file, a timeout that is not a positive number, or the address cannot be bound.
     """
     try:
         import grpc
@@ -395,9 +506,16 @@ async def start_server(
         raise ValueError("TLS needs both certfile and keyfile (got only one of them).")
     if client_ca is not None and certfile is None:
         raise ValueError("client_ca (mTLS) needs certfile and keyfile: client certificates are checked over TLS only.")
+    defaults = _server_options(
+        max_message_bytes, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
+        keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout,
+        max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
+    )
     verifier = NetworkExecutorSecurity.from_config(security).resolve()
     service = GrpcWorkerService(engine, security=verifier, allow_remote_shutdown=allow_remote_shutdown)
-    server = grpc.aio.server(options=[*_server_options(max_message_bytes), *(options or [])])
+    merged = dict(defaults)
+    merged.update(options or [])  # a caller's option replaces the default of the same name
+    server = grpc.aio.server(options=list(merged.items()))
     server.add_generic_rpc_handlers(service.handlers())
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if certfile is not None:
@@ -430,6 +548,10 @@ async def serve(engine: WorkerEngine | None = None, *, grace: float = 5.0, **kwa
         await running.stop(grace)
 
 
+_CLI_TIMEOUTS = ("handshake_timeout", "idle_timeout", "keepalive_interval", "keepalive_timeout",
+                 "max_connection_age", "max_connection_age_grace")
+
+
 async def _serve_cli(args: argparse.Namespace) -> int:
     from wove.cli import announce_listening
 
@@ -443,6 +565,8 @@ async def _serve_cli(args: argparse.Namespace) -> int:
         keyfile=args.keyfile,
         client_ca=args.client_ca,
         max_message_bytes=args.max_body_bytes,
+        # connection timeouts, when the CLI offers flags for them (start_server documents them)
+        **{name: getattr(args, name) for name in _CLI_TIMEOUTS if getattr(args, name, None) is not None},
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
