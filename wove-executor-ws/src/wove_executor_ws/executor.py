@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import ssl as ssl_module
 import urllib.parse
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from wove.security import (
     ensure_secure_target,
     is_local_url,
 )
-from wove.transport import FrameExecutor
+from wove.transport import REDELIVERY_CONFIG_KEYS, FrameExecutor
 
 __all__ = ["DEFAULT_MAX_SIZE", "WebSocketEnvironmentExecutor"]
 
@@ -44,13 +43,10 @@ _FLOAT_DEFAULTS: dict[str, float | None] = {
     "ping_interval": 20.0,
     "ping_timeout": 20.0,
     "close_timeout": 2.0,
-    "reconnect_initial_delay": 0.1,
-    "reconnect_max_delay": 5.0,
-    "reconnect_timeout": 30.0,
 }
 _CONFIG_KEYS = frozenset({
     "url", "security", "headers", "max_size", "compression", "ssl", "verify", "ca_file", "certfile",
-    "keyfile", "insecure", "max_deliveries", "max_workers", *_FLOAT_DEFAULTS,
+    "keyfile", "insecure", "max_workers", *_FLOAT_DEFAULTS, *REDELIVERY_CONFIG_KEYS,
 })
 
 
@@ -162,8 +158,6 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{where}: executor_config.{key} must be a non-negative number or None, got {value!r}.")
             self._options[key] = None if value is None else float(value)
-        if self._options["reconnect_timeout"] is None:
-            raise ValueError(f"{where}: executor_config.reconnect_timeout must be a number of seconds, got None.")
         max_size = config.get("max_size", DEFAULT_MAX_SIZE)
         if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1):
             raise ValueError(f"{where}: executor_config.max_size must be a positive integer (bytes) or None, got {max_size!r}.")
@@ -316,7 +310,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
 
     def _wait_for_connection(self, frame: dict[str, Any], data: bytes | None) -> None:
         run_id = str(frame["run_id"])
-        timeout = self._options["reconnect_timeout"] or 0.0
+        timeout = self._redelivery.reconnect_timeout  # the policy every transport shares
         waiting = _Waiting(frame, data)
         waiting.timer = asyncio.get_running_loop().call_later(timeout, self._give_up, run_id)
         self._waiting[run_id] = waiting
@@ -331,7 +325,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._emit(transport_error_event(
             waiting.frame,
             f"Run {run_id} was not delivered: the WebSocket connection to {self._url} is down and could not be "
-            f"re-established within reconnect_timeout={self._options['reconnect_timeout']:g}s.{last} "
+            f"re-established within reconnect_timeout={self._redelivery.reconnect_timeout:g}s.{last} "
             "Check that the worker service is running (wove worker websocket) and reachable.",
         ))
 
@@ -420,9 +414,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
     async def _reconnect(self) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        delay = self._options["reconnect_initial_delay"] or 0.0
-        ceiling = self._options["reconnect_max_delay"] or 0.0
-        give_up_after = self._options["reconnect_timeout"] or 0.0
+        give_up_after = self._redelivery.reconnect_timeout  # back-off and timeout: wove.transport's policy
         attempt = 0
         while not self._stopping:
             attempt += 1
@@ -435,8 +427,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                 logger.info("websocket: reconnect attempt %d to %s failed: %s", attempt, self._url, self._last_error)
                 if not self._waiting and loop.time() - started >= give_up_after:
                     return  # idle: the next run_task starts a new round
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(max(delay * 2, 0.01), ceiling)
+                await asyncio.sleep(self._redelivery.delay(attempt))
                 continue
             if self._stopping:
                 await connection.ws.close()
