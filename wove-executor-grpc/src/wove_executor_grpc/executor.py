@@ -25,7 +25,12 @@ from typing import Any
 from wove.errors import ProtocolError
 from wove.protocol import decode_events, encode_frame, transport_error_event
 from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
-from wove.transport import FrameExecutor, InFlight
+from wove.transport import (
+    DEFAULT_RECONNECT_TIMEOUT,
+    REDELIVERY_CONFIG_KEYS,
+    FrameExecutor,
+    InFlight,
+)
 
 from ._pem import read_pem
 
@@ -50,12 +55,13 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 #: Seconds a cancel_task call may take.
 CANCEL_TIMEOUT = 10.0
-#: Seconds a re-delivery waits for an UNAVAILABLE channel to be ready again.
-DEFAULT_READY_TIMEOUT = 10.0
+#: Seconds a re-delivery waits for an UNAVAILABLE channel to be ready again
+#: (executor_config.reconnect_timeout, the policy every transport shares; alias ready_timeout).
+DEFAULT_READY_TIMEOUT = DEFAULT_RECONNECT_TIMEOUT
 _CONFIG_KEYS = frozenset({
     "target", "method", "stream_method", "session_method", "streaming", "secure", "root_certificates",
     "certificate_chain", "private_key", "metadata", "security", "timeout", "insecure",
-    "options", "max_deliveries", "ready_timeout",
+    "options", "ready_timeout", *REDELIVERY_CONFIG_KEYS,
 })
 _MISSING_GRPC = (
     "grpc executor needs grpcio, which is not installed. Install it with: pip install wove-executor-grpc"
@@ -157,8 +163,6 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 f"{where}: executor_config.streaming must be 'auto', 'session', true or false, got {streaming!r}."
             )
         self._timeout = _positive(config.get("timeout"), "timeout", where)
-        ready = _positive(config.get("ready_timeout", DEFAULT_READY_TIMEOUT), "ready_timeout", where)
-        self._ready_timeout = DEFAULT_READY_TIMEOUT if ready is None else ready
         self._metadata = _metadata(config.get("metadata"), where)
         security = NetworkExecutorSecurity.from_config(config.get("security")).resolve()
         root = read_pem(config.get("root_certificates"), f"{where}: executor_config.root_certificates")
@@ -175,6 +179,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         )
         options = _options(config.get("options"), where)
         self._open_events(environment_name, config)
+        # wait for UNAVAILABLE channels per the shared policy (ready_timeout is its alias)
+        self._ready_timeout = self._redelivery.reconnect_timeout
         self._grpc = grpc
         self._target = target
         self._streaming = streaming
@@ -343,6 +349,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             return
         if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNAVAILABLE:
             await self._wait_ready()
+        await asyncio.sleep(self._redelivery_delay(again[0][0]))  # the shared back-off (wove.transport)
         if self._channel is None:
             return
         for run_id, body in again:
@@ -388,6 +395,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                         return
                     if code == grpc.StatusCode.UNAVAILABLE:
                         await self._wait_ready()
+                    await asyncio.sleep(self._redelivery_delay(run_id))  # the shared back-off (wove.transport)
                     self._track(entry.frame)
                 except (_BadResponse, ProtocolError) as exc:
                     self._lost(run_id, f"gRPC call {method} to {self._target} returned a malformed response: {exc}",
