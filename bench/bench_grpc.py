@@ -5,6 +5,7 @@ limit: one unary call per task, no Wove codec, no worker engine) talks to an ech
 subprocess built the same way. No-op async tasks, 256 in flight.
 
     uv run --no-sync python bench/bench_grpc.py [--tasks 5000] [--rounds 3]
+    uv run --no-sync python bench/bench_grpc.py --fallback   # 15 scenarios against a Send-only server
 
 Targets: ours >= 1.5x wove 2.0.3, and within 2x of the raw echo.
 """
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _wove2 import wove2_python
 
@@ -72,8 +74,86 @@ asyncio.run(main())
 '''
 
 
+#: A Wove 2.x-style server: a generic handler for Send only (no Session, no Stream),
+#: decoding with wove's public codec and running on wove's WorkerEngine.
+SEND_ONLY_SERVER = r'''
+import asyncio, grpc, grpc.aio
+from wove.protocol import decode_command, encode_event, TERMINAL_EVENTS
+from wove.worker import WorkerEngine
+
+engine = WorkerEngine(name="send-only")
+
+async def send(request, context):
+    frame = decode_command(request)
+    if frame["type"] != "run_task":
+        return b'{"events":[]}'
+    encoded, done = [], asyncio.get_running_loop().create_future()
+    def sink(event):
+        if event["type"] != "heartbeat":
+            encoded.append(encode_event(event))
+        if event["type"] in TERMINAL_EVENTS and not done.done():
+            done.set_result(None)
+    await engine.submit(frame, sink)
+    await done
+    return b'{"events":[' + b",".join(encoded) + b"]}"
+
+async def main():
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
+                                      ("grpc.max_send_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "wove.network_executor.WorkerService", {"Send": grpc.unary_unary_rpc_method_handler(send)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+'''
+
+
 async def noop() -> None:
     return None
+
+
+async def fallback_scenarios(target: str) -> list[tuple[str, str]]:
+    """15 fresh environments against a Send-only server: (scenario, outcome) for each."""
+    from wove.runtime import ExecutorRuntime
+
+    outcomes = []
+    for n, (kind, size) in enumerate((kind, size) for size in (0, 100_000, 1_000_000)
+                                     for kind in ("one", "sequential", "concurrent", "heartbeat", "mixed")):
+        payload = b"p" * size
+        definitions = {"w": {"executor": "grpc", "executor_config": {"target": target}}}
+        count = {"one": 1, "sequential": 5, "concurrent": 50, "heartbeat": 20, "mixed": 30}[kind]
+        try:
+            async with ExecutorRuntime(definitions, {}) as runtime:
+                def call(i: int, kind: str = kind, payload: bytes = payload) -> Any:
+                    beat = kind == "heartbeat" or (kind == "mixed" and i % 2)
+                    return runtime.call_with("w", len, (payload + b"x" * i,),
+                                             **({"delivery_heartbeat_seconds": 5} if beat else {}))
+                if kind == "sequential":
+                    results = [await call(i) for i in range(count)]
+                else:
+                    results = list(await asyncio.gather(*(call(i) for i in range(count))))
+            ok = results == [size + i for i in range(count)]
+            outcomes.append((f"{n + 1:>2} {kind}/{size}", "ok" if ok else f"WRONG {results[:3]}"))
+        except Exception as exc:
+            outcomes.append((f"{n + 1:>2} {kind}/{size}", f"FAILED {exc}"))
+    return outcomes
+
+
+def fallback() -> int:
+    server, target = start([sys.executable, "-c", SEND_ONLY_SERVER])
+    try:
+        outcomes = asyncio.run(fallback_scenarios(target))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    for name, outcome in outcomes:
+        print(f"{name:<24} {outcome}")
+    failed = sum(1 for _, outcome in outcomes if outcome != "ok")
+    print(f"\n{len(outcomes) - failed} of {len(outcomes)} scenarios fell back to Send and succeeded")
+    return 1 if failed else 0
 
 
 def start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
@@ -137,7 +217,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fallback", action="store_true",
+                        help="instead: 15 scenarios against a Send-only (Wove 2.x-style) server")
     args = parser.parse_args()
+    if args.fallback:
+        return fallback()
     worker, target = start([sys.executable, "-m", "wove.cli", "worker", "grpc", "--port", "0",
                             "--max-concurrency", str(IN_FLIGHT)])
     echo, echo_target = start([sys.executable, "-c", ECHO_SERVER])

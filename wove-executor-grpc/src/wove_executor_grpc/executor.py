@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from wove.errors import ProtocolError
 from wove.protocol import decode_events, encode_frame, transport_error_event
@@ -34,7 +35,7 @@ from wove.transport import (
 
 from ._pem import read_pem
 
-__all__ = ["DEFAULT_CHANNEL_OPTIONS", "GrpcEnvironmentExecutor"]
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "ERROR_TABLE", "GrpcEnvironmentExecutor", "describe_rpc_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 #: Seconds a cancel_task call may take.
 CANCEL_TIMEOUT = 10.0
+#: Initial metadata by which a server confirms it serves Session (before it reads a command).
+SESSION_CONFIRMATION_KEY = "wove-session"
+#: Seconds the Session writer waits for that confirmation before it writes anyway (a
+#: server that sends its initial metadata only with its first message).
+SESSION_CONFIRM_TIMEOUT = 5.0
+#: Seconds to wait for the status of a call whose initial metadata came without the
+#: confirmation (an answer such as UNIMPLEMENTED comes with empty initial metadata).
+_STATUS_WAIT = 1.0
 #: Seconds a re-delivery waits for an UNAVAILABLE channel to be ready again
 #: (executor_config.reconnect_timeout, the policy every transport shares; alias ready_timeout).
 DEFAULT_READY_TIMEOUT = DEFAULT_RECONNECT_TIMEOUT
@@ -81,6 +90,8 @@ class _Session:
         self.pending: list[bytes] = []
         self.wake = asyncio.Event()
         self.received = False
+        #: the server confirmed it serves Session (SESSION_CONFIRMATION metadata or a message)
+        self.confirmed = False
         self.tasks: list[asyncio.Task[None]] = []
 
     def put(self, body: bytes) -> None:
@@ -114,6 +125,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._session: _Session | None = None
         self._session_rpc: Any = None
         self._timeout: float | None = None
+        self._tls = False
         self._ready_timeout = DEFAULT_READY_TIMEOUT
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._security = NetworkExecutorSecurity()
@@ -185,6 +197,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._target = target
         self._streaming = streaming
         self._security = security
+        self._tls = secure
         if secure:
             credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
@@ -284,8 +297,37 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         session.tasks = [loop.create_task(self._session_writer(session)), loop.create_task(self._session_reader(session))]
         return session
 
+    async def _session_confirmed(self, session: _Session) -> bool:
+        """Wait for the server's answer to the Session call; False: the call already ended.
+
+        No command is written before the server answered: a server without Session (a
+        Wove 2.x-style server) answers UNIMPLEMENTED at once, and a write racing that
+        answer fails in grpc's core, which then reports the call as ``INTERNAL: Internal
+        error from Core`` instead of UNIMPLEMENTED. Our servers confirm Session with
+        initial metadata before they read a command (``SESSION_CONFIRMATION_KEY``).
+        """
+        call = session.call
+        try:
+            metadata = await asyncio.wait_for(call.initial_metadata(), SESSION_CONFIRM_TIMEOUT)
+        except asyncio.TimeoutError:
+            # no answer yet: a slow connection, or a server that sends its metadata only
+            # with its first message; write as before
+            return not call.done()
+        if metadata is not None and metadata.get(SESSION_CONFIRMATION_KEY) is not None:
+            session.confirmed = True
+            return True
+        if call.done():
+            return False
+        try:  # metadata without the confirmation: an error status usually follows at once
+            await asyncio.wait_for(call.code(), _STATUS_WAIT)
+        except asyncio.TimeoutError:
+            return True  # a server that serves Session without confirming it
+        return False
+
     async def _session_writer(self, session: _Session) -> None:
         try:
+            if not await self._session_confirmed(session):
+                return  # the call ended before anything was written: the reader reports why
             while True:
                 await session.wake.wait()
                 session.wake.clear()
@@ -309,7 +351,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         failure: BaseException | None = None
         try:
             async for message in session.call:
-                session.received = True
+                session.received = session.confirmed = True
                 for event in decode_events(message):
                     if event.get("type") in ("task_result", "task_error", "task_cancelled"):
                         session.bodies.pop(str(event.get("run_id")), None)
@@ -328,7 +370,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             return
         if isinstance(failure, grpc.aio.AioRpcError):
             code = failure.code()
-            if code == grpc.StatusCode.UNIMPLEMENTED and not session.received and self._streaming == "auto":
+            if self._streaming == "auto" and _no_session(grpc, code, session):
                 logger.info("environment=%s: %s does not offer %s; using %s / %s per run",
                             self._environment, self._target, self._session_method, self._method, self._stream_method)
                 self._streaming = "auto-calls"
@@ -337,8 +379,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                     if entry is not None:  # nothing ran: the same delivery goes per call
                         self._calls[run_id] = asyncio.get_running_loop().create_task(self._deliver(entry, body))
                 return
-            reason = (f"gRPC call {self._session_method} to {self._target} failed with {code.name}: "
-                      f"{failure.details() or 'no details'}.{_hint(grpc, code)}")
+            reason = describe_rpc_error(failure, method=self._session_method, target=self._target, tls=self._tls)
             retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         else:
             reason = f"gRPC session with {self._target} failed: {type(failure).__name__}: {failure}"
@@ -382,14 +423,14 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                     return
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
+                    # another run may have switched to Send already (runs race to find out)
                     if (stream and code == grpc.StatusCode.UNIMPLEMENTED and not received
-                            and self._streaming in ("auto", "auto-calls")):
+                            and self._streaming is not True):
                         logger.info("environment=%s: %s does not offer %s; using %s for this environment",
                                     self._environment, self._target, method, self._method)
                         self._streaming = False
                         continue  # nothing ran: not a delivery
-                    reason = (f"gRPC call {method} to {self._target} failed with {code.name}: "
-                              f"{exc.details() or 'no details'}.{_hint(grpc, code)}")
+                    reason = describe_rpc_error(exc, method=method, target=self._target, tls=self._tls)
                     retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
                     if not self._lost(run_id, reason, exc, redeliverable=retry):
                         return
@@ -466,16 +507,105 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         ))
 
 
-def _hint(grpc: Any, code: Any) -> str:
-    hints = {
-        grpc.StatusCode.UNAVAILABLE: " Is the worker service running and reachable at this target?",
-        grpc.StatusCode.DEADLINE_EXCEEDED: " The call outlived executor_config.timeout.",
-        grpc.StatusCode.UNAUTHENTICATED: " Set executor_config.security to the worker's security.",
-        grpc.StatusCode.PERMISSION_DENIED: " Check executor_config.security (secret, key) and clock skew.",
-        grpc.StatusCode.UNIMPLEMENTED: " Check executor_config.method / stream_method.",
-        grpc.StatusCode.RESOURCE_EXHAUSTED: " The message exceeds a size limit (channel options / --max-body-bytes).",
-    }
-    return hints.get(code, "")
+class _ErrorRule(NamedTuple):
+    code: str  #: grpc status code name
+    pattern: re.Pattern[str] | None  #: searched in the status details; None: any
+    tls: bool | None  #: the channel uses TLS (True), plaintext (False), either (None)
+    label: str | None  #: what went wrong, in words (None: the details say it)
+    hint: str  #: the fix
+
+
+def _rule(code: str, pattern: str | None, label: str | None, hint: str, tls: bool | None = None) -> _ErrorRule:
+    return _ErrorRule(code, re.compile(pattern, re.IGNORECASE) if pattern else None, tls, label, hint)
+
+
+_TLS_KEYS = "executor_config.secure, root_certificates, certificate_chain and private_key"
+_SETUP_CLOSED = r"failed to connect.*(socket closed|connection reset|broken pipe|end of file|eof)"
+#: The one table of gRPC failures: status code + details pattern (+ channel kind) ->
+#: label and hint. The first matching row wins; every failure of a call is described by it.
+ERROR_TABLE: tuple[_ErrorRule, ...] = (
+    _rule("UNAVAILABLE", r"WRONG_VERSION_NUMBER|packet length too long|http_request|HTTP_REQUEST",
+          "TLS handshake failed: the worker answered in plaintext, it does not serve TLS",
+          "Set executor_config.secure to false (and drop root_certificates) for a plaintext worker, "
+          "or start the worker with --certfile and --keyfile.", tls=True),
+    _rule("UNAVAILABLE", r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|unable to get local issuer"
+          r"|self[- ]signed|certificate has expired|certificate is not yet valid",
+          "TLS handshake failed: the worker's certificate could not be verified",
+          "Set executor_config.root_certificates to the CA that signed the worker's certificate "
+          "(--certfile), as a file path, PEM text or bytes.", tls=True),
+    _rule("UNAVAILABLE", r"hostname verification|peer name|not in peer certificate|subject alternative name",
+          "TLS handshake failed: the worker's certificate does not name the host in executor_config.target",
+          "Use a target host the certificate was issued for, or issue the worker's certificate "
+          "(--certfile) for this host.", tls=True),
+    _rule("UNAVAILABLE", _SETUP_CLOSED,
+          "the worker closed the TLS connection during the handshake, as a worker that requires client "
+          "certificates (--client-ca) does to a client without an accepted one",
+          "Set executor_config.certificate_chain and private_key to a client certificate signed by the "
+          "worker's --client-ca.", tls=True),
+    _rule("UNAVAILABLE", r"tls handshake|handshake fail|TSI_|SSL_ERROR|SSL routines",
+          "TLS handshake failed",
+          f"Check {_TLS_KEYS} against the worker's --certfile, --keyfile and --client-ca.", tls=True),
+    _rule("UNAVAILABLE", _SETUP_CLOSED,
+          "the worker closed the connection before answering, as a TLS worker does to a plaintext client",
+          "If the worker serves TLS (--certfile), set executor_config.secure to true and "
+          "executor_config.root_certificates to its CA.", tls=False),
+    _rule("UNAVAILABLE", None, None, "Is the worker service running and reachable at this target?"),
+    _rule("UNAUTHENTICATED", None, None,
+          "Set executor_config.security like the worker's --security: \"env:VAR\" (signed, VAR holding its "
+          "secret) or \"bearer:env:VAR\" (VAR holding its token)."),
+    _rule("PERMISSION_DENIED", r"bearer", None,
+          "Set the token in executor_config.security to the worker's bearer token."),
+    _rule("PERMISSION_DENIED", r"expired|in the future", None,
+          "Check the clocks of this machine and the worker: signatures are valid for clock_skew_seconds."),
+    _rule("PERMISSION_DENIED", r"unknown signing key", None,
+          "Set the key in executor_config.security to a key id the worker knows (default \"default\")."),
+    _rule("PERMISSION_DENIED", r"replay", None,
+          "Each request needs a fresh nonce; if the worker's replay cache is full, retry later."),
+    _rule("PERMISSION_DENIED", None, None,
+          "Check that executor_config.security holds the worker's secret (and key id)."),
+    _rule("DEADLINE_EXCEEDED", None, None, "The call outlived executor_config.timeout."),
+    _rule("UNIMPLEMENTED", None, None,
+          "The worker does not serve this method: check executor_config.method, stream_method and session_method."),
+    _rule("RESOURCE_EXHAUSTED", r"larger than max|message length|too large", None,
+          "The message exceeds a size limit: executor_config.options grpc.max_send_message_length / "
+          "grpc.max_receive_message_length here, --max-body-bytes on the worker."),
+)
+
+
+def describe_rpc_error(exc: Any, *, method: str, target: str, tls: bool) -> str:
+    """One sentence for a failed gRPC call, from :data:`ERROR_TABLE`.
+
+    ``gRPC call METHOD to TARGET failed with CODE: LABEL (DETAILS). HINT`` (without a
+    label: ``...CODE: DETAILS. HINT``). The server's details appear once, the hint once.
+
+    Args:
+        exc: the ``grpc.aio.AioRpcError`` (anything with ``code()`` and ``details()``).
+        method / target: the call's method path and the channel's target.
+        tls: whether the channel uses TLS.
+    """
+    code = exc.code()
+    name = getattr(code, "name", str(code))
+    details = " ".join((exc.details() or "").split()).rstrip(". ") or "no details"
+    rule = next((r for r in ERROR_TABLE if r.code == name and (r.tls is None or r.tls == tls)
+                 and (r.pattern is None or r.pattern.search(details))), None)
+    text = details if rule is None or rule.label is None else f"{rule.label} ({details})"
+    message = f"gRPC call {method} to {target} failed with {name}: {text}."
+    return f"{message} {rule.hint}" if rule is not None else message
+
+
+def _no_session(grpc: Any, code: Any, session: _Session) -> bool:
+    """The Session call's failure means "no such method": its runs may go per call instead.
+
+    UNIMPLEMENTED before any response message; INTERNAL or UNKNOWN before the server
+    confirmed Session (a failure from grpc's core, such as a write racing the server's
+    UNIMPLEMENTED). Either way the server accepted no command: a server that serves
+    Session confirms it before it reads one, so no run executes twice.
+    """
+    if session.received:
+        return False
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return True
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and not session.confirmed
 
 
 def _method_path(value: Any, key: str, where: str) -> str:
