@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.backend import (
     BackendAdapter,
     BackendAdapterEnvironmentExecutor,
@@ -30,6 +29,7 @@ from wove.backend import (
 )
 from wove.environment import EnvironmentExecutionError, ExecutorRuntime
 from wove.protocol import TERMINAL_EVENTS, encode_event, unpack_frame
+from wove.testing import tasks
 
 pytestmark = pytest.mark.timeout(60)
 

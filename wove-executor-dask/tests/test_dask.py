@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import EnvironmentExecutionError, ExecutorRuntime
+from wove.testing import tasks
 
 pytestmark = pytest.mark.timeout(90)
 

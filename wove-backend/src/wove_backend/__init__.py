@@ -1,4 +1,4 @@
-"""Backend adapters: run Wove tasks on an existing distributed engine (Dask, ...).
+"""wove_backend (imported as ``wove.backend`` too): run Wove tasks on an existing distributed engine.
 
 The submitting side (:class:`BackendAdapterEnvironmentExecutor`) turns each ``run_task``
 into a JSON-safe *payload* (:func:`build_backend_payload`, the Wove 2.x shape) and hands
@@ -33,15 +33,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._backend_worker import (
-    CallbackConnectionPool,
-    callback_connections,
-    execute_backend_payload,
-    post_event,
-    post_events,
-    run_backend_payload,
-    run_backend_payload_async,
-)
+from wove.protocol import TERMINAL_EVENTS
+from wove.security import is_local_host
+from wove.transport import FrameExecutor
+
 from ._callback_server import (
     CALLBACK_RUN_HEADER,
     CALLBACK_SIGNATURE_HEADER,
@@ -51,11 +46,15 @@ from ._callback_server import (
     new_callback_key,
     sign_callback,
 )
-from .protocol import (
-    TERMINAL_EVENTS,
+from ._runner import (
+    CallbackConnectionPool,
+    callback_connections,
+    execute_backend_payload,
+    post_event,
+    post_events,
+    run_backend_payload,
+    run_backend_payload_async,
 )
-from .security import is_local_host
-from .transport import FrameExecutor
 
 __all__ = [
     "CALLBACK_RUN_HEADER",
@@ -81,7 +80,7 @@ __all__ = [
     "sign_callback",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("wove.backend")
 
 # -- payloads ----------------------------------------------------------------------------
 def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: str,
@@ -95,7 +94,7 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
         DispatchError: the callable or an argument cannot be pickled (names the task and path).
         MissingDispatchFeatureError: cloudpickle is not installed.
     """
-    from .protocol import pack_frame
+    from wove.protocol import pack_frame
 
     packed = pack_frame({"task_id": frame["task_id"], "callable": frame["callable"], "args": frame["args"]})
     return {
@@ -223,7 +222,7 @@ def get_backend_adapter_class(name: str) -> type[BackendAdapter]:
     """
     if name in _ADAPTERS:
         return _ADAPTERS[name]
-    from .registry import build_executor_from_name
+    from wove.registry import build_executor_from_name
 
     try:
         executor = build_executor_from_name(name)

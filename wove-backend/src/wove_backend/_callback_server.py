@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote
 
-from .errors import ProtocolError
-from .protocol import decode_events, parse_json
+from wove.errors import ProtocolError
+from wove.protocol import decode_events, parse_json
 
 logger = logging.getLogger("wove.backend")
 

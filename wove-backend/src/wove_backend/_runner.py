@@ -1,12 +1,16 @@
 """The worker side of backend adapters: run a payload, post its events (keep-alive HTTP).
 
-Runs inside an engine's worker process (Dask, ...); Wove 2.x workers do the same with
-``wove.integrations.worker.run``. Public names are re-exported by :mod:`wove.backend`.
+Runs inside an engine's worker process (Dask, ...); ``wove.integrations.worker.run`` and
+``python -m wove.backend_worker`` (the Wove 2.x entry points) call it. A payload runs in
+the one :class:`~wove.worker.WorkerEngine` every worker service uses; a sink posts the
+run's events to the callback URL. Public names are re-exported by :mod:`wove_backend`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import functools
 import http.client
 import inspect
@@ -16,18 +20,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from wove.errors import ProtocolError
+from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, error_event
+from wove.worker import WorkerEngine, is_async_callable
+
 from ._callback_server import callback_headers, redact_callback_url
-from .errors import ProtocolError
-from .protocol import (
-    encode_event,
-    error_event,
-    normalize_exception,
-    unpack_frame,
-)
-from .worker import is_async_callable
 
 __all__ = [
     "CallbackConnectionPool",
@@ -246,21 +247,106 @@ async def _post_terminal(url: str, frame: dict[str, Any], key: str | None = None
     return False  # pragma: no cover
 
 
+class _CallbackSink:
+    """The sink of one run in the :class:`~wove.worker.WorkerEngine`: posts its events.
+
+    Never blocks (the engine calls it on the loop): ``task_started`` is posted after a short
+    delay unless the run ended first (a quick run posts only its terminal event),
+    heartbeats are posted as they come (and stop once the server refused one with a 4xx),
+    and the terminal event resolves :attr:`terminal` for :func:`execute_backend_payload`
+    to post (with retries).
+    """
+
+    def __init__(self, url: str, key: str | None, run_id: str, started_delay: float) -> None:
+        self.url, self.key, self.run_id = url, key, run_id
+        self.loop = asyncio.get_running_loop()
+        self.terminal: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self.started: list[asyncio.Future[None]] = []
+        self._started_delay = started_delay
+        self._started_timer: asyncio.TimerHandle | None = None
+        self._beats_refused = False
+        self._closed = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        kind = event.get("type")
+        if kind in TERMINAL_EVENTS:
+            self.close()
+            self.terminal.set_result(event)
+        elif kind == "task_started":
+            if self._started_timer is None and not self.started:
+                self._started_timer = self.loop.call_later(self._started_delay, self._post_started, event)
+        elif kind == "heartbeat":
+            if not self._beats_refused:
+                asyncio.ensure_future(self._post_heartbeat(event))
+        else:  # a log event
+            asyncio.ensure_future(self._post_quietly(event))
+
+    def close(self) -> None:
+        """Take no more events; a ``task_started`` not posted yet is not posted."""
+        self._closed = True
+        if self._started_timer is not None:
+            self._started_timer.cancel()
+
+    def _post_started(self, event: dict[str, Any]) -> None:
+        if not self._closed:
+            self.started.append(asyncio.ensure_future(_post(self.url, event, self.key)))
+
+    async def _post_heartbeat(self, event: dict[str, Any]) -> None:
+        try:
+            await _post(self.url, event, self.key)
+        except OSError as exc:
+            if _definitive(exc):
+                if not self._beats_refused:
+                    logger.info("heartbeats for run %s stop: %s refused them: %r", self.run_id,
+                                redact_callback_url(self.url), exc)
+                self._beats_refused = True
+            else:
+                logger.warning("heartbeat for run %s not delivered to %s: %r", self.run_id,
+                               redact_callback_url(self.url), exc)
+
+    async def _post_quietly(self, event: dict[str, Any]) -> None:
+        try:
+            await _post(self.url, event, self.key)
+        except OSError as exc:
+            logger.warning("%s event of run %s not delivered to %s: %r", event.get("type"), self.run_id,
+                           redact_callback_url(self.url), exc)
+
+
+def _in_executor(func: Callable[..., Any], executor: concurrent.futures.Executor) -> Callable[..., Any]:
+    """``func`` as a coroutine function that calls it in ``executor`` (an engine's own threads)."""
+
+    async def call(**kwargs: Any) -> Any:
+        context = contextvars.copy_context()
+        result = await asyncio.get_running_loop().run_in_executor(
+            executor, functools.partial(context.run, func, **kwargs))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return call
+
+
 async def execute_backend_payload(
     payload: dict[str, Any],
     *,
     cancel_event: asyncio.Event | None = None,
-    executor: Any = None,
+    executor: concurrent.futures.Executor | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Run a payload, posting its events; return ``(terminal_event, posted)``.
+    """Run a payload through a :class:`~wove.worker.WorkerEngine`, posting its events;
+    return ``(terminal_event, posted)``.
 
-    ``task_started`` is posted, heartbeats follow every third of
-    ``delivery_heartbeat_seconds`` (from a timer, so a busy sync task still proves
-    liveness), then exactly one terminal event. Sync callables run in ``executor`` (a
-    :class:`concurrent.futures.Executor`; default: the loop's). Setting ``cancel_event``
-    cancels the run (an async task stops; a sync one is abandoned) and posts
-    ``task_cancelled``. ``posted`` is False when the terminal event could not be posted,
-    so an engine adapter can deliver it another way.
+    The payload becomes the ``run_task`` frame it carries and runs in the same worker
+    engine as every worker service: ``task_started`` is posted (only for a run longer than
+    50 ms), heartbeats every third of ``delivery_heartbeat_seconds`` (from a timer, so a
+    busy sync task still proves liveness), then exactly one terminal event. Each callback
+    is signed with the payload's ``callback_key``. Sync callables run in ``executor`` (a
+    :class:`concurrent.futures.Executor`, such as an engine worker's own thread pool;
+    default: the engine's daemon threads). Setting ``cancel_event`` cancels the run (an
+    async task stops; a sync one is abandoned) and posts ``task_cancelled``. ``posted`` is
+    False when the terminal event could not be posted (a 4xx answer is not retried), so
+    an engine adapter can deliver it another way.
 
     Raises:
         ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
@@ -272,97 +358,61 @@ async def execute_backend_payload(
         raise ValueError(f"Backend payload lacks the string field(s) {missing}; it cannot be run or answered.")
     url, run_id, task_id = payload["callback_url"], payload["run_id"], payload["task_id"]
     key = payload.get("callback_key") if isinstance(payload.get("callback_key"), str) else None
-    ids = {"run_id": run_id, "task_id": task_id}
-    loop = asyncio.get_running_loop()
-    beat: asyncio.Task[None] | None = None
-    delivery = payload.get("delivery") or {}
+    delivery = payload.get("delivery")
     interval = delivery.get("delivery_heartbeat_seconds") if isinstance(delivery, dict) else None
     delay = STARTED_DELAY
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
         delay = min(delay, float(interval) / 6.0)
-
-    # A timer, not a task per run: most short runs end before it fires and post only
-    # their terminal event.
-    started: list[asyncio.Future[None]] = []
-    started_timer = loop.call_later(
-        delay, lambda: started.append(asyncio.ensure_future(_post(url, {"type": "task_started", **ids}, key)))
-    )
-
-    async def heartbeats(every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await _post(url, {"type": "heartbeat", **ids}, key)
-            except OSError as exc:
-                if _definitive(exc):
-                    logger.info("heartbeats for run %s stop: %s refused them: %r", run_id,
-                                redact_callback_url(url), exc)
-                    return
-                logger.warning("heartbeat for run %s not delivered to %s: %r", run_id, redact_callback_url(url), exc)
-
-    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
-        beat = asyncio.ensure_future(heartbeats(max(float(interval) / 3.0, 0.01)))
-    event: dict[str, Any]
+    sink = _CallbackSink(url, key, run_id, delay)
+    # One run per engine: the engine that submitted the payload owns concurrency and
+    # re-delivery, so nothing is cached here.
+    engine = WorkerEngine(max_concurrency=1, max_queued=0, idempotency_cache_size=0,
+                          remember_run_ids=False, name="backend")
+    command: dict[str, Any] = {"type": "run_task", "run_id": run_id, "task_id": task_id}
+    command.update((field, payload[field]) for field in ("task_name", "callable_pickle", "args_pickle", "delivery")
+                   if field in payload)
+    cancelled: asyncio.Future[Any] | None = None
     try:
         try:
-            frame = unpack_frame({key: payload[key] for key in ("callable_pickle", "args_pickle") if key in payload})
-            func, args = frame.get("callable"), frame.get("args") or {}
-            if not callable(func) or not isinstance(args, dict):
-                raise ProtocolError(f"payload of run {run_id} holds no callable and dict of keyword arguments")
-        except (ProtocolError, KeyError) as exc:
-            event = error_event(run_id, task_id, kind=type(exc).__name__, source="executor", exc=exc,
-                                message=f"The backend worker could not decode the payload of run {run_id}: {exc}")
+            frame = decode_command(command)
+        except ProtocolError as exc:
+            engine.reject(exc, sink)  # the run's task_error, source "executor"
         else:
-            if is_async_callable(func):
-                work: asyncio.Future[Any] = asyncio.ensure_future(func(**args))
-            else:
-                work = loop.run_in_executor(executor, functools.partial(func, **args))
-            waiters: set[asyncio.Future[Any]] = {work}
-            cancelled = asyncio.ensure_future(cancel_event.wait()) if cancel_event is not None else None
-            if cancelled is not None:
-                waiters.add(cancelled)
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if cancelled is not None:
-                    cancelled.cancel()
-            if not work.done():
-                work.cancel()
-                event = {"type": "task_cancelled", **ids}
-            else:
-                try:
-                    result = work.result()
-                    if inspect.isawaitable(result):
-                        result = await result
-                    event = {"type": "task_result", **ids, "result": result}
-                except asyncio.CancelledError:
-                    event = {"type": "task_cancelled", **ids}
-                except Exception as exc:
-                    event = {"type": "task_error", **ids, "exception": exc,
-                             "error": normalize_exception(exc, source="task")}
+            if executor is not None and not is_async_callable(frame["callable"]):
+                frame["callable"] = _in_executor(frame["callable"], executor)
+            await engine.submit(frame, sink)
+        waiters: set[asyncio.Future[Any]] = {sink.terminal}
+        if cancel_event is not None:
+            cancelled = asyncio.ensure_future(cancel_event.wait())
+            waiters.add(cancelled)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not sink.terminal.done():
+            engine.cancel(run_id)  # the engine reports task_cancelled to the sink
+        event = await sink.terminal
     except asyncio.CancelledError:
         # The engine itself stopped this run (worker shutting down): say so rather than go silent.
+        sink.close()
+        engine.cancel(run_id)
         event = error_event(run_id, task_id, kind="WorkerStopped", source="transport", retryable=True,
                             message=f"The backend worker stopped run {run_id} before it finished.")
-        started_timer.cancel()
-        await asyncio.shield(_finish(url, started, beat, event, key))
+        await asyncio.shield(_finish(sink, event))
         raise
-    started_timer.cancel()  # not sent yet: a quick run needs only its terminal event
-    posted = await _finish(url, started, beat, event, key)
+    finally:
+        if cancelled is not None:
+            cancelled.cancel()
+        await engine.aclose()  # releases its threads: a sync call still running is abandoned
+    posted = await _finish(sink, event)
     return event, posted
 
 
-async def _finish(url: str, started: list[asyncio.Future[None]], beat: asyncio.Task[None] | None,
-                  event: dict[str, Any], key: str | None = None) -> bool:
-    if beat is not None:
-        beat.cancel()
-    for post in started:
+async def _finish(sink: _CallbackSink, event: dict[str, Any]) -> bool:
+    for post in sink.started:
         try:
             await post  # task_started goes first
         except OSError as exc:
             logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"),
-                           redact_callback_url(url), exc)
-    return await _post_terminal(url, event, key)
+                           redact_callback_url(sink.url), exc)
+    return await _post_terminal(sink.url, event, sink.key)
 
 
 async def run_backend_payload_async(payload: dict[str, Any]) -> Any:

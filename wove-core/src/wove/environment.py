@@ -3,8 +3,9 @@
 Sends tasks to local, subprocess or remote task environments. The transport executors
 (:class:`StdioEnvironmentExecutor`, :class:`HttpEnvironmentExecutor`,
 :class:`GrpcEnvironmentExecutor`, :class:`WebSocketEnvironmentExecutor`) live in their
-own distributions and are imported from here on first access; until a distribution is
-installed, importing its class raises ImportError naming it.
+own distributions, and so does :class:`BackendAdapterEnvironmentExecutor` (wove-backend);
+each is imported from here on first access; until its distribution is installed,
+importing the class raises ImportError naming it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ _LAZY = {
     "HttpEnvironmentExecutor": ("wove_executor_http", "wove-executor-http"),
     "GrpcEnvironmentExecutor": ("wove_executor_grpc", "wove-executor-grpc"),
     "WebSocketEnvironmentExecutor": ("wove_executor_ws", "wove-executor-ws"),
-    "BackendAdapterEnvironmentExecutor": ("wove.backend", "wove-core"),
+    "BackendAdapterEnvironmentExecutor": ("wove_backend", "wove-backend"),
 }
 
 
