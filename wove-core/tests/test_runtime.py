@@ -352,3 +352,70 @@ async def test_in_process_runs_respect_max_concurrency_and_timeout() -> None:
         # an idempotency key routes through the engine's deduplication instead
         results = await asyncio.gather(*(runtime.call_with("a", asyncio.sleep, (0.05, "r"), delivery_idempotency_key="same") for _ in range(3)))
         assert results == ["r", "r", "r"]
+
+
+class AwaitingScripted(ScriptedExecutor):
+    """Answers each run_task itself, awaiting async callables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inline_calls: list[str] = []
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        self.sent.append(frame)
+        if frame["type"] == "run_task":
+            result = frame["callable"](**frame["args"])
+            if asyncio.iscoroutine(result):
+                result = await result
+            await self.events.put({"type": "task_result", "run_id": frame["run_id"], "task_id": frame["task_id"],
+                                   "result": result})
+
+
+class InlineScripted(AwaitingScripted):
+    """A non-local executor that declares runs_inline: the runtime awaits async calls through it."""
+
+    runs_inline = True
+
+    async def run_inline(self, func: Any, args: dict[str, Any]) -> Any:
+        self.inline_calls.append(func.__name__)
+        return await func(**args)
+
+
+async def test_any_executor_declaring_runs_inline_gets_async_calls_inline() -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    def triple(x: int) -> int:
+        return 3 * x
+
+    executor = InlineScripted()
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        assert runtime.is_local_environment("a")
+        assert await runtime.call("a", double, 4) == 8
+        assert await runtime.call("a", triple, 4) == 12  # sync: frames
+        assert await runtime.call_with("a", double, (5,), delivery_idempotency_key="k") == 10  # keyed: frames
+        with pytest.raises(DeliveryTimeoutError, match=r"delivery_timeout=0\.05s"):
+            await runtime.call_with("a", asyncio.sleep, (5,), delivery_timeout=0.05)
+    assert executor.inline_calls == ["double", "sleep"]
+    assert [f["task_id"] for f in executor.runs()] == ["triple", "double"]
+
+
+async def test_executors_without_runs_inline_and_local_subclasses_get_frames() -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    class CountingLocal(LocalEnvironmentExecutor):
+        frames: list[str] = []
+
+        async def send(self, frame: dict[str, Any]) -> None:
+            self.frames.append(frame["type"])
+            await super().send(frame)
+
+    plain, counting = AwaitingScripted(), CountingLocal()
+    assert not plain.runs_inline and not counting.runs_inline and LocalEnvironmentExecutor.runs_inline
+    async with ExecutorRuntime({"p": {"executor": plain}, "c": {"executor": counting}}, {}) as runtime:
+        assert not runtime.is_local_environment("p")
+        assert await runtime.call("p", double, 1) == 2
+        assert await runtime.call("c", double, 2) == 4
+    assert [f["task_id"] for f in plain.runs()] == ["double"]
+    assert counting.frames[0] == "run_task"

@@ -1,9 +1,9 @@
-"""The executor contract: four async methods over frames."""
+"""The executor contract: four async methods over frames, and two optional capabilities."""
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["EnvironmentExecutor"]
 
@@ -19,7 +19,21 @@ class EnvironmentExecutor(abc.ABC):
     ``task_error`` with ``source="transport"`` for the runs it lost (or re-delivers
     them when their orphan policy is ``requeue``). If :meth:`recv` raises, the runtime
     fails every pending run of the environment with that cause.
+
+    Optional capabilities (class attributes; the defaults mean "not offered"):
+
+    ``runs_inline``
+        True when the executor runs tasks in this process and implements
+        :meth:`run_inline`. The runtime then awaits an async callable that has no
+        ``delivery_idempotency_key`` directly in the caller's task through
+        ``run_inline(func, args)`` instead of sending ``run_task`` and waiting for its
+        terminal event (timeouts, cancellation and orphan policies still apply, enforced
+        by the runtime). Sync callables and calls with a key still go through frames.
+        :meth:`~wove.runtime.ExecutorRuntime.is_local_environment` reports it.
     """
+
+    #: The executor implements :meth:`run_inline` (see the class docstring).
+    runs_inline: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def start(
@@ -42,3 +56,14 @@ class EnvironmentExecutor(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop the executor session and clean up resources."""
+
+    async def run_inline(self, func: Any, args: dict[str, Any]) -> Any:
+        """Await ``func(**args)`` in the calling task and return its result.
+
+        Called by the runtime only when :attr:`runs_inline` is true, for async callables.
+        The task's own exception propagates; cancelling the calling task cancels the run.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not run calls inline; it sets runs_inline = "
+            f"{self.runs_inline!r}. Set runs_inline = True only with a run_inline() of its own."
+        )

@@ -18,11 +18,20 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
     pool (``max_workers`` of the environment, default 64) so a
     blocking task never stalls the loop. ``max_concurrency`` caps runs executing at once.
 
-    :class:`~wove.environment.ExecutorRuntime` awaits async callables without an
-    idempotency key directly in the calling task (:meth:`run_inline`): in-process, a
-    frame round trip buys nothing, and skipping it makes a call several times cheaper.
-    Timeouts, cancellation and orphan policies behave exactly as for frames.
+    It declares ``runs_inline``: :class:`~wove.environment.ExecutorRuntime` awaits async
+    callables without an idempotency key directly in the calling task
+    (:meth:`run_inline`): in-process, a frame round trip buys nothing, and skipping it
+    makes a call several times cheaper. Timeouts, cancellation and orphan policies
+    behave exactly as for frames. A subclass gets every call as frames (its own
+    ``send``/``recv`` see them all) unless it sets ``runs_inline = True`` itself.
     """
+
+    runs_inline = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "runs_inline" not in cls.__dict__:
+            cls.runs_inline = False
 
     def __init__(self) -> None:
         self._engine: WorkerEngine | None = None

@@ -13,26 +13,25 @@ from typing import Any
 from uuid import uuid4
 
 from ._gate import Gate
-from .config import check_choice, validate_definition
-from .errors import DeliveryOrphanedError, DeliveryTimeoutError, EnvironmentExecutionError
+from .config import validate_definition
+from .delivery import (
+    Delivery,
+    DeliveryDefaults,
+    InlineRun,
+    Run,
+    inline_timer,
+    lost_error,
+    orphaned_error,
+)
+from .errors import DeliveryTimeoutError, EnvironmentExecutionError
 from .executor import EnvironmentExecutor
-from .local import LocalEnvironmentExecutor
-from .protocol import CANCEL_MODES, ORPHAN_POLICIES, TERMINAL_EVENTS
+from .protocol import ORPHAN_POLICIES, TERMINAL_EVENTS
 from .worker import is_async_callable
 
 __all__ = ["ExecutorRuntime", "coerce_executor"]
 
 logger = logging.getLogger(__name__)
 
-_DELIVERY_KEYS = (
-    "delivery_timeout",
-    "delivery_idempotency_key",
-    "delivery_cancel_mode",
-    "delivery_heartbeat_seconds",
-    "delivery_orphan_policy",
-    "delivery_max_in_flight",
-)
-_DELIVERY_KEY_SET = frozenset(_DELIVERY_KEYS)
 #: How long require_ack waits for the executor's task_cancelled.
 CANCEL_ACK_TIMEOUT = 5.0
 
@@ -61,60 +60,20 @@ def coerce_executor(executor_value: Any, *, environment: str | None = None) -> E
     )
 
 
-@dataclass(eq=False, slots=True)
-class _Run:
-    run_id: str
-    task_id: str
-    future: asyncio.Future[Any]
-    cancel_mode: str
-    orphan_policy: str
-    heartbeat: float | None
-    deadline: float | None
-    last_seen: float
-    timeout: float | None = None
-    timer: asyncio.TimerHandle | None = None
-    ack: asyncio.Future[str] | None = None
-    #: True once the runtime itself settled the future (event, timer, orphaning), so
-    #: a CancelledError is not the caller cancelling us.
-    settled: bool = False
-
-    def cancel_frame(self) -> dict[str, Any]:
-        return {
-            "type": "cancel_task",
-            "run_id": self.run_id,
-            "task_id": self.task_id,
-            "delivery_cancel_mode": self.cancel_mode,
-            "delivery_orphan_policy": self.orphan_policy,
-        }
-
-
-@dataclass(eq=False, slots=True)
-class _InlineRun:
-    """An async callable awaited in the caller's task (in-process fast path)."""
-
-    run_id: str
-    task_id: str
-    task: asyncio.Task[Any]
-    orphan_policy: str
-    #: set when the runtime cancels the run: raised instead of CancelledError
-    reason: BaseException | None = None
-    cancelled_by_runtime: bool = False
-
-
 @dataclass(eq=False)
 class _Environment:
     name: str
     definition: dict[str, Any]
     executor: EnvironmentExecutor
-    pending: dict[str, _Run] = field(default_factory=dict)
+    #: delivery settings of the definition over run_config, resolved once
+    defaults: DeliveryDefaults
+    pending: dict[str, Run] = field(default_factory=dict)
     receiver: asyncio.Task[None] | None = None
     failure: BaseException | None = None
     limits: dict[int, Gate] = field(default_factory=dict)
-    #: delivery settings of the definition over run_config, resolved once
-    defaults: dict[str, Any] = field(default_factory=dict)
-    #: the executor is the built-in in-process one: async calls may run inline
+    #: the executor declares ``runs_inline``: async calls without a key are awaited inline
     inline: bool = False
-    inline_runs: dict[str, _InlineRun] = field(default_factory=dict)
+    inline_runs: dict[str, InlineRun] = field(default_factory=dict)
 
 
 class ExecutorRuntime:
@@ -195,19 +154,12 @@ class ExecutorRuntime:
             except Exception as exc:
                 note = f"while starting environment '{environment_name}' ({type(executor).__name__})"
                 # add_note is 3.11+; on 3.10 the same attribute, which tools there read too
-                exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+                exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]
                 raise
             self._definitions[environment_name] = definition
-            env = _Environment(environment_name, definition, executor)
-            env.inline = type(executor) is LocalEnvironmentExecutor
-            for key in _DELIVERY_KEYS:
-                value = definition.get(key)
-                if value is None:
-                    value = self._run_config.get(key)
-                if value is not None:
-                    env.defaults[key] = value
-            check_choice(env.defaults.get("delivery_cancel_mode"), "delivery_cancel_mode", CANCEL_MODES, f"Environment '{environment_name}' (run_config)")
-            check_choice(env.defaults.get("delivery_orphan_policy"), "delivery_orphan_policy", ORPHAN_POLICIES, f"Environment '{environment_name}' (run_config)")
+            defaults = DeliveryDefaults(environment_name, definition, self._run_config)
+            env = _Environment(environment_name, definition, executor, defaults)
+            env.inline = bool(getattr(executor, "runs_inline", False))
             env.receiver = asyncio.get_running_loop().create_task(
                 self._receive(env), name=f"wove-recv:{environment_name}"
             )
@@ -241,46 +193,29 @@ class ExecutorRuntime:
 
     async def _orphan(self, env: _Environment) -> None:
         for inline in list(env.inline_runs.values()):
-            self._interrupt_inline(inline, None if inline.orphan_policy == "cancel" else DeliveryOrphanedError(
-                f"Task '{inline.task_id}' (run {inline.run_id}) in environment '{env.name}' was orphaned "
-                f"when the runtime stopped (delivery_orphan_policy='{inline.orphan_policy}'); the "
-                "in-process run was cancelled."
-            ))
+            inline.interrupt(orphaned_error(inline, env.name))
         for run in list(env.pending.values()):
             if run.future.done():
                 continue
-            self._clear_timer(run)
+            run.clear_timer()
             if run.orphan_policy != "detach":
                 try:
                     await env.executor.send(run.cancel_frame())
                 except Exception as exc:
                     logger.debug("environment %s: cancel for %s not delivered: %r", env.name, run.run_id, exc)
-            if run.future.done():
-                continue
-            run.settled = True
-            if run.orphan_policy == "cancel":
-                run.future.cancel()
-            else:
-                detail = {
-                    "fail": "the run was cancelled",
-                    "requeue": "the runtime stopped, so it cannot be re-delivered",
-                    "detach": "it was detached and may still complete on the worker; no cancel_task was sent",
-                }[run.orphan_policy]
-                run.future.set_exception(DeliveryOrphanedError(
-                    f"Task '{run.task_id}' (run {run.run_id}) in environment '{env.name}' was orphaned "
-                    f"when the runtime stopped (delivery_orphan_policy='{run.orphan_policy}'): {detail}."
-                ))
+            error = orphaned_error(run, env.name)
+            run.settle(error=error, cancelled=error is None)
 
     # -- queries ---------------------------------------------------------------
     def is_local_environment(self, environment_name: str) -> bool:
-        """True when the environment runs tasks in this process."""
+        """True when the environment's executor runs calls in this process (``runs_inline``)."""
         env = self._environments.get(environment_name)
         if env is not None:
-            return isinstance(env.executor, LocalEnvironmentExecutor)
+            return env.inline
         executor = self._definitions.get(environment_name, {}).get("executor", "local")
         if isinstance(executor, str):
             return executor == "local"
-        return isinstance(executor, LocalEnvironmentExecutor) or executor is LocalEnvironmentExecutor
+        return bool(getattr(executor, "runs_inline", False))
 
     # -- running ---------------------------------------------------------------
     async def call(self, environment: str, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -339,40 +274,19 @@ class ExecutorRuntime:
                 f"Environment '{env.name}' cannot run task '{task_name}': its executor "
                 f"{type(env.executor).__name__} stopped delivering events ({env.failure!r})."
             ) from env.failure
-        settings = env.defaults
-        if not _DELIVERY_KEY_SET.isdisjoint(task_info):
-            settings = {**settings, **{k: v for k, v in task_info.items() if k in _DELIVERY_KEYS and v is not None}}
-        get = settings.get
-        cancel_mode = get("delivery_cancel_mode") or "best_effort"
-        orphan_policy = get("delivery_orphan_policy") or "cancel"
-        if cancel_mode not in CANCEL_MODES:
-            check_choice(cancel_mode, "delivery_cancel_mode", CANCEL_MODES, f"Task '{task_name}'")
-        if orphan_policy not in ORPHAN_POLICIES:
-            check_choice(orphan_policy, "delivery_orphan_policy", ORPHAN_POLICIES, f"Task '{task_name}'")
-        timeout = get("delivery_timeout")
-        heartbeat = get("delivery_heartbeat_seconds")
-        max_in_flight = get("delivery_max_in_flight")
-        raw_key = get("delivery_idempotency_key")
-
-        delivery: dict[str, Any] = {"delivery_cancel_mode": cancel_mode, "delivery_orphan_policy": orphan_policy}
-        if timeout is not None:
-            delivery["delivery_timeout"] = timeout
-        if heartbeat is not None:
-            delivery["delivery_heartbeat_seconds"] = heartbeat
-        if raw_key is not None:
-            delivery["delivery_idempotency_key"] = _idempotency_key(raw_key, task_args, task_name)
-
+        delivery = env.defaults.for_call(task_name, task_args, task_info)
         limit = None
-        if isinstance(max_in_flight, int) and max_in_flight > 0:
+        max_in_flight = delivery.max_in_flight
+        if max_in_flight is not None:
             limit = env.limits.get(max_in_flight)
             if limit is None:
                 limit = env.limits[max_in_flight] = Gate(max_in_flight)
             if not limit.try_acquire():
                 await limit.acquire()
         try:
-            if env.inline and raw_key is None and is_async_callable(task_func):
-                return await self._run_inline(env, task_name, task_func, task_args, orphan_policy, timeout)
-            return await self._deliver(env, task_name, task_func, task_args, delivery, timeout, heartbeat)
+            if env.inline and delivery.idempotency_key is None and is_async_callable(task_func):
+                return await self._run_inline(env, task_name, task_func, task_args, delivery)
+            return await self._deliver(env, task_name, task_func, task_args, delivery)
         finally:
             if limit is not None:
                 limit.release()
@@ -383,37 +297,22 @@ class ExecutorRuntime:
         task_name: str,
         task_func: Any,
         task_args: dict[str, Any],
-        delivery: dict[str, Any],
-        timeout: float | None,
-        heartbeat: float | None,
+        delivery: Delivery,
     ) -> Any:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         run_id = f"{task_name}:{self._id_prefix}{next(self._ids):x}"
-        run = _Run(
-            run_id=run_id,
-            task_id=task_name,
-            future=loop.create_future(),
-            cancel_mode=delivery["delivery_cancel_mode"],
-            orphan_policy=delivery["delivery_orphan_policy"],
-            heartbeat=float(heartbeat) if heartbeat else None,
-            deadline=now + float(timeout) if timeout else None,
-            last_seen=now,
-            timeout=float(timeout) if timeout else None,
-        )
+        # armed before send: a send held up by backpressure counts too
+        run = Run.start(asyncio.get_running_loop(), run_id, task_name, env.name, delivery)
         env.pending[run_id] = run
         if self._debug:
             logger.debug("environment=%s run_id=%s task_id=%s: run_task", env.name, run_id, task_name)
         try:
-            if run.deadline is not None or run.heartbeat is not None:
-                self._arm(env, run)  # before send: a send held up by backpressure counts too
             await env.executor.send({
                 "type": "run_task",
                 "run_id": run_id,
                 "task_id": task_name,
                 "callable": task_func,
                 "args": task_args,
-                "delivery": delivery,
+                "delivery": delivery.fields(),
             })
             try:
                 return await run.future
@@ -426,7 +325,7 @@ class ExecutorRuntime:
                     await self._send_cancel(env, run)
                 raise
         finally:
-            self._clear_timer(run)
+            run.clear_timer()
             env.pending.pop(run_id, None)
 
     async def _run_inline(
@@ -435,23 +334,15 @@ class ExecutorRuntime:
         task_name: str,
         task_func: Any,
         task_args: dict[str, Any],
-        orphan_policy: str,
-        timeout: float | None,
+        delivery: Delivery,
     ) -> Any:
         task = asyncio.current_task()
         assert task is not None
-        run = _InlineRun(f"{task_name}:{self._id_prefix}{next(self._ids):x}", task_name, task, orphan_policy)
+        run = InlineRun(f"{task_name}:{self._id_prefix}{next(self._ids):x}", task_name, task, delivery.orphan_policy)
         env.inline_runs[run.run_id] = run
-        timer = None
-        if timeout:
-            timer = asyncio.get_running_loop().call_later(
-                float(timeout), self._interrupt_inline, run, DeliveryTimeoutError(
-                    f"Task '{task_name}' (run {run.run_id}) in environment '{env.name}' did not finish "
-                    f"within delivery_timeout={float(timeout):g}s; the in-process run was cancelled."
-                ),
-            )
+        timer = inline_timer(asyncio.get_running_loop(), run, env.name, delivery.timeout) if delivery.timeout else None
         try:
-            return await env.executor.run_inline(task_func, task_args)  # type: ignore[attr-defined]
+            return await env.executor.run_inline(task_func, task_args)
         except asyncio.CancelledError:
             if run.cancelled_by_runtime:
                 uncancel = getattr(task, "uncancel", None)
@@ -465,15 +356,7 @@ class ExecutorRuntime:
                 timer.cancel()
             env.inline_runs.pop(run.run_id, None)
 
-    @staticmethod
-    def _interrupt_inline(run: _InlineRun, reason: BaseException | None) -> None:
-        if run.cancelled_by_runtime:
-            return
-        run.cancelled_by_runtime = True
-        run.reason = reason
-        run.task.cancel()
-
-    async def _send_cancel(self, env: _Environment, run: _Run) -> str:
+    async def _send_cancel(self, env: _Environment, run: Run) -> str:
         """Send cancel_task; with require_ack wait (bounded) for task_cancelled."""
         if run.cancel_mode == "require_ack":
             run.ack = asyncio.get_running_loop().create_future()
@@ -491,40 +374,6 @@ class ExecutorRuntime:
         if outcome == "task_cancelled":
             return "The executor confirmed the cancellation."
         return f"The executor answered with {outcome} instead of confirming the cancellation."
-
-    # -- timers ----------------------------------------------------------------
-    def _arm(self, env: _Environment, run: _Run) -> None:
-        loop = asyncio.get_running_loop()
-        when = run.deadline if run.deadline is not None else float("inf")
-        if run.heartbeat is not None:
-            when = min(when, run.last_seen + run.heartbeat)
-        run.timer = loop.call_at(when, self._check_deadline, env, run)
-
-    def _check_deadline(self, env: _Environment, run: _Run) -> None:
-        run.timer = None
-        if run.future.done():
-            return
-        now = asyncio.get_running_loop().time()
-        where = f"Task '{run.task_id}' (run {run.run_id}) in environment '{env.name}'"
-        if run.deadline is not None and now >= run.deadline:
-            run.settled = True
-            run.future.set_exception(DeliveryTimeoutError(
-                f"{where} did not finish within delivery_timeout={run.timeout:g}s."
-            ))
-        elif run.heartbeat is not None and now - run.last_seen >= run.heartbeat:
-            run.settled = True
-            run.future.set_exception(DeliveryTimeoutError(
-                f"{where} sent no heartbeat for {now - run.last_seen:.2f}s "
-                f"(delivery_heartbeat_seconds={run.heartbeat:g}); the worker is presumed lost."
-            ))
-        else:
-            self._arm(env, run)
-
-    @staticmethod
-    def _clear_timer(run: _Run) -> None:
-        if run.timer is not None:
-            run.timer.cancel()
-            run.timer = None
 
     # -- receiving -------------------------------------------------------------
     async def _receive(self, env: _Environment) -> None:
@@ -545,7 +394,7 @@ class ExecutorRuntime:
                                      env.name, frame_type, frame.get("run_id"))
                     continue
                 if frame_type == "task_started" or frame_type == "heartbeat":
-                    run.last_seen = loop.time()
+                    run.seen(loop)
                     continue
                 if self._debug:
                     logger.debug("environment=%s run_id=%s task_id=%s: %s",
@@ -553,18 +402,14 @@ class ExecutorRuntime:
                 if frame_type in TERMINAL_EVENTS:
                     if run.ack is not None and not run.ack.done():
                         run.ack.set_result(frame_type)
-                    if run.future.done():
-                        continue
-                    run.settled = True
                     if frame_type == "task_result":
-                        run.future.set_result(frame.get("result"))
+                        run.settle(result=frame.get("result"))
                     elif frame_type == "task_cancelled":
-                        run.future.cancel()
+                        run.settle(cancelled=True)
                     else:
-                        run.future.set_exception(_exception_from_error(frame))
+                        run.settle(error=_exception_from_error(frame))
                 else:
-                    run.settled = True
-                    run.future.set_exception(RuntimeError(
+                    run.settle(error=RuntimeError(
                         f"Unknown executor frame type {frame_type!r} from environment '{env.name}' "
                         f"for run {run.run_id}."
                     ))
@@ -572,27 +417,11 @@ class ExecutorRuntime:
             raise
         except BaseException as exc:
             env.failure = exc
-            logger.error("environment %s: executor %s stopped delivering events: %r",
-                         env.name, type(env.executor).__name__, exc)
+            executor_name = type(env.executor).__name__
+            logger.error("environment %s: executor %s stopped delivering events: %r", env.name, executor_name, exc)
             for run in list(pending.values()):
-                if run.future.done():
-                    continue
-                run.settled = True
-                run.future.set_exception(_receiver_failure(env, run, exc))
+                run.settle(error=lost_error(run, env.name, executor_name, exc))
             raise
-
-
-def _receiver_failure(env: _Environment, run: _Run, exc: BaseException) -> BaseException:
-    message = (
-        f"Task '{run.task_id}' (run {run.run_id}) in environment '{env.name}' cannot finish: "
-        f"executor {type(env.executor).__name__} stopped delivering events ({type(exc).__name__}: {exc})."
-    )
-    error: BaseException = (
-        RuntimeError(message) if run.orphan_policy == "cancel"
-        else DeliveryOrphanedError(f"{message} (delivery_orphan_policy='{run.orphan_policy}')")
-    )
-    error.__cause__ = exc
-    return error
 
 
 def _exception_from_error(frame: dict[str, Any]) -> BaseException:
@@ -603,29 +432,6 @@ def _exception_from_error(frame: dict[str, Any]) -> BaseException:
     if not isinstance(payload, dict):
         payload = {"message": str(payload), "kind": "ExecutionError", "source": "executor"}
     return EnvironmentExecutionError(payload)
-
-
-def _idempotency_key(raw: Any, task_args: dict[str, Any], task_name: str) -> str | None:
-    if raw is None:
-        return None
-    if callable(raw):
-        try:
-            value = raw(task_args)
-        except TypeError:
-            value = raw(**task_args)
-        return str(value)
-    if isinstance(raw, str):
-        if "{" in raw:
-            try:
-                return raw.format_map(task_args)
-            except (KeyError, IndexError, ValueError, AttributeError) as exc:
-                raise ValueError(
-                    f"delivery_idempotency_key {raw!r} of task '{task_name}' could not be formatted "
-                    f"with the task's arguments ({type(exc).__name__}: {exc}); available: "
-                    f"{', '.join(sorted(task_args)) or '(none)'}."
-                ) from exc
-        return raw
-    return str(raw)
 
 
 def _keyword_call(
