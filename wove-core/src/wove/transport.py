@@ -53,6 +53,7 @@ DEFAULT_RECONNECT_TIMEOUT = 30.0
 DEFAULT_RECONNECT_INITIAL_DELAY = 0.1
 #: Largest back-off (seconds).
 DEFAULT_RECONNECT_MAX_DELAY = 5.0
+_MIN_DELAY = 0.01
 #: The ``executor_config`` keys of the re-delivery policy, on every transport.
 REDELIVERY_CONFIG_KEYS = frozenset({
     "max_deliveries", "reconnect_timeout", "reconnect_initial_delay", "reconnect_max_delay",
@@ -127,9 +128,10 @@ class RedeliveryPolicy:
     def delay(self, attempt: int) -> float:
         """Back-off before attempt number ``attempt`` (1-based) of a re-delivery or
         reconnection: ``min(max_delay, initial_delay * 2 ** (attempt - 1))`` scaled by a
-        random factor in [0.5, 1] (jitter, so many clients do not retry in step)."""
+        random factor in [0.5, 1] (jitter, so many clients do not retry in step), and at
+        least 10 ms (never a busy loop)."""
         base = min(self.max_delay, self.initial_delay * 2.0 ** min(max(attempt - 1, 0), 60))
-        return base * random.uniform(0.5, 1.0)
+        return max(base * random.uniform(0.5, 1.0), _MIN_DELAY)
 
 
 @dataclass(eq=False)
