@@ -41,7 +41,7 @@ async def test_runs_per_connection_are_capped() -> None:
             events = await collect_events(executor, {f["run_id"] for f in frames}, timeout=10, linger=0.05)
             terminal = {e["run_id"]: e for e in events if e["type"] in ("task_result", "task_error")}
             assert terminal["s:2"]["type"] == "task_error"
-            assert "max_runs_per_connection=2" in terminal["s:2"]["error"]["message"]
+            assert "max_runs_per_session=2" in terminal["s:2"]["error"]["message"]
             assert terminal["s:0"]["result"] == terminal["s:1"]["result"] == "slept"
         finally:
             await executor.stop()

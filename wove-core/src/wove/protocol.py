@@ -34,6 +34,7 @@ __all__ = [
     "decode_command",
     "decode_events",
     "encode_event",
+    "encode_events",
     "encode_frame",
     "error_event",
     "normalize_exception",
@@ -429,3 +430,13 @@ def encode_event(event: dict[str, Any]) -> bytes:
             source="executor",
         )
         return encode_frame(replacement)
+
+
+def encode_events(events: list[dict[str, Any]], framing: Literal["envelope", "lines"] = "envelope") -> bytes:
+    """Encode several events as one body: ``{"events": [...]}`` (what Wove 2.x clients
+    read from HTTP and gRPC) or ``lines``, one event per line (NDJSON, stdio). Every event
+    goes through :func:`encode_event`, so none is lost to an encoding failure."""
+    encoded = [encode_event(event) for event in events]
+    if framing == "lines":
+        return b"".join(item + b"\n" for item in encoded)
+    return b'{"events":[' + b",".join(encoded) + b"]}"

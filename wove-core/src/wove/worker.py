@@ -198,6 +198,26 @@ class WorkerEngine:
         else:
             self.reject(ProtocolError(f"Unknown command type {frame_type!r}"), sink)
 
+    def unsubscribe(self, run_id: str, sink: Sink, *, cancel: bool) -> None:
+        """``sink`` (one client's delivery of ``run_id``) goes away before the run ended.
+
+        Other deliveries of the same run keep theirs. When none is left, ``cancel`` cancels
+        the execution; otherwise it keeps running and its terminal event is kept for a
+        re-delivery (by ``run_id`` and idempotency key) like any finished run's.
+        """
+        execution = self._runs.get(run_id)
+        if execution is None:
+            return
+        task_id, current = execution.subscribers[run_id]
+        if isinstance(current, _Fanout) and current.remove(sink):
+            return
+        if current is not sink and not (isinstance(current, _Fanout) and not current.sinks):
+            return  # a later delivery replaced this one: it owns the run now
+        if cancel:
+            self.cancel(run_id)
+        else:
+            execution.subscribers[run_id] = (task_id, _drop)
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a run; returns False for an unknown run (harmless)."""
         execution = self._runs.pop(run_id, None)
@@ -251,6 +271,17 @@ class WorkerEngine:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
         self._forget_all()
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """A service's graceful stop: accept no new runs, let the running ones finish
+        within ``grace`` seconds, then end what is left by orphan policy (as
+        :meth:`shutdown` does: a terminal event for every run but ``requeue`` ones, which
+        end silently so their clients deliver them elsewhere)."""
+        self._closing = True
+        running = {execution.task for execution in self._runs.values() if execution.task is not None}
+        if running and grace > 0:
+            await asyncio.wait(running, timeout=grace)
+        await self.shutdown(grace=0.0)
 
     async def run_inline(self, func: Callable[..., Any], args: dict[str, Any]) -> Any:
         """Await ``func(**args)`` in the calling task, within the concurrency cap.
@@ -312,7 +343,7 @@ class WorkerEngine:
             if previous is not None and previous[1] is not sink:
                 # The same run delivered again (a client that lost its connection or gave up
                 # on a request): both deliveries get the events; the client keeps one terminal.
-                sink = self._fanout(previous[1], sink)
+                sink = _Fanout.join(previous[1], sink, self._safe)
             execution.subscribers[run_id] = (task_id, sink)
             self._runs[run_id] = execution
             self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
@@ -445,18 +476,44 @@ class WorkerEngine:
                         self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
             subscribers.clear()
 
-    def _fanout(self, first: Sink, second: Sink) -> Sink:
-        def both(event: dict[str, Any]) -> None:
-            self._safe(first, event)
-            self._safe(second, dict(event))
-
-        return both
-
     def _safe(self, sink: Sink, event: dict[str, Any]) -> None:
         try:
             sink(event)
         except Exception:
             logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
+
+
+def _drop(event: dict[str, Any]) -> None:
+    """The sink of a run whose client went away and that keeps running."""
+
+
+class _Fanout:
+    """The sinks of one run delivered more than once; each gets every event."""
+
+    __slots__ = ("safe", "sinks")
+
+    def __init__(self, sinks: list[Sink], safe: Callable[[Sink, dict[str, Any]], None]) -> None:
+        self.sinks = sinks
+        self.safe = safe
+
+    @classmethod
+    def join(cls, previous: Sink, sink: Sink, safe: Callable[[Sink, dict[str, Any]], None]) -> Sink:
+        if isinstance(previous, _Fanout):
+            previous.sinks.append(sink)
+            return previous
+        if previous is _drop:
+            return sink
+        return cls([previous, sink], safe)
+
+    def remove(self, sink: Sink) -> bool:
+        """Forget ``sink``; True when others remain."""
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+        return bool(self.sinks)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        for index, sink in enumerate(self.sinks):
+            self.safe(sink, event if index == 0 else dict(event))
 
 
 _SIZE_BUDGET = 10_000

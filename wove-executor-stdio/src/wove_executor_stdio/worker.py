@@ -13,8 +13,9 @@ instead of corrupting the event stream, and a task reading stdin reads nothing.
 The first event is a ``log`` frame carrying ``"wove_stdio_ready": <pid>``; the executor
 takes it as proof that the worker started. Wove 2.x clients ignore ``log`` frames.
 
-On end of input or a ``shutdown`` command the engine ends its runs by orphan policy and
-the process exits 0.
+The protocol is :class:`wove.session.WorkerService`'s, like every worker service's; this
+worker is owned by one client (``exclusive``): on end of input or a ``shutdown`` command
+its runs end by orphan policy and the process exits 0.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wove.errors import ProtocolError
-from wove.protocol import ORPHAN_POLICIES, TERMINAL_EVENTS, encode_event, parse_json
+from wove.protocol import TERMINAL_EVENTS, encode_event
+from wove.session import WorkerService
 from wove.worker import WorkerEngine, release_large_buffers
 
 from ._lines import STREAM_LIMIT, read_line
@@ -180,32 +181,23 @@ async def serve(
     out = FrameWriter(loop, write)
     pid = os.getpid()
     engine = WorkerEngine(max_concurrency=max_concurrency, max_threads=max_threads, name=f"stdio:{pid}")
+    # One client owns this worker: it obeys that client's shutdown command.
+    service = WorkerService(engine, name=f"stdio:{pid}", exclusive=True, grace=grace)
 
-    def sink(event: dict[str, Any]) -> None:
+    def emit(event: dict[str, Any]) -> None:
         out.write(encode_event(event) + b"\n", urgent=event.get("type") in TERMINAL_EVENTS)
 
-    sink({"type": "log", "message": f"wove_executor_stdio worker ready (pid {pid})", READY_KEY: pid})
-    policy: str | None = None
-    reason = "end of input"
-    while True:
+    session = service.session("stdin", emit=emit)
+    emit({"type": "log", "message": f"wove_executor_stdio worker ready (pid {pid})", READY_KEY: pid})
+    while not session.ended:
         line = await read_line(reader)
         if line is None:
             break
-        if not line.strip():
-            continue
-        try:
-            command = parse_json(line)
-        except ProtocolError as exc:
-            engine.reject(exc, sink)
-            continue
-        if isinstance(command, dict) and command.get("type") == "shutdown":
-            requested = command.get("delivery_orphan_policy")
-            policy = requested if requested in ORPHAN_POLICIES else None
-            reason = "shutdown command"
-            break
-        await engine.handle(command, sink)
-    logger.debug("stdio worker %d: %s; shutting down (policy %s, %d active)", pid, reason, policy, engine.active)
-    await engine.shutdown(policy, grace=grace)
+        if line.strip():
+            await session.receive(line)
+    logger.debug("stdio worker %d: %s; shutting down (%d active)", pid,
+                 "shutdown command" if session.ended else "end of input", engine.active)
+    await service.shutdown()  # end of input: the owner is gone; every run ends by its orphan policy
     out.flush()
     await close()
     return 0

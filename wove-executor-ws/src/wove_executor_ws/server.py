@@ -1,17 +1,12 @@
-"""The WebSocket worker service: a ``websockets`` server over one :class:`WorkerEngine`.
+"""The WebSocket worker service: a ``websockets`` shell over :class:`wove.session.WorkerService`.
 
-* The handshake is checked in ``process_request`` before the connection is accepted:
-  a wrong path gets HTTP 404, missing credentials 401, wrong, replayed or expired ones
-  403; nothing is decoded or executed for a rejected client.
-* Each text message is one command. The events of a run go back on the connection that
-  submitted it, as they happen; events queued within one loop tick are coalesced into
-  one message (a JSON list, which Wove 2.x clients read too).
-* When a connection closes, its runs end by their orphan policy: ``cancel`` and
-  ``fail`` runs are cancelled; ``requeue`` and ``detach`` runs keep running, so a
-  reconnecting client that re-delivers the same ``run_id`` attaches to the execution
-  (or gets its cached terminal event).
-* A ``shutdown`` command ends that connection's session (its ``cancel``/``fail`` runs),
-  never the shared server. :meth:`WebSocketWorkerServer.stop` shuts down gracefully.
+The handshake is checked in ``process_request`` before the connection is accepted (a
+wrong path gets HTTP 404, missing credentials 401, wrong, replayed or expired ones 403);
+each text message is one command (or a JSON list of commands); the events of a run go back
+on the connection that submitted it as they happen, the ones ready together coalesced into
+one message (a JSON list, which Wove 2.x clients read too). Everything else (decoding,
+limits, what a closed connection means for its runs, ``shutdown`` commands, slow
+readers, drain) is the worker session's, the same as on every transport.
 """
 
 from __future__ import annotations
@@ -25,126 +20,45 @@ import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
-from wove.errors import ProtocolError
-from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, error_event
-from wove.security import MissingCredentialsError, NetworkExecutorSecurity, canonical_http_target
+from wove.security import canonical_http_target
+from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
 __all__ = ["DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_SIZE = 256 * 1024 * 1024
+DEFAULT_MAX_SIZE = DEFAULT_MAX_COMMAND_BYTES
 #: Coalesced event messages stay below this (Wove 2.x clients accept 1 MiB messages).
 COALESCE_LIMIT = 512 * 1024
 #: Commands read, and events coalesced into one message, before the other side gets a turn.
 PIPELINE_BATCH = 64
-_PROGRESS = frozenset({"task_started", "heartbeat"})
 
 
-class _Session:
-    """One client connection: its runs and its event writer."""
-
-    def __init__(self, server: WebSocketWorkerServer, ws: Any) -> None:
-        self.server = server
-        self.ws = ws
-        self.runs: dict[str, str] = {}  # run_id -> orphan policy
-        self.buffer: list[dict[str, Any]] = []
-        self.wake = asyncio.Event()
-        self.closed = False
-        self.peer = str(getattr(ws, "remote_address", "?"))
-
-    def sink(self, event: dict[str, Any]) -> None:
-        """Engine sink: queue the event for the writer (never blocks; encoding happens there)."""
-        if event.get("type") in TERMINAL_EVENTS:
-            run_id = event.get("run_id")
-            self.runs.pop(run_id, None)  # type: ignore[arg-type]
-            if self.server._owners.get(run_id) is self:  # type: ignore[arg-type]
-                del self.server._owners[run_id]  # type: ignore[arg-type]
-        if self.closed:
+async def _write(session: WorkerSession, ws: Any) -> None:
+    """Send the session's events until it ends and nothing is left."""
+    while True:
+        await session.wait()
+        for message in session.data_to_send("list", max_message_bytes=COALESCE_LIMIT,
+                                            max_events_per_message=PIPELINE_BATCH):
+            await ws.send(message, text=True)
+        if session.ended and not session.events_pending:
             return
-        self.buffer.append(event)
-        if len(self.buffer) == 1:
-            self.wake.set()
 
-    def _encode_pending(self) -> list[bytes]:
-        """Encode the queued events, leaving out a ``task_started`` or ``heartbeat`` whose
-        run's terminal event is in the same batch (it carries nothing the terminal does not)."""
-        events, self.buffer = self.buffer, []
-        finished = {e.get("run_id") for e in events if e.get("type") in TERMINAL_EVENTS}
-        if finished:
-            events = [e for e in events if e.get("type") not in _PROGRESS or e.get("run_id") not in finished]
-        return [encode_event(e) for e in events]
 
-    async def write(self) -> None:
-        """Send queued events; whatever queued since the last send goes in one message
-        (a JSON list), split so that a coalesced message stays below ``COALESCE_LIMIT``."""
-        ws = self.ws
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.buffer:
-                pending = self._encode_pending()
-                while pending:
-                    size, count = 0, 0
-                    for item in pending:
-                        if count and (size + len(item) > COALESCE_LIMIT or count >= PIPELINE_BATCH):
-                            break
-                        size += len(item) + 1
-                        count += 1
-                    batch = pending[:count]
-                    del pending[:count]
-                    message = batch[0] if count == 1 else b"[" + b",".join(batch) + b"]"
-                    await ws.send(message, text=True)
-
-    async def read(self) -> None:
-        """Decode commands and hand them to the engine."""
-        server = self.server
-        engine = server.engine
-        recv = self.ws.recv
-        sink = self.sink
-        received = 0
-        while True:
-            data = await recv(decode=False)
-            received += 1
-            if received % PIPELINE_BATCH == 0:
-                # Let the runs started so far execute and their events go out before reading
-                # on: client and worker then overlap instead of taking turns in big waves.
-                await asyncio.sleep(0)
-            try:
-                frame = decode_command(data)
-            except ProtocolError as exc:
-                engine.reject(exc, sink)
-                continue
-            frame_type = frame["type"]
-            if frame_type == "run_task":
-                run_id = frame["run_id"]
-                if run_id not in self.runs and len(self.runs) >= server.max_runs_per_connection:
-                    sink(error_event(
-                        run_id, frame["task_id"], kind="TooManyRuns", retryable=True, source="executor",
-                        message=f"Worker {engine.name}: this connection already has {len(self.runs)} runs in "
-                        f"progress (max_runs_per_connection={server.max_runs_per_connection}); run {run_id} "
-                        "was not started. Lower delivery_max_in_flight or raise --max-runs-per-connection.",
-                    ))
-                    continue
-                self.runs[run_id] = str(frame["delivery"].get("delivery_orphan_policy") or "cancel")
-                server._owners[run_id] = self
-                await engine.submit(frame, sink)
-            elif frame_type == "cancel_task":
-                engine.cancel(str(frame["run_id"]))
-            elif frame_type == "shutdown":
-                self.end_runs(frame.get("delivery_orphan_policy"))
-            else:  # pragma: no cover - decode_command only returns known types
-                await engine.submit(frame, sink)
-
-    def end_runs(self, override: str | None = None) -> None:
-        """End this session's runs by orphan policy (requeue/detach keep running)."""
-        for run_id, policy in list(self.runs.items()):
-            effective = override or policy
-            if self.server._owners.get(run_id) is not self:
-                continue  # re-delivered on another connection: that one owns it now
-            if effective in ("cancel", "fail"):
-                self.server.engine.cancel(run_id)
+async def _read(session: WorkerSession, ws: Any) -> None:
+    """Hand each message to the session; pause while the client does not read its events."""
+    recv = ws.recv
+    received = 0
+    while not session.ended:
+        await session.wait_readable()
+        data = await recv(decode=False)
+        received += 1
+        if received % PIPELINE_BATCH == 0:
+            # Let the runs started so far execute and their events go out before reading
+            # on: client and worker then overlap instead of taking turns in big waves.
+            await asyncio.sleep(0)
+        await session.receive(data)
 
 
 class WebSocketWorkerServer:
@@ -167,6 +81,7 @@ class WebSocketWorkerServer:
         max_runs_per_connection: runs one connection may have in progress.
         ssl: a server ``ssl.SSLContext`` to serve ``wss://``.
         ping_interval / ping_timeout: keepalive (seconds; None disables).
+        allow_remote_shutdown: obey ``shutdown`` commands (off: the service is shared).
     """
 
     def __init__(
@@ -183,6 +98,7 @@ class WebSocketWorkerServer:
         ssl: ssl_module.SSLContext | None = None,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        allow_remote_shutdown: bool = False,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}.")
@@ -190,17 +106,23 @@ class WebSocketWorkerServer:
             raise ValueError(f"max_runs_per_connection must be at least 1, got {max_runs_per_connection}.")
         self.host = host
         self.path = path
-        self.security = NetworkExecutorSecurity.from_config(security).resolve()
-        self.engine = engine or WorkerEngine(max_concurrency=max_concurrency, name="websocket")
+        self.service = WorkerService(
+            engine, name="websocket", security=security, max_concurrency=max_concurrency,
+            max_command_bytes=max_size or DEFAULT_MAX_SIZE, max_runs_per_session=max_runs_per_connection,
+            allow_remote_shutdown=allow_remote_shutdown,
+        )
+        self.engine = self.service.engine
         self.max_size = max_size
-        self.max_runs_per_connection = max_runs_per_connection
         self._requested_port = port
         self._ssl = ssl
         self._ping = (ping_interval, ping_timeout)
         self._server: Any = None
-        self._sessions: set[_Session] = set()
-        self._owners: dict[str, _Session] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
+
+    @property
+    def security(self) -> Any:
+        return self.service.security
 
     @property
     def url(self) -> str:
@@ -233,19 +155,15 @@ class WebSocketWorkerServer:
         logger.info("websocket worker listening on %s", self.url)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, end runs by orphan policy (``detach`` may finish within ``grace``),
-        flush their events and close every connection with 1001 (going away)."""
+        """Drain (:meth:`wove.session.WorkerService.drain`): runs finish within ``grace``,
+        the rest end by orphan policy; their events are sent, then every connection
+        closes with 1001 (going away)."""
         server, self._server = self._server, None
         if server is None:
             return
-        # The engine refuses new runs from here on (WorkerShuttingDown, retryable); one
-        # close() below then closes the listener and every connection (websockets
-        # ignores a second close()).
-        await self.engine.shutdown(grace=grace)
-        for _ in range(50):  # let the writers send the final events (bounded)
-            if not any(s.buffer for s in self._sessions if not s.closed):
-                break
-            await asyncio.sleep(0.01)
+        await self.service.drain(grace)
+        if self._handlers:  # the writers send the final events, then the handlers return
+            await asyncio.wait(set(self._handlers), timeout=5.0)
         server.close(close_connections=True)
         try:
             await asyncio.wait_for(server.wait_closed(), 5.0)
@@ -261,36 +179,35 @@ class WebSocketWorkerServer:
         path = urllib.parse.urlsplit(request.path).path
         if path != self.path:
             return connection.respond(HTTPStatus.NOT_FOUND, f"No Wove worker at {path!r}; this worker serves {self.path!r}.\n")
-        if self.security.mode == "none":
-            return None
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
         try:
-            self.security.verify_headers(
-                headers=headers, transport="websocket", target=canonical_http_target(request.path), body=b"",
-            )
-        except MissingCredentialsError as exc:
-            logger.warning("websocket worker: rejected a handshake without credentials: %s", exc)
-            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc} Set executor_config.security.\n")
-        except PermissionError as exc:
-            logger.warning("websocket worker: rejected a handshake: %s", exc)
-            return connection.respond(HTTPStatus.FORBIDDEN, f"{exc}\n")
+            self.service.authenticate(headers, transport="websocket", target=canonical_http_target(request.path))
+        except Rejected as exc:
+            return connection.respond(HTTPStatus(exc.status), f"{exc}\n")
         return None
 
     # -- connections ---------------------------------------------------------------
     async def _handle(self, ws: Any) -> None:
-        session = _Session(self, ws)
-        self._sessions.add(session)
-        writer = asyncio.get_running_loop().create_task(session.write())
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        session = self.service.session(str(getattr(ws, "remote_address", "?")))
+        writer = asyncio.get_running_loop().create_task(_write(session, ws))
+        reader = asyncio.get_running_loop().create_task(_read(session, ws))
         try:
-            await session.read()
-        except Exception as exc:  # ConnectionClosed and friends: the client went away
-            logger.debug("websocket worker: connection %s ended: %r", session.peer, exc)
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and reader.exception() is not None:
+                logger.debug("websocket worker: connection %s ended: %r", session.peer, reader.exception())
         finally:
-            session.closed = True
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            self._sessions.discard(session)
-            session.end_runs()
+            if not session.ended or writer.done():
+                session.connection_lost()
+            else:  # drained: the writer sends what is left
+                await asyncio.wait({writer}, timeout=5.0)
+            for part in (reader, writer):
+                part.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            session.connection_lost()
+            self._handlers.discard(task)
 
 
 def _server_ssl(certfile: str | None, keyfile: str | None) -> ssl_module.SSLContext | None:

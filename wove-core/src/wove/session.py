@@ -1,0 +1,458 @@
+"""The worker side of the protocol, written once: every worker service is an I/O shell over it.
+
+A :class:`WorkerService` holds what the sessions of one service share: the
+:class:`~wove.worker.WorkerEngine`, the security check, the limits and the rules. A
+:class:`WorkerSession` is one client's conversation (a stdio pipe, a WebSocket connection,
+a gRPC call, one HTTP request): bytes in, events out, and no I/O of its own, in the style
+of the websockets library's ``protocol.py``. A shell does only this::
+
+    service = WorkerService(security="env:WOVE_SECRET", name="myproto")
+    service.authenticate(headers, transport="myproto", target=path, body=body)  # Rejected -> 401/403/413
+    session = service.session(peer)
+    await session.receive(message)          # one command, or a JSON list of commands
+    for data in session.data_to_send():     # encoded events, framed as asked
+        await transport.write(data)
+    await session.wait()                    # until there are events to send, or the session ends
+    session.connection_lost()               # the client went away: the one disconnect rule
+
+The rules, the same on every transport:
+
+* **Verification before decoding.** :meth:`WorkerService.precheck` refuses what the
+  headers alone prove wrong (before a body is read), :meth:`WorkerService.authenticate`
+  checks the signature or token and the size limit, before anything is unpickled.
+* **Malformed input executes nothing.** A command naming a run answers that run with a
+  ``task_error``; anything else with a ``log`` event, or, for a request/response shell
+  that asks for ``strict``, :class:`Rejected` (HTTP 400 / gRPC INVALID_ARGUMENT).
+* **A client that disconnects** with runs in flight: runs with orphan policy ``cancel`` or
+  ``fail`` are cancelled; ``requeue`` and ``detach`` runs, and runs with an idempotency
+  key, keep running, and a re-delivery of the same run (same ``run_id`` or idempotency
+  key) within the engine's retention window gets the result of the execution already
+  going or finished, not a second execution.
+* **A ``shutdown`` command** is obeyed by a worker that one client owns (``exclusive``:
+  stdio) and, on a shared service, ignored with a log line unless the service allows
+  remote shutdown.
+* **A slow reader**: a session holds at most ``max_pending_events`` events its client has
+  not taken; beyond that :attr:`WorkerSession.reading_paused` is true and the shell stops
+  reading commands (:meth:`WorkerSession.wait_readable`) instead of buffering without bound.
+* **At most ``max_runs_per_session`` runs** in progress per session; more are answered with
+  a retryable ``task_error`` (``TooManyRuns``).
+* **Drain** (:meth:`WorkerService.drain`): stop accepting, let runs finish within the
+  grace period, end the rest with a terminal event (``requeue`` runs end silently, so
+  their clients deliver them elsewhere), then every session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+from .errors import ProtocolError
+from .protocol import (
+    ORPHAN_POLICIES,
+    TERMINAL_EVENTS,
+    decode_command,
+    encode_event,
+    encode_events,
+    error_event,
+    parse_json,
+)
+from .security import MissingCredentialsError, NetworkExecutorSecurity
+from .worker import WorkerEngine
+
+__all__ = [
+    "DEFAULT_MAX_COMMAND_BYTES",
+    "DEFAULT_MAX_PENDING_EVENTS",
+    "DEFAULT_MAX_RUNS_PER_SESSION",
+    "Framing",
+    "Rejected",
+    "WorkerService",
+    "WorkerSession",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The one default size limit of a command (every service, every transport).
+DEFAULT_MAX_COMMAND_BYTES = 256 * 1024 * 1024
+#: Events a session holds for a client that does not read them before it stops reading commands.
+DEFAULT_MAX_PENDING_EVENTS = 1024
+DEFAULT_MAX_RUNS_PER_SESSION = 10_000
+
+#: How :meth:`WorkerSession.data_to_send` frames events: ``envelope`` → one
+#: ``{"events": [...]}``; ``list`` → one JSON list (one event alone as itself); ``lines``
+#: → one event per line (NDJSON, stdio); ``each`` → one message per event.
+Framing = Literal["envelope", "list", "lines", "each"]
+
+_PROGRESS = frozenset({"task_started", "heartbeat"})
+_KEEP_ON_DISCONNECT = frozenset({"requeue", "detach"})
+
+
+class Rejected(Exception):
+    """A request the service refuses before decoding anything.
+
+    Attributes:
+        status: the HTTP status a shell answers with (400, 401, 403 or 413).
+        reason: ``bad_request``, ``unauthenticated``, ``permission_denied`` or ``too_large``
+            (a gRPC shell maps them to INVALID_ARGUMENT, UNAUTHENTICATED,
+            PERMISSION_DENIED, RESOURCE_EXHAUSTED).
+    """
+
+    _STATUS = {"bad_request": 400, "unauthenticated": 401, "permission_denied": 403, "too_large": 413}
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = self._STATUS[reason]
+
+
+class WorkerService:
+    """What the sessions of one worker service share (see the module docstring).
+
+    Args:
+        engine: the worker engine (default: a new one with ``max_concurrency``).
+        name: the service's name in logs and errors (``http``, ``grpc``...).
+        security: ``NetworkExecutorSecurity``, a ``security`` config value (``"env:VAR"``,
+            a dict, ``"none"``) or None (no authentication: loopback development only).
+        exclusive: one client owns this worker (stdio): it obeys that client's ``shutdown``.
+        allow_remote_shutdown: a shared service obeys ``shutdown`` commands too.
+        max_command_bytes: largest accepted command (request body or message).
+        max_runs_per_session: runs in progress per session.
+        max_pending_events: events held for a session's client before reading pauses.
+        max_concurrency: runs executing at once (for the default engine).
+        grace: seconds ``detach`` runs may take to finish after a ``shutdown`` command, and
+            the default drain period.
+
+    Raises:
+        ValueError / TypeError: invalid security configuration or limits.
+        RuntimeError: a security environment variable is not set.
+    """
+
+    def __init__(
+        self,
+        engine: WorkerEngine | None = None,
+        *,
+        name: str = "worker",
+        security: Any = None,
+        exclusive: bool = False,
+        allow_remote_shutdown: bool = False,
+        max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES,
+        max_runs_per_session: int = DEFAULT_MAX_RUNS_PER_SESSION,
+        max_pending_events: int = DEFAULT_MAX_PENDING_EVENTS,
+        max_concurrency: int = 256,
+        grace: float = 10.0,
+    ) -> None:
+        for label, value in (("max_command_bytes", max_command_bytes), ("max_runs_per_session", max_runs_per_session),
+                             ("max_pending_events", max_pending_events)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}.")
+        self.name = name
+        self.engine = engine or WorkerEngine(max_concurrency=max_concurrency, name=name)
+        self.security = NetworkExecutorSecurity.from_config(security).resolve()
+        self.exclusive = exclusive
+        self.allow_remote_shutdown = allow_remote_shutdown
+        self.max_command_bytes = max_command_bytes
+        self.max_runs_per_session = max_runs_per_session
+        self.max_pending_events = max_pending_events
+        self.grace = grace
+        self.sessions: set[WorkerSession] = set()
+        self._drain: asyncio.Task[None] | None = None
+
+    # -- requests ----------------------------------------------------------------
+    def precheck(self, headers: Mapping[str, Any]) -> None:
+        """Refuse, from the headers alone, a request whose credentials are missing or
+        wrong, so its body is never read (call before reading a body).
+
+        Raises:
+            Rejected: ``unauthenticated`` (401) or ``permission_denied`` (403).
+        """
+        if self.security.mode != "none":
+            self._checked(self.security.precheck_headers, headers)
+
+    def authenticate(self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]], *, transport: str,
+                     target: str, body: bytes = b"") -> None:
+        """Verify a request (HTTP headers or gRPC metadata; a WebSocket handshake with an
+        empty body) and its size, before anything in it is decoded.
+
+        Raises:
+            Rejected: ``too_large`` (413), ``unauthenticated`` (401), ``permission_denied`` (403).
+        """
+        self.check_size(len(body))
+        if self.security.mode == "none":
+            return
+        if isinstance(headers, Mapping):
+            self._checked(self.security.verify_headers, headers=headers, transport=transport, target=target, body=body)
+        else:
+            self._checked(self.security.verify_metadata, metadata=headers, transport=transport, target=target,
+                          body=body)
+
+    def check_size(self, size: int) -> None:
+        """Raises :class:`Rejected` (``too_large``) for a command over ``max_command_bytes``."""
+        if size > self.max_command_bytes:
+            raise Rejected("too_large", (
+                f"Command of {size} bytes exceeds this worker's limit of {self.max_command_bytes} bytes; "
+                "start the worker with a larger --max-body-bytes or send smaller arguments."))
+
+    def _checked(self, check: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            check(*args, **kwargs)
+        except MissingCredentialsError as exc:
+            logger.warning("%s worker: rejected a request without credentials: %s", self.name, exc)
+            raise Rejected("unauthenticated", f"{exc} Configure executor_config.security with this worker's "
+                                              "secret or token.") from None
+        except PermissionError as exc:
+            logger.warning("%s worker: rejected a request: %s", self.name, exc)
+            raise Rejected("permission_denied", f"Request rejected: {exc}") from None
+
+    # -- sessions ----------------------------------------------------------------
+    def session(self, peer: str = "?", *, emit: Callable[[dict[str, Any]], None] | None = None) -> WorkerSession:
+        """A new session for one client (registered until it ends).
+
+        Args:
+            peer: who the client is, for logs.
+            emit: hand each event to this callable as it happens instead of holding it
+                for :meth:`WorkerSession.data_to_send` (a shell whose own writer buffers
+                and pushes back, such as a pipe); it must not block.
+        """
+        session = WorkerSession(self, peer, emit=emit)
+        self.sessions.add(session)
+        return session
+
+    @property
+    def closing(self) -> bool:
+        return self.engine.closing
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok" | "closing", "active": <runs>}`` for health endpoints."""
+        return {"status": "closing" if self.closing else "ok", "active": self.engine.active}
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting; runs finish within ``grace`` (default: the service's); the rest
+        end by orphan policy; then every session ends (its shell sends what is left and
+        closes). Safe to call more than once (later calls wait for the first)."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._stop(None, self.grace if grace is None else grace, drain=True))
+        await asyncio.shield(self._drain)
+
+    async def shutdown(self, policy: str | None = None) -> None:
+        """End every run by orphan policy now (``policy`` overrides each run's own;
+        ``detach`` runs may finish within the grace period), then every session ends:
+        what a ``shutdown`` command does, and what an exclusive worker does when its
+        client goes away."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._stop(policy, self.grace, drain=False))
+        await asyncio.shield(self._drain)
+
+    async def _stop(self, policy: str | None, grace: float, *, drain: bool) -> None:
+        logger.info("%s worker: %s (%d runs active, grace %.1f s)", self.name, "draining" if drain else "shutting down",
+                    self.engine.active, grace)
+        if drain:
+            await self.engine.drain(grace)
+        else:
+            await self.engine.shutdown(policy, grace=grace)
+        for session in list(self.sessions):
+            session._end()
+
+    async def _shutdown_command(self, session: WorkerSession, frame: dict[str, Any]) -> None:
+        policy = frame.get("delivery_orphan_policy")
+        policy = policy if policy in ORPHAN_POLICIES else None
+        if self.exclusive:
+            logger.debug("%s worker: shutdown command (orphan policy %s)", self.name, policy or "per run")
+            await self.shutdown(policy)
+        elif self.allow_remote_shutdown:
+            logger.info("%s worker: shutdown command from %s (orphan policy %s)", self.name, session.peer,
+                        policy or "per run")
+            asyncio.ensure_future(self.shutdown(policy))  # answer the client first
+        else:
+            logger.info("%s worker: ignored a shutdown command from %s (a shared service; start it with "
+                        "--allow-remote-shutdown to obey)", self.name, session.peer)
+
+
+class WorkerSession:
+    """One client's conversation with a :class:`WorkerService` (module docstring).
+
+    Attributes:
+        peer: who the client is, for logs.
+        runs: ``run_id -> (orphan policy, has idempotency key)`` of the runs in progress here.
+        ended: the session is over (disconnected, drained or shut down).
+    """
+
+    def __init__(self, service: WorkerService, peer: str = "?",
+                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.service = service
+        self.peer = peer
+        self.runs: dict[str, tuple[str, bool]] = {}
+        self.ended = False
+        self._pending: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._readable = asyncio.Event()
+        self._readable.set()
+        self._emit = emit
+        self._sink = self._deliver
+
+    # -- in ------------------------------------------------------------------
+    async def receive(self, data: bytes | bytearray | memoryview | str, *, strict: bool = False) -> None:
+        """Take one message: a JSON command, or a JSON list of commands.
+
+        Args:
+            strict: raise :class:`Rejected` (``bad_request``) for a message that is not
+                JSON, or not a command, and names no run (request/response shells answer
+                400); otherwise such input is answered with a ``log`` event.
+        """
+        self.service.check_size(len(data))
+        try:
+            parsed = parse_json(data)
+        except ProtocolError as exc:
+            self._malformed(exc, strict)
+            return
+        for command in parsed if isinstance(parsed, list) else (parsed,):
+            await self.receive_command(command, strict=strict)
+
+    async def receive_command(self, command: Any, *, strict: bool = False) -> None:
+        """Take one parsed command (a dict from the JSON): decode, check, run."""
+        try:
+            frame = decode_command(command)
+        except ProtocolError as exc:
+            if getattr(exc, "run_id", None):
+                self.service.engine.reject(exc, self._sink)
+            else:
+                self._malformed(exc, strict)
+            return
+        kind = frame["type"]
+        if kind == "run_task":
+            await self._run(frame)
+        elif kind == "cancel_task":
+            self.service.engine.cancel(str(frame["run_id"]))  # task_cancelled goes to the run's own client
+        else:
+            await self.service._shutdown_command(self, frame)
+
+    async def _run(self, frame: dict[str, Any]) -> None:
+        run_id = frame["run_id"]
+        service = self.service
+        if self.ended:
+            return
+        if run_id not in self.runs and len(self.runs) >= service.max_runs_per_session:
+            self._deliver(error_event(
+                run_id, frame["task_id"], kind="TooManyRuns", retryable=True, source="executor",
+                message=f"Worker {service.name}: this client already has {len(self.runs)} runs in progress "
+                f"(max_runs_per_session={service.max_runs_per_session}); run {run_id} was not started. "
+                "Lower delivery_max_in_flight or raise the worker's limit.",
+            ))
+            return
+        delivery = frame.get("delivery") or {}
+        self.runs[run_id] = (str(delivery.get("delivery_orphan_policy") or "cancel"),
+                             delivery.get("delivery_idempotency_key") is not None)
+        await service.engine.submit(frame, self._sink)
+
+    def _malformed(self, exc: ProtocolError, strict: bool) -> None:
+        if strict:
+            raise Rejected("bad_request", f"Not a Wove command: {exc}")
+        self.service.engine.reject(exc, self._sink)
+
+    # -- out -----------------------------------------------------------------
+    def _deliver(self, event: dict[str, Any]) -> None:
+        """The engine's sink for this session's runs (never blocks)."""
+        if event.get("type") in TERMINAL_EVENTS:
+            self.runs.pop(event.get("run_id"), None)  # type: ignore[arg-type]
+        if self.ended:
+            return
+        if self._emit is not None:
+            self._emit(event)
+            return
+        pending = self._pending
+        pending.append(event)
+        if len(pending) == 1:
+            self._wake.set()
+        if len(pending) >= self.service.max_pending_events:
+            self._readable.clear()
+
+    @property
+    def events_pending(self) -> bool:
+        return bool(self._pending)
+
+    def take_events(self, *, heartbeats: bool = True) -> list[dict[str, Any]]:
+        """The events ready for the client, oldest first; a ``task_started`` or
+        ``heartbeat`` whose run's terminal event is among them is left out (it says
+        nothing the terminal does not), and so are heartbeats when ``heartbeats`` is False
+        (a shell that answers once, at the end)."""
+        events, self._pending = self._pending, []
+        self._wake.clear()
+        self._readable.set()
+        finished = {e.get("run_id") for e in events if e.get("type") in TERMINAL_EVENTS} if len(events) > 1 else ()
+        if finished or not heartbeats:
+            events = [e for e in events if not (
+                (e.get("type") in _PROGRESS and e.get("run_id") in finished)
+                or (not heartbeats and e.get("type") == "heartbeat"))]
+        return events
+
+    def data_to_send(self, framing: Framing = "list", *, heartbeats: bool = True,
+                     max_message_bytes: int | None = None, max_events_per_message: int = 64) -> list[bytes]:
+        """Encode the ready events as messages (see :data:`Framing`); an event that cannot
+        be encoded is a ``task_error`` naming its task (never a lost terminal event).
+
+        ``list`` framing splits into messages of at most ``max_events_per_message`` events
+        and, past the first event, ``max_message_bytes``.
+        """
+        events = self.take_events(heartbeats=heartbeats)
+        if not events:
+            return []
+        if framing in ("envelope", "lines"):
+            return [encode_events(events, framing)]
+        encoded = [encode_event(e) for e in events]
+        if framing == "each":
+            return encoded
+        messages: list[bytes] = []
+        while encoded:
+            size = count = 0
+            for item in encoded:
+                if count and (count >= max_events_per_message
+                              or (max_message_bytes is not None and size + len(item) > max_message_bytes)):
+                    break
+                size += len(item) + 1
+                count += 1
+            batch, encoded = encoded[:count], encoded[count:]
+            messages.append(batch[0] if count == 1 else b"[" + b",".join(batch) + b"]")
+        return messages
+
+    async def wait(self) -> None:
+        """Until there are events to send or the session ended."""
+        if not self._pending and not self.ended:
+            await self._wake.wait()
+
+    # -- flow control ------------------------------------------------------------
+    @property
+    def reading_paused(self) -> bool:
+        """True while the client has ``max_pending_events`` events it has not taken."""
+        return not self._readable.is_set()
+
+    async def wait_readable(self) -> None:
+        """Before reading the next command: wait while the client is not reading events."""
+        if not self._readable.is_set():
+            await self._readable.wait()
+
+    # -- end -----------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Runs of this session are still in progress."""
+        return bool(self.runs)
+
+    def connection_lost(self) -> None:
+        """The client went away: the one disconnect rule (module docstring)."""
+        if self.ended and not self.runs:
+            self.service.sessions.discard(self)
+            return
+        engine = self.service.engine
+        for run_id, (policy, keyed) in list(self.runs.items()):
+            keep = policy in _KEEP_ON_DISCONNECT or keyed
+            logger.info("%s worker: client %s left run %s (orphan policy %s%s); %s", self.service.name, self.peer,
+                        run_id, policy, ", idempotency key" if keyed else "",
+                        "it keeps running for a re-delivery" if keep else "cancelling it")
+            engine.unsubscribe(run_id, self._sink, cancel=not keep)
+        self.runs.clear()
+        self._end()
+        self.service.sessions.discard(self)
+
+    def _end(self) -> None:
+        self.ended = True
+        self._wake.set()
+        self._readable.set()
