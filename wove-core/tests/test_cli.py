@@ -211,8 +211,9 @@ def test_http_worker_serves_the_security_modes_a_client_uses(
 
 # -- Ctrl-C ---------------------------------------------------------------------------
 @pytest.mark.integration
-def test_ctrl_c_during_the_demo_exits_130_without_a_traceback() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "wove.cli", "demo", "--only", "local", "--tasks", "50000"],
+@pytest.mark.parametrize("executor", ["local", "http"])
+def test_ctrl_c_during_the_demo_exits_130_without_a_traceback(executor: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "wove.cli", "demo", "--only", executor, "--tasks", "50000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout is not None

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
+import functools
 import logging
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .registry import ENTRY_POINT_GROUP, KNOWN_DISTRIBUTIONS, KNOWN_SERVICES, get_registry
 from .security import NetworkExecutorSecurity, is_local_host
@@ -43,6 +46,7 @@ _FILE_DESTS = frozenset({"certfile", "keyfile", "ca_certs", "cafile", "ca_file",
 
 logger = logging.getLogger(__name__)
 _announced = False
+T = TypeVar("T")
 
 
 def announce_listening(where: str) -> None:
@@ -145,7 +149,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     failed = False
     for name in selected:
         try:
-            rows.append(asyncio.run(_demo_one(name, demos[name], args.tasks)))
+            rows.append(run_interruptibly(functools.partial(_demo_one, name, demos[name], args.tasks)))
             failed |= not rows[-1][2].startswith(f"{args.tasks}/")
         except Exception as exc:
             failed = True
@@ -153,6 +157,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     _print_table(rows)
     return 1 if failed else 0
+
+
+def run_interruptibly(coro_factory: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run(coro_factory())`` where Ctrl-C raises :class:`KeyboardInterrupt`, always.
+
+    The first SIGINT cancels the main task and lets the event loop shut down cleanly (no
+    traceback from a half-closed loop at exit); whatever the cancelled code turns the
+    cancellation into, the interrupt is what the caller sees. A second SIGINT raises at once.
+    """
+    interrupted = False
+
+    async def guarded() -> T:
+        nonlocal interrupted
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            if interrupted or task is None:
+                raise KeyboardInterrupt
+            interrupted = True
+            task.cancel()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows, not the main thread
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        return await coro_factory()
+
+    try:
+        result = asyncio.run(guarded())
+    except BaseException:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 
 def _positive_int(text: str) -> int:
@@ -372,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
+        # Quiet from here on: a second Ctrl-C ends the process at once, and objects torn
+        # down half-way by the interrupt do not print "Exception ignored" tracebacks at exit.
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.unraisablehook = lambda _unraisable: None
         print("", file=sys.stderr)
         return EXIT_INTERRUPTED
 
