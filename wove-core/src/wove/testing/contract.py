@@ -37,14 +37,14 @@ from typing import Any
 
 import pytest
 
-from . import _testing_tasks as tasks
-from .environment import (
+from . import tasks
+from ..environment import (
     EnvironmentExecutionError,
     EnvironmentExecutor,
     ExecutorRuntime,
     build_executor_from_name,
 )
-from .protocol import TERMINAL_EVENTS
+from ..protocol import TERMINAL_EVENTS
 
 __all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async", "tasks"]
 
