@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import ExecutorRuntime
 from wove.errors import DeliveryTimeoutError, EnvironmentExecutionError
+from wove.testing import tasks
 from wove_executor_http import HttpEnvironmentExecutor
 from wove_executor_http.plugin import serve_in_background
 from wove_executor_http.server import create_app

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import ExecutorRuntime
+from wove.testing import tasks
 
 from .conftest import SECRET, SECRET_ENV, Worker, run, serve_asgi
 

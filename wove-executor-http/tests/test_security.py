@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import ExecutorRuntime
 from wove.errors import EnvironmentExecutionError
 from wove.protocol import decode_events, encode_frame
 from wove.security import NetworkExecutorSecurity, canonical_http_target
+from wove.testing import tasks
 from wove_executor_http.plugin import serve_in_background
 from wove_executor_http.server import create_app
 

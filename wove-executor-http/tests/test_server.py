@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import ExecutorRuntime
 from wove.protocol import decode_events, encode_frame
+from wove.testing import tasks
 from wove_executor_http.server import create_app
 
 from .conftest import Worker, serve_asgi
