@@ -18,8 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from wove import _testing_tasks as tasks
 from wove.environment import ExecutorRuntime
+from wove.testing import tasks
 
 
 async def _raw(client: Any, func: Any, args: list[tuple[Any, ...]]) -> float:

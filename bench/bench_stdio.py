@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from wove import _testing_tasks as tasks
+from wove.testing import tasks
 
 IN_FLIGHT = 256
 

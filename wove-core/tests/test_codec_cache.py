@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove._codec_cache import CallableCache, DecodedCallables, fast_b64
 from wove.errors import DispatchError
 from wove.protocol import decode_command, decode_events, encode_event, encode_frame
+from wove.testing import tasks
 
 SCALE = 3
 SHARED: list[int] = []

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.errors import DeliveryTimeoutError, EnvironmentExecutionError
 from wove.runtime import ExecutorRuntime
 from wove.security import NetworkExecutorSecurity
-from wove.testing import collect_events
+from wove.testing import collect_events, tasks
 from wove_executor_ws import WebSocketEnvironmentExecutor
 
 FAST_RECONNECT = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.3}

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.errors import EnvironmentExecutionError
 from wove.runtime import ExecutorRuntime
-from wove.testing import collect_events
+from wove.testing import collect_events, tasks
 from wove_executor_ws import WebSocketEnvironmentExecutor
 from wove_executor_ws.server import WebSocketWorkerServer
 

@@ -17,10 +17,10 @@ import grpc.aio
 import pytest
 import trustme
 
-from wove import _testing_tasks as tasks
 from wove.errors import EnvironmentExecutionError
 from wove.protocol import decode_events, encode_frame
 from wove.runtime import ExecutorRuntime
+from wove.testing import tasks
 from wove.worker import WorkerEngine
 from wove_executor_grpc import GrpcEnvironmentExecutor
 from wove_executor_grpc.server import (

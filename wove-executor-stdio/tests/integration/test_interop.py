@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import ExecutorRuntime
+from wove.testing import tasks
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 

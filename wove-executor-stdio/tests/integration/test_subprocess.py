@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from wove import _testing_tasks as tasks
 from wove.environment import EnvironmentExecutionError, ExecutorRuntime
 from wove.errors import DeliveryTimeoutError, DispatchError
+from wove.testing import tasks
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ worker service a fixture started)::
             return {"target": grpc_server}
 
 The tests are plain (synchronous) pytest tests that run their own event loop, so the
-kit needs no asyncio plugin. Tasks come from :mod:`wove._testing_tasks`, importable
-wherever wove-core is installed.
+kit needs no asyncio plugin. Tasks come from :mod:`wove.testing.tasks`, importable
+wherever wove-core is installed (without pytest).
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ class ExecutorContract:
         run_async(scenario, self.contract_timeout)
 
     def test_delivery_timeout(self, environment_definition: dict[str, Any]) -> None:
-        from .errors import DeliveryTimeoutError
+        from ..errors import DeliveryTimeoutError
 
         async def scenario() -> None:
             async with self._runtime(environment_definition) as runtime:

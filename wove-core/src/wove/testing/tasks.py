@@ -1,4 +1,9 @@
-"""Task functions used by :mod:`wove.testing` (importable in any worker: no pytest here)."""
+"""Task functions for tests of executors and worker services (``from wove.testing import tasks``).
+
+Importable in any worker process wherever wove-core is installed, and without pytest, so
+a task is pickled by reference (``wove.testing.tasks.add``) and a worker unpickles it by
+importing this module.
+"""
 
 from __future__ import annotations
 
@@ -66,3 +71,12 @@ def nested(depth: int) -> list[Any]:
 def blob(size: int) -> bytes:
     """``size`` bytes (large results)."""
     return os.urandom(16) * (size // 16) + b"x" * (size % 16)
+
+
+async def record(path: str, seconds: float = 0.0, padding: str = "") -> str:
+    """Sleep ``seconds``, then append a line to ``path`` (one line per execution: a test
+    counts executions); ``padding`` makes the command as large as a test needs."""
+    await asyncio.sleep(seconds)
+    with open(path, "a") as file:  # noqa: ASYNC230 - one tiny append
+        file.write("ran\n")
+    return path

@@ -1,0 +1,39 @@
+"""wove.testing: test kits and task helpers for executor and worker-service distributions.
+
+* :class:`ExecutorContract` — the contract test kit every executor runs against itself
+  (subclass it in a pytest module; see :mod:`wove.testing.contract`).
+* :class:`WorkerProcess` — ``wove worker SERVICE`` in a subprocess on 127.0.0.1.
+* :func:`collect_events`, :func:`run_async` — helpers for tests that speak frames.
+* :mod:`wove.testing.tasks` — task functions importable in every worker (``echo``,
+  ``add``, ``fail``, ``sleep``, ``blocking_sleep``, ``pid``, ``write_marker``, ``burn``,
+  ``nested``, ``blob``, ``record``, ``ContractTaskError``), so they are pickled by reference.
+
+Importing :mod:`wove.testing.tasks` (what a worker does to unpickle such a task) does not
+import pytest: the kits are loaded on first access to their names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import tasks
+
+if TYPE_CHECKING:
+    from .contract import ExecutorContract, WorkerProcess, collect_events, run_async
+
+__all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async", "tasks"]
+
+_KIT = ("ExecutorContract", "WorkerProcess", "collect_events", "run_async")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _KIT:
+        raise AttributeError(f"module 'wove.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(".contract", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_KIT))
