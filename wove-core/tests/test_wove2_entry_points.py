@@ -150,6 +150,11 @@ def test_without_their_distributions_the_entry_points_name_them(tmp_path: Path, 
         last = imported.stderr.strip().splitlines()[-1]
         assert last.startswith("ImportError: ") and "wove-backend distribution, which is not installed" in last, last
         assert last.endswith("Install it with: pip install wove-backend"), last
+    # a worker without pytest unpickles the test kit's tasks (wove.testing.tasks imports no pytest)
+    no_pytest = run("-c", "import wove.testing.tasks as t, importlib.util as u; "
+                          "print(t.add(1, 2), u.find_spec('pytest') is None)")
+    assert no_pytest.returncode == 0, no_pytest.stderr
+    assert no_pytest.stdout.split() == ["3", "True"]
     # the core itself still works: a task on the local executor
     local = run("-c", "import asyncio; from wove.environment import ExecutorRuntime as R\n"
                 "async def main():\n"

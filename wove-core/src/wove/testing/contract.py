@@ -37,7 +37,6 @@ from typing import Any
 
 import pytest
 
-from . import tasks
 from ..environment import (
     EnvironmentExecutionError,
     EnvironmentExecutor,
@@ -45,6 +44,7 @@ from ..environment import (
     build_executor_from_name,
 )
 from ..protocol import TERMINAL_EVENTS
+from . import tasks
 
 __all__ = ["ExecutorContract", "WorkerProcess", "collect_events", "run_async", "tasks"]
 
