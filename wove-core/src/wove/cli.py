@@ -26,12 +26,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import serve
 from .registry import ENTRY_POINT_GROUP, KNOWN_DISTRIBUTIONS, KNOWN_SERVICES, get_registry
 from .security import NetworkExecutorSecurity, is_local_host
+from .session import DEFAULT_MAX_COMMAND_BYTES
+from .worker import release_large_buffers
 
 __all__ = ["announce_listening", "build_parser", "main"]
 
-DEFAULT_MAX_BODY = 256 * 1024 * 1024
+DEFAULT_MAX_BODY = DEFAULT_MAX_COMMAND_BYTES
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -53,7 +56,7 @@ def announce_listening(where: str) -> None:
     """Print the ready line every worker service prints (``listening on <where>``)."""
     global _announced
     _announced = True
-    print(f"listening on {where}", flush=True)
+    serve.announce_listening(where)
 
 
 # -- wove executors -----------------------------------------------------------------
@@ -280,6 +283,7 @@ def _worker_runner(service: str, parser: argparse.ArgumentParser,
             return EXIT_USAGE
         for warning in warnings:
             print(f"{label}: {warning}", file=sys.stderr, flush=True)
+        release_large_buffers()  # a worker process: freed result buffers go back to the system
         try:
             return int(run(args) or 0)
         except KeyboardInterrupt:
@@ -341,6 +345,11 @@ def _add_worker_commands(sub: argparse._SubParsersAction, common: argparse.Argum
         parser.add_argument("--max-concurrency", type=int, default=256, help="runs executing at once")
         parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                             help=f"largest accepted command (default {DEFAULT_MAX_BODY})")
+        parser.add_argument("--grace", type=float, default=serve.DEFAULT_GRACE,
+                            help="on SIGTERM/SIGINT, seconds runs in flight may take to finish before the rest "
+                            f"are ended (default {serve.DEFAULT_GRACE:g}); a second signal exits at once")
+        parser.add_argument("--allow-remote-shutdown", action="store_true",
+                            help="obey 'shutdown' commands from clients (off: the service is shared)")
         add_arguments(parser)
         parser.set_defaults(handler=_worker_runner(name, parser, run))
         provided.add(name)

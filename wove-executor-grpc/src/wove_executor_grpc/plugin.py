@@ -29,8 +29,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyfile", default=None, help="PEM private key for --certfile")
     parser.add_argument("--client-ca", default=None,
                         help="require client certificates signed by this PEM CA (mTLS; needs --certfile)")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds running tasks get to finish on SIGTERM/SIGINT (default 10)")
 
 
 def _run(args: argparse.Namespace) -> int:

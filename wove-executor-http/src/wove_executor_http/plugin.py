@@ -36,10 +36,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyfile", default=None, help="TLS private key (PEM) for --certfile")
     parser.add_argument("--ca-certs", default=None,
                         help="CA bundle for client certificates; when given, clients must present one")
-    parser.add_argument("--shutdown-grace", type=float, default=10.0,
-                        help="seconds runs with orphan policy 'detach' may finish on SIGTERM (default 10)")
-    parser.add_argument("--allow-remote-shutdown", action="store_true",
-                        help="obey 'shutdown' commands from clients (off: the service is shared)")
+    # before --grace was every service's flag (documented alias)
+    parser.add_argument("--shutdown-grace", dest="grace", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--body-timeout", type=float, default=60.0,
                         help="seconds a request body may take to arrive; 408 after that (default 60)")
     parser.add_argument("--header-timeout", type=float, default=30.0,
@@ -61,7 +59,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         app = create_app(security=args.security, max_concurrency=args.max_concurrency,
                          max_body_bytes=args.max_body_bytes, path=args.path,
-                         allow_remote_shutdown=args.allow_remote_shutdown, shutdown_grace=args.shutdown_grace,
+                         allow_remote_shutdown=args.allow_remote_shutdown, shutdown_grace=args.grace,
                          body_timeout=args.body_timeout, header_timeout=args.header_timeout,
                          keepalive_timeout=args.keepalive_timeout)
         sock = bind_socket(args.host, args.port)
@@ -70,7 +68,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     port = sock.getsockname()[1]
     tls = bool(args.certfile)
-    options: dict[str, Any] = {"timeout_graceful_shutdown": args.shutdown_grace + 5}
+    options: dict[str, Any] = {"timeout_graceful_shutdown": args.grace + 5}
     if tls:
         options.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
         if args.ca_certs:

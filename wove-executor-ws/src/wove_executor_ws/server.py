@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import ssl as ssl_module
 import urllib.parse
 from http import HTTPStatus
@@ -221,32 +220,19 @@ def _server_ssl(certfile: str | None, keyfile: str | None) -> ssl_module.SSLCont
 
 
 def run(args: argparse.Namespace) -> int:
-    """``wove worker websocket``: serve until SIGINT/SIGTERM, then shut down gracefully."""
-    from wove.cli import announce_listening
+    """``wove worker websocket``: serve until SIGINT/SIGTERM, then drain (:mod:`wove.serve`)."""
+    from wove.serve import run_service
 
-    async def main() -> None:
-        server = WebSocketWorkerServer(
-            host=args.host, port=args.port, path=getattr(args, "path", "/wove"), security=args.security,
-            max_concurrency=args.max_concurrency, max_size=args.max_body_bytes,
-            max_runs_per_connection=getattr(args, "max_runs_per_connection", 10_000),
-            ssl=_server_ssl(getattr(args, "certfile", None), getattr(args, "keyfile", None)),
-        )
+    server = WebSocketWorkerServer(
+        host=args.host, port=args.port, path=getattr(args, "path", "/wove"), security=args.security,
+        max_concurrency=args.max_concurrency, max_size=args.max_body_bytes,
+        max_runs_per_connection=getattr(args, "max_runs_per_connection", 10_000),
+        ssl=_server_ssl(getattr(args, "certfile", None), getattr(args, "keyfile", None)),
+        allow_remote_shutdown=getattr(args, "allow_remote_shutdown", False),
+    )
+
+    async def start() -> str:
         await server.start()
-        announce_listening(server.url)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(signum, stopping.set)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-                pass
-        try:
-            await stopping.wait()
-        finally:
-            await server.stop()
+        return server.url
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:  # pragma: no cover
-        pass
-    return 0
+    return run_service("websocket", start, server.stop, grace=getattr(args, "grace", 10.0))
