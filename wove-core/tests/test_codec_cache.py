@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from wove._codec_cache import CallableCache, DecodedCallables, fast_b64
 from wove.errors import DispatchError
-from wove.protocol import decode_command, decode_events, encode_event, encode_frame
+from wove.protocol import decode_command, decode_events, encode_event, encode_frame, pack_frame
 from wove.testing import tasks
 
 SCALE = 3
@@ -35,6 +34,16 @@ def run_frame(func: Any, args: dict[str, Any] | None = None) -> dict[str, Any]:
             "args": {} if args is None else args, "delivery": {"delivery_orphan_policy": "cancel"}}
 
 
+def _pickled(func: Any) -> str:
+    """The ``callable_pickle`` the codec sends for ``func``."""
+    text: str = pack_frame(run_frame(func))["callable_pickle"]
+    return text
+
+
+def _decoded(data: bytes) -> Any:
+    return decode_command(data)["callable"]
+
+
 def pure(x: int) -> int:
     return x * SCALE
 
@@ -54,59 +63,63 @@ def test_fast_pickles_decode_like_cloudpickle(args: dict[str, Any]) -> None:
 
     import cloudpickle
 
-    text = fast_b64(args)
-    assert text is not None
+    text = pack_frame(run_frame(tasks.add, args))["args_pickle"]
     assert cloudpickle.loads(base64.b64decode(text)) == args
     assert decode_command(encode_frame(run_frame(tasks.add, args)))["args"] == args
 
 
-def test_other_arguments_take_the_cloudpickle_path() -> None:
+def test_other_arguments_round_trip_through_cloudpickle() -> None:
     class Point:
         def __init__(self) -> None:
             self.x = 1
 
     frame = run_frame(tasks.echo, {"value": Point()})
-    assert fast_b64(frame["args"]) is None
     assert decode_command(encode_frame(frame))["args"]["value"].x == 1
     with pytest.raises(DispatchError, match=r"Task 't'.*args\['cfg'\]\['lock'\]"):
         encode_frame(run_frame(tasks.echo, {"cfg": {"lock": threading.Lock()}}))
 
 
 def test_callable_cache_reuses_only_unchanging_pickles() -> None:
-    cache = CallableCache()
-    # importable, and by-value functions without mutable state: cached
-    assert cache.encode(tasks.add) is cache.encode(tasks.add)
-    assert cache.encode(len) is cache.encode(len)
-    first = cache.encode(pure)
-    assert first is not None and cache.encode(pure) is first
+    # importable, and by-value functions without mutable state: pickled once, then reused
+    assert _pickled(tasks.add) is _pickled(tasks.add)
+    assert _pickled(len) is _pickled(len)
+    assert _pickled(pure) is _pickled(pure)
 
-    # a function that reads a mutable global, closes over state, or assigns globals: never cached
-    assert cache.encode(uses_shared) is None
+    # a function that reads a mutable global, closes over state, or assigns globals: pickled
+    # afresh every time, so its pickle never carries stale state
+    assert _pickled(uses_shared) is not _pickled(uses_shared)
+    SHARED.append(1)
+    try:
+        assert _decoded(encode_frame(run_frame(uses_shared)))() == 1
+    finally:
+        SHARED.clear()
     counter = [0]
-    assert cache.encode(lambda: counter) is None
-    assert cache.encode(bumps_global) is None
+
+    def closure() -> list[int]:
+        return counter
+
+    assert _pickled(closure) is not _pickled(closure)
+    assert _pickled(bumps_global) is not _pickled(bumps_global)
 
 
 def test_callable_cache_sees_a_rebound_global() -> None:
     global SCALE
-    cache = CallableCache()
-    before = cache.encode(pure)
+    before = _pickled(pure)
     SCALE = 30
     try:
-        after = cache.encode(pure)
+        after = _pickled(pure)
         assert after != before
         assert decode_command(encode_frame(run_frame(pure, {"x": 2})))["callable"](2) == 60
     finally:
         SCALE = 3
 
 
-def test_decoded_callables_skip_stateful_functions() -> None:
-    cache = DecodedCallables()
-    cache.remember("a", pure)
-    cache.remember("b", bumps_global)
-    cache.remember("c", lambda: SHARED)
-    assert cache.get("a") is pure
-    assert cache.get("b") is None and cache.get("c") is None
+def test_decoded_callables_are_reused_except_stateful_ones() -> None:
+    wire = encode_frame(run_frame(pure))
+    assert _decoded(wire) is _decoded(wire)
+    for stateful in (bumps_global, lambda: SHARED):
+        wire = encode_frame(run_frame(stateful))
+        assert _decoded(wire) is not _decoded(wire), stateful
 
 
 @pytest.mark.parametrize("event", [

@@ -109,7 +109,7 @@ async def test_idempotency_cache_is_bounded() -> None:
     for i in range(5):
         await engine.submit(frame(f"k:{i}", absolute, {"x": i}, delivery_idempotency_key=f"key-{i}"), sink)
         await sink.terminal(f"k:{i}")
-    assert len(engine._finished) == 2
+    assert engine.cached_results[0] == 2
 
 
 async def test_concurrency_cap_applies_backpressure() -> None:
