@@ -1,4 +1,5 @@
-"""JSON-lines framing over asyncio streams, for frames of any size.
+"""JSON-lines framing over asyncio streams, for frames of any size, and the ready signal
+(shared by the executor and the worker program, so neither imports the other).
 
 ``StreamReader.readline`` fails on a line longer than the reader's ``limit``; raising the
 limit also raises the amount buffered before the pipe is paused. :func:`read_line` keeps
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["STREAM_LIMIT", "read_line"]
+__all__ = ["READY_KEY", "STREAM_LIMIT", "read_line"]
+
+#: Field of the worker's first ``log`` event that tells the executor the worker is ready.
+READY_KEY = "wove_stdio_ready"
 
 #: StreamReader limit: a line longer than this is assembled in pieces; reading pauses
 #: at twice this much unread data.

@@ -34,14 +34,12 @@ from wove.protocol import TERMINAL_EVENTS, encode_event
 from wove.session import WorkerService
 from wove.worker import WorkerEngine, release_large_buffers
 
-from ._lines import STREAM_LIMIT, read_line
+from ._lines import READY_KEY, STREAM_LIMIT, read_line
 
 __all__ = ["READY_KEY", "FrameWriter", "main", "serve"]
 
 logger = logging.getLogger(__name__)
 
-#: Field of the first ``log`` event that tells the executor the worker is ready.
-READY_KEY = "wove_stdio_ready"
 
 
 class FrameWriter:
