@@ -1,6 +1,7 @@
 """gRPC throughput, side by side: wove 2.0.3's grpc executor, ours, and a raw grpc.aio echo.
 
-All Wove clients talk to the same ``wove worker grpc`` subprocess; the raw echo (the
+All Wove clients talk to the same ``wove worker grpc`` subprocess (ours three times: one
+``Session`` call, ``Send`` per run and ``Stream`` per run); the raw echo (the
 limit: one unary call per task, no Wove codec, no worker engine) talks to an echo server
 subprocess built the same way. No-op async tasks, 256 in flight.
 
@@ -166,10 +167,11 @@ def start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     return proc, line.split("listening on ", 1)[1].strip()
 
 
-async def ours(target: str, tasks: int, rounds: int) -> list[float]:
+async def ours(target: str, tasks: int, rounds: int, streaming: Any = "auto") -> list[float]:
+    """This executor: ``streaming`` "auto" (one Session call), False (Send per run), True (Stream per run)."""
     from wove.runtime import ExecutorRuntime
 
-    definitions = {"w": {"executor": "grpc", "executor_config": {"target": target}}}
+    definitions = {"w": {"executor": "grpc", "executor_config": {"target": target, "streaming": streaming}}}
     rates = []
     async with ExecutorRuntime(definitions, {"delivery_max_in_flight": IN_FLIGHT}) as runtime:
         for _ in range(rounds + 1):
@@ -229,6 +231,8 @@ def main() -> int:
         rows = {
             "wove 2.0.3 grpc": wove2(target, args.tasks, args.rounds),
             "ours (grpc)": asyncio.run(ours(target, args.tasks, args.rounds)),
+            "ours, Send per run": asyncio.run(ours(target, args.tasks, args.rounds, streaming=False)),
+            "ours, Stream per run": asyncio.run(ours(target, args.tasks, args.rounds, streaming=True)),
             "raw grpc.aio echo": asyncio.run(raw_echo(echo_target, args.tasks, args.rounds)),
         }
     finally:
@@ -237,9 +241,9 @@ def main() -> int:
             proc.wait(timeout=20)
     best = {name: max(rates) for name, rates in rows.items()}
     print(f"\n{args.tasks} no-op tasks x {args.rounds} rounds, {IN_FLIGHT} in flight, cpus={os.cpu_count()}")
-    print(f"{'client':<20} {'best tasks/s':>13} {'rounds':>30}")
+    print(f"{'client':<22} {'best tasks/s':>13} {'rounds':>30}")
     for name, rates in rows.items():
-        print(f"{name:<20} {best[name]:>13,.0f} {', '.join(f'{r:,.0f}' for r in rates):>30}")
+        print(f"{name:<22} {best[name]:>13,.0f} {', '.join(f'{r:,.0f}' for r in rates):>30}")
     vs_v2 = best["ours (grpc)"] / best["wove 2.0.3 grpc"]
     vs_raw = best["raw grpc.aio echo"] / best["ours (grpc)"]
     print(f"\nours / wove 2.0.3 = {vs_v2:.2f}x (target >= 1.5x)  {'OK' if vs_v2 >= 1.5 else 'MISSED'}")
