@@ -314,26 +314,8 @@ class NetworkExecutorSecurity:
             if not hmac.compare_digest(actual.encode(), f"Bearer {self._token}".encode()):
                 raise PermissionError("Invalid bearer token.")
             return
-        missing = [h for h in (_KEY, _TIMESTAMP, _NONCE, _SIGNATURE) if not values.get(h.lower())]
-        if missing:
-            raise MissingCredentialsError(
-                f"Missing Wove signature header(s): {', '.join(missing)}; this worker requires signed requests."
-            )
-        key, timestamp = values[_KEY.lower()], values[_TIMESTAMP.lower()]
+        key, timestamp, stamp = self._signed_headers(values)
         nonce, signature = values[_NONCE.lower()], values[_SIGNATURE.lower()]
-        if not hmac.compare_digest(key.encode(), self.key.encode()):
-            raise PermissionError(f"Unknown signing key id {key[:64]!r}.")
-        if not _INTEGER_SECONDS.fullmatch(timestamp):
-            raise PermissionError(
-                f"Invalid X-Wove-Timestamp {timestamp[:32]!r}: not a number of integer Unix seconds "
-                f"(the scheme sends digits only, such as {int(time.time())})."
-            )
-        stamp = int(timestamp)
-        skew = time.time() - stamp
-        if skew > self.clock_skew_seconds:
-            raise PermissionError(f"Expired signature: timestamp is {skew:.0f}s old (clock_skew_seconds={self.clock_skew_seconds:g}).")
-        if -skew > self.clock_skew_seconds:
-            raise PermissionError(f"Signature timestamp is {-skew:.0f}s in the future (clock_skew_seconds={self.clock_skew_seconds:g}).")
         expected = self._signature(transport, target, body, timestamp, nonce)
         if not hmac.compare_digest(signature.encode(), expected.encode()):
             raise PermissionError("Invalid signature: the request was not signed with this secret, or was altered.")
@@ -360,6 +342,11 @@ class NetworkExecutorSecurity:
         if self.mode == "bearer":
             self._verify(values, "", "", b"")
             return
+        self._signed_headers(values)
+
+    def _signed_headers(self, values: dict[str, str]) -> tuple[str, str, int]:
+        """The checks the signed headers alone allow: all four present, our key id, an
+        integer timestamp within the clock skew. Returns ``(key, timestamp, seconds)``."""
         missing = [h for h in (_KEY, _TIMESTAMP, _NONCE, _SIGNATURE) if not values.get(h.lower())]
         if missing:
             raise MissingCredentialsError(
@@ -369,11 +356,17 @@ class NetworkExecutorSecurity:
         if not hmac.compare_digest(key.encode(), self.key.encode()):
             raise PermissionError(f"Unknown signing key id {key[:64]!r}.")
         if not _INTEGER_SECONDS.fullmatch(timestamp):
-            raise PermissionError(f"Invalid X-Wove-Timestamp {timestamp[:32]!r}: not a number of integer Unix seconds.")
-        skew = time.time() - int(timestamp)
-        if not -self.clock_skew_seconds <= skew <= self.clock_skew_seconds:
-            raise PermissionError(f"Signature timestamp is {skew:.0f}s from this worker's clock "
-                                  f"(clock_skew_seconds={self.clock_skew_seconds:g}): expired or in the future.")
+            raise PermissionError(
+                f"Invalid X-Wove-Timestamp {timestamp[:32]!r}: not a number of integer Unix seconds "
+                f"(the scheme sends digits only, such as {int(time.time())})."
+            )
+        stamp = int(timestamp)
+        skew = time.time() - stamp
+        if skew > self.clock_skew_seconds:
+            raise PermissionError(f"Expired signature: timestamp is {skew:.0f}s old (clock_skew_seconds={self.clock_skew_seconds:g}).")
+        if -skew > self.clock_skew_seconds:
+            raise PermissionError(f"Signature timestamp is {-skew:.0f}s in the future (clock_skew_seconds={self.clock_skew_seconds:g}).")
+        return key, timestamp, stamp
 
 
 def _read_env(name: str | None, label: str) -> str:
