@@ -66,10 +66,11 @@ async def test_bad_requests_are_rejected_and_run_nothing(signed_worker: Any, tmp
         headers = _signed(url, body, secret="not the secret")
     elif case in ("expired", "future"):
         security = NetworkExecutorSecurity(mode="signed", secret=SECRET)
-        stamp = str(int(time.time()) + (-3600 if case == "expired" else 3600))
-        signature = security._signature("http", canonical_http_target(url), body, stamp, "nonce-" + case)
-        headers = {"X-Wove-Key": "default", "X-Wove-Timestamp": stamp, "X-Wove-Nonce": "nonce-" + case,
-                   "X-Wove-Signature": signature}
+        stamp = time.time() + (-3600 if case == "expired" else 3600)
+        with pytest.MonkeyPatch.context() as clock:  # a client whose clock is an hour off
+            clock.setattr(time, "time", lambda: stamp)
+            headers = security.headers_for(transport="http", target=canonical_http_target(url), body=body)
+        assert headers["X-Wove-Timestamp"] == str(int(stamp))
     elif case == "wrong_key":
         headers = _signed(url, body, **{"X-Wove-Key": "other"})
     else:  # replayed: the first one runs (then remove its marker), the copy must not

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import subprocess
 import sys
 from typing import Any
@@ -13,8 +14,9 @@ import pytest
 
 from wove.errors import ConfigError
 from wove.protocol import decode_events, encode_frame
-from wove_executor_stdio import StdioEnvironmentExecutor
-from wove_executor_stdio._lines import STREAM_LIMIT, read_line
+from wove.runtime import ExecutorRuntime
+from wove.testing import tasks
+from wove_executor_stdio import STREAM_LIMIT, StdioEnvironmentExecutor, read_line
 
 WORKER = [sys.executable, "-m", "wove_executor_stdio"]
 
@@ -47,15 +49,18 @@ async def test_invalid_config_is_rejected(config: dict[str, Any], error: type[Ex
         await start(config)
 
 
-def test_command_string_is_split_like_a_shell() -> None:
-    executor = StdioEnvironmentExecutor()
-    executor._configure("t", {"command": "'/opt/my python' -m wove_executor_stdio --max-concurrency 4"})
-    assert executor._command == ["/opt/my python", "-m", "wove_executor_stdio", "--max-concurrency", "4"]
-    assert executor._ready_line is True
-    executor._configure("t", {"command": ["python", "-m", "wove.stdio_worker"]})
-    assert executor._ready_line is False
-    executor._configure("t", {})
-    assert executor._command == WORKER
+@pytest.mark.integration
+async def test_command_string_is_split_like_a_shell() -> None:
+    # a quoted argument with spaces stays one argument (a plain split would break the code)
+    code = "import sys; from wove_executor_stdio.worker import main; sys.exit(main())"
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} --max-concurrency 4"
+    for config in ({"command": command}, {"command": [sys.executable, "-m", "wove.stdio_worker"]}, {}):
+        runtime = ExecutorRuntime({"w": {"executor": "stdio", "executor_config": config}}, {})
+        await runtime.start()
+        try:
+            assert await runtime.call("w", tasks.add, 2, 3) == 5, config
+        finally:
+            await runtime.stop()
 
 
 async def test_send_before_start_raises() -> None:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -188,16 +189,65 @@ async def test_server_restart_mid_run_requeue_runs_exactly_once(worker_factory: 
     assert counter.read_text() == "x"
 
 
+class _CuttableProxy:
+    """A TCP forwarder to the worker whose open connections the test can cut (abort, not close)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
+        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._server: asyncio.Server | None = None
+        #: connections accepted so far
+        self.connections = 0
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self.path}"
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._links.append((writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        for client, upstream in self._links:
+            client.transport.abort()
+            upstream.transport.abort()
+        self._links.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+
 async def test_network_cut_requeue_attaches_to_the_running_execution(shared_worker_url: str, tmp_path: Path) -> None:
     counter = tmp_path / "counter"
-    async with runtime_for(shared_worker_url, **FAST_RECONNECT) as runtime:
-        call = asyncio.ensure_future(
-            runtime.call_with("ws", counting_task(counter, 1.0), (), delivery_orphan_policy="requeue")
-        )
-        await asyncio.sleep(0.4)
-        executor = runtime._environments["ws"].executor
-        executor._conn.ws.transport.abort()  # type: ignore[attr-defined]  # a cut, not a close
-        assert await asyncio.wait_for(call, 20) == "counted"
+    proxy = _CuttableProxy(shared_worker_url)
+    url = await proxy.start()
+    try:
+        async with runtime_for(url, **FAST_RECONNECT) as runtime:
+            call = asyncio.ensure_future(
+                runtime.call_with("ws", counting_task(counter, 1.0), (), delivery_orphan_policy="requeue")
+            )
+            await asyncio.sleep(0.4)
+            proxy.cut()  # the connection breaks in the middle of the run; the proxy still accepts
+            assert await asyncio.wait_for(call, 20) == "counted"
+            assert proxy.connections >= 2, "the executor never reconnected: the cut did not happen"
+    finally:
+        await proxy.stop()
     await asyncio.sleep(0.3)
     assert counter.read_text() == "x"
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from ._lines import STREAM_LIMIT, read_line
 from .executor import StdioEnvironmentExecutor
 
-__all__ = ["StdioEnvironmentExecutor"]
+__all__ = ["STREAM_LIMIT", "StdioEnvironmentExecutor", "read_line"]
