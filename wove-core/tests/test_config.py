@@ -57,7 +57,7 @@ def test_pyproject_tool_wove_is_found_from_a_subfolder(tmp_path: Path, monkeypat
     ('[environments.a]\ndelivery_max_in_flight = 0\n', r"delivery_max_in_flight must be a positive integer, got 0"),
     ('[environments.a]\nurl = "http://x"\n', r"key\(s\) 'url' are not environment settings.*executor options go in executor_config"),
     ('[environments.a]\nexecutor_config = 3\n', r"executor_config must be a table/dict, got int"),
-    ('default_environment = "nope"\n[environments.a]\n', r"default_environment = 'nope' names no environment; defined: a"),
+    ('default_environment = "nope"\n[environments.a]\nexecutor = "local"\n', r"default_environment = 'nope' names no environment; defined: a"),
     ('colour = "blue"\n', r"unknown key\(s\) 'colour'"),
     ('[environments\n', r"not valid TOML"),
 ])
@@ -74,3 +74,10 @@ def test_validate_definition_accepts_instances_and_callables() -> None:
     validate_definition("x", {"executor": LocalEnvironmentExecutor(), "delivery_idempotency_key": lambda a: "k"})
     with pytest.raises(ConfigError, match="must be an executor name or an EnvironmentExecutor, got int"):
         validate_definition("x", {"executor": 5})
+
+
+def test_a_definition_must_name_its_executor_unless_it_is_local(tmp_path: Path) -> None:
+    file = write(tmp_path / "wove.toml", '[environments.gpu]\ndelivery_timeout = 30\n')
+    with pytest.raises(ConfigError, match=r"environment 'gpu' names no executor\. Add executor = \"local\""):
+        load_config(file)
+    validate_definition("local", {"delivery_timeout": 30})

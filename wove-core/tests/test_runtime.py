@@ -16,6 +16,7 @@ from wove.environment import (
     ExecutorRuntime,
     LocalEnvironmentExecutor,
 )
+from wove.errors import ConfigError
 
 
 class ScriptedExecutor(EnvironmentExecutor):
@@ -77,13 +78,13 @@ async def test_call_runs_sync_and_async_functions() -> None:
 
 
 async def test_run_task_seed_signature_and_default_environment() -> None:
-    async with ExecutorRuntime({"a": {}}, {"default_environment": "a"}) as runtime:
+    async with ExecutorRuntime({"a": {"executor": "local"}}, {"default_environment": "a"}) as runtime:
         result = await runtime.run_task(task_name="t", task_func=lambda x: x + 1, task_args={"x": 1}, task_info={})
         assert result == 2
 
 
 async def test_unknown_environment_is_a_name_error() -> None:
-    async with ExecutorRuntime({"a": {}}, {}) as runtime:
+    async with ExecutorRuntime({"a": {"executor": "local"}}, {}) as runtime:
         with pytest.raises(NameError, match=r"unknown environment 'b'.*Known environments: a"):
             await runtime.run_task(task_name="t", task_func=noop, task_args={}, task_info={"environment": "b"})
 
@@ -93,7 +94,7 @@ async def test_unknown_environment_is_a_name_error() -> None:
     ("delivery_orphan_policy", "shrug", "'fail', 'cancel', 'requeue', 'detach'"),
 ])
 async def test_invalid_policies_are_value_errors(key: str, value: str, allowed: str) -> None:
-    async with ExecutorRuntime({"a": {}}, {}) as runtime:
+    async with ExecutorRuntime({"a": {"executor": "local"}}, {}) as runtime:
         with pytest.raises(ValueError, match=f"{key} must be one of {allowed}, got '{value}'"):
             await runtime.run_task(task_name="t", task_func=noop, task_args={}, task_info={"environment": "a", key: value})
     with pytest.raises(ValueError, match=key):
@@ -266,7 +267,7 @@ async def test_caller_cancellation_sends_cancel_task_and_local_task_is_cancelled
             cancelled.set()
             raise
 
-    async with ExecutorRuntime({"a": {}}, {}) as runtime:
+    async with ExecutorRuntime({"a": {"executor": "local"}}, {}) as runtime:
         call = asyncio.ensure_future(runtime.call("a", forever))
         await asyncio.sleep(0.05)
         call.cancel()
@@ -313,10 +314,35 @@ async def test_unknown_executor_name_in_definition() -> None:
             pass
 
 
-async def test_max_workers_reaches_the_executor_config() -> None:
-    executor = ScriptedExecutor()
-    async with ExecutorRuntime({"a": {"executor": executor, "max_workers": 3, "executor_config": {"x": 1}}}, {}):
-        assert executor.config == {"x": 1, "max_workers": 3}
+async def test_max_workers_reaches_only_an_executor_whose_options_have_it() -> None:
+    class RecordingLocal(LocalEnvironmentExecutor):
+        config: dict[str, Any] | None = None
+
+        async def start(self, *, environment_name: str, environment_config: dict[str, Any],
+                        run_config: dict[str, Any]) -> None:
+            self.config = environment_config
+            await super().start(environment_name=environment_name, environment_config=environment_config,
+                                run_config=run_config)
+
+    local = RecordingLocal()
+    definition = {"executor": local, "max_workers": 3, "executor_config": {"max_concurrency": 5}}
+    async with ExecutorRuntime({"a": definition}, {}):
+        assert local.config == {"max_concurrency": 5, "max_workers": 3}
+    other = ScriptedExecutor()
+    with pytest.raises(ConfigError, match=r"Environment 'b': max_workers = 3 sizes the thread pool of the local "
+                                          r"executor; the ScriptedExecutor executor has no such setting\. Remove"):
+        async with ExecutorRuntime({"b": {"executor": other, "max_workers": 3, "executor_config": {"x": 1}}}, {}):
+            pass
+    assert other.config is None, "rejected before the executor started"
+
+
+async def test_a_definition_without_executor_is_a_config_error_unless_named_local() -> None:
+    with pytest.raises(ConfigError, match=r"Environment 'a' names no executor\. Add executor = \"local\""):
+        async with ExecutorRuntime({"a": {"delivery_timeout": 5}}, {}):
+            pass
+    async with ExecutorRuntime({"local": {"delivery_timeout": 5}}, {}) as runtime:
+        assert runtime.is_local_environment("local")
+        assert await runtime.call("local", abs, -3) == 3
 
 
 @pytest.mark.parametrize(("policy", "expected"), [

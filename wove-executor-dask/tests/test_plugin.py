@@ -30,11 +30,11 @@ def test_resolves_by_name_and_adapter_lookup() -> None:
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        ({"n_workers": "2"}, "n_workers must be int"),
-        ({"processes": "yes"}, "processes must be bool"),
+        ({"n_workers": "2"}, "n_workers must be a non-negative integer"),
+        ({"processes": "yes"}, "processes must be true or false"),
         ({"submit_options": {"key": "x"}}, "may not set 'key'"),
-        ({"client_options": []}, "client_options must be dict"),
-        ({"address": 8786}, "address must be str"),
+        ({"client_options": []}, "client_options must be a dict"),
+        ({"address": 8786}, "address must be a string"),
     ],
 )
 async def test_bad_config_is_rejected_before_starting_anything(config: dict, match: str) -> None:

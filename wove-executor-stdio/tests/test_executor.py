@@ -31,17 +31,20 @@ async def start(config: dict[str, Any]) -> StdioEnvironmentExecutor:
 @pytest.mark.parametrize(
     ("config", "error", "match"),
     [
-        ({"command": 5}, TypeError, "command must be a list of strings or a command string"),
-        ({"command": ["python", 3]}, TypeError, "item 3 is a int"),
+        ({"command": 5}, ConfigError, "command must be a list of strings or a command string"),
+        ({"command": ["python", 3]}, ConfigError, "item 3 is a int"),
         ({"command": "python 'unterminated"}, ConfigError, "cannot be split"),
         ({"processes": 0}, ConfigError, "processes must be a positive integer"),
         ({"processes": True}, ConfigError, "processes"),
-        ({"env": ["A=1"]}, TypeError, "env must be a dict"),
-        ({"env": {"A": 1}}, TypeError, "'A' maps to int 1"),
+        ({"env": ["A=1"]}, ConfigError, "env must be a dict"),
+        ({"env": {"A": 1}}, ConfigError, "'A' maps to int 1"),
         ({"cwd": "/no/such/dir/anywhere"}, ConfigError, "not an existing directory"),
         ({"startup_timeout": 0}, ConfigError, "startup_timeout must be a positive number"),
-        ({"ready_line": "yes"}, TypeError, "ready_line must be true or false"),
+        ({"ready_line": "yes"}, ConfigError, "ready_line must be true or false"),
         ({"max_deliveries": 0}, ValueError, "max_deliveries must be a positive integer"),
+        ({"process": 4}, ConfigError, r"key 'process' \(did you mean 'processes'\?\) is not a stdio executor option"),
+        ({"startup_timout": 5}, ConfigError, r"did you mean 'startup_timeout'\?.*Known keys: command, cwd, env"),
+        ({"ready_timeout": 1, "reconnect_timeout": 2}, ConfigError, "sets both 'reconnect_timeout' and its older"),
     ],
 )
 async def test_invalid_config_is_rejected(config: dict[str, Any], error: type[Exception], match: str) -> None:

@@ -3,7 +3,8 @@
 An environment definition is a dict (or a TOML table ``[environments.NAME]``) with:
 
 ``executor``
-    executor name (``"local"``, ``"stdio"``, ``"grpc"``...) or an executor instance.
+    executor name (``"local"``, ``"stdio"``, ``"grpc"``...) or an executor instance;
+    required, except for an environment named ``local``.
 ``executor_config``
     table passed to the executor's ``start()`` (its keys are the executor's own).
 ``delivery_timeout``, ``delivery_heartbeat_seconds``
@@ -17,7 +18,8 @@ An environment definition is a dict (or a TOML table ``[environments.NAME]``) wi
 ``delivery_idempotency_key``
     string or format string over the task's arguments (or a callable, in Python).
 ``max_workers``
-    threads for sync callables of the ``local`` executor.
+    threads for sync callables of the ``local`` executor (an error for any executor
+    whose ``executor_config`` has no ``max_workers`` key).
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ def validate_definition(name: str, definition: Any, *, source: str | None = None
         definition: the definition mapping.
         source: the file it came from, for the message.
         check_executor: also check that a named executor is installed.
+
+    ``executor`` is required, except for an environment named ``local`` (which then
+    runs on the local executor).
     """
     where = f"{source}: environment '{name}'" if source else f"Environment '{name}'"
     if not isinstance(definition, dict):
@@ -124,6 +129,12 @@ def validate_definition(name: str, definition: Any, *, source: str | None = None
     if key_value is not None and not isinstance(key_value, str) and not callable(key_value):
         raise _fail(where, "delivery_idempotency_key", f"must be a string, format string or callable, got {type(key_value).__name__}",
                     'Write delivery_idempotency_key = "report-{day}" (fields are task arguments).')
+    if definition.get("executor") is None and name != "local":
+        raise ConfigError(
+            f"{where} names no executor. Add executor = \"local\" to run its tasks in this process "
+            '(in Python: {"executor": "local"}), or name an installed executor such as "stdio" or "grpc". '
+            "Only an environment named 'local' may leave it out."
+        )
 
 
 def check_choice(value: Any, key: str, allowed: tuple[str, ...], where: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .options import OptionSpec
 
 __all__ = ["EnvironmentExecutor"]
 
@@ -30,10 +33,18 @@ class EnvironmentExecutor(abc.ABC):
         terminal event (timeouts, cancellation and orphan policies still apply, enforced
         by the runtime). Sync callables and calls with a key still go through frames.
         :meth:`~wove.runtime.ExecutorRuntime.is_local_environment` reports it.
+    ``config_options``
+        the executor's :class:`~wove.options.OptionSpec` (the keys of its
+        ``executor_config``), when it declares one. The executor itself validates its
+        config with it first thing in :meth:`start` (so an executor used without the
+        runtime is checked too). The runtime reads it for the definition-level
+        ``max_workers``, which reaches only an executor whose spec has that key.
     """
 
     #: The executor implements :meth:`run_inline` (see the class docstring).
     runs_inline: ClassVar[bool] = False
+    #: The ``executor_config`` spec (see :mod:`wove.options`), or None.
+    config_options: ClassVar[OptionSpec | None] = None
 
     @abc.abstractmethod
     async def start(

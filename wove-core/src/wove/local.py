@@ -6,9 +6,17 @@ import asyncio
 from typing import Any
 
 from .executor import EnvironmentExecutor
+from .options import POSITIVE_INT, Option, OptionSpec
 from .worker import WorkerEngine
 
-__all__ = ["LocalEnvironmentExecutor"]
+__all__ = ["LOCAL_OPTIONS", "LocalEnvironmentExecutor"]
+
+#: The local executor's ``executor_config`` keys (the definition-level ``max_workers``
+#: lands in ``max_workers``).
+LOCAL_OPTIONS = OptionSpec("local", [
+    Option("max_workers", POSITIVE_INT, doc="threads for sync callables (default 64)"),
+    Option("max_concurrency", POSITIVE_INT, 10_000, "runs executing at once; more wait"),
+])
 
 
 class LocalEnvironmentExecutor(EnvironmentExecutor):
@@ -27,6 +35,7 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
     """
 
     runs_inline = True
+    config_options = LOCAL_OPTIONS
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -44,17 +53,16 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
         environment_config: dict[str, Any],
         run_config: dict[str, Any],
     ) -> None:
-        max_workers = environment_config.get("max_workers")
-        max_concurrency = environment_config.get("max_concurrency", 10_000)
-        for key, value in (("max_workers", max_workers), ("max_concurrency", max_concurrency)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(
-                    f"Environment '{environment_name}': {key} must be a positive integer, got {value!r}."
-                )
+        """Start the worker engine.
+
+        Raises:
+            ConfigError: an unknown ``executor_config`` key or a bad value.
+        """
+        config = LOCAL_OPTIONS.validate(environment_config, environment=environment_name)
         self._events = asyncio.Queue()
         self._engine = WorkerEngine(
-            max_concurrency=max_concurrency,
-            max_threads=max_workers,
+            max_concurrency=config["max_concurrency"],
+            max_threads=config["max_workers"],
             remember_run_ids=False,
             announce_start=False,
             name=f"local:{environment_name}",

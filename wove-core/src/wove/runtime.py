@@ -23,7 +23,7 @@ from .delivery import (
     lost_error,
     orphaned_error,
 )
-from .errors import DeliveryTimeoutError, EnvironmentExecutionError
+from .errors import ConfigError, DeliveryTimeoutError, EnvironmentExecutionError
 from .executor import EnvironmentExecutor
 from .protocol import ORPHAN_POLICIES, TERMINAL_EVENTS
 from .worker import is_async_callable
@@ -143,6 +143,7 @@ class ExecutorRuntime:
             executor = coerce_executor(definition.get("executor", "local"), environment=environment_name)
             executor_config = dict(definition.get("executor_config") or {})
             if definition.get("max_workers") is not None:
+                _check_max_workers(environment_name, definition, executor)
                 executor_config.setdefault("max_workers", definition["max_workers"])
             logger.debug("starting environment %s with %s", environment_name, type(executor).__name__)
             try:
@@ -422,6 +423,21 @@ class ExecutorRuntime:
             for run in list(pending.values()):
                 run.settle(error=lost_error(run, env.name, executor_name, exc))
             raise
+
+
+def _check_max_workers(environment: str, definition: dict[str, Any], executor: EnvironmentExecutor) -> None:
+    """The definition-level ``max_workers`` reaches only executors whose spec has it (local)."""
+    spec = executor.config_options
+    if spec is not None and "max_workers" in spec:
+        return
+    value = definition.get("executor")
+    label = value if isinstance(value, str) else type(executor).__name__
+    known = f" (its keys: {', '.join(sorted(spec.options)) or 'none'})" if spec is not None else ""
+    raise ConfigError(
+        f"Environment '{environment}': max_workers = {definition['max_workers']!r} sizes the thread pool of the "
+        f"local executor; the {label} executor has no such setting. Remove max_workers from the definition, "
+        f"and put the {label} executor's own options in executor_config{known}."
+    )
 
 
 def _exception_from_error(frame: dict[str, Any]) -> BaseException:

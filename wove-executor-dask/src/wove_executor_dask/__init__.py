@@ -6,7 +6,13 @@ Use ``"executor": "dask"`` in an environment definition (see the README for the
 
 from __future__ import annotations
 
-from .adapter import DEFAULT_CONNECT_TIMEOUT, DaskAdapter, DaskSubmission, MainGuardError
+from .adapter import (
+    DASK_OPTIONS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DaskAdapter,
+    DaskSubmission,
+    MainGuardError,
+)
 from .plugin import build_dask_executor
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskAdapter", "DaskSubmission", "MainGuardError", "build_dask_executor"]
+__all__ = ["DASK_OPTIONS", "DEFAULT_CONNECT_TIMEOUT", "DaskAdapter", "DaskSubmission", "MainGuardError", "build_dask_executor"]

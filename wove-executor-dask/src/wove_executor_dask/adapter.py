@@ -11,11 +11,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wove.backend import BackendAdapter
+from wove.options import (
+    BOOL,
+    CALLBACK_OPTIONS,
+    DICT,
+    INVALID,
+    NON_NEGATIVE_INT,
+    NON_NEGATIVE_SECONDS,
+    POSITIVE_INT,
+    POSITIVE_SECONDS,
+    STR,
+    Kind,
+    Option,
+    OptionSpec,
+)
 from wove.protocol import decode_events
 
 from ._main_guard import MainGuardError, check_main_guard
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskAdapter", "DaskSubmission", "MainGuardError", "dask_key"]
+__all__ = ["DASK_OPTIONS", "DEFAULT_CONNECT_TIMEOUT", "DaskAdapter", "DaskSubmission", "MainGuardError", "dask_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +42,40 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Seconds between checks that the client still has its scheduler.
 CLIENT_CHECK_SECONDS = 0.2
 _RESERVED_SUBMIT_OPTIONS = ("key", "pure")
+
+
+def _submit_options(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return INVALID
+    for reserved in _RESERVED_SUBMIT_OPTIONS:
+        if reserved in value:
+            raise ValueError(f"it may not set {reserved!r}: Wove keys each task by its run id")
+    return value
+
+
+def _async_client(value: Any) -> Any:
+    return value if getattr(value, "asynchronous", False) else INVALID
+
+
+#: The dask executor's ``executor_config`` keys (see :mod:`wove.options`), the backend
+#: callback and re-delivery keys included.
+DASK_OPTIONS = OptionSpec("dask", [
+    Option("address", STR, doc="scheduler address (tcp://host:8786); without it an embedded LocalCluster starts"),
+    Option("client", Kind("an asynchronous distributed.Client (Client(..., asynchronous=True)) on the runtime's "
+                          "loop; or give 'address'", _async_client), doc="an existing asynchronous Client"),
+    Option("n_workers", NON_NEGATIVE_INT, doc="workers of the embedded LocalCluster"),
+    Option("threads_per_worker", POSITIVE_INT, doc="threads per worker of the embedded LocalCluster"),
+    Option("processes", BOOL, True, "the embedded LocalCluster's workers are processes"),
+    Option("cluster_options", DICT, doc="more LocalCluster keyword arguments"),
+    Option("client_options", DICT, doc="keyword arguments for distributed.Client"),
+    Option("submit_options", Kind("a dict of client.submit keyword arguments", _submit_options),
+           doc="keyword arguments for client.submit (resources, priority, retries, workers...; not key/pure)"),
+    Option("loss_grace_seconds", NON_NEGATIVE_SECONDS, DEFAULT_LOSS_GRACE_SECONDS,
+           "how long a failed future waits for the worker's own terminal callback"),
+    Option("connect_timeout", POSITIVE_SECONDS, DEFAULT_CONNECT_TIMEOUT,
+           "seconds to reach the scheduler, and to reconnect after the connection dropped"),
+    CALLBACK_OPTIONS,
+])
 
 
 async def _settled(future: Any) -> None:
@@ -93,6 +141,11 @@ class DaskAdapter(BackendAdapter):
     * ``connect_timeout`` (seconds, default 5): how long to try to reach the scheduler
       at start, and (Dask's client ``timeout``) to reconnect when the connection drops;
       ``client_options["timeout"]`` overrides it for the client.
+    * ``client``: an existing asynchronous ``distributed.Client`` (instead of ``address``).
+    * the backend callback and re-delivery keys (:data:`wove.options.CALLBACK_OPTIONS`).
+
+    Any other key is a :class:`~wove.errors.ConfigError` at start, with a did-you-mean
+    (:data:`DASK_OPTIONS`).
 
     When the client gives up reconnecting to its scheduler, every pending run ends with
     a ``task_error`` (source ``transport``) naming the scheduler, whatever its orphan
@@ -126,58 +179,42 @@ class DaskAdapter(BackendAdapter):
         """The embedded ``LocalCluster``, when no ``address`` was configured."""
         return self._cluster
 
-    def _option(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        value = self.config.get(key, default)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds)):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ValueError(f"dask executor: executor_config.{key} must be {expected}, got {value!r}.")
-        return value
-
     async def start(self) -> None:
         """Connect to ``address`` or start the embedded LocalCluster (asynchronously).
 
         Raises:
-            ValueError: a config value has the wrong type.
+            ConfigError: an unknown ``executor_config`` key (with a did-you-mean) or a bad
+                value (the key, the value and what is expected).
             MainGuardError: the embedded cluster would start worker processes that re-run a
                 main script lacking an ``if __name__ == "__main__":`` guard (says what to add).
             OSError: the scheduler cannot be reached within ``connect_timeout`` (names the
                 address and the key).
         """
+        options = DASK_OPTIONS.validate(self.config)
         import dask
         from distributed import Client, LocalCluster
 
-        address = self._option("address", str)
-        client_options = dict(self._option("client_options", dict) or {})
-        self._submit_options = dict(self._option("submit_options", dict) or {})
-        for reserved in _RESERVED_SUBMIT_OPTIONS:
-            if reserved in self._submit_options:
-                raise ValueError(f"dask executor: executor_config.submit_options may not set {reserved!r}; "
-                                 "Wove keys each task by its run id.")
-        self._grace = float(self._option("loss_grace_seconds", (int, float), DEFAULT_LOSS_GRACE_SECONDS))
-        connect_timeout = float(self._option("connect_timeout", (int, float), DEFAULT_CONNECT_TIMEOUT))
-        if connect_timeout <= 0:
-            raise ValueError(f"dask executor: executor_config.connect_timeout must be a positive number of seconds, "
-                             f"got {connect_timeout!r}.")
+        address = options["address"]
+        client_options = dict(options["client_options"] or {})
+        self._submit_options = dict(options["submit_options"] or {})
+        self._grace = float(options["loss_grace_seconds"])
+        connect_timeout = float(options["connect_timeout"])
         self._closing, self._gone = False, None
-        existing = self.config.get("client")
+        existing = options["client"]
         if existing is not None:
-            if not getattr(existing, "asynchronous", False):
-                raise ValueError("dask executor: executor_config.client must be an asynchronous Client "
-                                 "(Client(..., asynchronous=True)) on the runtime's loop; or give 'address'.")
             self._client = existing
             self._scheduler_address = _address_of(existing, "the given client's scheduler")
             self._watch_client()
             return
         if address is None:
-            processes = self._option("processes", bool, True)
+            processes = options["processes"]
             if processes:
                 check_main_guard(str(dask.config.get("distributed.worker.multiprocessing-method", "spawn")))
             cluster_options: dict[str, Any] = {
-                "n_workers": self._option("n_workers", int),
-                "threads_per_worker": self._option("threads_per_worker", int),
+                "n_workers": options["n_workers"],
+                "threads_per_worker": options["threads_per_worker"],
                 "processes": processes,
-                **dict(self._option("cluster_options", dict) or {}),
+                **dict(options["cluster_options"] or {}),
             }
             cluster_options = {k: v for k, v in cluster_options.items() if v is not None or k == "dashboard_address"}
             if "dashboard_address" not in cluster_options:

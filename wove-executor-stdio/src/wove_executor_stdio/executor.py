@@ -23,14 +23,26 @@ import time
 from typing import Any
 
 from wove.dispatch import require_dispatch
-from wove.errors import ConfigError, ProtocolError
+from wove.errors import ProtocolError
+from wove.options import (
+    BOOL,
+    INVALID,
+    POSITIVE_INT,
+    POSITIVE_SECONDS,
+    REDELIVERY_OPTIONS,
+    STR_MAP,
+    Kind,
+    Option,
+    OptionSpec,
+    path_of_directory,
+)
 from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
 from wove.transport import FrameExecutor
 
+from ._lines import READY_KEY
 from ._process import Pipes, Worker
-from .worker import READY_KEY
 
-__all__ = ["StdioEnvironmentExecutor"]
+__all__ = ["STDIO_OPTIONS", "StdioEnvironmentExecutor"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,43 @@ HIGH_WATER = 4 * 1024 * 1024
 RAPID_DEATH_SECONDS = 2.0
 #: Consecutive rapid deaths after which dead workers are replaced on demand only.
 RAPID_DEATH_LIMIT = 5
+
+
+def _default_command() -> list[str]:
+    return [sys.executable, "-m", "wove_executor_stdio"]
+
+
+def _command(value: Any) -> Any:
+    """A worker command: a list of strings (or paths), or a string split like a shell."""
+    if value == "" or value == []:
+        return []  # the default command
+    if isinstance(value, str):
+        try:
+            command = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"it cannot be split like a shell command line: {exc}") from None
+        if not command:
+            raise ValueError("it is blank; give the worker program and its arguments")
+        return command
+    if isinstance(value, (list, tuple)):
+        bad = [part for part in value if not isinstance(part, (str, os.PathLike))]
+        if bad:
+            raise ValueError(f"item {bad[0]!r} is a {type(bad[0]).__name__}")
+        return [os.fspath(part) for part in value]
+    return INVALID
+
+
+#: The stdio executor's ``executor_config`` keys (see :mod:`wove.options`).
+STDIO_OPTIONS = OptionSpec("stdio", [
+    Option("command", Kind("a list of strings or a command string", _command),
+           doc="the worker command (default: this Python, -m wove_executor_stdio)"),
+    Option("processes", POSITIVE_INT, 1, "worker processes in the pool"),
+    Option("env", STR_MAP, doc="environment variables set over os.environ"),
+    Option("cwd", path_of_directory(), doc="working directory of the workers"),
+    Option("startup_timeout", POSITIVE_SECONDS, 30.0, "seconds a worker may take to report ready"),
+    Option("ready_line", BOOL, doc="the worker prints a ready line first (default: when it runs wove_executor_stdio)"),
+    REDELIVERY_OPTIONS,
+])
 
 
 class StdioEnvironmentExecutor(FrameExecutor):
@@ -62,10 +111,14 @@ class StdioEnvironmentExecutor(FrameExecutor):
     * ``ready_line`` (bool): whether the worker prints a ready line first (default:
       true when the command runs ``wove_executor_stdio``). Without one, a worker
       that is still alive after 0.5 s counts as started.
-    * ``max_deliveries`` (int, default 3): deliveries of a ``requeue`` run.
+    * ``max_deliveries`` (int, default 3): deliveries of a ``requeue`` run, and the other
+      re-delivery keys of :data:`wove.options.REDELIVERY_OPTIONS`.
+
+    Any other key is a :class:`~wove.errors.ConfigError` at start, with a did-you-mean.
     """
 
     executor_name = "stdio"
+    config_options = STDIO_OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,70 +138,15 @@ class StdioEnvironmentExecutor(FrameExecutor):
 
     # -- configuration ---------------------------------------------------------
     def _configure(self, environment_name: str, config: dict[str, Any]) -> None:
-        where = f"Environment '{environment_name}': executor_config"
-        command = config.get("command")
-        if command is None or command == "" or command == []:
-            command = [sys.executable, "-m", "wove_executor_stdio"]
-        elif isinstance(command, str):
-            try:
-                command = shlex.split(command)
-            except ValueError as exc:
-                raise ConfigError(f"{where}.command {command!r} cannot be split like a shell command line: {exc}.")
-            if not command:
-                raise ConfigError(f"{where}.command is blank; give the worker program and its arguments.")
-        elif isinstance(command, (list, tuple)):
-            bad = [part for part in command if not isinstance(part, (str, os.PathLike))]
-            if bad:
-                raise TypeError(
-                    f"{where}.command must be a list of strings, got {command!r} "
-                    f"(item {bad[0]!r} is a {type(bad[0]).__name__})."
-                )
-            command = [os.fspath(part) for part in command]
-        else:
-            raise TypeError(
-                f"{where}.command must be a list of strings or a command string, got "
-                f"{type(command).__name__} {command!r}."
-            )
-        self._command = list(command)
-
-        processes = config.get("processes", 1)
-        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-            raise ConfigError(f"{where}.processes must be a positive integer (pool size), got {processes!r}.")
-        self._processes = processes
-
-        env = config.get("env")
-        if env is not None:
-            if not isinstance(env, dict):
-                raise TypeError(f"{where}.env must be a dict of environment variables, got {type(env).__name__}.")
-            for key, value in env.items():
-                if not isinstance(key, str) or not isinstance(value, str):
-                    raise TypeError(
-                        f"{where}.env must map strings to strings; {key!r} maps to "
-                        f"{type(value).__name__} {value!r}. Convert the value with str()."
-                    )
-            self._env = {**os.environ, **env}
-        else:
-            self._env = None
-
-        cwd = config.get("cwd")
-        if cwd is not None:
-            if not isinstance(cwd, (str, os.PathLike)):
-                raise TypeError(f"{where}.cwd must be a path string, got {type(cwd).__name__} {cwd!r}.")
-            cwd = os.fspath(cwd)
-            if not os.path.isdir(cwd):
-                raise ConfigError(f"{where}.cwd {cwd!r} is not an existing directory.")
-        self._cwd = cwd
-
-        timeout = config.get("startup_timeout", 30.0)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ConfigError(f"{where}.startup_timeout must be a positive number of seconds, got {timeout!r}.")
-        self._startup_timeout = float(timeout)
-
-        ready_line = config.get("ready_line")
+        options = STDIO_OPTIONS.validate(config, environment=environment_name)
+        self._command = options["command"] or _default_command()
+        self._processes = options["processes"]
+        self._env = {**os.environ, **options["env"]} if options["env"] is not None else None
+        self._cwd = options["cwd"]
+        self._startup_timeout = float(options["startup_timeout"])
+        ready_line = options["ready_line"]
         if ready_line is None:
             ready_line = any("wove_executor_stdio" in part for part in self._command)
-        elif not isinstance(ready_line, bool):
-            raise TypeError(f"{where}.ready_line must be true or false, got {ready_line!r}.")
         self._ready_line = ready_line
 
     # -- lifecycle -------------------------------------------------------------
@@ -162,7 +160,8 @@ class StdioEnvironmentExecutor(FrameExecutor):
         """Start the worker pool.
 
         Raises:
-            TypeError, ConfigError: an ``executor_config`` value is invalid.
+            ConfigError: an unknown ``executor_config`` key (with a did-you-mean) or an
+                invalid value (the key, the value and what is expected).
             MissingDispatchFeatureError: cloudpickle is not installed.
             FileNotFoundError: the worker command does not exist.
             RuntimeError: a worker exited during startup (exit code, last stderr lines)
