@@ -96,14 +96,19 @@ class Rejected(Exception):
         reason: ``bad_request``, ``unauthenticated``, ``permission_denied`` or ``too_large``
             (a gRPC shell maps them to INVALID_ARGUMENT, UNAUTHENTICATED,
             PERMISSION_DENIED, RESOURCE_EXHAUSTED).
+        detail: what was wrong, without ``fix`` (for a shell whose clients add their own
+            hint, such as gRPC's); ``str(rejected)`` is ``detail`` and ``fix`` together.
+        fix: what the client should change ("" when the detail says it).
     """
 
     _STATUS = {"bad_request": 400, "unauthenticated": 401, "permission_denied": 403, "too_large": 413}
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, message: str, *, fix: str = "") -> None:
+        super().__init__(f"{message} {fix}" if fix else message)
         self.reason = reason
         self.status = self._STATUS[reason]
+        self.detail = message
+        self.fix = fix
 
 
 class WorkerService:
@@ -198,8 +203,8 @@ class WorkerService:
             check(*args, **kwargs)
         except MissingCredentialsError as exc:
             logger.warning("%s worker: rejected a request without credentials: %s", self.name, exc)
-            raise Rejected("unauthenticated", f"{exc} Configure executor_config.security with this worker's "
-                                              "secret or token.") from None
+            raise Rejected("unauthenticated", str(exc), fix="Configure executor_config.security with this "
+                                                            "worker's secret or token.") from None
         except PermissionError as exc:
             logger.warning("%s worker: rejected a request: %s", self.name, exc)
             raise Rejected("permission_denied", f"Request rejected: {exc}") from None
@@ -291,13 +296,17 @@ class WorkerSession:
         self._sink = self._deliver
 
     # -- in ------------------------------------------------------------------
-    async def receive(self, data: bytes | bytearray | memoryview | str, *, strict: bool = False) -> None:
+    async def receive(self, data: bytes | bytearray | memoryview | str, *, strict: bool = False,
+                      strict_runs: bool = False) -> None:
         """Take one message: a JSON command, or a JSON list of commands.
 
         Args:
             strict: raise :class:`Rejected` (``bad_request``) for a message that is not
                 JSON, or not a command, and names no run (request/response shells answer
                 400); otherwise such input is answered with a ``log`` event.
+            strict_runs: with ``strict``, a malformed command that names a run is refused
+                the same way instead of answered with that run's ``task_error`` (a shell
+                that answers each call with one status: gRPC ``Send``/``Stream``).
         """
         self.service.check_size(len(data))
         try:
@@ -306,14 +315,14 @@ class WorkerSession:
             self._malformed(exc, strict)
             return
         for command in parsed if isinstance(parsed, list) else (parsed,):
-            await self.receive_command(command, strict=strict)
+            await self.receive_command(command, strict=strict, strict_runs=strict_runs)
 
-    async def receive_command(self, command: Any, *, strict: bool = False) -> None:
+    async def receive_command(self, command: Any, *, strict: bool = False, strict_runs: bool = False) -> None:
         """Take one parsed command (a dict from the JSON): decode, check, run."""
         try:
             frame = decode_command(command)
         except ProtocolError as exc:
-            if getattr(exc, "run_id", None):
+            if getattr(exc, "run_id", None) and not (strict and strict_runs):
                 self.service.engine.reject(exc, self._sink)
             else:
                 self._malformed(exc, strict)
