@@ -1,7 +1,7 @@
-"""The reference gRPC worker service: a grpc.aio server over :class:`wove.worker.WorkerEngine`.
+"""The reference gRPC worker service: a grpc.aio shell over :class:`wove.session.WorkerService`.
 
-No generated stubs: raw-bytes generic handlers serve two methods of the service
-``wove.network_executor.WorkerService``:
+No generated stubs: raw-bytes generic handlers serve three methods of the service
+``wove.network_executor.WorkerService``, each call one :class:`~wove.session.WorkerSession`:
 
 * ``Send`` (unary-unary, the Wove 2.x method): the request is one JSON command; the
   response is ``{"events": [...]}`` holding the run's events and ending with its
@@ -10,11 +10,16 @@ No generated stubs: raw-bytes generic handlers serve two methods of the service
 * ``Stream`` (unary-stream, a Wove extension): the request is one JSON command; every
   response message is one JSON event, sent as it happens (``task_started``,
   ``heartbeat``, then the terminal event).
+* ``Session`` (stream-stream, a Wove extension): many commands and events on one call
+  (see :meth:`GrpcWorkerService.handlers`).
 
-Request metadata is verified (signed or bearer, see :mod:`wove.security`) before the
-request is decoded: missing credentials → ``UNAUTHENTICATED``, wrong, replayed or expired
-ones → ``PERMISSION_DENIED``; a command that does not decode → ``INVALID_ARGUMENT``.
-Nothing is unpickled or executed for a rejected request.
+This module does only the I/O. Verification, decoding, size limits, what an ended call
+means for its runs, ``shutdown`` commands, slow readers and the drain are the worker
+session's, the same on every transport. A request the session refuses ends the call with
+the status of :data:`REJECTED_STATUS` (missing credentials → ``UNAUTHENTICATED``; wrong,
+replayed or expired ones → ``PERMISSION_DENIED``; a command that does not decode →
+``INVALID_ARGUMENT``; one over the size limit → ``RESOURCE_EXHAUSTED``). Nothing is
+unpickled or executed for a refused request.
 """
 
 from __future__ import annotations
@@ -22,15 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from wove.errors import ProtocolError
-from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, parse_json
-from wove.security import MissingCredentialsError, NetworkExecutorSecurity
+from wove.protocol import encode_events
+from wove.security import NetworkExecutorSecurity
+from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
 from ._pem import read_pem
@@ -46,6 +50,7 @@ __all__ = [
     "DEFAULT_KEEPALIVE_INTERVAL",
     "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "REJECTED_STATUS",
     "SEND_METHOD",
     "SERVICE",
     "SESSION_CONFIRMATION",
@@ -53,6 +58,7 @@ __all__ = [
     "STREAM_METHOD",
     "GrpcWorkerServer",
     "GrpcWorkerService",
+    "run",
     "serve",
     "start_server",
 ]
@@ -63,8 +69,8 @@ SERVICE = "wove.network_executor.WorkerService"
 SEND_METHOD = f"/{SERVICE}/Send"
 STREAM_METHOD = f"/{SERVICE}/Stream"
 SESSION_METHOD = f"/{SERVICE}/Session"
-#: Largest request (and response) message, in bytes.
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Largest request (and response) message, in bytes: the one default size limit.
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_COMMAND_BYTES
 #: Seconds a new connection may take to finish its TLS and HTTP/2 setup.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a connection without calls stays open.
@@ -75,11 +81,17 @@ DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 #: Initial metadata a Session sends before it reads any command: clients write commands
 #: only once a server confirmed it serves Session (a server without it answers UNIMPLEMENTED).
 SESSION_CONFIRMATION: tuple[tuple[str, str], ...] = (("wove-session", "1"),)
-_EMPTY_REPLY = b'{"events":[]}'
-
-
-class _Closing(Exception):
-    """The service stops while a run waits for its terminal event."""
+#: The one table from a refusal of the worker session (:attr:`wove.session.Rejected.reason`)
+#: to the gRPC status the call ends with.
+REJECTED_STATUS: dict[str, str] = {
+    "unauthenticated": "UNAUTHENTICATED",
+    "permission_denied": "PERMISSION_DENIED",
+    "too_large": "RESOURCE_EXHAUSTED",
+    "bad_request": "INVALID_ARGUMENT",
+}
+#: Seconds :meth:`GrpcWorkerService.close` waits, after the drain, for calls to send their
+#: last events (a Session to a slow reader) before the server cancels them.
+CLOSE_TIMEOUT = 5.0
 
 
 def _millis(value: float | None, name: str) -> int | None:
@@ -140,281 +152,220 @@ def _server_options(
 
 
 class GrpcWorkerService:
-    """The Send/Stream handlers over one :class:`WorkerEngine`.
+    """The Send/Stream/Session handlers over one :class:`~wove.session.WorkerService`.
 
     Args:
-        engine: the worker engine (a new one with default limits when omitted).
-        security: verifies request metadata; ``None`` accepts unauthenticated requests.
-        send_method / stream_method: full method paths served.
+        engine: the worker engine (a new one with ``max_concurrency`` when omitted).
+        security: verifies request metadata (a :class:`NetworkExecutorSecurity` or its
+            config: ``"env:VAR"``, a dict, ``"none"``); ``None`` accepts unauthenticated
+            requests.
+        send_method / stream_method / session_method: full method paths served
+            (``session_method=None``: no Session, as a Wove 2.x server).
         allow_remote_shutdown: obey a client's ``shutdown`` command (off: a service
             shared by many clients must not be stopped by one of them).
+        max_message_bytes: largest accepted command.
+        max_runs_per_session: runs one Session call may have in progress.
+        max_concurrency: runs executing at once (for the default engine).
+
+    Attributes:
+        worker: the :class:`~wove.session.WorkerService` (engine, security, limits, drain).
     """
 
     def __init__(
         self,
         engine: WorkerEngine | None = None,
         *,
-        security: NetworkExecutorSecurity | None = None,
+        security: NetworkExecutorSecurity | str | dict[str, Any] | None = None,
         send_method: str = SEND_METHOD,
         stream_method: str = STREAM_METHOD,
         session_method: str | None = SESSION_METHOD,
         allow_remote_shutdown: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_runs_per_session: int = 10_000,
+        max_concurrency: int = 256,
     ) -> None:
-        self.engine = engine if engine is not None else WorkerEngine(name="grpc")
-        self.security = security if security is not None else NetworkExecutorSecurity()
+        self.worker = WorkerService(
+            engine, name="grpc", security=security, allow_remote_shutdown=allow_remote_shutdown,
+            max_command_bytes=max_message_bytes, max_runs_per_session=max_runs_per_session,
+            max_concurrency=max_concurrency,
+        )
         self.send_method = send_method
         self.stream_method = stream_method
         self.session_method = session_method
-        self.allow_remote_shutdown = allow_remote_shutdown
-        self._waiting: set[Callable[[], None]] = set()
+        self._calls: set[asyncio.Task[Any]] = set()
+
+    @property
+    def engine(self) -> WorkerEngine:
+        return self.worker.engine
+
+    @property
+    def security(self) -> NetworkExecutorSecurity:
+        return self.worker.security
+
+    @property
+    def allow_remote_shutdown(self) -> bool:
+        return self.worker.allow_remote_shutdown
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
-        """Generic handlers to pass to ``server.add_generic_rpc_handlers``."""
+        """Generic handlers to pass to ``server.add_generic_rpc_handlers``.
+
+        ``Session`` (bidirectional): authenticated once, at call start (signed over the
+        method path and an empty body, like a WebSocket handshake); then the server
+        confirms the method with the initial metadata :data:`SESSION_CONFIRMATION` before
+        it reads any command. Each request message is one command or a JSON list of
+        commands; each response message is ``{"events": [...]}`` with the events that were
+        ready. A command that does not decode is answered with a ``task_error`` (or a
+        ``log``) on the session; nothing runs for it. While the client leaves
+        ``max_pending_events`` events unread, no further command is read. After the
+        client finished writing, the call ends (OK) once its runs have their terminal
+        events. On a drain the call sends every event until each run has its terminal
+        event, then ends with OK; runs the drain left for re-delivery (``requeue``) have
+        none: the call then ends with ``UNAVAILABLE`` naming them, after all the other
+        events, so their client delivers them again elsewhere.
+        """
         import grpc
 
-        def handler(path: str) -> tuple[str, str]:
-            service, method = path.lstrip("/").rsplit("/", 1)
-            return service, method
-
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-        service, method = handler(self.send_method)
-        by_service.setdefault(service, {})[method] = grpc.unary_unary_rpc_method_handler(self._send)
-        service, method = handler(self.stream_method)
-        by_service.setdefault(service, {})[method] = grpc.unary_stream_rpc_method_handler(self._stream)
+
+        def add(path: str, handler: grpc.RpcMethodHandler) -> None:
+            service, method = path.lstrip("/").rsplit("/", 1)
+            by_service.setdefault(service, {})[method] = handler
+
+        add(self.send_method, grpc.unary_unary_rpc_method_handler(self._send))
+        add(self.stream_method, grpc.unary_stream_rpc_method_handler(self._stream))
         if self.session_method:
-            service, method = handler(self.session_method)
-            by_service.setdefault(service, {})[method] = grpc.stream_stream_rpc_method_handler(self._session)
+            add(self.session_method, grpc.stream_stream_rpc_method_handler(self._session))
         return [grpc.method_handlers_generic_handler(name, methods) for name, methods in by_service.items()]
 
     async def close(self, grace: float = 5.0) -> None:
-        """Shut the engine down (runs end by orphan policy) and release waiting calls.
+        """Drain (:meth:`wove.session.WorkerService.drain`): runs finish within ``grace``
+        seconds, the rest end by orphan policy; every call sends its last events and ends
+        (``UNAVAILABLE`` for a call still waiting for a ``requeue`` run's terminal event)."""
+        await self.worker.drain(grace)
+        calls = {call for call in self._calls if call is not asyncio.current_task()}
+        if calls:
+            await asyncio.wait(calls, timeout=CLOSE_TIMEOUT)
 
-        Calls still waiting after the engine stopped (runs with orphan policy
-        ``requeue``) end with ``UNAVAILABLE`` so their clients deliver them again.
-        """
-        await self.engine.shutdown(grace=grace)
-        for closer in list(self._waiting):
-            closer()
-
-    # -- request checks ---------------------------------------------------------
-    async def _admit(self, request: bytes, context: grpc.aio.ServicerContext, method: str) -> dict[str, Any]:
-        """Verify the metadata, then decode the command (aborting the call on failure)."""
-        import grpc
-
-        await self._authorize(request, context, method)
+    # -- calls ------------------------------------------------------------------
+    async def _open(self, context: grpc.aio.ServicerContext, method: str, request: bytes) -> WorkerSession:
+        """Verify the call (metadata, size), then start its session."""
         try:
-            return decode_command(request)
-        except ProtocolError as exc:
-            run = getattr(exc, "run_id", None)
-            where = f" for run {run}" if run else ""
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed Wove command{where}: {exc}")
-            raise  # unreachable: abort raises
+            self.worker.authenticate(tuple(context.invocation_metadata() or ()), transport="grpc", target=method,
+                                     body=request)
+        except Rejected as exc:
+            await _refuse(context, exc)
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+        return self.worker.session(str(context.peer()))
 
-    async def _authorize(self, request: bytes, context: grpc.aio.ServicerContext, method: str) -> None:
-        """Verify the call's metadata: UNAUTHENTICATED / PERMISSION_DENIED abort the call."""
-        import grpc
-
-        if self.security.mode != "none":
-            metadata = tuple(context.invocation_metadata() or ())
-            try:
-                self.security.verify_metadata(metadata=metadata, transport="grpc", target=method, body=request)
-            except MissingCredentialsError as exc:
-                # the fact only: the client adds the one fix (a Wove 2.x client shows this as is)
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-            except PermissionError as exc:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"Request rejected: {exc}")
-
-    async def _control(self, frame: dict[str, Any]) -> None:
-        if frame["type"] == "cancel_task":
-            self.engine.cancel(str(frame.get("run_id")))
-        elif self.allow_remote_shutdown:
-            await self.engine.submit(frame, lambda _event: None)
-        else:
-            logger.info("grpc worker: ignoring a client's shutdown command (allow_remote_shutdown is off)")
-
-    def _release(self, frame: dict[str, Any], finished: bool) -> None:
-        """A call ended before its run did (client cancelled or disconnected)."""
-        if finished:
-            return
-        policy = (frame.get("delivery") or {}).get("delivery_orphan_policy")
-        if policy != "detach":
-            self.engine.cancel(str(frame["run_id"]))
-
-    # -- handlers ---------------------------------------------------------------
     async def _send(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        frame = await self._admit(request, context, self.send_method)
-        if frame["type"] != "run_task":
-            await self._control(frame)
-            return _EMPTY_REPLY
-        encoded: list[bytes] = []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def sink(event: dict[str, Any]) -> None:
-            kind = event.get("type")
-            if kind == "heartbeat":
-                return
-            encoded.append(encode_event(event))
-            if kind in TERMINAL_EVENTS and not done.done():
-                done.set_result(None)
-
-        def closer() -> None:
-            if not done.done():
-                done.set_exception(_Closing())
-
-        self._waiting.add(closer)
+        session = await self._open(context, self.send_method, request)
         try:
-            await self.engine.submit(frame, sink)
-            await done
-        except _Closing:
-            await self._abort_closing(context, frame)
+            try:
+                await session.receive(request, strict=True, strict_runs=True)
+            except Rejected as exc:
+                await _refuse(context, exc)
+            events: list[dict[str, Any]] = []
+            while True:
+                events += session.take_events(heartbeats=False)
+                if not session.active:
+                    return encode_events(events, "envelope")
+                if session.ended:
+                    await _unavailable(context, session)
+                await session.wait()
         finally:
-            self._waiting.discard(closer)
-            self._release(frame, done.done() and done.exception() is None)
-        return b'{"events":[' + b",".join(encoded) + b"]}"
+            session.connection_lost()  # the call ended (or the client went away): the one disconnect rule
 
     async def _stream(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        frame = await self._admit(request, context, self.stream_method)
-        if frame["type"] != "run_task":
-            await self._control(frame)
-            return
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-        def closer() -> None:
-            queue.put_nowait(None)
-
-        finished = False
-        self._waiting.add(closer)
+        session = await self._open(context, self.stream_method, request)
         try:
-            await self.engine.submit(frame, queue.put_nowait)
-            while not finished:
-                event = await queue.get()
-                if event is None:
-                    raise _Closing
-                finished = event.get("type") in TERMINAL_EVENTS
-                yield encode_event(event)
-        except _Closing:
-            await self._abort_closing(context, frame)
-        finally:
-            self._waiting.discard(closer)
-            self._release(frame, finished)
-
-    async def _session(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        """Session extension (bidirectional): many commands and events on one call.
-
-        Authenticated once, at call start (signed over the method path and an empty
-        body, like a WebSocket handshake); then the server confirms the method with the
-        initial metadata :data:`SESSION_CONFIRMATION` before it reads any command. Each
-        request message is one command or a JSON list of commands; each response message
-        is ``{"events": [...]}`` with the events that were ready. A command that does not
-        decode is answered with a ``task_error`` (or a ``log``) on the session; nothing
-        runs for it.
-
-        Drain (:meth:`close`): the engine ends every run by its orphan policy (``detach``
-        runs finish within the grace, then are cancelled with ``task_cancelled``); the
-        session keeps sending every event until each of its runs has its terminal event,
-        then ends the call with OK. Runs the engine dropped for re-delivery (``requeue``)
-        have none: the call then ends with ``UNAVAILABLE`` naming them, after all the
-        other events, so their client delivers them again elsewhere.
-        """
-        assert self.session_method is not None
-        await self._authorize(b"", context, self.session_method)
-        await context.send_initial_metadata(SESSION_CONFIRMATION)
-        out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        live: dict[str, tuple[str, str | None]] = {}  # run_id -> (task_id, orphan policy)
-        closing: list[bool] = []
-        ended: list[BaseException | None] = []
-
-        def sink(event: dict[str, Any]) -> None:
-            if event.get("type") in TERMINAL_EVENTS:
-                live.pop(str(event.get("run_id")), None)
-            out.put_nowait(encode_event(event))
-
-        async def read() -> None:
             try:
-                async for message in requests:
-                    try:
-                        parsed = parse_json(message)
-                    except ProtocolError as exc:
-                        self.engine.reject(exc, sink)
-                        continue
-                    for command in parsed if isinstance(parsed, list) else [parsed]:
-                        try:
-                            frame = decode_command(command)
-                        except ProtocolError as exc:
-                            self.engine.reject(exc, sink)
-                            continue
-                        if frame["type"] == "run_task":
-                            policy = (frame.get("delivery") or {}).get("delivery_orphan_policy")
-                            live[frame["run_id"]] = (str(frame.get("task_id")), policy)
-                            await self.engine.submit(frame, sink)
-                        else:
-                            await self._control(frame)
-            except Exception as exc:
-                ended.append(exc)
-            finally:
-                ended.append(None)
-                out.put_nowait(None)  # the client finished sending
-
-        def closer() -> None:
-            # called once the engine has shut down: every terminal event it will send is queued
-            closing.append(True)
-            out.put_nowait(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        self._waiting.add(closer)
-        try:
+                await session.receive(request, strict=True, strict_runs=True)
+            except Rejected as exc:
+                await _refuse(context, exc)
             while True:
-                item = await out.get()
-                batch = [] if item is None else [item]
-                while not out.empty():
-                    more = out.get_nowait()
-                    if more is not None:
-                        batch.append(more)
-                if batch:
-                    yield b'{"events":[' + b",".join(batch) + b"]}"
-                if not out.empty():
-                    continue  # events queued while that batch was written go first
-                if closing:
-                    self._end_leftovers(live, sink)
-                    if not out.empty():
-                        continue
-                    if live:
-                        await self._abort_closing(context, {"run_id": ", ".join(live)})
+                for message in session.data_to_send("each"):
+                    yield message
+                if session.events_pending:
+                    continue  # events that came while those were written go first
+                if not session.active:
                     return
-                if ended and not live:
-                    if ended[0] is not None:
-                        raise ended[0]
-                    return
+                if session.ended:
+                    await _unavailable(context, session)
+                await session.wait()
         finally:
-            self._waiting.discard(closer)
-            reader.cancel()
-            for run_id, (_task_id, policy) in list(live.items()):
-                if policy != "detach":
-                    self.engine.cancel(run_id)
+            session.connection_lost()
 
-    def _end_leftovers(self, live: dict[str, tuple[str, str | None]], sink: Callable[[dict[str, Any]], None]) -> None:
-        """After the engine shut down: a run still without its terminal event gets one.
-
-        ``requeue`` runs are left for the client to deliver again. Any other run (one
-        that was admitted while the engine was shutting down) is cancelled now, with
-        ``task_cancelled``.
-        """
-        for run_id, (task_id, policy) in list(live.items()):
-            if policy == "requeue":
-                continue
-            if not self.engine.cancel(run_id):  # the engine reports task_cancelled itself
-                sink({"type": "task_cancelled", "run_id": run_id, "task_id": task_id})
-
-    @staticmethod
-    async def _abort_closing(context: grpc.aio.ServicerContext, frame: dict[str, Any]) -> None:
+    async def _session(self, requests: AsyncIterator[bytes],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """The Session method (see :meth:`handlers`)."""
         import grpc
 
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            f"The worker service is shutting down; run {frame.get('run_id')} did not finish here.",
-        )
+        assert self.session_method is not None
+        if self.worker.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "The worker service is shutting down; "
+                                "deliver the runs to another worker.")
+        session = await self._open(context, self.session_method, b"")
+        await context.send_initial_metadata(SESSION_CONFIRMATION)
+        reader = asyncio.get_running_loop().create_task(_read(session, requests))
+        try:
+            while True:
+                await session.wait()
+                for message in session.data_to_send("envelope"):
+                    yield message
+                if session.events_pending:
+                    continue  # events that came while that message was written go first
+                if session.ended or (reader.done() and not session.active):
+                    break
+            failure = reader.exception() if reader.done() and not reader.cancelled() else None
+            if isinstance(failure, Rejected):
+                await _refuse(context, failure)
+            if session.runs:
+                await _unavailable(context, session)
+        finally:
+            reader.cancel()
+            session.connection_lost()
+
+
+async def _read(session: WorkerSession, requests: AsyncIterator[bytes]) -> None:
+    """Hand each Session message to the session; pause while the client does not read its
+    events. The client finished writing and nothing runs: the conversation is over."""
+    messages = requests.__aiter__()
+    try:
+        while not session.ended:
+            await session.wait_readable()
+            try:
+                message = await messages.__anext__()
+            except StopAsyncIteration:
+                break
+            await session.receive(message)
+    except BaseException:
+        session.connection_lost()  # ends the session: the writer sends what is left, the call fails
+        raise
+    if not session.active:
+        session.connection_lost()
+
+
+async def _refuse(context: grpc.aio.ServicerContext, rejected: Rejected) -> NoReturn:
+    """End the call with the status of :data:`REJECTED_STATUS`. The details say what was
+    wrong; the client adds the fix (a Wove 2.x client shows the details as they are)."""
+    import grpc
+
+    await context.abort(getattr(grpc.StatusCode, REJECTED_STATUS[rejected.reason]), rejected.detail)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+async def _unavailable(context: grpc.aio.ServicerContext, session: WorkerSession) -> NoReturn:
+    """The service drained while runs of this call had no terminal event (``requeue``)."""
+    import grpc
+
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE,
+        f"The worker service is shutting down; run {', '.join(session.runs)} did not finish here.",
+    )
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 @dataclass(eq=False)
@@ -434,9 +385,15 @@ class GrpcWorkerServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def worker(self) -> WorkerService:
+        """The :class:`~wove.session.WorkerService` behind the handlers."""
+        return self.service.worker
+
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop gracefully: runs end by orphan policy within ``grace`` seconds, then the
-        server stops (remaining calls are cancelled)."""
+        """Drain (:meth:`GrpcWorkerService.close`): runs in flight finish within ``grace``
+        seconds, the rest end by orphan policy with a terminal event to their calls; then
+        the server stops (calls still open are cancelled)."""
         if self._stopped:
             return
         self._stopped = True
@@ -459,6 +416,7 @@ async def start_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     options: list[tuple[str, Any]] | None = None,
     allow_remote_shutdown: bool = False,
+    max_runs_per_session: int = 10_000,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
@@ -478,6 +436,7 @@ async def start_server(
         max_message_bytes: largest accepted request and sent response.
         options: extra grpc server options; one named like a default replaces it.
         allow_remote_shutdown: obey a client's ``shutdown`` command.
+        max_runs_per_session: runs one Session call may have in progress.
         handshake_timeout: seconds a new connection may take to complete its TLS and
             HTTP/2 setup (``grpc.server_handshake_timeout_ms``); a TCP connection that
             sends nothing is closed after it. ``None``: off.
@@ -494,7 +453,9 @@ async def start_server(
     Raises:
         ImportError: grpcio is not installed.
         ValueError: only one of certfile/keyfile, a client CA without TLS, an unreadable
-            file, a timeout that is not a positive number, or the address cannot be bound.
+            file, a timeout that is not a positive number, or the address cannot be bound;
+            an invalid security configuration or limit.
+        RuntimeError: a security environment variable is not set.
     """
     try:
         import grpc
@@ -511,8 +472,8 @@ async def start_server(
         keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout,
         max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
     )
-    verifier = NetworkExecutorSecurity.from_config(security).resolve()
-    service = GrpcWorkerService(engine, security=verifier, allow_remote_shutdown=allow_remote_shutdown)
+    service = GrpcWorkerService(engine, security=security, allow_remote_shutdown=allow_remote_shutdown,
+                                max_message_bytes=max_message_bytes, max_runs_per_session=max_runs_per_session)
     merged = dict(defaults)
     merged.update(options or [])  # a caller's option replaces the default of the same name
     server = grpc.aio.server(options=list(merged.items()))
@@ -548,42 +509,40 @@ async def serve(engine: WorkerEngine | None = None, *, grace: float = 5.0, **kwa
         await running.stop(grace)
 
 
-_CLI_TIMEOUTS = ("handshake_timeout", "idle_timeout", "keepalive_interval", "keepalive_timeout",
-                 "max_connection_age", "max_connection_age_grace")
+#: start_server's connection timeouts that ``wove worker grpc`` has flags for (plugin.py).
+CLI_TIMEOUTS = ("handshake_timeout", "idle_timeout", "keepalive_interval", "keepalive_timeout",
+                "max_connection_age", "max_connection_age_grace")
 
 
-async def _serve_cli(args: argparse.Namespace) -> int:
-    from wove.cli import announce_listening
+def run(args: argparse.Namespace) -> int:
+    """``wove worker grpc``: serve until SIGINT/SIGTERM, then drain (:mod:`wove.serve`)."""
+    from wove.serve import run_service
 
-    engine = WorkerEngine(max_concurrency=args.max_concurrency, name="grpc")
-    running = await start_server(
-        engine,
-        host=args.host,
-        port=args.port,
-        security=args.security,
-        certfile=args.certfile,
-        keyfile=args.keyfile,
-        client_ca=args.client_ca,
-        max_message_bytes=args.max_body_bytes,
-        # connection timeouts, when the CLI offers flags for them (start_server documents them)
-        **{name: getattr(args, name) for name in _CLI_TIMEOUTS if getattr(args, name, None) is not None},
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-    announce_listening(running.target)
-    try:
-        await stop.wait()
-    finally:
-        await running.stop(args.grace)
-    return 0
+    running: list[GrpcWorkerServer] = []
+
+    async def start() -> str:
+        server = await start_server(
+            WorkerEngine(max_concurrency=args.max_concurrency, name="grpc"),
+            host=args.host,
+            port=args.port,
+            security=args.security,
+            certfile=getattr(args, "certfile", None),
+            keyfile=getattr(args, "keyfile", None),
+            client_ca=getattr(args, "client_ca", None),
+            max_message_bytes=args.max_body_bytes,
+            allow_remote_shutdown=getattr(args, "allow_remote_shutdown", False),
+            max_runs_per_session=getattr(args, "max_runs_per_session", 10_000),
+            **{name: getattr(args, name) for name in CLI_TIMEOUTS if hasattr(args, name)},
+        )
+        running.append(server)
+        return server.target
+
+    async def stop(grace: float) -> None:
+        for server in running:
+            await server.stop(grace)
+
+    return run_service("grpc", start, stop, grace=getattr(args, "grace", 10.0))
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """``wove worker grpc``: serve until SIGINT/SIGTERM, then stop gracefully."""
-    try:
-        return asyncio.run(_serve_cli(args))
-    except KeyboardInterrupt:
-        return 0
+#: The runner's former name.
+run_cli = run
