@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -85,6 +86,13 @@ DEFAULT_MAX_RUNS_PER_SESSION = 10_000
 Framing = Literal["envelope", "list", "lines", "each"]
 
 _PROGRESS = frozenset({"task_started", "heartbeat"})
+_HEAD = 4096
+
+
+def _field(head: bytes, name: str) -> str | None:
+    """A string field near the start of a JSON object, found without parsing the whole."""
+    match = re.search(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,512})"', head)
+    return match.group(1).decode("utf-8", "replace") if match else None
 _KEEP_ON_DISCONNECT = frozenset({"requeue", "detach"})
 
 
@@ -194,9 +202,11 @@ class WorkerService:
     def check_size(self, size: int) -> None:
         """Raises :class:`Rejected` (``too_large``) for a command over ``max_command_bytes``."""
         if size > self.max_command_bytes:
-            raise Rejected("too_large", (
-                f"Command of {size} bytes exceeds this worker's limit of {self.max_command_bytes} bytes; "
-                "start the worker with a larger --max-body-bytes or send smaller arguments."))
+            raise Rejected("too_large", self._too_large_message(size))
+
+    def _too_large_message(self, size: int) -> str:
+        return (f"Command of {size} bytes exceeds this worker's limit of {self.max_command_bytes} bytes; "
+                "start the worker with a larger --max-body-bytes or send smaller arguments.")
 
     def _checked(self, check: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -308,7 +318,11 @@ class WorkerSession:
                 the same way instead of answered with that run's ``task_error`` (a shell
                 that answers each call with one status: gRPC ``Send``/``Stream``).
         """
-        self.service.check_size(len(data))
+        if len(data) > self.service.max_command_bytes:
+            if strict:
+                self.service.check_size(len(data))
+            self._too_large(data)
+            return
         try:
             parsed = parse_json(data)
         except ProtocolError as exc:
@@ -353,6 +367,19 @@ class WorkerSession:
                              delivery.get("delivery_idempotency_key") is not None)
         await service.engine.submit(frame, self._sink)
 
+    def _too_large(self, data: bytes | bytearray | memoryview | str) -> None:
+        """Refuse an oversized command without decoding it; the run it names (read from the
+        head of the JSON, where the codec writes ``run_id`` and ``task_id``) gets the error."""
+        message = self.service._too_large_message(len(data))
+        head = bytes(data[:_HEAD]) if not isinstance(data, str) else data[:_HEAD].encode("utf-8", "replace")
+        run_id, task_id = (_field(head, name) for name in ("run_id", "task_id"))
+        logger.warning("%s worker: refused a command from %s: %s", self.service.name, self.peer, message)
+        if run_id is None:
+            self._deliver({"type": "log", "message": f"Worker {self.service.name}: {message}"})
+        else:
+            self._deliver(error_event(run_id, task_id or run_id.split(":")[0], kind="CommandTooLarge",
+                                      message=f"Run {run_id}: {message}", source="executor"))
+
     def _malformed(self, exc: ProtocolError, strict: bool) -> None:
         if strict:
             raise Rejected("bad_request", f"Not a Wove command: {exc}")
@@ -379,22 +406,24 @@ class WorkerSession:
     def events_pending(self) -> bool:
         return bool(self._pending)
 
-    def take_events(self, *, heartbeats: bool = True) -> list[dict[str, Any]]:
+    def take_events(self, *, heartbeats: bool = True, superseded: bool = False) -> list[dict[str, Any]]:
         """The events ready for the client, oldest first; a ``task_started`` or
         ``heartbeat`` whose run's terminal event is among them is left out (it says
-        nothing the terminal does not), and so are heartbeats when ``heartbeats`` is False
-        (a shell that answers once, at the end)."""
+        nothing the terminal does not) unless ``superseded`` is True (a wire format whose
+        answers always carried them: HTTP), and so are heartbeats when ``heartbeats`` is
+        False (a shell that answers once, at the end)."""
         events, self._pending = self._pending, []
         self._wake.clear()
         self._readable.set()
-        finished = {e.get("run_id") for e in events if e.get("type") in TERMINAL_EVENTS} if len(events) > 1 else ()
+        finished = {e.get("run_id") for e in events if e.get("type") in TERMINAL_EVENTS} \
+            if len(events) > 1 and not superseded else ()
         if finished or not heartbeats:
             events = [e for e in events if not (
                 (e.get("type") in _PROGRESS and e.get("run_id") in finished)
                 or (not heartbeats and e.get("type") == "heartbeat"))]
         return events
 
-    def data_to_send(self, framing: Framing = "list", *, heartbeats: bool = True,
+    def data_to_send(self, framing: Framing = "list", *, heartbeats: bool = True, superseded: bool = False,
                      max_message_bytes: int | None = None, max_events_per_message: int = 64) -> list[bytes]:
         """Encode the ready events as messages (see :data:`Framing`); an event that cannot
         be encoded is a ``task_error`` naming its task (never a lost terminal event).
@@ -402,7 +431,7 @@ class WorkerSession:
         ``list`` framing splits into messages of at most ``max_events_per_message`` events
         and, past the first event, ``max_message_bytes``.
         """
-        events = self.take_events(heartbeats=heartbeats)
+        events = self.take_events(heartbeats=heartbeats, superseded=superseded)
         if not events:
             return []
         if framing in ("envelope", "lines"):
