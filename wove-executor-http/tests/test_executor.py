@@ -269,10 +269,10 @@ async def test_httpx_transport_works_too(worker: Worker) -> None:
         assert await runtime.call_with("w", tasks.sleep, (0.6,), delivery_heartbeat_seconds=0.3) == "slept"
 
 
-async def test_sigterm_cancels_running_runs_and_exits() -> None:
+async def test_sigterm_cancels_runs_that_outlive_the_grace_and_exits_0() -> None:
     from wove.testing import collect_events
 
-    service = Worker()
+    service = Worker("--grace", "0.5")  # a 5 s run outlives the drain's grace
     executor = HttpEnvironmentExecutor()
     await executor.start(environment_name="e", environment_config={"url": service.url}, run_config={})
     try:

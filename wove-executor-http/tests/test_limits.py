@@ -75,7 +75,7 @@ async def test_credentials_are_checked_before_the_body_is_read(signed_worker: Wo
         await writer.drain()
         assert await _status(reader) == expected
         body = await asyncio.wait_for(reader.read(), 10)  # the worker closes: it wants no body
-        assert b"rejected" in body
+        assert (b"Missing" if expected == 401 else b"rejected") in body  # the session's wording
     finally:
         writer.close()
 
@@ -139,7 +139,10 @@ async def test_idle_and_slow_header_connections_are_closed() -> None:
 
             dripping = asyncio.ensure_future(drip())
             try:
-                assert await asyncio.wait_for(reader.read(), 10) == b""
+                try:
+                    assert await asyncio.wait_for(reader.read(), 10) == b""
+                except ConnectionResetError:
+                    pass  # closed too: a drip written after the server's close is answered with a reset
             finally:
                 dripping.cancel()
                 await asyncio.gather(dripping, return_exceptions=True)

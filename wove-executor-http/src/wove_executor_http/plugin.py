@@ -47,11 +47,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """``wove worker http``: serve the worker engine with uvicorn until SIGINT/SIGTERM."""
-    import signal
+    """``wove worker http``: serve with uvicorn until SIGINT/SIGTERM, then drain
+    (:func:`wove.serve.run_service`: runs in flight finish within ``--grace``, the rest end
+    with a terminal event, exit 0; a second signal exits at once)."""
     import ssl
 
-    from .server import bind_socket, create_app, make_server, url_for, uvicorn_config
+    from wove.serve import bind_socket, run_service
+
+    from .server import create_app, start_server, url_for, uvicorn_config
 
     if args.keyfile and not args.certfile:
         print("wove worker http: --keyfile needs --certfile.", file=sys.stderr)
@@ -66,32 +69,32 @@ def run_worker(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"wove worker http: {exc}", file=sys.stderr)
         return 2
-    port = sock.getsockname()[1]
     tls = bool(args.certfile)
-    options: dict[str, Any] = {"timeout_graceful_shutdown": args.grace + 5}
+    # connections only finish sending once the drain ended every run
+    options: dict[str, Any] = {"timeout_graceful_shutdown": 5}
     if tls:
         options.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
         if args.ca_certs:
             options.update(ssl_ca_certs=args.ca_certs, ssl_cert_reqs=ssl.CERT_REQUIRED)
-    url = url_for(args.host, port, app.path, tls=tls)
-    try:
+    url = url_for(args.host, sock.getsockname()[1], app.path, tls=tls)
+    serving: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start() -> str:
         config = uvicorn_config(app, **options)
-        server = make_server(app, config, on_ready=lambda: _announce(url))
-        # uvicorn re-raises the stop signal after its graceful shutdown; once the engine
-        # has ended its runs, exiting with status 0 is the accurate answer.
-        for stop_signal in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop_signal, lambda *_: None)
-        server.run(sockets=[sock])
+        config.load()  # reads the TLS files: a bad one fails here, before the ready line
+        serving.append(await start_server(app, sock, config))
+        return url
+
+    async def stop(grace: float) -> None:
+        await app.drain(grace)
+        for server, task in serving:
+            server.should_exit = True
+            await task
+
+    try:
+        return run_service("http", start, stop, grace=args.grace)
     finally:
         sock.close()
-    return 0 if server.started else 1
-
-
-def _announce(url: str) -> None:
-    from wove.cli import announce_listening
-
-    announce_listening(url)
-    sys.stdout.flush()
 
 
 @hookimpl
@@ -111,23 +114,19 @@ async def serve_in_background(app: Any = None, *, host: str = "127.0.0.1", port:
     Raises:
         RuntimeError: the server did not start within 10 seconds.
     """
-    from .server import bind_socket, create_app, make_server, url_for, uvicorn_config
+    from wove.serve import bind_socket
+
+    from .server import create_app, start_server, url_for, uvicorn_config
 
     app = app or create_app()
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
-    server = make_server(app, uvicorn_config(app, **options))
-    server.capture_signals = contextlib.nullcontext  # the host program owns its signals
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if not server.started:
-            if task.done() and task.exception() is not None:
-                raise RuntimeError(f"HTTP worker service did not start: {task.exception()!r}")
-            raise RuntimeError("HTTP worker service did not start within 10 seconds.")
+        server, task = await start_server(app, sock, uvicorn_config(app, **options))
+    except BaseException:
+        sock.close()
+        raise
+    try:
         yield url_for(host, bound, app.path, tls="ssl_certfile" in options)
     finally:
         server.should_exit = True

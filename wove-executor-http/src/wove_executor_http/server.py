@@ -1,19 +1,22 @@
-"""The HTTP worker service: a raw ASGI application over :class:`wove.worker.WorkerEngine`.
+"""The HTTP worker service: a raw ASGI shell over :class:`wove.session.WorkerService`.
 
 ``create_app()`` returns an ASGI 3 application (no framework) that serves one command per
 ``POST`` at its path (default ``/wove``), mountable under Starlette, FastAPI or any ASGI
-router. ``wove worker http`` serves it with uvicorn (:func:`serve`).
+router. ``wove worker http`` serves it with uvicorn (:mod:`wove_executor_http.plugin`,
+through :func:`wove.serve.run_service`).
 
-Per request, in this order and before anything is unpickled:
+Each request is one :class:`~wove.session.WorkerSession`. Per request, in this order and
+before anything is unpickled:
 
-1. with security on, the headers alone are checked (``401`` when credentials are missing,
-   ``403`` for a wrong key id or token, or a bad, expired or future timestamp), before a
-   byte of the body is read, and the connection is closed;
+1. with security on, the headers alone are checked (:meth:`WorkerService.precheck
+   <wove.session.WorkerService.precheck>`: ``401`` when credentials are missing, ``403``
+   for a wrong key id or token, or a bad, expired or future timestamp), before a byte of
+   the body is read, and the connection is closed;
 2. the body is read up to ``max_body_bytes`` (``413`` beyond, without reading the rest),
    within ``body_timeout`` seconds (``408`` after that: a slow or stalled sender);
 3. the signature is verified on the raw bytes (``403`` when it is wrong or replayed);
-4. the command is decoded (``400`` for a body that is not JSON or not a command; a
-   ``run_task`` whose pickles fail answers ``200`` with that run's ``task_error``).
+4. the session decodes the command (``400`` for a body that is not JSON or not a command;
+   a ``run_task`` whose pickles fail answers ``200`` with that run's ``task_error``).
 
 Connections: served by uvicorn (:func:`uvicorn_config`), a connection must send complete
 request headers within ``header_timeout`` seconds of opening (or of the previous
@@ -24,32 +27,37 @@ A ``run_task`` answers with its events: NDJSON, one event per line as it happens
 ``application/x-ndjson``; otherwise one JSON body ``{"events": [...]}`` ending with the
 terminal event (what Wove 2.x clients read). ``cancel_task`` answers at once with
 ``{"events": []}``; the cancelled run's own response ends with ``task_cancelled``.
-``GET <path>/health`` (and ``/healthz``) reports liveness.
+``GET <path>/health`` (and ``/healthz``) reports liveness (``503`` while draining).
+
+What a client that goes away means for its run, ``shutdown`` commands, the drain and the
+limits are the session's rules, the same on every transport (:mod:`wove.session`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from wove.errors import ProtocolError
-from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, parse_json
-from wove.security import MissingCredentialsError, NetworkExecutorSecurity
+from wove.protocol import encode_events
+from wove.serve import bind_socket
+from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_KEEPALIVE_TIMEOUT", "DEFAULT_MAX_BODY_BYTES",
-    "DEFAULT_PATH", "WorkerApp", "create_app",
+    "DEFAULT_PATH", "WorkerApp", "bind_socket", "create_app", "make_server", "start_server", "url_for",
+    "uvicorn_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/wove"
-DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = DEFAULT_MAX_COMMAND_BYTES
 #: Seconds the whole request body may take to arrive after the headers.
 DEFAULT_BODY_TIMEOUT = 60.0
 #: Seconds a connection may take to send complete request headers.
@@ -66,23 +74,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _NDJSON_HEADERS = [(b"content-type", NDJSON.encode()), (b"cache-control", b"no-store")]
-_EMPTY_EVENTS = b'{"events":[]}'
-
-
-class _Stream:
-    """Events of one run on their way to one HTTP response."""
-
-    __slots__ = ("closed", "disconnected", "events", "wake")
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.wake = asyncio.Event()
-        self.closed = False
-        self.disconnected = False
-
-    def sink(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-        self.wake.set()
+_CLOSE = (b"connection", b"close")
 
 
 class WorkerApp:
@@ -97,12 +89,17 @@ class WorkerApp:
         path: URL path of the command endpoint (relative to the mount point).
         allow_remote_shutdown: obey ``shutdown`` commands (default False: a worker
             service is shared, so one client must not stop it; the command is ignored).
-        shutdown_grace: seconds ``detach`` runs may take to finish on shutdown.
+        shutdown_grace: seconds ``detach`` runs may take to finish on :meth:`shutdown`,
+            and the default grace of :meth:`drain`.
         body_timeout: seconds the request body may take to arrive once the headers are
             in (``408`` after that); None for no limit.
         header_timeout: seconds a connection may take to send complete request headers
             (applied by :func:`uvicorn_config`; a mounting server applies its own).
         keepalive_timeout: seconds an idle keep-alive connection stays open (likewise).
+
+    Attributes:
+        service: the :class:`~wove.session.WorkerService` (engine, security, limits,
+            rules); ``engine`` and ``security`` are its.
 
     Raises:
         ValueError / TypeError: invalid security configuration or limits.
@@ -123,7 +120,7 @@ class WorkerApp:
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     ) -> None:
-        if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}.")
         for name, value in (("body_timeout", body_timeout), ("header_timeout", header_timeout),
                             ("keepalive_timeout", keepalive_timeout)):
@@ -133,35 +130,50 @@ class WorkerApp:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
         if not isinstance(path, str) or (path and not path.startswith("/")):
             raise ValueError(f"path must start with '/', got {path!r}.")
-        self.security = NetworkExecutorSecurity.from_config(security).resolve()
-        self.engine = engine or WorkerEngine(max_concurrency=max_concurrency, name="http")
-        self.max_body_bytes = max_body_bytes
+        self.service = WorkerService(
+            engine, name="http", security=security, max_concurrency=max_concurrency,
+            max_command_bytes=max_body_bytes, allow_remote_shutdown=allow_remote_shutdown, grace=shutdown_grace,
+        )
         self.path = path.rstrip("/")
-        self.allow_remote_shutdown = allow_remote_shutdown
-        self.shutdown_grace = shutdown_grace
         self.body_timeout = None if body_timeout is None else float(body_timeout)
         self.header_timeout = float(header_timeout)
         self.keepalive_timeout = float(keepalive_timeout)
-        self._streams: set[_Stream] = set()
-        self._shutdown: asyncio.Task[None] | None = None
+        self._challenge = b"Bearer" if self.service.security.mode == "bearer" else b"Wove-HMAC"
+
+    @property
+    def engine(self) -> WorkerEngine:
+        return self.service.engine
+
+    @property
+    def security(self) -> Any:
+        return self.service.security
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.service.max_command_bytes
+
+    @property
+    def allow_remote_shutdown(self) -> bool:
+        return self.service.allow_remote_shutdown
+
+    @property
+    def shutdown_grace(self) -> float:
+        return self.service.grace
 
     # -- lifecycle -------------------------------------------------------------
+    async def drain(self, grace: float | None = None) -> None:
+        """The graceful stop (:meth:`wove.session.WorkerService.drain`): accept no new runs,
+        let running ones finish within ``grace`` seconds (default ``shutdown_grace``), end
+        the rest by orphan policy; every open response then ends (``requeue`` runs without
+        a terminal event, so their clients deliver them again). Safe to call more than once."""
+        await self.service.drain(grace)
+
     async def shutdown(self, policy: str | None = None) -> None:
-        """Stop accepting runs and end running ones by their orphan policy.
-
-        Open responses whose run ended without a terminal event (policy ``requeue``)
-        are closed, so their clients re-deliver. Safe to call more than once.
-        """
-        if self._shutdown is None:
-            self._shutdown = asyncio.ensure_future(self._do_shutdown(policy))
-        await asyncio.shield(self._shutdown)
-
-    async def _do_shutdown(self, policy: str | None) -> None:
-        logger.info("http worker: shutting down (%d runs active)", self.engine.active)
-        await self.engine.shutdown(policy, grace=self.shutdown_grace)
-        for stream in list(self._streams):
-            stream.closed = True
-            stream.wake.set()
+        """Stop accepting runs and end running ones by their orphan policy now
+        (:meth:`wove.session.WorkerService.shutdown`; ``detach`` runs may finish within
+        ``shutdown_grace``). After a :meth:`drain` it only waits for the drain. Safe to call
+        more than once."""
+        await self.service.shutdown(policy)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -196,66 +208,83 @@ class WorkerApp:
                 await _respond(send, 405, {"error": f"Use GET for health checks; got {method}."},
                                extra=[(b"allow", b"GET, HEAD")])
                 return
-            status = "closing" if self.engine.closing else "ok"
-            await _respond(send, 503 if self.engine.closing else 200,
-                           {"status": status, "active": self.engine.active})
+            await _respond(send, 503 if self.service.closing else 200, self.service.health())
         else:
             await _respond(send, 404, {"error": f"No Wove endpoint at {route!r}; POST commands to {self.path or '/'}."})
 
     async def _command(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.service
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        secured = self.security.mode != "none"
-        if secured:
-            try:  # from the headers alone: an anonymous or forged body is never read
-                self.security.precheck_headers(headers)
-            except PermissionError as exc:
-                await self._reject(scope, send, exc, before_body=True)
-                return
-        body = await self._read_body(headers, receive, send)
-        if body is None:
+        try:
+            service.precheck(headers)  # from the headers alone: an anonymous or forged body is never read
+        except Rejected as exc:
+            await self._refuse(send, exc, close=True)  # the unread body is not wanted: close
             return
-        if secured:
+        try:
+            body = await self._read_body(headers, receive, send)
+            if body is None:
+                return
+            service.authenticate(headers, transport="http", target=_signed_target(scope), body=body)
+        except Rejected as exc:
+            await self._refuse(send, exc, close=exc.reason == "too_large")
+            return
+        session = service.session(_client(scope))
+        try:
             try:
-                self.security.verify_headers(headers=headers, transport="http", target=_signed_target(scope), body=body)
-            except PermissionError as exc:
-                await self._reject(scope, send, exc, before_body=False)
+                await session.receive(body, strict=True)
+            except Rejected as exc:
+                await self._refuse(send, exc, close=False)
                 return
-        try:
-            obj = parse_json(body)
-        except ProtocolError as exc:
-            await _respond(send, 400, {"error": str(exc)})
-            return
-        try:
-            frame = decode_command(obj)
-        except ProtocolError as exc:
-            if isinstance(obj, dict) and obj.get("type") == "run_task" and getattr(exc, "run_id", None):
-                stream = _Stream()
-                self.engine.reject(exc, stream.sink)
-                await _respond_events(send, stream.events, ndjson=NDJSON in headers.get("accept", ""))
-            else:
-                await _respond(send, 400, {"error": f"Not a Wove command: {exc}"})
-            return
-        frame_type = frame["type"]
-        if frame_type == "run_task":
-            await self._run(frame, receive, send, ndjson=NDJSON in headers.get("accept", ""))
-        elif frame_type == "cancel_task":
-            self.engine.cancel(frame["run_id"])
-            await _respond_raw(send, 200, _EMPTY_EVENTS)
-        else:  # shutdown
-            if self.allow_remote_shutdown:
-                asyncio.ensure_future(self.shutdown(frame.get("delivery_orphan_policy")))
-            else:
-                logger.info("http worker: ignored a shutdown command from %s (allow_remote_shutdown is off)",
-                            _client(scope))
-            await _respond_raw(send, 200, _EMPTY_EVENTS)
+            # a request that started runs (or answered one) gets NDJSON when it asked for it;
+            # cancel_task and shutdown always answer {"events": []}
+            ndjson = (session.active or session.events_pending) and NDJSON in headers.get("accept", "")
+            await self._answer(session, receive, send, ndjson=bool(ndjson))
+        finally:
+            session.connection_lost()  # the request is over: the one disconnect rule for what is left
 
-    async def _reject(self, scope: Scope, send: Send, exc: PermissionError, *, before_body: bool) -> None:
-        status = 401 if isinstance(exc, MissingCredentialsError) else 403
-        logger.warning("http worker: rejected a request from %s: %s", _client(scope), exc)
-        extra = [(b"www-authenticate", b"Wove-HMAC")] if status == 401 else []
-        if before_body:  # the unread body is not wanted: close instead of draining it
-            extra.append((b"connection", b"close"))
-        await _respond(send, status, {"error": f"Request rejected: {exc}"}, extra=extra)
+    async def _answer(self, session: WorkerSession, receive: Receive, send: Send, *, ndjson: bool) -> None:
+        """Send the session's events until its runs ended (or it did: drained, or the
+        client went away)."""
+        if session.active and not session.events_pending:
+            await asyncio.sleep(0)  # a quick async task is usually done by now
+        watcher: asyncio.Task[None] | None = None
+        started = False
+        collected: list[dict[str, Any]] = []
+        try:
+            while True:
+                done = not session.active or session.ended
+                if watcher is not None and watcher.done():
+                    return  # the client went away: nobody to answer
+                if ndjson:
+                    data = session.data_to_send("lines", superseded=True)
+                    chunk = data[0] if data else b""
+                    if not started:
+                        if done:  # the whole answer is known: one plain response
+                            await _respond_raw(send, 200, chunk, _NDJSON_HEADERS)
+                            return
+                        if chunk:
+                            await send({"type": "http.response.start", "status": 200, "headers": _NDJSON_HEADERS})
+                            started = True
+                    if chunk or done:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": not done})
+                else:
+                    collected.extend(session.take_events(heartbeats=False, superseded=True))
+                    if done:
+                        await _respond_raw(send, 200, encode_events(collected))
+                if done:
+                    return
+                if watcher is None:
+                    watcher = asyncio.ensure_future(_watch_disconnect(receive, session))
+                await session.wait()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _refuse(self, send: Send, exc: Rejected, *, close: bool) -> None:
+        extra = [(b"www-authenticate", self._challenge)] if exc.status == 401 else []
+        if close:
+            extra.append(_CLOSE)
+        await _respond(send, exc.status, {"error": str(exc)}, extra=extra)
 
     async def _read_body(self, headers: dict[str, str], receive: Receive, send: Send) -> bytes | None:
         if self.body_timeout is None:
@@ -267,10 +296,13 @@ class WorkerApp:
                 "error": f"The request body did not arrive within this worker's body_timeout of "
                          f"{self.body_timeout:g} seconds; send it faster, or start the worker with a larger "
                          "--body-timeout."
-            }, extra=[(b"connection", b"close")])
+            }, extra=[_CLOSE])
             return None
 
     async def _read_body_within(self, headers: dict[str, str], receive: Receive, send: Send) -> bytes | None:
+        """The body, or None when the client left or was answered; :class:`Rejected` when
+        it is (or is declared) over the limit, without reading the rest."""
+        check_size = self.service.check_size
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -278,9 +310,7 @@ class WorkerApp:
             except ValueError:
                 await _respond(send, 400, {"error": f"Invalid Content-Length {length[:32]!r}."})
                 return None
-            if declared > self.max_body_bytes:
-                await self._too_large(send, declared)
-                return None
+            check_size(declared)
         parts: list[bytes] = []
         size = 0
         while True:
@@ -290,97 +320,18 @@ class WorkerApp:
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)
-                if size > self.max_body_bytes:
-                    await self._too_large(send, size)
-                    return None
+                check_size(size)
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _too_large(self, send: Send, size: int) -> None:
-        await _respond(send, 413, {
-            "error": f"Request body of {size} bytes exceeds this worker's limit of {self.max_body_bytes} bytes; "
-                     "start the worker with a larger --max-body-bytes or send smaller arguments."
-        }, extra=[(b"connection", b"close")])
 
-    async def _run(self, frame: dict[str, Any], receive: Receive, send: Send, *, ndjson: bool) -> None:
-        stream = _Stream()
-        self._streams.add(stream)
-        watcher: asyncio.Task[None] | None = None
-        started = finished = False
-        collected: list[bytes] = []
-        try:
-            await self.engine.submit(frame, stream.sink)
-            if not stream.events:
-                await asyncio.sleep(0)  # a quick async task is usually done by now
-            while True:
-                if not stream.events:
-                    if stream.closed or stream.disconnected:
-                        break
-                    if watcher is None:
-                        watcher = asyncio.ensure_future(_watch_disconnect(receive, stream))
-                    stream.wake.clear()
-                    await stream.wake.wait()
-                    continue
-                batch, stream.events = stream.events, []
-                lines = []
-                for event in batch:
-                    finished = finished or event.get("type") in TERMINAL_EVENTS
-                    if ndjson or event.get("type") != "heartbeat":
-                        lines.append(encode_event(event))
-                if not ndjson:
-                    collected.extend(lines)
-                    if finished:
-                        break
-                    continue
-                chunk = b"\n".join(lines) + b"\n" if lines else b""
-                if not started:
-                    if finished:  # the whole answer is known: one plain response
-                        await _respond_raw(send, 200, chunk, _NDJSON_HEADERS)
-                        return
-                    await send({"type": "http.response.start", "status": 200, "headers": _NDJSON_HEADERS})
-                    started = True
-                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
-                if finished:
-                    return
-            if stream.disconnected and not finished:
-                self._abandon(frame)
-                return
-            if ndjson:
-                if started:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                else:
-                    await _respond_raw(send, 200, b"", _NDJSON_HEADERS)
-            else:
-                await _respond_raw(send, 200, b'{"events":[' + b",".join(collected) + b"]}")
-        except asyncio.CancelledError:
-            if not finished:
-                self._abandon(frame)
-            raise
-        finally:
-            self._streams.discard(stream)
-            if watcher is not None:
-                watcher.cancel()
-
-    def _abandon(self, frame: dict[str, Any]) -> None:
-        """The client went away before the terminal event."""
-        delivery = frame.get("delivery") or {}
-        keep = delivery.get("delivery_orphan_policy") in ("requeue", "detach") or delivery.get("delivery_idempotency_key")
-        if keep:  # a re-delivery attaches to the running execution (or its cached result)
-            logger.info("http worker: client left run %s; it keeps running (re-delivery attaches)", frame["run_id"])
-        else:
-            logger.info("http worker: client left run %s; cancelling it", frame["run_id"])
-            self.engine.cancel(frame["run_id"])
-
-
-async def _watch_disconnect(receive: Receive, stream: _Stream) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            stream.disconnected = True
-            stream.wake.set()
-            return
+async def _watch_disconnect(receive: Receive, session: WorkerSession) -> None:
+    """Until the client goes away, then the session's disconnect rule."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    session.connection_lost()
 
 
 def _route_path(scope: Scope) -> str:
@@ -421,14 +372,6 @@ async def _respond(send: Send, status: int, payload: Any, *, extra: list[tuple[b
     await _respond_raw(send, status, json.dumps(payload).encode(), [*_JSON_HEADERS, *(extra or ())])
 
 
-async def _respond_events(send: Send, events: list[dict[str, Any]], *, ndjson: bool) -> None:
-    encoded = [encode_event(e) for e in events]
-    if ndjson:
-        await _respond_raw(send, 200, b"".join(line + b"\n" for line in encoded), _NDJSON_HEADERS)
-    else:
-        await _respond_raw(send, 200, b'{"events":[' + b",".join(encoded) + b"]}")
-
-
 def create_app(
     *,
     security: Any = None,
@@ -445,32 +388,14 @@ def create_app(
     """Build the worker service's ASGI application (arguments as for :class:`WorkerApp`).
 
     Mount it in another ASGI app (``Mount("/workers", app=create_app(...))``); call
-    ``await app.shutdown()`` from the host application's lifespan shutdown, since
-    routers do not forward lifespan events to mounted apps.
+    ``await app.shutdown()`` (or ``await app.drain(grace)``) from the host application's
+    lifespan shutdown, since routers do not forward lifespan events to mounted apps.
     """
     return WorkerApp(
         security=security, engine=engine, max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
         path=path, allow_remote_shutdown=allow_remote_shutdown, shutdown_grace=shutdown_grace,
         body_timeout=body_timeout, header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
     )
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind a listening TCP socket (port 0 picks a free one).
-
-    Raises:
-        OSError: the address cannot be bound (in use, not local, no permission).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
 
 
 def url_for(host: str, port: int, path: str, *, tls: bool) -> str:
@@ -549,8 +474,9 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 
 
 def make_server(app: WorkerApp, config: Any, *, on_ready: Callable[[], None] | None = None) -> Any:
-    """A ``uvicorn.Server`` that shuts the engine down (by orphan policy) before it
-    drains connections, and calls ``on_ready`` once it listens."""
+    """A ``uvicorn.Server`` that ends the app's runs (by orphan policy; after a drain, it
+    only waits for the drain) before it closes connections, and calls ``on_ready`` once it
+    listens."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -564,3 +490,31 @@ def make_server(app: WorkerApp, config: Any, *, on_ready: Callable[[], None] | N
             await super().shutdown(sockets=sockets)
 
     return _Server(config)
+
+
+async def start_server(app: WorkerApp, sock: socket.socket, config: Any, *,
+                       timeout: float = 10.0) -> tuple[Any, asyncio.Task[None]]:
+    """Serve ``app`` on the bound ``sock`` in this event loop: a :func:`make_server`
+    uvicorn server as a task, without uvicorn's signal handlers (the host program, or
+    :func:`wove.serve.run_service`, owns the signals). Returns ``(server, task)`` once it
+    listens; set ``server.should_exit = True`` and await the task to stop it.
+
+    Raises:
+        RuntimeError: the server did not start (its error named) within ``timeout`` seconds.
+    """
+    ready = asyncio.Event()
+    server = make_server(app, config, on_ready=ready.set)
+    server.capture_signals = contextlib.nullcontext
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    waiting = asyncio.ensure_future(ready.wait())
+    await asyncio.wait({waiting, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if not server.started:
+        if task.done():
+            error = task.exception()
+            raise RuntimeError(f"HTTP worker service did not start: {error!r}" if error is not None
+                               else "HTTP worker service did not start (see its log).")
+        server.should_exit = True
+        task.cancel()
+        raise RuntimeError(f"HTTP worker service did not start within {timeout:g} seconds.")
+    return server, task
