@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import functools
 import http.client
-import inspect
 import logging
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from wove.errors import ProtocolError
-from wove.protocol import TERMINAL_EVENTS, decode_command, encode_event, error_event
-from wove.worker import WorkerEngine, is_async_callable
+from wove.protocol import TERMINAL_EVENTS, encode_event, error_event
+from wove.session import Rejected, WorkerService
+from wove.worker import WorkerEngine
 
 from ._callback_server import callback_headers, redact_callback_url
 
@@ -314,20 +311,6 @@ class _CallbackSink:
                            redact_callback_url(self.url), exc)
 
 
-def _in_executor(func: Callable[..., Any], executor: concurrent.futures.Executor) -> Callable[..., Any]:
-    """``func`` as a coroutine function that calls it in ``executor`` (an engine's own threads)."""
-
-    async def call(**kwargs: Any) -> Any:
-        context = contextvars.copy_context()
-        result = await asyncio.get_running_loop().run_in_executor(
-            executor, functools.partial(context.run, func, **kwargs))
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
-    return call
-
-
 async def execute_backend_payload(
     payload: dict[str, Any],
     *,
@@ -365,22 +348,21 @@ async def execute_backend_payload(
         delay = min(delay, float(interval) / 6.0)
     sink = _CallbackSink(url, key, run_id, delay)
     # One run per engine: the engine that submitted the payload owns concurrency and
-    # re-delivery, so nothing is cached here.
+    # re-delivery, so nothing is cached here. The session decodes and dispatches the run
+    # exactly as every worker service does (its one client, the payload, owns it).
     engine = WorkerEngine(max_concurrency=1, max_queued=0, idempotency_cache_size=0,
-                          remember_run_ids=False, name="backend")
+                          remember_run_ids=False, name="backend", threads=executor)
+    session = WorkerService(engine, name="backend", exclusive=True).session(redact_callback_url(url), emit=sink)
     command: dict[str, Any] = {"type": "run_task", "run_id": run_id, "task_id": task_id}
     command.update((field, payload[field]) for field in ("task_name", "callable_pickle", "args_pickle", "delivery")
                    if field in payload)
     cancelled: asyncio.Future[Any] | None = None
     try:
         try:
-            frame = decode_command(command)
-        except ProtocolError as exc:
-            engine.reject(exc, sink)  # the run's task_error, source "executor"
-        else:
-            if executor is not None and not is_async_callable(frame["callable"]):
-                frame["callable"] = _in_executor(frame["callable"], executor)
-            await engine.submit(frame, sink)
+            await session.receive_command(command, strict=True)
+        except Rejected as exc:
+            sink(error_event(run_id, task_id, kind="ProtocolError", source="executor",
+                             message=f"Backend payload for run {run_id} is not a valid command: {exc}"))
         waiters: set[asyncio.Future[Any]] = {sink.terminal}
         if cancel_event is not None:
             cancelled = asyncio.ensure_future(cancel_event.wait())

@@ -42,6 +42,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,9 @@ class WorkerEngine:
     Args:
         max_concurrency: runs executing at once.
         max_queued: runs admitted and waiting for a slot beyond ``max_concurrency``.
+        threads: run sync callables in this ``concurrent.futures.Executor`` (an engine
+            worker's own thread pool) instead of the engine's daemon threads; the engine
+            never shuts it down.
         max_threads: threads for sync callables (default 64: sync tasks are mostly I/O-bound
             and the threads are only created when used).
         idempotency_cache_size: finished results kept for duplicate runs.
@@ -107,6 +111,7 @@ class WorkerEngine:
         max_concurrency: int = 256,
         max_queued: int | None = None,
         max_threads: int | None = None,
+        threads: Executor | None = None,
         idempotency_cache_size: int = 1024,
         idempotency_ttl: float = 600.0,
         idempotency_cache_bytes: int = DEFAULT_IDEMPOTENCY_CACHE_BYTES,
@@ -126,7 +131,8 @@ class WorkerEngine:
         self.max_concurrency = max_concurrency
         self.max_queued = max_concurrency * 4 if max_queued is None else max_queued
         self._threads_size = max_threads or DEFAULT_THREADS
-        self._threads: DaemonThreadPool | None = None
+        self._threads: Executor | None = threads
+        self._own_threads = threads is None
         self._slots = Gate(max_concurrency)
         self._admission = Gate(max_concurrency + self.max_queued)
         self._announce = announce_start
@@ -267,7 +273,7 @@ class WorkerEngine:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        if self._threads is not None:
+        if self._threads is not None and self._own_threads:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
         self._forget_all()
