@@ -269,7 +269,7 @@ class GrpcWorkerService:
                 await _refuse(context, exc)
             events: list[dict[str, Any]] = []
             while True:
-                events += session.take_events(heartbeats=False)
+                events += session.take_events(heartbeats=False, superseded=True)  # Wove 2.x replies carry task_started
                 if not session.active:
                     return encode_events(events, "envelope")
                 if session.ended:
@@ -286,7 +286,7 @@ class GrpcWorkerService:
             except Rejected as exc:
                 await _refuse(context, exc)
             while True:
-                for message in session.data_to_send("each"):
+                for message in session.data_to_send("each", superseded=True):
                     yield message
                 if session.events_pending:
                     continue  # events that came while those were written go first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -244,3 +245,20 @@ async def test_bad_timeouts_are_refused(name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=name) as info:
         await start_server(**{name: value})
     assert repr(value) in str(info.value)
+
+
+async def test_wove_worker_grpc_takes_the_timeouts_as_flags(worker_factory: Any) -> None:
+    quick = worker_factory("--handshake-timeout", "0.5", "--idle-timeout", "0.5")
+    port = int(quick.target.rsplit(":", 1)[1])
+    assert await closed_by_server(port), "--handshake-timeout 0.5: a silent TCP connection stayed open"
+    assert await closed_by_server(port, HTTP2_PREFACE), "--idle-timeout 0.5: an idle connection stayed open"
+    never = worker_factory("--handshake-timeout", "off", "--idle-timeout", "off")
+    assert not await closed_by_server(int(never.target.rsplit(":", 1)[1]), within=1.5)
+
+
+def test_a_bad_timeout_flag_is_one_line_naming_it() -> None:
+    result = subprocess.run([sys.executable, "-m", "wove.cli", "worker", "grpc", "--idle-timeout", "0"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--idle-timeout" in result.stderr and "'0'" in result.stderr and "off" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
