@@ -7,22 +7,14 @@ what to install.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-MISSING = "python -m wove.backend_worker needs wove-backend: pip install wove-backend"
+from ._entry import run_provided
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the payload given; the exit status (2: wove-backend is not installed)."""
-    try:
-        from wove_backend.worker import main as run_worker
-    except ImportError as exc:
-        if exc.name != "wove_backend":
-            raise
-        print(MISSING, file=sys.stderr)
-        return 2
-    return run_worker(argv)
+    return run_provided("python -m wove.backend_worker", "wove_backend.worker", "wove-backend", argv)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-MISSING = "python -m wove.stdio_worker needs wove-executor-stdio: pip install wove-executor-stdio"
+from ._entry import run_provided
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve stdin/stdout until end of input or ``shutdown``; the exit status."""
-    try:
-        from wove_executor_stdio.worker import main as serve
-    except ImportError as exc:
-        if exc.name != "wove_executor_stdio":
-            raise
-        print(MISSING, file=sys.stderr)
-        return 2
-    return serve(argv)
+    return run_provided("python -m wove.stdio_worker", "wove_executor_stdio.worker", "wove-executor-stdio", argv)
 
 
 if __name__ == "__main__":
