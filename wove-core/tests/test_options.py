@@ -129,7 +129,6 @@ async def test_max_workers_on_grpc_is_rejected_before_it_starts() -> None:
 
 
 @needs_grpc
-@pytest.mark.xfail(strict=True, reason="the grpc executor adopts wove.options later (then drop this marker)")
 async def test_grpc_rejects_a_misspelt_key_with_did_you_mean() -> None:
     definition = {"executor": "grpc", "executor_config": {"target": "127.0.0.1:1", "tiemout": 5}}
     with pytest.raises(ConfigError, match=r"executor_config key 'tiemout' \(did you mean 'timeout'\?\)"):

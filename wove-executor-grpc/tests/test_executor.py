@@ -49,7 +49,7 @@ async def test_missing_grpcio_says_how_to_install(monkeypatch: pytest.MonkeyPatc
         ({"target": "127.0.0.1:1", "method": "Send"}, "executor_config.method"),
         ({"target": "127.0.0.1:1", "streaming": "sometimes"}, "executor_config.streaming"),
         ({"target": "127.0.0.1:1", "timeout": -1}, "executor_config.timeout"),
-        ({"target": "127.0.0.1:1", "tagret": "x"}, "unknown grpc executor_config key"),
+        ({"target": "127.0.0.1:1", "tagret": "x"}, r"key 'tagret' \(did you mean 'target'\?\) is not a grpc executor option"),
         ({"target": "127.0.0.1:1", "max_deliveries": 0}, "max_deliveries"),
         ({"target": "127.0.0.1:1", "certificate_chain": b"x"}, "private_key"),
         ({"target": "127.0.0.1:1", "root_certificates": "/no/such/ca.pem"}, "root_certificates"),
@@ -89,9 +89,10 @@ async def test_unknown_frame_type_and_unpicklable_args() -> None:
 
 
 async def test_channel_options_have_large_message_defaults() -> None:
-    from wove_executor_grpc.executor import _options
+    from wove_executor_grpc.executor import GRPC_OPTIONS
 
-    options = dict(_options({"grpc.keepalive_time_ms": 5000}, "env"))
+    config = GRPC_OPTIONS.validate({"target": "127.0.0.1:1", "options": {"grpc.keepalive_time_ms": 5000}})
+    options = dict(config["options"])
     assert options["grpc.max_receive_message_length"] >= 64 * 1024 * 1024
     assert options["grpc.max_send_message_length"] >= 64 * 1024 * 1024
     assert options["grpc.keepalive_time_ms"] == 5000

@@ -92,7 +92,7 @@ async def test_requeue_waits_reconnect_timeout_for_an_unreachable_worker() -> No
 @pytest.mark.parametrize(("config", "error"), [
     ({"reconnect_timeout": -1}, "reconnect_timeout must be a non-negative number"),
     ({"retry_backoff": "fast"}, "retry_backoff must be a non-negative number"),
-    ({"retry_backoff": 0.1, "reconnect_initial_delay": 0.1}, "both reconnect_initial_delay and its older alias"),
+    ({"retry_backoff": 0.1, "reconnect_initial_delay": 0.1}, "both 'reconnect_initial_delay' and its older spelling"),
     ({"max_deliveries": 0}, "max_deliveries must be a positive integer"),
 ])
 async def test_redelivery_policy_is_checked_at_start(config: dict[str, Any], error: str) -> None:
@@ -247,7 +247,7 @@ async def test_https_executor_refuses_plain_http() -> None:
     ({"url": "http://workers.example.com/wove"}, "without TLS"),
     ({"url": "https://workers.example.com/wove"}, "without authentication"),
     ({"url": "ftp://127.0.0.1/wove"}, "http:// or https://"),
-    ({"url": "http://127.0.0.1/wove", "colour": "blue"}, "unknown executor_config key"),
+    ({"url": "http://127.0.0.1/wove", "colour": "blue"}, "key 'colour' is not a http executor option"),
     ({"url": "http://127.0.0.1/wove", "max_connections": 0}, "max_connections"),
     ({"url": "http://127.0.0.1/wove", "verify": "/no/such/ca.pem"}, "does not exist"),
 ])

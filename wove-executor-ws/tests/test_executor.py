@@ -104,7 +104,7 @@ def shared_worker_url(shared_worker: Any) -> str:
 async def test_config_errors_name_the_key(shared_worker_url: str) -> None:
     with pytest.raises(ValueError, match="ws:// or wss://"):
         await started_executor("http://127.0.0.1:1/wove")
-    with pytest.raises(ValueError, match="unknown websocket executor_config key"):
+    with pytest.raises(ValueError, match="executor_config key 'target' is not a websocket executor option"):
         await started_executor(shared_worker_url, target="x")
     with pytest.raises(ValueError, match="without TLS"):
         await started_executor("ws://example.com/wove")

@@ -24,18 +24,22 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from wove.errors import ProtocolError
+from wove.options import (
+    ANY,
+    INVALID,
+    POSITIVE_SECONDS,
+    REDELIVERY_OPTIONS,
+    Kind,
+    Option,
+    OptionSpec,
+    one_of,
+)
 from wove.protocol import decode_events, encode_frame, transport_error_event
 from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
-from wove.transport import (
-    DEFAULT_RECONNECT_TIMEOUT,
-    REDELIVERY_CONFIG_KEYS,
-    FrameExecutor,
-    InFlight,
-)
+from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
+from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight
 
-from ._pem import read_pem
-
-__all__ = ["DEFAULT_CHANNEL_OPTIONS", "ERROR_TABLE", "GrpcEnvironmentExecutor", "describe_rpc_error"]
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "ERROR_TABLE", "GRPC_OPTIONS", "GrpcEnvironmentExecutor", "describe_rpc_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +71,66 @@ _STATUS_WAIT = 1.0
 #: Seconds a re-delivery waits for an UNAVAILABLE channel to be ready again
 #: (executor_config.reconnect_timeout, the policy every transport shares; alias ready_timeout).
 DEFAULT_READY_TIMEOUT = DEFAULT_RECONNECT_TIMEOUT
-_CONFIG_KEYS = frozenset({
-    "target", "method", "stream_method", "session_method", "streaming", "secure", "root_certificates",
-    "certificate_chain", "private_key", "metadata", "security", "timeout", "insecure",
-    "options", "ready_timeout", *REDELIVERY_CONFIG_KEYS,
-})
 _MISSING_GRPC = (
     "grpc executor needs grpcio, which is not installed. Install it with: pip install wove-executor-grpc"
 )
+
+
+def _method_path(value: Any) -> Any:
+    if not isinstance(value, str) or not value.startswith("/") or value.count("/") < 2:
+        return INVALID
+    return value
+
+
+def _target(value: Any) -> Any:
+    return value if isinstance(value, str) and value.strip() else INVALID
+
+
+def _metadata(value: Any) -> Any:
+    pairs: Iterable[Any] = value.items() if isinstance(value, dict) else value
+    if isinstance(value, (str, bytes)):
+        return INVALID
+    try:
+        return tuple((str(k).lower(), str(v)) for k, v in pairs)
+    except (TypeError, ValueError):
+        return INVALID
+
+
+def _channel_options(value: Any) -> Any:
+    """DEFAULT_CHANNEL_OPTIONS updated with ``value`` (a dict or (name, value) pairs)."""
+    items = value.items() if isinstance(value, dict) else value
+    if isinstance(value, (str, bytes)):
+        return INVALID
+    merged = dict(DEFAULT_CHANNEL_OPTIONS)
+    try:
+        merged.update((str(k), v) for k, v in items)
+    except (TypeError, ValueError):
+        return INVALID
+    return tuple(merged.items())
+
+
+_METHOD = Kind(f"a full gRPC method path like '{DEFAULT_SEND_METHOD}'", _method_path)
+
+#: The grpc executor's ``executor_config`` keys (see :mod:`wove.options`; the TLS keys
+#: are :data:`wove.tls.TLS_OPTIONS`, shared with http and websocket: ``secure``,
+#: ``root_certificates``, ``certificate_chain`` and ``private_key`` are their older spellings).
+GRPC_OPTIONS = OptionSpec("grpc", [
+    Option("target", Kind("a gRPC target such as '127.0.0.1:50051'", _target), required=True,
+           doc="host:port (or any gRPC target) of the worker service"),
+    Option("method", _METHOD, DEFAULT_SEND_METHOD, "unary method (the Wove 2.x wire)"),
+    Option("stream_method", _METHOD, DEFAULT_STREAM_METHOD, "server-streaming method (events as they happen)"),
+    Option("session_method", _METHOD, DEFAULT_SESSION_METHOD, "bidirectional method (one call per environment)"),
+    Option("streaming", one_of("auto", "session", True, False), "auto",
+           "'auto' (Session, falling back to Stream/Send), 'session', true (Stream), false (Send)"),
+    Option("metadata", Kind("a dict or a list of (key, value) pairs", _metadata), doc="extra call metadata"),
+    Option("security", ANY, doc="request signing: 'env:VAR', {'type': 'signed'|'bearer', ...} or 'none'"),
+    Option("timeout", POSITIVE_SECONDS, doc="deadline of each call in seconds (default: none)"),
+    INSECURE_OPTION,
+    Option("options", Kind("a dict or (name, value) pairs of gRPC channel options", _channel_options),
+           DEFAULT_CHANNEL_OPTIONS, "gRPC channel options, over DEFAULT_CHANNEL_OPTIONS"),
+    TLS_OPTIONS,
+    REDELIVERY_OPTIONS,
+])
 
 
 class _BadResponse(Exception):
@@ -102,14 +158,17 @@ class _Session:
 class GrpcEnvironmentExecutor(FrameExecutor):
     """Send Wove frames to a gRPC worker service (see the module docstring).
 
-    ``executor_config`` keys: ``target`` (required, ``host:port``), ``method``,
-    ``stream_method``, ``streaming`` (``"auto"``, True, False), ``secure``,
-    ``root_certificates``, ``certificate_chain``, ``private_key``, ``metadata``,
-    ``security``, ``timeout``, ``insecure``, ``options``, ``max_deliveries``,
-    ``ready_timeout``. See the distribution's README for defaults.
+    ``executor_config`` keys: :data:`GRPC_OPTIONS` (``target``, required, ``host:port``;
+    ``method``, ``stream_method``, ``session_method``, ``streaming``, ``metadata``,
+    ``security``, ``timeout``, ``insecure``, ``options``), the TLS keys of
+    :data:`wove.tls.TLS_OPTIONS` (``tls``, ``ca_file``, ``cert_file``, ``key_file``,
+    ``server_hostname``; older spellings ``secure``, ``root_certificates``,
+    ``certificate_chain``, ``private_key``) and the re-delivery keys. An unknown key is a
+    :class:`~wove.errors.ConfigError` at start, with a did-you-mean.
     """
 
     executor_name = "grpc"
+    config_options = GRPC_OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,7 +204,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
 
         Raises:
             ImportError: grpcio is not installed.
-            ValueError / TypeError: a bad config value (the message names the key).
+            ConfigError: an unknown key (with a did-you-mean), a bad value or TLS keys
+                that contradict each other (the message names the key and the fix); a
+                non-local target without TLS or security.
             RuntimeError: a security environment variable is unset.
         """
         try:
@@ -153,44 +214,26 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             import grpc.aio
         except ImportError as exc:
             raise ImportError(_MISSING_GRPC) from exc
-        config = dict(environment_config or {})
-        where = f"Environment '{environment_name}'"
-        unknown = sorted(set(config) - _CONFIG_KEYS)
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown grpc executor_config key(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(sorted(_CONFIG_KEYS))}."
-            )
-        target = config.get("target")
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(
-                f"{where}: executor_config.target must be a gRPC target such as '127.0.0.1:50051', got {target!r}."
-            )
-        self._method = _method_path(config.get("method", DEFAULT_SEND_METHOD), "method", where)
-        self._stream_method = _method_path(config.get("stream_method", DEFAULT_STREAM_METHOD), "stream_method", where)
-        self._session_method = _method_path(config.get("session_method", DEFAULT_SESSION_METHOD), "session_method", where)
-        streaming = config.get("streaming", "auto")
-        if streaming not in ("auto", "session", True, False):
-            raise ValueError(
-                f"{where}: executor_config.streaming must be 'auto', 'session', true or false, got {streaming!r}."
-            )
-        self._timeout = _positive(config.get("timeout"), "timeout", where)
-        self._metadata = _metadata(config.get("metadata"), where)
-        security = NetworkExecutorSecurity.from_config(config.get("security")).resolve()
-        root = read_pem(config.get("root_certificates"), f"{where}: executor_config.root_certificates")
-        chain = read_pem(config.get("certificate_chain"), f"{where}: executor_config.certificate_chain")
-        key = read_pem(config.get("private_key"), f"{where}: executor_config.private_key")
-        if (chain is None) != (key is None):
-            raise ValueError(f"{where}: mTLS needs both executor_config.certificate_chain and private_key.")
-        secure = bool(config.get("secure", root is not None or chain is not None))
-        if not secure and (root is not None or chain is not None):
-            raise ValueError(f"{where}: certificates were given but executor_config.secure is false; set secure=True.")
+        config = GRPC_OPTIONS.validate(environment_config, environment=environment_name)
+        target = config["target"]
+        tls = tls_settings(config, executor="grpc", environment=environment_name)
+        self._method = config["method"]
+        self._stream_method = config["stream_method"]
+        self._session_method = config["session_method"]
+        streaming = config["streaming"]
+        self._timeout = None if config["timeout"] is None else float(config["timeout"])
+        self._metadata = config["metadata"] or ()
+        security = NetworkExecutorSecurity.from_config(config["security"]).resolve()
+        root, key, chain = pem_credentials(tls) if tls.enabled else (None, None, None)
+        secure = tls.enabled
         ensure_secure_target(
             environment=environment_name, executor="grpc", target=target, local=is_local_grpc_target(target),
-            tls=secure, security=security, insecure=bool(config.get("insecure", False)),
+            tls=secure, security=security, insecure=config["insecure"],
         )
-        options = _options(config.get("options"), where)
-        self._open_events(environment_name, config)
+        options = list(config["options"])
+        if tls.server_hostname:
+            options.append(("grpc.ssl_target_name_override", tls.server_hostname))
+        self._open_events(environment_name, environment_config)
         # wait for UNAVAILABLE channels per the shared policy (ready_timeout is its alias)
         self._ready_timeout = self._redelivery.reconnect_timeout
         self._grpc = grpc
@@ -519,36 +562,36 @@ def _rule(code: str, pattern: str | None, label: str | None, hint: str, tls: boo
     return _ErrorRule(code, re.compile(pattern, re.IGNORECASE) if pattern else None, tls, label, hint)
 
 
-_TLS_KEYS = "executor_config.secure, root_certificates, certificate_chain and private_key"
+_TLS_KEYS = "executor_config.tls, ca_file, cert_file, key_file and server_hostname"
 _SETUP_CLOSED = r"failed to connect.*(socket closed|connection reset|broken pipe|end of file|eof)"
 #: The one table of gRPC failures: status code + details pattern (+ channel kind) ->
 #: label and hint. The first matching row wins; every failure of a call is described by it.
 ERROR_TABLE: tuple[_ErrorRule, ...] = (
     _rule("UNAVAILABLE", r"WRONG_VERSION_NUMBER|packet length too long|http_request|HTTP_REQUEST",
           "TLS handshake failed: the worker answered in plaintext, it does not serve TLS",
-          "Set executor_config.secure to false (and drop root_certificates) for a plaintext worker, "
+          "Set executor_config.tls to false (and drop ca_file) for a plaintext worker, "
           "or start the worker with --certfile and --keyfile.", tls=True),
     _rule("UNAVAILABLE", r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|unable to get local issuer"
           r"|self[- ]signed|certificate has expired|certificate is not yet valid",
           "TLS handshake failed: the worker's certificate could not be verified",
-          "Set executor_config.root_certificates to the CA that signed the worker's certificate "
+          "Set executor_config.ca_file to the CA that signed the worker's certificate "
           "(--certfile), as a file path, PEM text or bytes.", tls=True),
     _rule("UNAVAILABLE", r"hostname verification|peer name|not in peer certificate|subject alternative name",
           "TLS handshake failed: the worker's certificate does not name the host in executor_config.target",
-          "Use a target host the certificate was issued for, or issue the worker's certificate "
-          "(--certfile) for this host.", tls=True),
+          "Use a target host the certificate was issued for, set executor_config.server_hostname to a name "
+          "it was issued for, or issue the worker's certificate (--certfile) for this host.", tls=True),
     _rule("UNAVAILABLE", _SETUP_CLOSED,
           "the worker closed the TLS connection during the handshake, as a worker that requires client "
           "certificates (--client-ca) does to a client without an accepted one",
-          "Set executor_config.certificate_chain and private_key to a client certificate signed by the "
+          "Set executor_config.cert_file and key_file to a client certificate signed by the "
           "worker's --client-ca.", tls=True),
     _rule("UNAVAILABLE", r"tls handshake|handshake fail|TSI_|SSL_ERROR|SSL routines",
           "TLS handshake failed",
           f"Check {_TLS_KEYS} against the worker's --certfile, --keyfile and --client-ca.", tls=True),
     _rule("UNAVAILABLE", _SETUP_CLOSED,
           "the worker closed the connection before answering, as a TLS worker does to a plaintext client",
-          "If the worker serves TLS (--certfile), set executor_config.secure to true and "
-          "executor_config.root_certificates to its CA.", tls=False),
+          "If the worker serves TLS (--certfile), set executor_config.tls to true and "
+          "executor_config.ca_file to its CA.", tls=False),
     _rule("UNAVAILABLE", None, None, "Is the worker service running and reachable at this target?"),
     _rule("UNAUTHENTICATED", None, None,
           "Set executor_config.security like the worker's --security: \"env:VAR\" (signed, VAR holding its "
@@ -606,48 +649,3 @@ def _no_session(grpc: Any, code: Any, session: _Session) -> bool:
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return True
     return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and not session.confirmed
-
-
-def _method_path(value: Any, key: str, where: str) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or value.count("/") < 2:
-        raise ValueError(
-            f"{where}: executor_config.{key} must be a full gRPC method path like "
-            f"'{DEFAULT_SEND_METHOD}', got {value!r}."
-        )
-    return value
-
-
-def _positive(value: Any, key: str, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{where}: executor_config.{key} must be a positive number of seconds, got {value!r}.")
-    return float(value)
-
-
-def _metadata(value: Any, where: str) -> tuple[tuple[str, str], ...]:
-    if value is None:
-        return ()
-    pairs: Iterable[Any] = value.items() if isinstance(value, dict) else value
-    try:
-        result = tuple((str(k).lower(), str(v)) for k, v in pairs)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{where}: executor_config.metadata must be a dict or a list of (key, value) pairs, got {value!r:.80}."
-        ) from None
-    return result
-
-
-
-def _options(value: Any, where: str) -> list[tuple[str, Any]]:
-    merged = dict(DEFAULT_CHANNEL_OPTIONS)
-    if value is not None:
-        items = value.items() if isinstance(value, dict) else value
-        try:
-            merged.update((str(k), v) for k, v in items)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{where}: executor_config.options must be a dict or (name, value) pairs of gRPC channel options, "
-                f"got {value!r:.80}."
-            ) from None
-    return list(merged.items())

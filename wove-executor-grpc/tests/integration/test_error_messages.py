@@ -54,7 +54,7 @@ STREAMING = ["auto", False, True]  # Session, Send, Stream
 async def test_plaintext_client_to_a_tls_worker(tls_server: GrpcWorkerServer, streaming: Any) -> None:
     message = await failure({"target": tls_server.target, "streaming": streaming})
     assert "TLS worker" in message and "plaintext client" in message, message
-    assert "executor_config.secure" in message and "root_certificates" in message
+    assert "executor_config.tls" in message and "ca_file" in message
     assert NOT_RUNNING not in message
     assert_well_formed(message)
 
@@ -65,7 +65,7 @@ async def test_certificate_from_an_unknown_ca(tls_server: GrpcWorkerServer, stre
     message = await failure({"target": tls_server.target, "root_certificates": stranger.cert_pem.bytes(),
                              "streaming": streaming})
     assert "TLS handshake failed: the worker's certificate could not be verified" in message, message
-    assert "executor_config.root_certificates" in message
+    assert "executor_config.ca_file" in message
     assert NOT_RUNNING not in message
     assert_well_formed(message)
 
@@ -89,7 +89,7 @@ async def test_tls_client_to_a_plaintext_worker(ca: trustme.CA) -> None:
     finally:
         await running.stop(0.5)
     assert "TLS handshake failed" in message and "plaintext" in message, message
-    assert "executor_config.secure" in message
+    assert "executor_config.tls" in message
     assert NOT_RUNNING not in message
     assert_well_formed(message)
 
@@ -103,7 +103,7 @@ async def test_missing_client_certificate_for_mtls(ca: trustme.CA) -> None:
     finally:
         await running.stop(0.5)
     assert "TLS" in message and "--client-ca" in message, message
-    assert "executor_config.certificate_chain" in message and "private_key" in message
+    assert "executor_config.cert_file" in message and "key_file" in message
     assert NOT_RUNNING not in message
     assert_well_formed(message)
 

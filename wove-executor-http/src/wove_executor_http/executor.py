@@ -31,13 +31,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from wove.errors import ConfigError
+from wove.options import (
+    ANY,
+    BOOL,
+    DICT,
+    POSITIVE_INT,
+    POSITIVE_SECONDS,
+    REDELIVERY_OPTIONS,
+    STR,
+    Option,
+    OptionSpec,
+    one_of,
+)
 from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
 from wove.security import (
     NetworkExecutorSecurity,
@@ -45,9 +57,10 @@ from wove.security import (
     ensure_secure_target,
     is_local_url,
 )
-from wove.transport import REDELIVERY_CONFIG_KEYS, FrameExecutor
+from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
+from wove.transport import FrameExecutor
 
-__all__ = ["FAILURES", "HttpEnvironmentExecutor", "TransportFailure", "describe_failure"]
+__all__ = ["FAILURES", "HTTP_OPTIONS", "HttpEnvironmentExecutor", "TransportFailure", "describe_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +71,29 @@ _ACCEPT_JSON = (b"Accept", b"application/json")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
 TRANSPORTS = ("aiohttp", "httpx")
-CONFIG_KEYS = frozenset({
-    "url", "security", "headers", "timeout", "connect_timeout", "insecure", "verify", "cert",
-    "max_connections", "max_keepalive_connections", "keepalive_expiry", "http2", "transport",
-    "retry_backoff", "max_workers", "stream", *REDELIVERY_CONFIG_KEYS,
-})
+
+#: The http/https executor's ``executor_config`` keys (see :mod:`wove.options`; the TLS
+#: keys are :data:`wove.tls.TLS_OPTIONS`, shared with grpc and websocket).
+HTTP_OPTIONS = OptionSpec("http", [
+    Option("url", STR, required=True, doc="http:// or https:// URL of the worker service, path included"),
+    Option("security", ANY, doc="request signing: 'env:VAR', {'type': 'signed'|'bearer', ...} or 'none'"),
+    Option("headers", DICT, doc="extra request headers (values are sent as str())"),
+    Option("timeout", POSITIVE_SECONDS, doc="seconds the worker may stay silent on a request (default: none)"),
+    Option("connect_timeout", POSITIVE_SECONDS,
+           doc=f"seconds to connect (default: timeout, else {DEFAULT_CONNECT_TIMEOUT:g})"),
+    INSECURE_OPTION,
+    TLS_OPTIONS,
+    Option("max_connections", POSITIVE_INT, DEFAULT_MAX_CONNECTIONS, "connections in the pool, at most"),
+    Option("max_keepalive_connections", POSITIVE_INT, doc="idle connections kept (default: max_connections)"),
+    Option("keepalive_expiry", POSITIVE_SECONDS, 30.0, "seconds an idle connection is kept"),
+    Option("http2", BOOL, False, "speak HTTP/2 (needs transport='httpx' and the h2 package)"),
+    Option("transport", one_of(*TRANSPORTS), doc="connection pool: 'aiohttp' (default) or 'httpx' (default with http2)"),
+    Option("stream", one_of("auto", True, False), "auto",
+           "NDJSON events as they happen: 'auto' (runs with a heartbeat window), true, false"),
+    REDELIVERY_OPTIONS,
+])
+#: The same keys, named ``https`` in messages.
+HTTPS_OPTIONS = HTTP_OPTIONS.extend("https", [])
 _ERROR_PREVIEW = 300
 
 
@@ -75,6 +106,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
     """
 
     executor_name = "http"
+    config_options = HTTP_OPTIONS
 
     def __init__(self, *, require_https: bool = False) -> None:
         super().__init__()
@@ -107,73 +139,46 @@ class HttpEnvironmentExecutor(FrameExecutor):
         """Validate the config and open the connection pool (no connection is made yet).
 
         Raises:
-            ValueError / TypeError: a config key is missing, unknown or invalid (the
-                message names it, the value and the fix).
+            ConfigError: a config key is missing, unknown (with a did-you-mean) or
+                invalid, or TLS keys contradict each other (the message names the key,
+                the value and the fix); a non-local target without TLS or security.
             RuntimeError: a security environment variable is unset, or httpx is missing.
         """
-        config = dict(environment_config)
+        spec = HTTPS_OPTIONS if self._require_https else HTTP_OPTIONS
+        config = spec.validate(environment_config, environment=environment_name)
         where = f"Environment '{environment_name}' ({self.executor_name} executor)"
-        unknown = sorted(set(config) - CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"{where}: unknown executor_config key(s) {', '.join(unknown)}; "
-                             f"known keys: {', '.join(sorted(CONFIG_KEYS - {'max_workers'}))}.")
-        url = config.get("url")
-        if not isinstance(url, str) or not url:
-            raise TypeError(f"{where}: executor_config.url must be a non-empty http:// or https:// URL, got {url!r}.")
+        url = config["url"]
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"{where}: executor_config.url must be an http:// or https:// URL, got {url!r}.")
+            raise ConfigError(f"{where}: executor_config.url must be an http:// or https:// URL, got {url!r}.")
         if self._require_https and parsed.scheme != "https":
-            raise ValueError(f"{where}: the https executor requires an https:// URL, got {url!r}; "
-                             "use executor 'http' for plain HTTP on loopback.")
-        security = NetworkExecutorSecurity.from_config(config.get("security"))
-        insecure = config.get("insecure", False)
-        if not isinstance(insecure, bool):
-            raise TypeError(f"{where}: executor_config.insecure must be true or false, got {insecure!r}.")
+            raise ConfigError(f"{where}: the https executor requires an https:// URL, got {url!r}; "
+                              "use executor 'http' for plain HTTP on loopback.")
+        tls = tls_settings(config, executor=self.executor_name, environment=environment_name,
+                           url_tls=parsed.scheme == "https")
+        security = NetworkExecutorSecurity.from_config(config["security"])
         ensure_secure_target(environment=environment_name, executor=self.executor_name, target=url,
-                             local=is_local_url(url), tls=parsed.scheme == "https", security=security,
-                             insecure=insecure)
+                             local=is_local_url(url), tls=tls.enabled, security=security,
+                             insecure=config["insecure"])
         security.resolve()
-        headers = config.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise TypeError(f"{where}: executor_config.headers must be a dict of strings, got {type(headers).__name__}.")
-        timeout = _positive(config.get("timeout"), "timeout", where, allow_none=True)
-        connect_timeout = _positive(config.get("connect_timeout", timeout or DEFAULT_CONNECT_TIMEOUT),
-                                    "connect_timeout", where)
-        max_connections = _positive_int(config.get("max_connections", DEFAULT_MAX_CONNECTIONS), "max_connections", where)
-        keepalive = _positive_int(config.get("max_keepalive_connections", max_connections),
-                                  "max_keepalive_connections", where)
-        expiry = _positive(config.get("keepalive_expiry", 30.0), "keepalive_expiry", where)
-        verify = config.get("verify", True)
-        if isinstance(verify, str):
-            if not os.path.exists(verify):
-                raise ValueError(f"{where}: executor_config.verify names a CA bundle {verify!r} that does not exist.")
-        elif not isinstance(verify, bool):
-            raise TypeError(f"{where}: executor_config.verify must be true, false or a CA bundle path, got {verify!r}.")
-        cert = config.get("cert")
-        if cert is not None and not isinstance(cert, (str, list, tuple)):
-            raise TypeError(f"{where}: executor_config.cert must be a path or [certfile, keyfile], got {cert!r}.")
-        http2 = bool(config.get("http2", False))
-        transport_name = config.get("transport", "httpx" if http2 else "aiohttp")
-        if transport_name not in TRANSPORTS:
-            raise ValueError(f"{where}: executor_config.transport must be one of {TRANSPORTS}, got {transport_name!r}.")
+        headers = config["headers"] or {}
+        timeout = config["timeout"]
+        connect_timeout = float(config["connect_timeout"] or timeout or DEFAULT_CONNECT_TIMEOUT)
+        max_connections = config["max_connections"]
+        keepalive = config["max_keepalive_connections"] or max_connections
+        expiry = float(config["keepalive_expiry"])
+        http2 = config["http2"]
+        transport_name = config["transport"] or ("httpx" if http2 else "aiohttp")
         if http2 and transport_name != "httpx":
-            raise ValueError(f"{where}: http2=true needs transport='httpx' (aiohttp speaks HTTP/1.1 only).")
+            raise ConfigError(f"{where}: http2=true needs transport='httpx' (aiohttp speaks HTTP/1.1 only).")
 
         try:
             import httpx
         except ImportError as exc:  # pragma: no cover - a dependency
             raise RuntimeError(f"{self.executor_name} executor needs httpx, which is not installed. {INSTALL_HINT}") from exc
         self._httpx = httpx
-        self._open_events(environment_name, config)
-        ssl_verify: Any = verify
-        if verify is not False and (isinstance(verify, str) or cert is not None):
-            import ssl
-
-            ssl_verify = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-            if cert is not None:
-                files = (cert,) if isinstance(cert, str) else tuple(cert)
-                ssl_verify.load_cert_chain(*files)
+        self._open_events(environment_name, environment_config)
+        ssl_verify: Any = client_ssl_context(tls) if tls.enabled else True
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive,
                               keepalive_expiry=expiry)
         if transport_name == "aiohttp":
@@ -191,14 +196,13 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._transport = transport
         self._url_object = httpx.URL(url)
         self._extensions = {"timeout": {"connect": connect_timeout, "read": timeout, "write": timeout, "pool": None}}
+        if tls.server_hostname:
+            self._extensions["sni_hostname"] = tls.server_hostname  # both transports honour it
         self._connect_timeout, self._read_timeout = connect_timeout, timeout
         self._url = url
         self._target = canonical_http_target(url)
         self._security = security
-        stream = config.get("stream", "auto")
-        if stream not in ("auto", True, False):
-            raise ValueError(f"{where}: stream must be 'auto', true or false, got {stream!r}.")
-        self._stream = stream
+        self._stream = config["stream"]
         self._headers = [(b"Host", self._url_object.netloc), (b"Content-Type", b"application/json"),
                          *((str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items())]
         logger.debug("%s executor for environment %s: %s via %s", self.executor_name, environment_name, url, transport_name)
@@ -438,13 +442,14 @@ class TransportFailure:
 FAILURES: list[tuple[tuple[type[BaseException], ...], str, str, str, bool]] = [
     ((ssl.SSLCertVerificationError,), "TLSVerifyFailed",
      "TLS certificate verify failed for {url}",
-     "The worker's certificate is not trusted here: set executor_config.verify to the CA bundle (PEM) that "
-     "signed it; executor_config.cert sends a client certificate ([certfile, keyfile]) when the worker asks "
-     "for one; verify=false only for development.", False),
+     "The worker's certificate is not trusted here: set executor_config.ca_file to the CA bundle (PEM) that "
+     "signed it (and executor_config.server_hostname when the certificate names another host); "
+     "executor_config.cert_file and key_file send a client certificate when the worker asks for one; "
+     "executor_config.verify=false only for development.", False),
     ((ssl.SSLError,), "TLSError",
      "TLS handshake with {url} failed",
      "Check that the worker serves HTTPS (wove worker http --certfile/--keyfile) on that port, and the TLS "
-     "settings executor_config.verify and executor_config.cert.", False),
+     "settings executor_config.ca_file, cert_file, key_file and verify.", False),
     ((ConnectionRefusedError,), "ConnectionRefused",
      "connection refused at {url}",
      "Is the worker service running? Start it with `wove worker http --port {port}`, or fix executor_config.url.",
@@ -541,17 +546,3 @@ def _never_reached(exc: BaseException) -> bool:
 
         return isinstance(cause, aiohttp.ClientConnectorError)
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
-
-
-def _positive(value: Any, key: str, where: str, *, allow_none: bool = False, allow_zero: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{where}: executor_config.{key} must be a positive number of seconds, got {value!r}.")
-    return float(value)
-
-
-def _positive_int(value: Any, key: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: executor_config.{key} must be a positive integer, got {value!r}.")
-    return value

@@ -14,13 +14,25 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import ssl as ssl_module
+import socket
+import ssl
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from wove.errors import ProtocolError
+from wove.errors import ConfigError, ProtocolError
+from wove.options import (
+    DICT,
+    NON_NEGATIVE_SECONDS,
+    POSITIVE_INT,
+    REDELIVERY_OPTIONS,
+    STR,
+    Kind,
+    Option,
+    OptionSpec,
+    one_of,
+)
 from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame, transport_error_event
 from wove.security import (
     NetworkExecutorSecurity,
@@ -28,9 +40,18 @@ from wove.security import (
     ensure_secure_target,
     is_local_url,
 )
-from wove.transport import REDELIVERY_CONFIG_KEYS, FrameExecutor
+from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
+from wove.transport import FrameExecutor
 
-__all__ = ["DEFAULT_MAX_SIZE", "WebSocketEnvironmentExecutor"]
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "FAILURES",
+    "WEBSOCKET_OPTIONS",
+    "FailureRule",
+    "TransportFailure",
+    "WebSocketEnvironmentExecutor",
+    "describe_failure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +59,30 @@ logger = logging.getLogger(__name__)
 #: the library's own default of 1 MiB would drop the connection on a 1 MiB result).
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 
-_FLOAT_DEFAULTS: dict[str, float | None] = {
-    "open_timeout": 10.0,
-    "ping_interval": 20.0,
-    "ping_timeout": 20.0,
-    "close_timeout": 2.0,
-}
-_CONFIG_KEYS = frozenset({
-    "url", "security", "headers", "max_size", "compression", "ssl", "verify", "ca_file", "certfile",
-    "keyfile", "insecure", "max_workers", *_FLOAT_DEFAULTS, *REDELIVERY_CONFIG_KEYS,
-})
+#: A number of seconds, or None/false: off (None counts as "off" for these keys, as it
+#: always did; see ``_off_or``).
+_SECONDS_OR_OFF = Kind("a non-negative number of seconds, or None/false (off)",
+                       lambda v: v if v is False else NON_NEGATIVE_SECONDS.check(v))
+_OFF_KEYS = ("open_timeout", "ping_interval", "ping_timeout", "close_timeout", "max_size")
+
+#: The websocket executor's ``executor_config`` keys (see :mod:`wove.options`; the TLS
+#: keys are :data:`wove.tls.TLS_OPTIONS`, shared with http and grpc: ``ssl``,
+#: ``certfile`` and ``keyfile`` are their older spellings here).
+WEBSOCKET_OPTIONS = OptionSpec("websocket", [
+    Option("url", STR, required=True, doc="ws:// or wss:// URL of the worker service, path included"),
+    Option("security", doc="handshake signing: 'env:VAR', {'type': 'signed'|'bearer', ...} or 'none'"),
+    Option("headers", DICT, doc="extra handshake headers (values are sent as str())"),
+    Option("open_timeout", _SECONDS_OR_OFF, 10.0, "seconds for the TCP + TLS + WebSocket handshake"),
+    Option("ping_interval", _SECONDS_OR_OFF, 20.0, "seconds between keepalive pings (None: no pings)"),
+    Option("ping_timeout", _SECONDS_OR_OFF, 20.0, "seconds a pong may take before the connection is dropped"),
+    Option("close_timeout", _SECONDS_OR_OFF, 2.0, "seconds to wait for the closing handshake in stop()"),
+    Option("max_size", Kind("a positive integer (bytes) or false", lambda v: v if v is False else POSITIVE_INT.check(v)),
+           DEFAULT_MAX_SIZE, "largest incoming message in bytes (None: no limit)"),
+    Option("compression", one_of("deflate"), doc="'deflate' enables permessage-deflate"),
+    INSECURE_OPTION,
+    TLS_OPTIONS,
+    REDELIVERY_OPTIONS,
+])
 
 
 @dataclass(eq=False)
@@ -75,14 +110,18 @@ class _Waiting:
 class WebSocketEnvironmentExecutor(FrameExecutor):
     """Runs tasks on a WebSocket worker service (``wove worker websocket``).
 
-    ``executor_config`` keys (see the README for the full list): ``url`` (``ws://`` or
-    ``wss://``, required), ``security``, ``headers``, ``open_timeout``,
-    ``ping_interval``, ``ping_timeout``, ``max_size``, TLS (``ssl``, ``verify``,
-    ``ca_file``, ``certfile``, ``keyfile``), ``insecure``, ``reconnect_initial_delay``,
-    ``reconnect_max_delay``, ``reconnect_timeout`` and ``max_deliveries``.
+    ``executor_config`` keys: :data:`WEBSOCKET_OPTIONS` (``url``, ``ws://`` or ``wss://``,
+    required; ``security``, ``headers``, ``open_timeout``, ``ping_interval``,
+    ``ping_timeout``, ``close_timeout``, ``max_size``, ``compression``, ``insecure``), the
+    TLS keys of :data:`wove.tls.TLS_OPTIONS` (``ca_file``, ``cert_file``, ``key_file``,
+    ``verify``, ``server_hostname``, ``tls``; older spellings ``certfile``, ``keyfile``,
+    ``ssl``) and the re-delivery keys. An unknown key is a
+    :class:`~wove.errors.ConfigError` at start, with a did-you-mean. Failures are
+    described by one table, :data:`FAILURES`.
     """
 
     executor_name = "websocket"
+    config_options = WEBSOCKET_OPTIONS
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,7 +138,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._reconnector: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_error = ""
-        self._options: dict[str, float | None] = dict(_FLOAT_DEFAULTS)
+        self._options: dict[str, float | None] = {
+            option.name: option.default for option in WEBSOCKET_OPTIONS if option.name in _OFF_KEYS[:4]}
 
     # -- lifecycle -------------------------------------------------------------
     async def start(
@@ -113,7 +153,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
 
         Raises:
             ImportError: ``websockets`` is not installed.
-            TypeError / ValueError: a config value is wrong (the message names the key).
+            ConfigError: an unknown key (with a did-you-mean), a bad value or TLS keys
+                that contradict each other (the message names the key and the fix); a
+                non-local target without TLS or security.
             RuntimeError: a security environment variable is unset.
             ConnectionError: the first connection could not be made (names the URL and
                 the reason, for example the handshake's HTTP 401/403).
@@ -129,43 +171,31 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                 "Install it with: pip install wove-executor-ws"
             ) from exc
         where = f"Environment '{environment_name}'"
-        config = dict(environment_config)
-        unknown = sorted(set(config) - _CONFIG_KEYS)
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown websocket executor_config key(s) {', '.join(unknown)}; "
-                f"known keys: {', '.join(sorted(_CONFIG_KEYS - {'max_workers'}))}."
-            )
-        url = config.get("url")
-        if not isinstance(url, str) or not url:
-            raise TypeError(f"{where}: executor_config.url must be a ws:// or wss:// URL, got {url!r}.")
+        config = WEBSOCKET_OPTIONS.validate(environment_config, environment=environment_name)
+        for key in _OFF_KEYS:  # None (documented) or false: off
+            if config[key] is False or (key in environment_config and environment_config[key] is None):
+                config[key] = None
+        url = config["url"]
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: executor_config.url must be a ws:// or wss:// URL with a host, got {url!r} "
                 "(for example ws://127.0.0.1:8765/wove)."
             )
-        security = NetworkExecutorSecurity.from_config(config.get("security")).resolve()
+        tls = tls_settings(config, executor="websocket", environment=environment_name,
+                           url_tls=parsed.scheme == "wss")
+        security = NetworkExecutorSecurity.from_config(config["security"]).resolve()
         ensure_secure_target(
             environment=environment_name, executor="websocket", target=url, local=is_local_url(url),
-            tls=parsed.scheme == "wss", security=security, insecure=bool(config.get("insecure", False)),
+            tls=tls.enabled, security=security, insecure=config["insecure"],
         )
-        headers = config.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise TypeError(f"{where}: executor_config.headers must be a dict of strings, got {type(headers).__name__}.")
-        for key, default in _FLOAT_DEFAULTS.items():
-            value = config.get(key, default)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{where}: executor_config.{key} must be a non-negative number or None, got {value!r}.")
-            self._options[key] = None if value is None else float(value)
-        max_size = config.get("max_size", DEFAULT_MAX_SIZE)
-        if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1):
-            raise ValueError(f"{where}: executor_config.max_size must be a positive integer (bytes) or None, got {max_size!r}.")
-        compression = config.get("compression")
-        if compression not in (None, "deflate"):
-            raise ValueError(f"{where}: executor_config.compression must be None or 'deflate', got {compression!r}.")
+        headers = config["headers"] or {}
+        for key in ("open_timeout", "ping_interval", "ping_timeout", "close_timeout"):
+            self._options[key] = None if config[key] is None else float(config[key])
+        max_size = config["max_size"]
+        compression = config["compression"]
 
-        self._open_events(environment_name, config)
+        self._open_events(environment_name, environment_config)
         self._url = url
         self._target = canonical_http_target(url)
         self._headers = {str(k): str(v) for k, v in headers.items()}
@@ -187,8 +217,10 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         if is_local_url(url) and "proxy" in inspect.signature(connect).parameters:
             # websockets >= 15 follows HTTP(S)_PROXY by default; loopback never goes through one
             self._connect_kwargs["proxy"] = None
-        if parsed.scheme == "wss":
-            self._connect_kwargs["ssl"] = _ssl_context(config, where)
+        if tls.enabled:
+            self._connect_kwargs["ssl"] = client_ssl_context(tls)
+            if tls.server_hostname:
+                self._connect_kwargs["server_hostname"] = tls.server_hostname
         self._stopping = False
         self._waiting = {}
         try:
@@ -196,7 +228,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         except Exception as exc:
             self._events = None
             raise ConnectionError(
-                f"{where}: the websocket executor could not connect to {url}: {self._describe(exc)}"
+                f"{where}: the websocket executor could not connect to {url}: {self._describe(exc).message}"
             ) from exc
         self._install(connection)
 
@@ -345,7 +377,6 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         )
 
     async def _read(self, connection: _Connection) -> None:
-        reason = "the connection closed"
         error: BaseException | None = None
         recv = connection.ws.recv
         emit = self._emit
@@ -365,16 +396,19 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         except asyncio.CancelledError:
             raise
         except self._closed_errors as exc:
-            reason, error = str(exc), exc
+            error = exc
         except Exception as exc:
-            reason, error = f"{type(exc).__name__}: {exc}", exc
-            logger.warning("websocket: reading from %s failed: %s", self._url, reason)
+            error = exc
+            logger.warning("websocket: reading from %s failed: %r", self._url, exc)
             await asyncio.shield(connection.ws.close())
-        self._connection_lost(connection, reason, error)
+        self._connection_lost(connection, error)
 
-    def _connection_lost(self, connection: _Connection, reason: str, error: BaseException | None) -> None:
+    def _connection_lost(self, connection: _Connection, error: BaseException | None) -> None:
         if connection.closed or self._stopping:
             return
+        failure = self._describe(error) if error is not None else TransportFailure(
+            "ConnectionLost", f"the connection to {self._url} ended. {_LOST_HINT}")
+        reason = failure.message
         connection.closed = True
         if self._conn is connection:
             self._conn = None
@@ -393,11 +427,10 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             if entry is None:
                 continue
             message = (
-                f"The WebSocket connection to {self._url} was lost ({reason}) before run {run_id} finished "
-                f"(delivery_orphan_policy='{entry.policy}'); the run may or may not have executed on the worker. "
-                "Use delivery_orphan_policy='requeue' to deliver it again automatically."
+                f"Run {run_id} had not finished (delivery_orphan_policy='{entry.policy}') when {reason} "
+                "The run may or may not have executed on the worker."
             )
-            if self._lost(run_id, message, error):
+            if self._lost(run_id, message, error, kind=failure.kind):
                 self._track(entry.frame)
                 self._wait_for_connection(entry.frame, None)
         connection.sent.clear()
@@ -423,7 +456,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._last_error = self._describe(exc)
+                self._last_error = self._describe(exc).message
                 logger.info("websocket: reconnect attempt %d to %s failed: %s", attempt, self._url, self._last_error)
                 if not self._waiting and loop.time() - started >= give_up_after:
                     return  # idle: the next run_task starts a new round
@@ -446,33 +479,162 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             data = waiting.data if waiting.data is not None else encode_frame(waiting.frame)
             self._queue(connection, waiting.frame["run_id"], data)
 
-    def _describe(self, exc: BaseException) -> str:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
+    def _describe(self, exc: BaseException) -> TransportFailure:
+        return describe_failure(exc, self._url, open_timeout=self._options.get("open_timeout"))
+
+
+class TransportFailure(NamedTuple):
+    """A failed connection or a lost one, described: see :func:`describe_failure`.
+
+    Attributes:
+        kind: short name (the ``kind`` of the ``task_error``), e.g. ``ConnectionRefused``.
+        message: what happened, naming the URL, the cause and the fix.
+    """
+
+    kind: str
+    message: str
+
+
+class FailureRule(NamedTuple):
+    """One row of :data:`FAILURES`. A row matches an exception in the failure's chain by
+    type (``types``), by the HTTP status of a rejected handshake (``status``), or by the
+    close code of a closed connection (``close_code``); ``label`` and ``hint`` are
+    formatted with ``url``, ``port``, ``status``, ``code`` and ``open_timeout``."""
+
+    kind: str
+    label: str
+    hint: str
+    types: tuple[type[BaseException], ...] = ()
+    status: int | None = None
+    close_code: int | None = None
+
+
+_LOST_HINT = ("The worker may have crashed, restarted or been cut off; use delivery_orphan_policy='requeue' to "
+              "deliver such runs again automatically.")
+_TLS_KEYS = "executor_config.ca_file, cert_file, key_file, verify and server_hostname"
+
+#: The one table of websocket failures, most specific first (in the style of httpx's
+#: ``map_httpcore_exceptions``): rejected handshakes by HTTP status, closed connections
+#: by close code, then exception types. The first matching row describes the failure;
+#: rows for ``websockets`` types are added when an executor first describes one (the
+#: library is imported lazily).
+FAILURES: list[FailureRule] = [
+    FailureRule("Unauthorized", "the server rejected the WebSocket handshake with HTTP 401",
+                "Configure executor_config.security to match the worker's --security.", status=401),
+    FailureRule("Forbidden", "the server rejected the WebSocket handshake with HTTP 403",
+                "Check that executor_config.security uses the worker's secret and that the clocks agree.",
+                status=403),
+    FailureRule("NotFound", "the server rejected the WebSocket handshake with HTTP 404",
+                "Check the URL path (the worker serves --path, default /wove).", status=404),
+    FailureRule("MessageTooBig", "the connection to {url} was closed with code 1009: a message was too big",
+                "Send smaller arguments or results, or raise the worker's --max-body-bytes and "
+                "executor_config.max_size.", close_code=1009),
+    FailureRule("WorkerGoingAway", "the worker at {url} closed the connection with code 1001 (going away)",
+                "The worker is shutting down or restarting; runs with delivery_orphan_policy='requeue' are "
+                "delivered again once it is back.", close_code=1001),
+    FailureRule("PolicyViolation", "the worker at {url} closed the connection with code 1008 (policy violation)",
+                "The worker refused a message from this client; its log says why.", close_code=1008),
+    FailureRule("WorkerError", "the connection to {url} was closed with code 1011 (internal error)",
+                "The worker failed, or a keepalive ping went unanswered within executor_config.ping_timeout. "
+                + _LOST_HINT, close_code=1011),
+    FailureRule("TLSVerifyFailed", "TLS certificate verify failed for {url}",
+                "The worker's certificate is not trusted here: set executor_config.ca_file to the CA bundle "
+                "(PEM) that signed it (and executor_config.server_hostname when the certificate names another "
+                "host); executor_config.verify=false only for development.",
+                types=(ssl.SSLCertVerificationError,)),
+    FailureRule("TLSError", "TLS handshake with {url} failed",
+                "Check that the worker serves wss:// (wove worker websocket --certfile/--keyfile) on that port "
+                f"(a plaintext worker needs a ws:// URL), and {_TLS_KEYS}.", types=(ssl.SSLError,)),
+    FailureRule("ConnectionRefused", "connection refused at {url}",
+                "Is the worker service running? Start it with `wove worker websocket --port {port}`, or fix "
+                "executor_config.url.", types=(ConnectionRefusedError,)),
+    FailureRule("HostNotFound", "could not resolve the host of {url}", "Check the host name in executor_config.url.",
+                types=(socket.gaierror,)),
+    FailureRule("Timeout", "no WebSocket handshake with {url} within open_timeout={open_timeout}s",
+                "Is the worker reachable from here (host, port, firewall)? Raise executor_config.open_timeout on a "
+                "slow network.", types=(TimeoutError, asyncio.TimeoutError)),
+]
+_table_ready = False
+
+
+def _complete_table() -> None:
+    """Add the rows for ``websockets`` types to :data:`FAILURES` (once)."""
+    global _table_ready
+    if _table_ready:
+        return
+    from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+
+    after_statuses = max(index for index, rule in enumerate(FAILURES) if rule.status is not None) + 1
+    FAILURES[after_statuses:after_statuses] = [
+        FailureRule("HandshakeRejected", "the server rejected the WebSocket handshake with HTTP {status}",
+                    "Check executor_config.url and the worker's log.", types=(InvalidStatus,)),
+    ]
+    FAILURES.extend([
+        FailureRule("ConnectionLost", "the connection to {url} was lost", _LOST_HINT, types=(ConnectionClosed,)),
+        FailureRule("InvalidHandshake", "{url} did not answer the WebSocket handshake",
+                    "If the worker serves TLS (--certfile), use a wss:// URL; check that `wove worker websocket` "
+                    "listens there.", types=(InvalidMessage,)),
+        FailureRule("ConnectError", "could not connect to {url}",
+                    "Is the worker service running and reachable? Check executor_config.url.", types=(OSError,)),
+    ])
+    _table_ready = True
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes and contexts, outermost first."""
+    found: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if item is None or any(item is seen for seen in found):
+            continue
+        found.append(item)
+        todo.extend([item.__cause__, item.__context__])
+    return found
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _close_code(exc: BaseException) -> int | None:
+    if not hasattr(exc, "rcvd") or not hasattr(exc, "sent"):
+        return None
+    frame = exc.rcvd or exc.sent
+    return int(frame.code) if frame is not None else 1006
+
+
+def _matches(rule: FailureRule, exc: BaseException) -> bool:
+    if rule.status is not None:
+        return _status(exc) == rule.status
+    if rule.close_code is not None:
+        return _close_code(exc) == rule.close_code
+    return isinstance(exc, rule.types)
+
+
+def describe_failure(exc: BaseException, url: str, *, open_timeout: float | None = None) -> TransportFailure:
+    """Describe a failed or lost connection to ``url`` with the :data:`FAILURES` table.
+
+    The message reads ``<label>: <detail>. <hint>``, for example ``the server rejected the
+    WebSocket handshake with HTTP 403: Invalid signature. Check that
+    executor_config.security ...``.
+    """
+    _complete_table()
+    chain = _chain(exc)
+    for rule in FAILURES:
+        match = next((item for item in reversed(chain) if _matches(rule, item)), None)
+        if match is None:
+            continue
+        status = _status(match)
+        values = {"url": url, "port": urllib.parse.urlsplit(url).port or "", "status": status,
+                  "code": _close_code(match), "open_timeout": f"{open_timeout:g}" if open_timeout else "none"}
         if status is not None:
-            body = getattr(exc.response, "body", b"") or b""  # type: ignore[attr-defined]
-            text = body.decode("utf-8", "replace").strip()[:300]
-            hint = {
-                401: " Configure executor_config.security to match the worker's --security.",
-                403: " Check that executor_config.security uses the worker's secret and that the clocks agree.",
-                404: " Check the URL path (the worker serves --path, default /wove).",
-            }.get(status, "")
-            return f"the server rejected the WebSocket handshake with HTTP {status}" + (f" ({text})" if text else "") + "." + hint
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            return f"no WebSocket handshake within open_timeout={self._options['open_timeout']}s."
-        return f"{type(exc).__name__}: {exc}"
-
-
-def _ssl_context(config: dict[str, Any], where: str) -> ssl_module.SSLContext:
-    """The client TLS context from ``ssl`` / ``verify`` / ``ca_file`` / ``certfile`` / ``keyfile``."""
-    given = config.get("ssl")
-    if isinstance(given, ssl_module.SSLContext):
-        return given
-    if given not in (None, True):
-        raise TypeError(f"{where}: executor_config.ssl must be an ssl.SSLContext or True, got {given!r}.")
-    context = ssl_module.create_default_context(cafile=config.get("ca_file"))
-    if config.get("verify", True) is False:
-        context.check_hostname = False
-        context.verify_mode = ssl_module.CERT_NONE
-    if config.get("certfile"):
-        context.load_cert_chain(config["certfile"], config.get("keyfile"))
-    return context
+            body = getattr(match.response, "body", b"") or b""  # type: ignore[attr-defined]
+            detail = body.decode("utf-8", "replace").strip()[:300] or f"HTTP {status}"
+        else:
+            detail = getattr(match, "verify_message", None) or str(match) or type(match).__name__
+        return TransportFailure(rule.kind, f"{rule.label.format(**values)}: {detail.rstrip('.')}. "
+                                           f"{rule.hint.format(**values)}")
+    root = chain[-1]
+    return TransportFailure(type(root).__name__, f"the connection to {url} failed: {type(root).__name__}: {root}.")
