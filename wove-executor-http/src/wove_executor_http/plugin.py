@@ -78,10 +78,14 @@ def run_worker(args: argparse.Namespace) -> int:
             options.update(ssl_ca_certs=args.ca_certs, ssl_cert_reqs=ssl.CERT_REQUIRED)
     url = url_for(args.host, sock.getsockname()[1], app.path, tls=tls)
     serving: list[tuple[Any, asyncio.Task[None]]] = []
-
-    async def start() -> str:
+    try:
         config = uvicorn_config(app, **options)
         config.load()  # reads the TLS files: a bad one fails here, before the ready line
+    except BaseException:
+        sock.close()
+        raise
+
+    async def start() -> str:
         serving.append(await start_server(app, sock, config))
         return url
 
@@ -92,9 +96,22 @@ def run_worker(args: argparse.Namespace) -> int:
             await task
 
     try:
-        return run_service("http", start, stop, grace=args.grace)
+        return run_service("http", start, stop, grace=args.grace, loop_factory=_loop_factory(config))
     finally:
         sock.close()
+
+
+def _loop_factory(config: Any) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvicorn's choice of event loop (uvloop when installed: ~3x the requests per second)."""
+    get = getattr(config, "get_loop_factory", None)  # uvicorn >= 0.36
+    if get is not None:
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = get()
+        return factory
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 @hookimpl
