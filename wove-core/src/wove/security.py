@@ -437,7 +437,7 @@ def ensure_secure_target(
     if not tls:
         raise ValueError(
             f"Environment '{environment}' sends to {target} without TLS. Non-loopback targets need "
-            f"TLS ({'https:// or wss:// URLs' if executor != 'grpc' else 'secure=True'}) and executor_config.security; "
+            f"TLS ({'https:// or wss:// URLs' if executor != 'grpc' else 'executor_config.tls=true'}) and executor_config.security; "
             f"set executor_config.insecure=True only for development."
         )
     if security.mode == "none":

@@ -198,9 +198,10 @@ def tls_settings(config: Mapping[str, Any], *, executor: str, environment: str |
         names = ", ".join(given or ["verify"])
         fix = ("use an https:// or wss:// URL" if url_tls is not None else "set tls=true (older spelling: secure)")
         raise ConfigError(f"{prefix}executor_config sets {names} but TLS is off; {fix}, or drop {names}.")
-    if context is not None and (given or verify is False):
+    files = [name for name in given if name != "server_hostname"]
+    if context is not None and (files or verify is False):
         raise ConfigError(f"{prefix}executor_config.ssl/tls is an ssl.SSLContext, used as is; drop "
-                          f"{', '.join(given or ['verify'])} (configure the context instead).")
+                          f"{', '.join(files or ['verify'])} (configure the context instead).")
     if key is not None and cert is None:
         raise ConfigError(f"{prefix}executor_config.key_file (older: keyfile, private_key) is set without "
                           "cert_file (older: cert, certfile, certificate_chain); mutual TLS needs both.")

@@ -498,8 +498,9 @@ class TransportFailure(NamedTuple):
 class FailureRule(NamedTuple):
     """One row of :data:`FAILURES`. A row matches an exception in the failure's chain by
     type (``types``), by the HTTP status of a rejected handshake (``status``), or by the
-    close code of a closed connection (``close_code``); ``label`` and ``hint`` are
-    formatted with ``url``, ``port``, ``status``, ``code`` and ``open_timeout``."""
+    close code of a closed connection (``close_code``), and only for ``wss://`` URLs when
+    ``tls`` is True (``ws://`` when False); ``label`` and ``hint`` are formatted with
+    ``url``, ``port``, ``status``, ``code`` and ``open_timeout``."""
 
     kind: str
     label: str
@@ -507,6 +508,7 @@ class FailureRule(NamedTuple):
     types: tuple[type[BaseException], ...] = ()
     status: int | None = None
     close_code: int | None = None
+    tls: bool | None = None
 
 
 _LOST_HINT = ("The worker may have crashed, restarted or been cut off; use delivery_orphan_policy='requeue' to "
@@ -545,6 +547,9 @@ FAILURES: list[FailureRule] = [
     FailureRule("TLSError", "TLS handshake with {url} failed",
                 "Check that the worker serves wss:// (wove worker websocket --certfile/--keyfile) on that port "
                 f"(a plaintext worker needs a ws:// URL), and {_TLS_KEYS}.", types=(ssl.SSLError,)),
+    FailureRule("TLSHandshakeClosed", "the worker at {url} closed the connection during the TLS handshake",
+                "A plaintext worker (started without --certfile) needs a ws:// URL; otherwise check "
+                f"{_TLS_KEYS}.", types=(ConnectionResetError, ConnectionAbortedError, BrokenPipeError), tls=True),
     FailureRule("ConnectionRefused", "connection refused at {url}",
                 "Is the worker service running? Start it with `wove worker websocket --port {port}`, or fix "
                 "executor_config.url.", types=(ConnectionRefusedError,)),
@@ -564,13 +569,17 @@ def _complete_table() -> None:
         return
     from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
-    after_statuses = max(index for index, rule in enumerate(FAILURES) if rule.status is not None) + 1
-    FAILURES[after_statuses:after_statuses] = [
-        FailureRule("HandshakeRejected", "the server rejected the WebSocket handshake with HTTP {status}",
-                    "Check executor_config.url and the worker's log.", types=(InvalidStatus,)),
-    ]
+    def after(last: Callable[[FailureRule], bool]) -> int:
+        return max(index for index, rule in enumerate(FAILURES) if last(rule)) + 1
+
+    # a closed connection is described as such, whatever low-level error closed it
+    FAILURES.insert(after(lambda rule: rule.close_code is not None),
+                    FailureRule("ConnectionLost", "the connection to {url} was lost", _LOST_HINT,
+                                types=(ConnectionClosed,)))
+    FAILURES.insert(after(lambda rule: rule.status is not None),
+                    FailureRule("HandshakeRejected", "the server rejected the WebSocket handshake with HTTP {status}",
+                                "Check executor_config.url and the worker's log.", types=(InvalidStatus,)))
     FAILURES.extend([
-        FailureRule("ConnectionLost", "the connection to {url} was lost", _LOST_HINT, types=(ConnectionClosed,)),
         FailureRule("InvalidHandshake", "{url} did not answer the WebSocket handshake",
                     "If the worker serves TLS (--certfile), use a wss:// URL; check that `wove worker websocket` "
                     "listens there.", types=(InvalidMessage,)),
@@ -622,7 +631,10 @@ def describe_failure(exc: BaseException, url: str, *, open_timeout: float | None
     """
     _complete_table()
     chain = _chain(exc)
+    tls = url.startswith("wss:")
     for rule in FAILURES:
+        if rule.tls is not None and rule.tls != tls:
+            continue
         match = next((item for item in reversed(chain) if _matches(rule, item)), None)
         if match is None:
             continue
