@@ -21,9 +21,13 @@ SEED_NAMES = [
 ]
 
 
+#: the calling API beyond the seed (docs/calling.md)
+CALLING_NAMES = ["Client", "ClientExecutor", "MapIterator", "MapProgress", "RunFuture", "as_completed", "gather"]
+
+
 def test_all_is_complete_and_sorted() -> None:
     assert environment.__all__ == sorted(environment.__all__)
-    assert sorted(SEED_NAMES) == environment.__all__
+    assert sorted(SEED_NAMES + CALLING_NAMES) == environment.__all__
     assert wove.__all__ == sorted(wove.__all__)
 
 

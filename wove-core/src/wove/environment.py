@@ -6,6 +6,12 @@ Sends tasks to local, subprocess or remote task environments. The transport exec
 own distributions, and so does :class:`BackendAdapterEnvironmentExecutor` (wove-backend);
 each is imported from here on first access; until its distribution is installed,
 importing the class raises ImportError naming it.
+
+The calling API beyond the seed (see docs/calling.md): :meth:`ExecutorRuntime.submit`
+returns a :class:`RunFuture`; :func:`as_completed` and :func:`gather` work over them;
+:meth:`ExecutorRuntime.map` returns a :class:`MapIterator` (progress as
+:class:`MapProgress`); :class:`Client` is the runtime for synchronous code, and
+:meth:`Client.executor` a :class:`ClientExecutor` (a ``concurrent.futures.Executor``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .client import Client, ClientExecutor
 from .errors import (
     DeliveryOrphanedError,
     DeliveryTimeoutError,
@@ -20,6 +27,7 @@ from .errors import (
     MissingDispatchFeatureError,
 )
 from .executor import EnvironmentExecutor
+from .futures import MapIterator, MapProgress, RunFuture, as_completed, gather
 from .local import LocalEnvironmentExecutor
 from .protocol import normalize_exception
 from .registry import build_executor_from_name
@@ -27,6 +35,8 @@ from .runtime import ExecutorRuntime, coerce_executor
 
 __all__ = [
     "BackendAdapterEnvironmentExecutor",
+    "Client",
+    "ClientExecutor",
     "DeliveryOrphanedError",
     "DeliveryTimeoutError",
     "EnvironmentExecutionError",
@@ -35,11 +45,16 @@ __all__ = [
     "GrpcEnvironmentExecutor",
     "HttpEnvironmentExecutor",
     "LocalEnvironmentExecutor",
+    "MapIterator",
+    "MapProgress",
     "MissingDispatchFeatureError",
+    "RunFuture",
     "StdioEnvironmentExecutor",
     "WebSocketEnvironmentExecutor",
+    "as_completed",
     "build_executor_from_name",
     "coerce_executor",
+    "gather",
     "normalize_exception",
 ]
 

@@ -5,7 +5,7 @@ Hierarchy::
     RuntimeError
     ├── MissingDispatchFeatureError   cloudpickle is needed and not installed
     ├── EnvironmentExecutionError     an executor reported a normalized error payload
-    ├── DeliveryTimeoutError          delivery_timeout or heartbeat window expired
+    ├── DeliveryTimeoutError          delivery_timeout or heartbeat window expired (also a TimeoutError)
     └── DeliveryOrphanedError         work orphaned by shutdown or a lost worker
     ValueError
     ├── ProtocolError                 bytes or frames that break the wire format
@@ -63,8 +63,12 @@ class EnvironmentExecutionError(RuntimeError):
         return (type(self), (self.payload,))
 
 
-class DeliveryTimeoutError(RuntimeError):
-    """Raised when delivery does not complete within delivery_timeout or the heartbeat window."""
+class DeliveryTimeoutError(RuntimeError, TimeoutError):
+    """Raised when delivery does not complete within delivery_timeout or the heartbeat window.
+
+    Also a :class:`TimeoutError` (so ``except TimeoutError`` and, on Python 3.11+,
+    ``except asyncio.TimeoutError`` catch it).
+    """
 
 
 class DeliveryOrphanedError(RuntimeError):

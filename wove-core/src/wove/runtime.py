@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import inspect
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, Union, overload
 from uuid import uuid4
 
 from ._gate import Gate
 from .config import validate_definition
 from .delivery import (
+    DELIVERY_KEYS,
     Delivery,
     DeliveryDefaults,
     InlineRun,
@@ -25,12 +27,27 @@ from .delivery import (
 )
 from .errors import ConfigError, DeliveryTimeoutError, EnvironmentExecutionError
 from .executor import EnvironmentExecutor
-from .protocol import ORPHAN_POLICIES, TERMINAL_EVENTS
+from .futures import DEFAULT_MAP_BUFFERSIZE, MapIterator, MapProgress, RunFuture, map_source
+from .progress import reporter_for
+from .protocol import CANCEL_MODES, ORPHAN_POLICIES, TERMINAL_EVENTS
 from .worker import is_async_callable
 
-__all__ = ["ExecutorRuntime", "coerce_executor"]
+__all__ = ["CancelMode", "ExecutorRuntime", "OrphanPolicy", "coerce_executor"]
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+A1 = TypeVar("A1")
+A2 = TypeVar("A2")
+#: ``map``'s inputs: sync or async iterables
+_In = Union[Iterable[A1], AsyncIterable[A1]]
+#: ``map``'s ``progress``: a bar (True), none (False), or a callable receiving the counts
+_Progress = Union[bool, Callable[[MapProgress], object]]
+CancelMode = Literal["best_effort", "require_ack"]
+OrphanPolicy = Literal["fail", "cancel", "requeue", "detach"]
+#: the task_info of a call without delivery settings (never mutated)
+_NO_INFO: dict[str, Any] = {}
 
 #: How long require_ack waits for the executor's task_cancelled.
 CANCEL_ACK_TIMEOUT = 5.0
@@ -219,27 +236,244 @@ class ExecutorRuntime:
         return bool(getattr(executor, "runs_inline", False))
 
     # -- running ---------------------------------------------------------------
+    @overload
+    async def call(self, environment: str, func: Callable[P, Awaitable[R]], /,
+                   *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    async def call(self, environment: str, func: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
     async def call(self, environment: str, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``func(*args, **kwargs)`` in ``environment`` and return its result."""
-        return await self.call_with(environment, func, args, kwargs)
+        """Run ``func(*args, **kwargs)`` in ``environment`` and return its result.
 
-    async def call_with(
+        The same as ``await runtime.submit(environment, func, *args, **kwargs)``, without
+        a task of its own: the run is awaited in the calling task (cancelling it cancels
+        the run, with a ``cancel_task`` to the executor).
+        """
+        task_func, task_args = _keyword_call(func, args, kwargs)
+        name = _task_name(func)
+        env, delivery = self._prepare(environment, name, task_args, _NO_INFO)
+        return await self._execute(env, name, task_func, task_args, delivery, self._new_run_id(name))
+
+    @overload
+    def submit(self, environment: str, func: Callable[P, Awaitable[R]], /,
+               *args: P.args, **kwargs: P.kwargs) -> RunFuture[R]: ...
+    @overload
+    def submit(self, environment: str, func: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> RunFuture[R]: ...
+    def submit(self, environment: str, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RunFuture[Any]:
+        """Start ``func(*args, **kwargs)`` in ``environment``; return its :class:`RunFuture` at once.
+
+        Call it in a coroutine (the run is a task of the running loop). The environment
+        and the delivery settings are checked here, so a mistake raises at the call.
+
+        Raises:
+            NameError: unknown environment.
+            RuntimeError: the environment's executor stopped delivering events.
+        """
+        task_func, task_args = _keyword_call(func, args, kwargs)
+        return self._submit(environment, _task_name(func), task_func, task_args, _NO_INFO)
+
+    def submit_with(
         self,
         environment: str,
-        func: Callable[..., Any],
+        func: Callable[..., Awaitable[R]] | Callable[..., R],
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         *,
         task_name: str | None = None,
-        **task_info: Any,
-    ) -> Any:
-        """Like :meth:`call`, with delivery settings (``delivery_timeout=…`` and so on)."""
+        delivery_timeout: float | None = None,
+        delivery_heartbeat_seconds: float | None = None,
+        delivery_cancel_mode: CancelMode | None = None,
+        delivery_orphan_policy: OrphanPolicy | None = None,
+        delivery_max_in_flight: int | None = None,
+        delivery_idempotency_key: str | Callable[..., object] | None = None,
+        **unknown: NoReturn,
+    ) -> RunFuture[R]:
+        """Like :meth:`submit`, with the delivery settings of :meth:`call_with`."""
+        info = _call_settings(environment, func, task_name, locals(), unknown)
         task_func, task_args = _keyword_call(func, args, kwargs or {})
-        name = task_name or getattr(func, "__name__", None) or type(func).__name__
-        return await self.run_task(
-            task_name=name, task_func=task_func, task_args=task_args,
-            task_info={**task_info, "environment": environment},
-        )
+        return self._submit(environment, task_name or _task_name(func), task_func, task_args, info)
+
+    async def call_with(
+        self,
+        environment: str,
+        func: Callable[..., Awaitable[R]] | Callable[..., R],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task_name: str | None = None,
+        delivery_timeout: float | None = None,
+        delivery_heartbeat_seconds: float | None = None,
+        delivery_cancel_mode: CancelMode | None = None,
+        delivery_orphan_policy: OrphanPolicy | None = None,
+        delivery_max_in_flight: int | None = None,
+        delivery_idempotency_key: str | Callable[..., object] | None = None,
+        **unknown: NoReturn,
+    ) -> R:
+        """Like :meth:`call`, with delivery settings for this call.
+
+        ``func(*args, **kwargs)`` runs with ``delivery_timeout`` (seconds),
+        ``delivery_heartbeat_seconds`` (seconds), ``delivery_cancel_mode``
+        (``best_effort``/``require_ack``), ``delivery_orphan_policy``
+        (``fail``/``cancel``/``requeue``/``detach``), ``delivery_max_in_flight`` (positive
+        int) and ``delivery_idempotency_key`` (string, format string over the arguments, or
+        callable) over the environment's settings; None keeps the environment's.
+
+        Raises:
+            ConfigError: an unknown keyword (with the closest setting's name) or a value of
+                the wrong type, at the call, before anything is sent.
+        """
+        info = _call_settings(environment, func, task_name, locals(), unknown)
+        task_func, task_args = _keyword_call(func, args, kwargs or {})
+        name = task_name or _task_name(func)
+        env, delivery = self._prepare(environment, name, task_args, info)
+        return await self._execute(env, name, task_func, task_args, delivery,  # type: ignore[no-any-return]
+                                   self._new_run_id(name))
+
+    @overload
+    def map(self, environment: str, func: Callable[[A1], Awaitable[R]], iterable: _In[A1], /, *,
+            ordered: bool = ..., return_exceptions: Literal[False] = ..., buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[R]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1], R], iterable: _In[A1], /, *,
+            ordered: bool = ..., return_exceptions: Literal[False] = ..., buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[R]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1, A2], Awaitable[R]], iterable: _In[A1],
+            iterable2: _In[A2], /, *, ordered: bool = ..., return_exceptions: Literal[False] = ...,
+            buffersize: int | None = ..., progress: _Progress = ...) -> MapIterator[R]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1, A2], R], iterable: _In[A1], iterable2: _In[A2], /, *,
+            ordered: bool = ..., return_exceptions: Literal[False] = ..., buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[R]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1], Awaitable[R]], iterable: _In[A1], /, *,
+            ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1], R], iterable: _In[A1], /, *,
+            ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
+    @overload
+    def map(self, environment: str, func: Callable[..., Any], iterable: _In[Any], /, *iterables: _In[Any],
+            ordered: bool = ..., return_exceptions: bool = ..., buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[Any]: ...
+    def map(self, environment: str, func: Callable[..., Any], /, *iterables: _In[Any], ordered: bool = True,
+            return_exceptions: bool = False, buffersize: int | None = None,
+            progress: _Progress = False) -> MapIterator[Any]:
+        """Run ``func`` over the items of ``iterables`` (zipped, like :func:`map`): an async iterator.
+
+        The input (sync or async iterables, infinite ones included) is consumed lazily:
+        at most ``buffersize`` results are outstanding (runs in flight plus results not yet
+        yielded). Results come in input order (``ordered=True``) or as runs finish.
+
+        Args:
+            environment: where the runs go.
+            func: called as ``func(*items)`` per row of the zipped iterables.
+            ordered: yield in input order (default) or as completed.
+            return_exceptions: yield a run's exception in its place instead of raising it
+                (which closes the map, cancelling the runs in flight).
+            buffersize: the bound; default the environment's ``delivery_max_in_flight``,
+                else :data:`~wove.futures.DEFAULT_MAP_BUFFERSIZE` (256).
+            progress: True for a progress bar on a terminal (``wove-core[progress]``;
+                nothing when stderr is not a terminal), or a callable receiving a
+                :class:`~wove.futures.MapProgress` as runs finish and once at the end.
+
+        Leaving the loop early (``break``, an exception, cancellation) cancels the runs in
+        flight; ``async with runtime.map(...) as results:`` (or ``await results.aclose()``)
+        does so deterministically, even while you still hold the iterator.
+
+        Raises:
+            NameError: unknown environment (at the call).
+            ConfigError: ``buffersize`` is not a positive integer.
+            ImportError: ``progress=True`` without tqdm installed (names the extra).
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of arguments after the function.")
+        return self._map(environment, func, iterables, star=False, ordered=ordered,
+                         return_exceptions=return_exceptions, buffersize=buffersize, progress=progress)
+
+    @overload
+    def starmap(self, environment: str, func: Callable[..., Awaitable[R]], iterable: _In[Iterable[Any]], /, *,
+                ordered: bool = ..., return_exceptions: Literal[False] = ..., buffersize: int | None = ...,
+                progress: _Progress = ...) -> MapIterator[R]: ...
+    @overload
+    def starmap(self, environment: str, func: Callable[..., R], iterable: _In[Iterable[Any]], /, *,
+                ordered: bool = ..., return_exceptions: Literal[False] = ..., buffersize: int | None = ...,
+                progress: _Progress = ...) -> MapIterator[R]: ...
+    @overload
+    def starmap(self, environment: str, func: Callable[..., Awaitable[R]], iterable: _In[Iterable[Any]], /, *,
+                ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
+                progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
+    @overload
+    def starmap(self, environment: str, func: Callable[..., R], iterable: _In[Iterable[Any]], /, *,
+                ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
+                progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
+    @overload
+    def starmap(self, environment: str, func: Callable[..., Any], iterable: _In[Iterable[Any]], /, *,
+                ordered: bool = ..., return_exceptions: bool = ..., buffersize: int | None = ...,
+                progress: _Progress = ...) -> MapIterator[Any]: ...
+    def starmap(self, environment: str, func: Callable[..., Any], iterable: _In[Iterable[Any]], /, *,
+                ordered: bool = True, return_exceptions: bool = False, buffersize: int | None = None,
+                progress: _Progress = False) -> MapIterator[Any]:
+        """Like :meth:`map`, with each item of ``iterable`` the tuple of ``func``'s arguments."""
+        return self._map(environment, func, (iterable,), star=True, ordered=ordered,
+                         return_exceptions=return_exceptions, buffersize=buffersize, progress=progress)
+
+    def _map(self, environment: str, func: Callable[..., Any], iterables: tuple[_In[Any], ...], *, star: bool,
+             ordered: bool, return_exceptions: bool, buffersize: int | None, progress: _Progress,
+             ) -> MapIterator[Any]:
+        name = _task_name(func)
+        env = self._environment(environment, name)
+        if buffersize is None:
+            configured = env.defaults.settings.get("delivery_max_in_flight")
+            buffersize = configured if isinstance(configured, int) and configured > 0 else DEFAULT_MAP_BUFFERSIZE
+        elif not isinstance(buffersize, int) or isinstance(buffersize, bool) or buffersize < 1:
+            raise ConfigError(
+                f"map of task '{name}' in environment '{environment}': buffersize must be a positive integer "
+                f"(the most results outstanding at once), got {buffersize!r}. Pass buffersize=256, for example."
+            )
+        reporter = reporter_for(progress, f"{name} on {environment}")
+        bind = _binder(func)
+        loop = asyncio.get_running_loop()
+
+        def start(row: tuple[Any, ...]) -> asyncio.Future[Any]:
+            task_func, task_args = bind(row)
+            env, delivery = self._prepare(environment, name, task_args, _NO_INFO)
+            return loop.create_task(self._execute(env, name, task_func, task_args, delivery, self._new_run_id(name)))
+
+        return MapIterator(start, map_source(iterables, star=star), ordered=ordered,
+                           return_exceptions=return_exceptions, buffersize=buffersize, reporter=reporter)
+
+    def _submit(self, environment: str, name: str, task_func: Any, task_args: dict[str, Any],
+                info: dict[str, Any]) -> RunFuture[Any]:
+        env, delivery = self._prepare(environment, name, task_args, info)
+        run_id = self._new_run_id(name)
+        task = asyncio.get_running_loop().create_task(
+            self._execute(env, name, task_func, task_args, delivery, run_id), name=f"wove-run:{run_id}")
+        return RunFuture(task, run_id, env.name, name)
+
+    def _new_run_id(self, task_name: str) -> str:
+        return f"{task_name}:{self._id_prefix}{next(self._ids):x}"
+
+    def _environment(self, environment_name: str | None, task_name: str) -> _Environment:
+        env = self._environments.get(environment_name)  # type: ignore[arg-type]
+        if env is None:
+            known = ", ".join(sorted(self._environments)) or "(none started)"
+            raise NameError(
+                f"Task '{task_name}' references unknown environment '{environment_name}'. "
+                f"Known environments: {known}."
+            )
+        if env.failure is not None:
+            raise RuntimeError(
+                f"Environment '{env.name}' cannot run task '{task_name}': its executor "
+                f"{type(env.executor).__name__} stopped delivering events ({env.failure!r})."
+            ) from env.failure
+        return env
+
+    def _prepare(self, environment_name: str | None, task_name: str, task_args: dict[str, Any],
+                 task_info: dict[str, Any]) -> tuple[_Environment, Delivery]:
+        """The environment and the resolved delivery settings of one call (raises at the call)."""
+        env = self._environment(environment_name, task_name)
+        return env, env.defaults.for_call(task_name, task_args, task_info)
 
     async def run_task(
         self,
@@ -263,19 +497,18 @@ class ExecutorRuntime:
             Exception: the task's own exception.
         """
         environment_name = task_info.get("environment") or self._run_config.get("default_environment")
-        env = self._environments.get(environment_name)  # type: ignore[arg-type]
-        if env is None:
-            known = ", ".join(sorted(self._environments)) or "(none started)"
-            raise NameError(
-                f"Task '{task_name}' references unknown environment '{environment_name}'. "
-                f"Known environments: {known}."
-            )
-        if env.failure is not None:
-            raise RuntimeError(
-                f"Environment '{env.name}' cannot run task '{task_name}': its executor "
-                f"{type(env.executor).__name__} stopped delivering events ({env.failure!r})."
-            ) from env.failure
-        delivery = env.defaults.for_call(task_name, task_args, task_info)
+        env, delivery = self._prepare(environment_name, task_name, task_args, task_info)
+        return await self._execute(env, task_name, task_func, task_args, delivery, self._new_run_id(task_name))
+
+    async def _execute(
+        self,
+        env: _Environment,
+        task_name: str,
+        task_func: Any,
+        task_args: dict[str, Any],
+        delivery: Delivery,
+        run_id: str,
+    ) -> Any:
         limit = None
         max_in_flight = delivery.max_in_flight
         if max_in_flight is not None:
@@ -286,8 +519,8 @@ class ExecutorRuntime:
                 await limit.acquire()
         try:
             if env.inline and delivery.idempotency_key is None and is_async_callable(task_func):
-                return await self._run_inline(env, task_name, task_func, task_args, delivery)
-            return await self._deliver(env, task_name, task_func, task_args, delivery)
+                return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
+            return await self._deliver(env, task_name, task_func, task_args, delivery, run_id)
         finally:
             if limit is not None:
                 limit.release()
@@ -299,8 +532,8 @@ class ExecutorRuntime:
         task_func: Any,
         task_args: dict[str, Any],
         delivery: Delivery,
+        run_id: str,
     ) -> Any:
-        run_id = f"{task_name}:{self._id_prefix}{next(self._ids):x}"
         # armed before send: a send held up by backpressure counts too
         run = Run.start(asyncio.get_running_loop(), run_id, task_name, env.name, delivery)
         env.pending[run_id] = run
@@ -336,10 +569,11 @@ class ExecutorRuntime:
         task_func: Any,
         task_args: dict[str, Any],
         delivery: Delivery,
+        run_id: str,
     ) -> Any:
         task = asyncio.current_task()
         assert task is not None
-        run = InlineRun(f"{task_name}:{self._id_prefix}{next(self._ids):x}", task_name, task, delivery.orphan_policy)
+        run = InlineRun(run_id, task_name, task, delivery.orphan_policy)
         env.inline_runs[run.run_id] = run
         timer = inline_timer(asyncio.get_running_loop(), run, env.name, delivery.timeout) if delivery.timeout else None
         try:
@@ -470,3 +704,75 @@ def _keyword_call(
             named.update(named.pop(name))
     return func, named
 
+def _task_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def _binder(func: Callable[..., Any]) -> Callable[[tuple[Any, ...]], tuple[Callable[..., Any], dict[str, Any]]]:
+    """``_keyword_call`` for many rows of positional arguments, the signature read once."""
+    try:
+        parameters = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    names: list[str] = []
+    for parameter in parameters:
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(parameter.name)
+    width = len(names)
+
+    def bind(row: tuple[Any, ...]) -> tuple[Callable[..., Any], dict[str, Any]]:
+        if len(row) <= width:
+            return func, dict(zip(names, row))
+        return _keyword_call(func, row, {})
+
+    return bind
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+#: call_with / submit_with keyword -> (check, what it must be, an example)
+_CALL_SETTINGS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "delivery_timeout": (_positive_number, "a positive number of seconds", "delivery_timeout=30"),
+    "delivery_heartbeat_seconds": (_positive_number, "a positive number of seconds", "delivery_heartbeat_seconds=10"),
+    "delivery_cancel_mode": (lambda v: v in CANCEL_MODES, f"one of {', '.join(map(repr, CANCEL_MODES))}",
+                             'delivery_cancel_mode="require_ack"'),
+    "delivery_orphan_policy": (lambda v: v in ORPHAN_POLICIES, f"one of {', '.join(map(repr, ORPHAN_POLICIES))}",
+                               'delivery_orphan_policy="requeue"'),
+    "delivery_max_in_flight": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                               "a positive integer", "delivery_max_in_flight=64"),
+    "delivery_idempotency_key": (lambda v: isinstance(v, str) or callable(v),
+                                 "a string, a format string over the task's arguments, or a callable",
+                                 'delivery_idempotency_key="report-{day}"'),
+}
+
+
+def _call_settings(environment: str, func: Any, task_name: str | None, given: dict[str, Any],
+                   unknown: dict[str, Any]) -> dict[str, Any]:
+    """The ``task_info`` of a ``call_with``/``submit_with``: its delivery keywords, checked.
+
+    Raises:
+        ConfigError: an unknown keyword (with did-you-mean) or a value of the wrong type.
+    """
+    where = f"call_with(...) of task '{task_name or _task_name(func)}' in environment '{environment}'"
+    if unknown:
+        key = sorted(unknown)[0]
+        close = difflib.get_close_matches(key, [*DELIVERY_KEYS, "task_name"], n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"{where}: unknown keyword {key}={unknown[key]!r}.{hint} The keywords are task_name and the "
+            f"delivery settings {', '.join(DELIVERY_KEYS)}; the task's own arguments go in args and kwargs."
+        )
+    info: dict[str, Any] = {"environment": environment}
+    for key in DELIVERY_KEYS:
+        value = given.get(key)
+        if value is None:
+            continue
+        check, expected, example = _CALL_SETTINGS[key]
+        if not check(value):
+            raise ConfigError(f"{where}: {key} must be {expected}, got {value!r} "
+                              f"({type(value).__name__}). Pass {example}, for example, or leave it out.")
+        info[key] = value
+    return info
