@@ -113,6 +113,8 @@ async def test_bearer_token(tmp_path: Path) -> None:
             assert await runtime.call_with("w", tasks.sleep, (0.6,), delivery_heartbeat_seconds=0.3) == "slept"
         marker = tmp_path / "ran"
         body = _marker_frame(marker)
-        assert (await _post(url, body, {})).status_code == 401
+        anonymous = await _post(url, body, {})
+        assert anonymous.status_code == 401
+        assert anonymous.headers["www-authenticate"] == "Bearer"  # the scheme this worker wants
         assert (await _post(url, body, {"Authorization": "Bearer wrong"})).status_code == 403
         assert not marker.exists()
