@@ -111,7 +111,8 @@ async def test_settings_resolve_task_info_then_definition_then_run_config() -> N
         await runtime.call_with("a", noop, delivery_orphan_policy="requeue", delivery_idempotency_key="k")
     first, second = (f["delivery"] for f in executor.runs())
     assert first == {"delivery_cancel_mode": "best_effort", "delivery_orphan_policy": "fail",
-                     "delivery_timeout": 30, "delivery_heartbeat_seconds": 20}
+                     "delivery_timeout": 30, "delivery_heartbeat_seconds": 20,
+                     "delivery_capture_output": True}  # capture_output (default true) asks for the run's output
     assert second["delivery_orphan_policy"] == "requeue"
     assert second["delivery_idempotency_key"] == "k"
 

@@ -263,6 +263,8 @@ class _CallbackSink:
         self._started_timer: asyncio.TimerHandle | None = None
         self._beats_refused = False
         self._closed = False
+        #: the last log event's post (they go one after another, and before the terminal)
+        self.logs: asyncio.Future[None] | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._closed:
@@ -277,8 +279,13 @@ class _CallbackSink:
         elif kind == "heartbeat":
             if not self._beats_refused:
                 asyncio.ensure_future(self._post_heartbeat(event))
-        else:  # a log event
-            asyncio.ensure_future(self._post_quietly(event))
+        else:  # a log event (a run's output): in order, and before the terminal event (_finish)
+            self.logs = asyncio.ensure_future(self._post_log(self.logs, event))
+
+    async def _post_log(self, previous: asyncio.Future[None] | None, event: dict[str, Any]) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._post_quietly(event)
 
     def close(self) -> None:
         """Take no more events; a ``task_started`` not posted yet is not posted."""
@@ -388,6 +395,8 @@ async def execute_backend_payload(
 
 
 async def _finish(sink: _CallbackSink, event: dict[str, Any]) -> bool:
+    if sink.logs is not None:  # the run's output reaches the caller before its terminal event
+        await asyncio.wait([sink.logs], timeout=POST_TIMEOUT)
     for post in sink.started:
         try:
             await post  # task_started goes first

@@ -20,6 +20,10 @@ An environment definition is a dict (or a TOML table ``[environments.NAME]``) wi
 ``max_workers``
     threads for sync callables of the ``local`` executor (an error for any executor
     whose ``executor_config`` has no ``max_workers`` key).
+``capture_output``
+    ``true`` (the default) or ``false``: a task's ``print()`` and ``logging`` output on a
+    worker comes back to the caller's stderr and loggers, tagged with the task and the
+    environment (in-process executors print directly and ignore it).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ DEFINITION_KEYS = frozenset({
     "delivery_max_in_flight",
     "delivery_idempotency_key",
     "max_workers",
+    "capture_output",
 })
 
 
@@ -123,6 +128,11 @@ def validate_definition(name: str, definition: Any, *, source: str | None = None
         value = definition.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise _fail(where, key, f"must be a positive integer, got {value!r}", f"Set {key} = 64 (for example) or remove it.")
+    capture = definition.get("capture_output")
+    if capture is not None and not isinstance(capture, bool):
+        raise _fail(where, "capture_output", f"must be true or false, got {capture!r}",
+                    "Write capture_output = false to keep a task's print() and logging output on the worker "
+                    "(the default, true, sends it to the caller).")
     check_choice(definition.get("delivery_cancel_mode"), "delivery_cancel_mode", CANCEL_MODES, where)
     check_choice(definition.get("delivery_orphan_policy"), "delivery_orphan_policy", ORPHAN_POLICIES, where)
     key_value = definition.get("delivery_idempotency_key")

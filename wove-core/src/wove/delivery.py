@@ -15,6 +15,9 @@
   with ``runs_inline``); :func:`inline_timer` arms its ``delivery_timeout``.
 * :func:`orphaned_error` and :func:`lost_error` word what a pending run ends with when
   the runtime stops or its executor stops delivering events.
+* :func:`task_exception` turns a ``task_error`` event into the exception the caller
+  gets: the task's own, with the worker's traceback as ``__cause__`` and a note saying
+  where it was raised, or :class:`EnvironmentExecutionError`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import check_choice
-from .errors import DeliveryOrphanedError, DeliveryTimeoutError
+from .errors import (
+    DeliveryOrphanedError,
+    DeliveryTimeoutError,
+    EnvironmentExecutionError,
+    RemoteTraceback,
+)
 from .protocol import CANCEL_MODES, ORPHAN_POLICIES
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "inline_timer",
     "lost_error",
     "orphaned_error",
+    "task_exception",
 ]
 
 #: The settings resolved from ``task_info``, then the definition, then ``run_config``.
@@ -63,11 +72,15 @@ class Delivery:
     max_in_flight: int | None
     #: the computed key (None: no ``delivery_idempotency_key``)
     idempotency_key: str | None
+    #: ask the worker for the run's print() and logging output (definition ``capture_output``)
+    capture_output: bool = True
 
     def fields(self) -> dict[str, Any]:
         """The ``delivery`` field of the ``run_task`` frame (non-None values only)."""
         delivery: dict[str, Any] = {"delivery_cancel_mode": self.cancel_mode,
                                     "delivery_orphan_policy": self.orphan_policy}
+        if self.capture_output:
+            delivery["delivery_capture_output"] = True
         if self.timeout is not None:
             delivery["delivery_timeout"] = self.timeout
         if self.heartbeat is not None:
@@ -85,7 +98,7 @@ class DeliveryDefaults:
             (the message names the environment, the key and the allowed values).
     """
 
-    __slots__ = ("_fixed", "settings")
+    __slots__ = ("_fixed", "capture_output", "settings")
 
     def __init__(self, environment: str, definition: dict[str, Any], run_config: dict[str, Any]) -> None:
         settings: dict[str, Any] = {}
@@ -100,8 +113,11 @@ class DeliveryDefaults:
         check_choice(settings.get("delivery_orphan_policy"), "delivery_orphan_policy", ORPHAN_POLICIES, where)
         #: the resolved ``delivery_*`` values (None values left out)
         self.settings = settings
+        #: the definition's ``capture_output`` (default True)
+        self.capture_output = definition.get("capture_output") is not False
         # a key computed from each call's arguments cannot be shared between calls
-        self._fixed = None if "delivery_idempotency_key" in settings else _resolve(settings, "", {})
+        self._fixed = None if "delivery_idempotency_key" in settings else _resolve(
+            settings, "", {}, self.capture_output)
 
     def for_call(self, task_name: str, task_args: dict[str, Any], task_info: dict[str, Any]) -> Delivery:
         """Lay the call's ``task_info`` over the defaults.
@@ -114,12 +130,13 @@ class DeliveryDefaults:
         if _DELIVERY_KEY_SET.isdisjoint(task_info):
             if self._fixed is not None:
                 return self._fixed
-            return _resolve(self.settings, task_name, task_args)
+            return _resolve(self.settings, task_name, task_args, self.capture_output)
         settings = {**self.settings, **{k: v for k, v in task_info.items() if k in _DELIVERY_KEY_SET and v is not None}}
-        return _resolve(settings, task_name, task_args)
+        return _resolve(settings, task_name, task_args, self.capture_output)
 
 
-def _resolve(settings: dict[str, Any], task_name: str, task_args: dict[str, Any]) -> Delivery:
+def _resolve(settings: dict[str, Any], task_name: str, task_args: dict[str, Any],
+             capture_output: bool = True) -> Delivery:
     get = settings.get
     cancel_mode = get("delivery_cancel_mode") or "best_effort"
     orphan_policy = get("delivery_orphan_policy") or "cancel"
@@ -136,6 +153,7 @@ def _resolve(settings: dict[str, Any], task_name: str, task_args: dict[str, Any]
         heartbeat=get("delivery_heartbeat_seconds"),
         max_in_flight=max_in_flight if isinstance(max_in_flight, int) and max_in_flight > 0 else None,
         idempotency_key=None if raw_key is None else idempotency_key(raw_key, task_args, task_name),
+        capture_output=capture_output,
     )
 
 
@@ -334,3 +352,57 @@ def lost_error(run: Run, environment: str, executor: str, exc: BaseException) ->
     )
     error.__cause__ = exc
     return error
+
+
+def task_exception(frame: dict[str, Any], environment: str) -> BaseException:
+    """The exception a ``task_error`` event ends its call with.
+
+    * The task's own exception when it came with the event (unpickled, or the object
+      itself in process). One that crossed a process boundary lost its traceback there:
+      the worker's formatted traceback becomes its ``__cause__`` (a
+      :class:`RemoteTraceback`, as ``ProcessPoolExecutor`` does) and a note names the
+      environment, task, run, host and pid. An in-process exception keeps its own
+      traceback and is returned untouched.
+    * Otherwise :class:`EnvironmentExecutionError` carrying the payload; for a task's
+      error its message names the remote exception type and message, its ``traceback``
+      the worker's traceback text (also its ``__cause__``), and the note says why the
+      exception could not be rebuilt here when that is known.
+    """
+    payload = frame.get("error")
+    if not isinstance(payload, dict):
+        payload = {"message": str(payload), "kind": "ExecutionError", "source": "executor"}
+    exception = frame.get("exception")
+    if isinstance(exception, BaseException):
+        if exception.__traceback__ is not None:
+            return exception  # raised in this process: its own traceback is the real one
+        _attach_origin(exception, frame, payload, environment)
+        return exception
+    error = EnvironmentExecutionError(payload)
+    if payload.get("source") == "task":
+        reason = frame.get("exception_unpickle_error")
+        _attach_origin(error, frame, payload, environment,
+                       f"The {payload.get('kind') or 'exception'} could not be rebuilt here ({reason})." if reason
+                       else None)
+    return error
+
+
+def _attach_origin(exception: BaseException, frame: dict[str, Any], payload: dict[str, Any], environment: str,
+                   extra: str | None = None) -> None:
+    text = payload.get("traceback")
+    if isinstance(text, str) and text.strip() and not isinstance(exception.__cause__, RemoteTraceback):
+        exception.__cause__ = RemoteTraceback(text)
+    where = f"environment '{environment}', task '{frame.get('task_id')}' (run {frame.get('run_id')})"
+    host, pid = payload.get("host"), payload.get("pid")
+    if host or pid:
+        where += f", host {host or '?'}, pid {pid if pid is not None else '?'}"
+    else:
+        where += ", on a worker that does not report its host and pid"
+    note = f"Raised in {where}." + (f" {extra}" if extra else "")
+    notes = getattr(exception, "__notes__", None)
+    if isinstance(notes, list) and note in notes:
+        return
+    try:
+        # add_note is 3.11+; on 3.10 the same attribute, which tools there read too
+        exception.__notes__ = [*(notes or ()), note]  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception class with __slots__ and no __dict__
+        pass

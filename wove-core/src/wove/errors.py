@@ -12,6 +12,8 @@ Hierarchy::
     └── ConfigError                   bad environment / executor configuration
     TypeError
     └── DispatchError                 a task's callable or argument cannot be pickled
+    Exception
+    └── RemoteTraceback               the worker's traceback, as a remote error's __cause__
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "EnvironmentExecutionError",
     "MissingDispatchFeatureError",
     "ProtocolError",
+    "RemoteTraceback",
 ]
 
 DISPATCH_INSTALL = 'pip install "wove-core[dispatch]"'
@@ -47,7 +50,10 @@ class EnvironmentExecutionError(RuntimeError):
     """Error raised when an executor reports a normalized error payload.
 
     ``payload`` holds ``kind``, ``message``, ``traceback``, ``retryable`` and
-    ``source`` (``task``, ``executor``, ``transport`` or ``config``).
+    ``source`` (``task``, ``executor``, ``transport`` or ``config``), and from a Wove 3
+    worker ``host`` and ``pid``. For a task's own exception that could not be rebuilt on
+    the caller, the message is ``"<kind>: <message>"`` and :attr:`traceback` is the
+    worker's traceback text.
     """
 
     def __init__(self, payload: dict[str, Any]) -> None:
@@ -57,10 +63,30 @@ class EnvironmentExecutionError(RuntimeError):
         source = payload.get("source")
         if kind and source and source != "task":
             message = f"{message} [{source} error: {kind}]"
+        elif kind and source == "task" and not message.startswith(f"{kind}:"):
+            message = f"{kind}: {message}"
+        #: the remote exception's class name (``kind``)
+        self.kind = str(kind) if kind else None
+        #: the formatted traceback the worker sent ("" when it sent none)
+        self.traceback = str(payload.get("traceback") or "")
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.payload,))
+
+
+class RemoteTraceback(Exception):
+    """A worker's formatted traceback, attached as ``__cause__`` of a task's exception
+    that crossed a process boundary (as ``concurrent.futures.ProcessPoolExecutor`` does),
+    so the printed traceback shows the failing line on the worker."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        #: the formatted traceback text
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'
 
 
 class DeliveryTimeoutError(RuntimeError, TimeoutError):

@@ -65,6 +65,7 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
             max_threads=config["max_workers"],
             remember_run_ids=False,
             announce_start=False,
+            capture_output=False,  # in process, a task's output already is the caller's
             name=f"local:{environment_name}",
         )
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+import os
 import traceback
 from typing import Any, Literal, TypedDict
 
 from . import dispatch
+from ._capture import HOST
 from ._codec_cache import CallableCache, DecodedCallables, fast_b64
 from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
 
@@ -71,6 +73,9 @@ class ErrorPayload(TypedDict, total=False):
     traceback: str
     retryable: bool
     source: Literal["task", "executor", "transport", "config"]
+    #: where the exception was raised (a Wove 2.x peer sends neither, and ignores them)
+    host: str
+    pid: int
 
 
 class Delivery(TypedDict, total=False):
@@ -79,6 +84,8 @@ class Delivery(TypedDict, total=False):
     delivery_cancel_mode: str
     delivery_heartbeat_seconds: float
     delivery_orphan_policy: str
+    #: send the run's print() and logging output as ``log`` events (ignored by Wove 2.x)
+    delivery_capture_output: bool
 
 
 class RunTaskFrame(TypedDict):
@@ -111,18 +118,40 @@ class EventFrame(TypedDict, total=False):
     error: ErrorPayload
     exception: BaseException
     message: str
+    # a ``log`` event carrying a run's output: ``stream`` text or a ``record``
+    stream: Literal["stdout", "stderr"]
+    record: dict[str, Any]
+    host: str
+    pid: int
+
+
+#: files whose frames lead into a task's code (left out of a task's traceback)
+_ENGINE_FILES = frozenset(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                          for name in ("worker.py", "_threads.py"))
 
 
 def normalize_exception(
     exc: BaseException, *, source: str = "task", retryable: bool = False
 ) -> dict[str, Any]:
-    """Return the normalized, JSON-safe error payload for ``exc``."""
+    """Return the normalized, JSON-safe error payload for ``exc``: ``kind``, ``message``,
+    ``traceback`` (the formatted traceback, with its chain), ``retryable``, ``source``,
+    and ``host`` and ``pid`` of this process (where the exception was raised)."""
+    try:
+        message = str(exc)
+    except Exception as failure:  # a __str__ that raises must not lose the error
+        message = f"<{type(exc).__name__}.__str__ raised {type(failure).__name__}: {failure}>"
+    tb = exc.__traceback__
+    if source == "task":  # the worker engine's own frames say nothing about the task
+        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in _ENGINE_FILES:
+            tb = tb.tb_next
     return {
         "kind": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "message": message,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
         "retryable": retryable,
         "source": source,
+        "host": HOST,
+        "pid": os.getpid(),
     }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, Union, overload
 from uuid import uuid4
 
+from ._capture import show_output
 from ._gate import Gate
 from .config import validate_definition
 from .delivery import (
@@ -24,8 +25,9 @@ from .delivery import (
     inline_timer,
     lost_error,
     orphaned_error,
+    task_exception,
 )
-from .errors import ConfigError, DeliveryTimeoutError, EnvironmentExecutionError
+from .errors import ConfigError, DeliveryTimeoutError
 from .executor import EnvironmentExecutor
 from .futures import DEFAULT_MAP_BUFFERSIZE, MapIterator, MapProgress, RunFuture, map_source
 from .progress import reporter_for
@@ -620,7 +622,9 @@ class ExecutorRuntime:
                 frame = await recv()
                 frame_type = frame.get("type")
                 if frame_type == "log":
-                    logger.info("environment %s: %s", env.name, frame.get("message"))
+                    # a run's print()/logging output goes to stderr / the logger of its name
+                    if "run_id" not in frame or not show_output(env.name, frame):
+                        logger.info("environment %s: %s", env.name, frame.get("message"))
                     continue
                 run = pending.get(frame.get("run_id"))  # type: ignore[arg-type]
                 if run is None:
@@ -642,7 +646,7 @@ class ExecutorRuntime:
                     elif frame_type == "task_cancelled":
                         run.settle(cancelled=True)
                     else:
-                        run.settle(error=_exception_from_error(frame))
+                        run.settle(error=_exception_from_error(frame, env.name))
                 else:
                     run.settle(error=RuntimeError(
                         f"Unknown executor frame type {frame_type!r} from environment '{env.name}' "
@@ -674,14 +678,10 @@ def _check_max_workers(environment: str, definition: dict[str, Any], executor: E
     )
 
 
-def _exception_from_error(frame: dict[str, Any]) -> BaseException:
-    exception = frame.get("exception")
-    if isinstance(exception, BaseException):
-        return exception
-    payload = frame.get("error")
-    if not isinstance(payload, dict):
-        payload = {"message": str(payload), "kind": "ExecutionError", "source": "executor"}
-    return EnvironmentExecutionError(payload)
+def _exception_from_error(frame: dict[str, Any], environment: str) -> BaseException:
+    """The task's own exception with the worker's traceback as ``__cause__``, else
+    EnvironmentExecutionError (see :func:`wove.delivery.task_exception`)."""
+    return task_exception(frame, environment)
 
 
 def _keyword_call(
@@ -703,6 +703,7 @@ def _keyword_call(
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
             named.update(named.pop(name))
     return func, named
+
 
 def _task_name(func: Any) -> str:
     return getattr(func, "__name__", None) or type(func).__name__

@@ -29,6 +29,12 @@ Semantics:
 * ``shutdown`` stops accepting work and ends runs by orphan policy: ``cancel`` →
   ``task_cancelled``; ``fail`` → ``task_error``; ``requeue`` → cancelled silently so the
   submitter re-delivers it; ``detach`` → allowed to finish within the grace period.
+* A run whose ``delivery`` has ``delivery_capture_output: true`` (the runtime sets it
+  unless the environment says ``capture_output: false``) has its ``print()`` and
+  ``logging`` output captured (per run, with a context variable: concurrent runs do not
+  mix) and sent as ``log`` events carrying the ``run_id`` and ``task_id`` and either
+  ``stream`` (``stdout``/``stderr``) text in whole lines or a ``record`` (``name``,
+  ``levelno``, ``levelname``, ``msg``), before its terminal event. See :mod:`wove._capture`.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._capture import RunCapture, activate, deactivate
 from ._gate import Gate
 from ._memory import release_large_buffers
 from ._threads import DaemonThreadPool
@@ -80,6 +87,8 @@ class _Execution:
     subscribers: dict[str, tuple[str, Sink]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     heartbeat: asyncio.TimerHandle | None = None
+    #: capture the run's print() and logging output (``delivery_capture_output``)
+    capture: bool = False
 
 
 class WorkerEngine:
@@ -102,6 +111,9 @@ class WorkerEngine:
             workers, where a client re-delivers after a lost connection).
         announce_start: emit ``task_started`` (in-process execution has no liveness to
             prove and skips it; heartbeats are still sent when a run asks for them).
+        capture_output: honour ``delivery_capture_output`` (send a run's ``print()`` and
+            ``logging`` output as ``log`` events); an in-process engine, whose output is
+            already the caller's, turns it off.
         name: shown in logs and errors.
     """
 
@@ -119,6 +131,7 @@ class WorkerEngine:
         large_result_ttl: float = DEFAULT_LARGE_RESULT_TTL,
         remember_run_ids: bool = True,
         announce_start: bool = True,
+        capture_output: bool = True,
         name: str = "worker",
     ) -> None:
         if max_concurrency < 1:
@@ -136,6 +149,7 @@ class WorkerEngine:
         self._slots = Gate(max_concurrency)
         self._admission = Gate(max_concurrency + self.max_queued)
         self._announce = announce_start
+        self._capture_output = capture_output
         self._runs: dict[str, _Execution] = {}
         self._by_key: dict[str, _Execution] = {}
         # key -> (expires, estimated bytes, terminal event); insertion order = age
@@ -330,7 +344,8 @@ class WorkerEngine:
                 self._admission.release()
                 return
         policy = delivery.get("delivery_orphan_policy") or "cancel"
-        execution = _Execution(key=key, policy=policy, subscribers={run_id: (task_id, sink)})
+        execution = _Execution(key=key, policy=policy, subscribers={run_id: (task_id, sink)},
+                               capture=self._capture_output and delivery.get("delivery_capture_output") is True)
         self._runs[run_id] = execution
         if key is not None:
             self._by_key[key] = execution
@@ -430,12 +445,23 @@ class WorkerEngine:
         loop = asyncio.get_running_loop()
         execution.heartbeat = loop.call_later(interval, beat)
 
+    def _capture(self, execution: _Execution) -> RunCapture:
+        """The capture of one execution: its output goes to every run attached to it."""
+
+        def emit(fields: dict[str, Any]) -> None:
+            for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                self._safe(sink, {"type": "log", "run_id": run_id, "task_id": task_id, **fields})
+
+        return RunCapture(asyncio.get_running_loop(), emit)
+
     async def _execute(self, execution: _Execution, func: Any, args: dict[str, Any]) -> None:
         event: dict[str, Any] | None = None
         slots = self._slots
+        capture = self._capture(execution) if execution.capture else None
         try:
             if not slots.try_acquire():
                 await slots.acquire()
+            token = activate(capture) if capture is not None else None
             try:
                 if self._announce:
                     for run_id, (task_id, sink) in list(execution.subscribers.items()):
@@ -445,11 +471,14 @@ class WorkerEngine:
                 else:
                     if self._threads is None:
                         self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
+                    # the thread runs in a copy of this context: the run's capture goes with it
                     call = functools.partial(contextvars.copy_context().run, func, **args)
                     result = await asyncio.get_running_loop().run_in_executor(self._threads, call)
                     if inspect.isawaitable(result):
                         result = await result
             finally:
+                if token is not None:
+                    deactivate(token)
                 slots.release()
             event = {"type": "task_result", "result": result}
         except asyncio.CancelledError:
@@ -457,6 +486,8 @@ class WorkerEngine:
         except BaseException as exc:  # a task's SystemExit is its error, not the worker's
             event = {"type": "task_error", "exception": exc, "error": normalize_exception(exc, source="task")}
         finally:
+            if capture is not None:
+                capture.flush(final=True)  # the output goes before the terminal event
             if execution.heartbeat is not None:
                 execution.heartbeat.cancel()
             self._admission.release()

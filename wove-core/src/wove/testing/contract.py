@@ -23,13 +23,16 @@ wherever wove-core is installed (without pytest).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,6 +46,7 @@ from ..environment import (
     ExecutorRuntime,
     build_executor_from_name,
 )
+from ..errors import RemoteTraceback
 from ..protocol import TERMINAL_EVENTS
 from . import tasks
 
@@ -385,3 +389,142 @@ class ExecutorContract:
                 assert results == [2 * i for i in range(200)]
 
         run_async(scenario, self.contract_timeout)
+
+    # -- remote tracebacks and output --------------------------------------------
+    def test_task_exception_carries_the_worker_traceback(self, environment_definition: dict[str, Any]) -> None:
+        """The task's ValueError comes back as ValueError; across a process boundary its
+        ``__cause__`` is the worker's traceback (naming the helper and its failing line) and
+        a note says where it was raised. In process it is the very exception, with its own
+        traceback."""
+
+        async def scenario() -> tuple[BaseException, bool]:
+            async with self._runtime(environment_definition) as runtime:
+                try:
+                    await runtime.call("contract", tasks.fail_in_helper, "helper broke")
+                except ValueError as exc:
+                    return exc, runtime.is_local_environment("contract")
+                raise AssertionError("fail_in_helper returned instead of raising ValueError")
+
+        error, local = run_async(scenario, self.contract_timeout)
+        assert str(error) == "helper broke"
+        frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+        if local or "failing_helper" in frames:
+            # the exception object itself (in process, or an engine's in-process workers):
+            # its own traceback holds the task's frames
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        else:
+            cause = error.__cause__
+            assert isinstance(cause, RemoteTraceback), f"__cause__ is {cause!r}, not the worker's traceback"
+            text = str(cause)
+            notes = getattr(error, "__notes__", [])
+            assert any("environment 'contract'" in note and "pid" in note and "host" in note for note in notes), notes
+        assert "failing_helper" in text and "raise ValueError(message)  # failing_helper" in text, text
+        assert "fail_in_helper" in text, text
+
+    def test_exception_that_cannot_be_rebuilt_names_its_type(self, environment_definition: dict[str, Any]) -> None:
+        """An exception that does not unpickle on the caller is EnvironmentExecutionError
+        naming the remote type and message and carrying the worker's traceback."""
+
+        async def scenario() -> tuple[BaseException, bool]:
+            async with self._runtime(environment_definition) as runtime:
+                try:
+                    await runtime.call("contract", tasks.raise_unrebuildable, "this", "that")
+                except Exception as exc:
+                    return exc, runtime.is_local_environment("contract")
+                raise AssertionError("raise_unrebuildable returned instead of raising")
+
+        error, local = run_async(scenario, self.contract_timeout)
+        frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+        if local or "raise_unrebuildable" in frames:
+            # nothing was pickled (in process, or an engine's in-process workers): the object itself
+            assert isinstance(error, tasks.UnrebuildableError), f"{type(error).__name__}: {error}"
+            return
+        assert isinstance(error, EnvironmentExecutionError), f"{type(error).__name__}: {error}"
+        assert "UnrebuildableError" in str(error) and "this and that" in str(error), str(error)
+        assert "raise_unrebuildable" in error.traceback, error.traceback
+        assert isinstance(error.__cause__, RemoteTraceback)
+
+    def test_task_output_reaches_the_caller_tagged(self, environment_definition: dict[str, Any],
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+        """print() (stdout and stderr) and logging in a task, async and sync, reach the
+        caller: lines on its stderr and records on its logger of the same name, tagged
+        ``(<task> env=<environment> pid=<pid>)``. In process (local) the output already is
+        the caller's: printed where the task prints it, not tagged."""
+        caplog.set_level(logging.INFO, logger=tasks.OUTPUT_LOGGER)
+
+        async def scenario() -> bool:
+            async with self._runtime(environment_definition) as runtime:
+                assert await runtime.call("contract", tasks.chatty, "alpha", 2) == "alpha"
+                assert await runtime.call("contract", tasks.chatty_sync, "beta", 2) == "beta"
+                return runtime.is_local_environment("contract")
+
+        local = run_async(scenario, self.contract_timeout)
+        captured = capsys.readouterr()
+        messages = [record.getMessage() for record in caplog.records if record.name == tasks.OUTPUT_LOGGER]
+        if local:
+            for index in range(2):
+                assert f"alpha line {index}" in captured.out and f"beta line {index}" in captured.out
+                assert f"beta err {index}" in captured.err
+                assert f"alpha record {index}" in messages and f"beta record {index}" in messages
+            return
+        lines = captured.err.splitlines()
+        for task, tag, kinds in (("chatty", "alpha", ("line",)), ("chatty_sync", "beta", ("line", "err"))):
+            for kind in kinds:
+                for index in range(2):
+                    pattern = rf"\({task} env=contract pid=\d+( host=\S+)?\) {tag} {kind} {index}"
+                    assert any(re.fullmatch(pattern, line) for line in lines), (pattern, captured.err)
+                    assert f"{tag} {kind} {index}" not in captured.out, "a remote task's print is not the caller's stdout"
+            for index in range(2):
+                pattern = rf"\({task} env=contract pid=\d+( host=\S+)?\) {tag} record {index}"
+                assert any(re.fullmatch(pattern, message) for message in messages), (pattern, messages)
+        tagged = [r for r in caplog.records if r.name == tasks.OUTPUT_LOGGER and hasattr(r, "wove_run_id")]
+        assert {getattr(r, "wove_environment", None) for r in tagged} == {"contract"}
+        assert {getattr(r, "wove_task", None) for r in tagged} == {"chatty", "chatty_sync"}
+        assert all(r.levelno == logging.WARNING for r in tagged)
+
+    def test_concurrent_runs_output_is_not_mixed(self, environment_definition: dict[str, Any],
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+        """Runs printing and logging at the same time on one worker (async on its loop,
+        sync on its threads) each get their own lines and records, whole and in order."""
+        caplog.set_level(logging.INFO, logger=tasks.OUTPUT_LOGGER)
+        names = {"left": tasks.chatty, "right": tasks.chatty, "up": tasks.chatty_sync, "down": tasks.chatty_sync}
+        lines_each = 6
+
+        async def scenario() -> bool:
+            async with self._runtime(environment_definition) as runtime:
+                results = await asyncio.gather(*(
+                    runtime.call_with("contract", func, (name, lines_each, 0.02), task_name=name)
+                    for name, func in names.items()))
+                assert results == list(names)
+                return runtime.is_local_environment("contract")
+
+        local = run_async(scenario, self.contract_timeout)
+        captured = capsys.readouterr()
+        if local:
+            for name in names:
+                assert all(f"{name} line {i}" in captured.out for i in range(lines_each)), captured.out
+            return
+        tag = re.compile(r"\((\w+) env=contract pid=\d+(?: host=\S+)?\) (.*)")
+        seen: dict[str, list[str]] = {name: [] for name in names}
+        for line in captured.err.splitlines():
+            match = tag.fullmatch(line)
+            if match is None or match.group(1) not in names:
+                continue
+            seen[match.group(1)].append(match.group(2))
+        for name in names:
+            printed = [text for text in seen[name] if " line " in text]
+            assert printed == [f"{name} line {i}" for i in range(lines_each)], (name, seen[name])
+            assert all(text.startswith(f"{name} ") for text in seen[name]), (name, seen[name])
+        by_run: dict[str, set[str]] = {}
+        for record in caplog.records:
+            run_id = getattr(record, "wove_run_id", None)
+            if record.name == tasks.OUTPUT_LOGGER and run_id is not None:
+                by_run.setdefault(run_id, set()).add(record.getMessage())
+        assert len(by_run) == len(names), by_run
+        for run_id, messages in by_run.items():
+            name = run_id.split(":", 1)[0]
+            bodies = {match.group(2) if match else message
+                      for message, match in ((message, tag.fullmatch(message)) for message in messages)}
+            assert bodies == {f"{name} record {i}" for i in range(lines_each)}, (run_id, messages)

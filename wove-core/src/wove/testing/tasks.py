@@ -8,7 +8,9 @@ importing this module.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,3 +82,53 @@ async def record(path: str, seconds: float = 0.0, padding: str = "") -> str:
     with open(path, "a") as file:  # noqa: ASYNC230 - one tiny append
         file.write("ran\n")
     return path
+
+
+#: the logger :func:`chatty` and :func:`chatty_sync` log to
+OUTPUT_LOGGER = "wove.testing.tasks.output"
+
+
+def failing_helper(message: str) -> None:
+    """The helper :func:`fail_in_helper` calls: its ``raise`` is the line a remote
+    traceback must show."""
+    raise ValueError(message)  # failing_helper: the failing line
+
+
+def fail_in_helper(message: str) -> None:
+    """Raise ``ValueError(message)`` from :func:`failing_helper` (a sync task)."""
+    failing_helper(message)
+
+
+class UnrebuildableError(Exception):
+    """Pickles on the worker but does not unpickle on the caller (``__init__`` takes two
+    arguments, ``args`` holds one), so the caller cannot rebuild it."""
+
+    def __init__(self, left: str, right: str) -> None:
+        super().__init__(f"{left} and {right}")
+
+
+async def raise_unrebuildable(left: str, right: str) -> None:
+    raise UnrebuildableError(left, right)
+
+
+async def chatty(tag: str, lines: int = 2, delay: float = 0.0) -> str:
+    """Print ``"<tag> line <i>"`` and log ``"<tag> record <i>"`` (WARNING, on
+    :data:`OUTPUT_LOGGER`) ``lines`` times, sleeping ``delay`` seconds between (so
+    concurrent runs interleave); returns ``tag``."""
+    log = logging.getLogger(OUTPUT_LOGGER)
+    for index in range(lines):
+        print(f"{tag} line {index}")
+        log.warning("%s record %d", tag, index)
+        await asyncio.sleep(delay)
+    return tag
+
+
+def chatty_sync(tag: str, lines: int = 2, delay: float = 0.0) -> str:
+    """:func:`chatty` as a sync task (it runs on a worker thread); prints to stderr too."""
+    log = logging.getLogger(OUTPUT_LOGGER)
+    for index in range(lines):
+        print(f"{tag} line {index}", flush=True)
+        print(f"{tag} err {index}", file=sys.stderr)
+        log.warning("%s record %d", tag, index)
+        time.sleep(delay)
+    return tag
