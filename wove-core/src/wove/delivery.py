@@ -23,9 +23,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from ._capture import HOST
 from .config import check_choice
 from .errors import (
     DeliveryOrphanedError,
@@ -358,11 +360,11 @@ def task_exception(frame: dict[str, Any], environment: str) -> BaseException:
     """The exception a ``task_error`` event ends its call with.
 
     * The task's own exception when it came with the event (unpickled, or the object
-      itself in process). One that crossed a process boundary lost its traceback there:
+      itself in process). One raised in another process lost its traceback on the way:
       the worker's formatted traceback becomes its ``__cause__`` (a
       :class:`RemoteTraceback`, as ``ProcessPoolExecutor`` does) and a note names the
-      environment, task, run, host and pid. An in-process exception keeps its own
-      traceback and is returned untouched.
+      environment, task, run, host and pid. One raised in this process (the payload's
+      host and pid are ours) keeps its own traceback and is returned untouched.
     * Otherwise :class:`EnvironmentExecutionError` carrying the payload; for a task's
       error its message names the remote exception type and message, its ``traceback``
       the worker's traceback text (also its ``__cause__``), and the note says why the
@@ -373,7 +375,7 @@ def task_exception(frame: dict[str, Any], environment: str) -> BaseException:
         payload = {"message": str(payload), "kind": "ExecutionError", "source": "executor"}
     exception = frame.get("exception")
     if isinstance(exception, BaseException):
-        if exception.__traceback__ is not None:
+        if payload.get("pid") == os.getpid() and payload.get("host") == HOST:
             return exception  # raised in this process: its own traceback is the real one
         _attach_origin(exception, frame, payload, environment)
         return exception

@@ -528,3 +528,21 @@ class ExecutorContract:
             bodies = {match.group(2) if match else message
                       for message, match in ((message, tag.fullmatch(message)) for message in messages)}
             assert bodies == {f"{name} record {i}" for i in range(lines_each)}, (run_id, messages)
+
+    def test_capture_output_false_leaves_output_on_the_worker(self, environment_definition: dict[str, Any],
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+        """``capture_output: false`` in the definition: nothing of the task's output is
+        sent to the caller (it stays in the worker's own streams and logging)."""
+        caplog.set_level(logging.INFO, logger=tasks.OUTPUT_LOGGER)
+        definition = {**environment_definition, "capture_output": False}
+
+        async def scenario() -> None:
+            async with self._runtime(definition) as runtime:
+                assert await runtime.call("contract", tasks.chatty, "quiet", 2) == "quiet"
+                assert await runtime.call("contract", tasks.chatty_sync, "hushed", 2) == "hushed"
+
+        run_async(scenario, self.contract_timeout)
+        captured = capsys.readouterr()
+        assert "env=contract" not in captured.err, captured.err
+        assert not [r for r in caplog.records if hasattr(r, "wove_run_id")], "no record was forwarded"
