@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+import weakref
 from collections import deque
 from collections.abc import (
     AsyncIterable,
@@ -299,6 +301,7 @@ class MapIterator(AsyncIterator[T_co]):
         self._space: asyncio.Future[None] | None = None
         self._feeder: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
+        self._ref = weakref.ref(self)
 
     # -- async iterator ----------------------------------------------------------------
     def __aiter__(self) -> MapIterator[T_co]:
@@ -314,7 +317,8 @@ class MapIterator(AsyncIterator[T_co]):
                 if self._sync_source is not None:
                     self._top_up()
                 elif self._feeder is None:
-                    self._feeder = self._loop.create_task(self._feed())
+                    assert self._async_source is not None
+                    self._feeder = self._loop.create_task(self._feed(self._ref, self._async_source))
                 queue = self._queue
                 if queue and (not self._ordered or queue[0].done()):
                     future = queue.popleft()
@@ -362,7 +366,9 @@ class MapIterator(AsyncIterator[T_co]):
         self._in_flight.add(future)
         if self._ordered:
             self._queue.append(future)
-        future.add_done_callback(self._on_done)
+        # by weak reference: a map dropped by its consumer (``break``) is collected and its
+        # __del__ cancels the runs in flight, which must not keep it alive
+        future.add_done_callback(functools.partial(_map_run_done, self._ref))
 
     def _top_up(self) -> None:
         source = self._sync_source
@@ -379,24 +385,40 @@ class MapIterator(AsyncIterator[T_co]):
             else:
                 self._start(item)
 
-    async def _feed(self) -> None:
-        source = self._async_source
-        assert source is not None
-        try:
-            while True:
-                while self._outstanding >= self._buffersize:
-                    self._space = self._loop.create_future()
-                    await self._space
-                try:
-                    item = await source.__anext__()
-                except StopAsyncIteration:
-                    break
-                self._start(item)
-                self._wake()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._source_error = exc
+    @staticmethod
+    async def _feed(ref: weakref.ReferenceType[MapIterator[Any]], source: AsyncIterator[tuple[Any, ...]]) -> None:
+        """Pull the async input as slots free up (holding the map only by weak reference
+        while it waits, so a dropped map can be collected)."""
+        error: Exception | None = None
+        while True:
+            self = ref()
+            if self is None or self._closed:
+                return
+            if self._outstanding >= self._buffersize:
+                space = self._space = self._loop.create_future()
+                del self
+                await space
+                continue
+            del self
+            try:
+                item = await source.__anext__()
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+                break
+            self = ref()
+            if self is None or self._closed:
+                return
+            self._start(item)
+            self._wake()
+            del self
+        self = ref()
+        if self is None:
+            return
+        self._source_error = error
         self._exhausted = True
         self._report()
         self._wake()
@@ -494,6 +516,14 @@ class MapIterator(AsyncIterator[T_co]):
                 self._reporter(self.progress(finished=True))
         except Exception:
             pass
+
+
+def _map_run_done(ref: weakref.ReferenceType[MapIterator[Any]], future: asyncio.Future[Any]) -> None:
+    iterator = ref()
+    if iterator is not None:
+        iterator._on_done(future)
+    elif not future.cancelled():
+        future.exception()  # retrieved: a dropped map's runs log no "exception never retrieved"
 
 
 async def _zip_async(iterables: tuple[Iterable[Any] | AsyncIterable[Any], ...]) -> AsyncIterator[tuple[Any, ...]]:

@@ -9,6 +9,7 @@ imported only for ``progress=True``; when it is missing, the error says what to 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -25,8 +26,14 @@ class TerminalProgress:
 
     def __init__(self, description: str, stream: TextIO) -> None:
         tqdm = _require_tqdm()
-        self._bar = tqdm(total=None, desc=description, unit="run", file=stream, dynamic_ncols=True,
-                         leave=True)
+        try:
+            size = os.get_terminal_size(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            size = os.terminal_size((0, 0))
+        sized = size.columns > 0 and size.lines > 0
+        # a terminal that reports no size (a fresh pty) gets 80x24: tqdm would hide the bar
+        self._bar = tqdm(total=None, desc=description, unit="run", file=stream, leave=True,
+                         dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
         self._seen = 0
         self._total: int | None = None
         self._closed = False
