@@ -96,6 +96,9 @@ class Client:
         self._runtime = ExecutorRuntime(self._definitions, self._run_config)
         try:
             self._wait(self._spawn(self._runtime.start))
+        except KeyboardInterrupt:
+            self.close()
+            raise KeyboardInterrupt from None
         except BaseException:
             self._shutdown_loop()
             raise
@@ -161,7 +164,7 @@ class Client:
             return call.future.result()
         except KeyboardInterrupt:
             call.cancel_and_wait(CANCEL_GRACE)
-            raise KeyboardInterrupt from None
+            raise
 
     def _check_environment(self, environment: str) -> None:
         if environment not in self._definitions:
@@ -204,14 +207,20 @@ class Client:
         """
         _, runtime = self._started()
         self._check_environment(environment)
-        return self._wait(self._spawn(lambda: runtime.submit(environment, func, *args, **kwargs)))
+        try:
+            return self._wait(self._spawn(lambda: runtime.submit(environment, func, *args, **kwargs)))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None  # a traceback of the caller's line, not of wove's waiting
 
     def call_with(self, environment: str, func: Callable[..., Any], args: tuple[Any, ...] = (),
                   kwargs: dict[str, Any] | None = None, **settings: Any) -> Any:
         """:meth:`ExecutorRuntime.call_with` (delivery settings per call), blocking."""
         _, runtime = self._started()
         self._check_environment(environment)
-        return self._wait(self._spawn(lambda: runtime.submit_with(environment, func, args, kwargs, **settings)))
+        try:
+            return self._wait(self._spawn(lambda: runtime.submit_with(environment, func, args, kwargs, **settings)))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None
 
     @overload
     def map(self, environment: str, func: Callable[[A1], Coroutine[Any, Any, R]], iterable: Iterable[A1], /, *,
@@ -284,6 +293,7 @@ class _Call(Generic[T]):
         """On the loop: start the run and chain its outcome to ``future``."""
         if self.future.cancelled():
             self.finished.set()
+            self._notify_cancelled()
             return
         try:
             awaitable = start()
@@ -300,6 +310,7 @@ class _Call(Generic[T]):
         self.finished.set()
         if running.cancelled():
             self.future.cancel()
+            self._notify_cancelled()
             return
         if not self.future.set_running_or_notify_cancel():
             return  # the caller cancelled it
@@ -307,6 +318,14 @@ class _Call(Generic[T]):
             self.future.set_exception(running.exception())
         else:
             self.future.set_result(running.result())
+
+    def _notify_cancelled(self) -> None:
+        """Move a cancelled future on to CANCELLED_AND_NOTIFIED, as executors do, so that
+        ``concurrent.futures.wait`` and ``as_completed`` count it as done."""
+        try:
+            self.future.set_running_or_notify_cancel()
+        except RuntimeError:  # notified already
+            pass
 
     def _on_future_done(self, future: concurrent.futures.Future[Any]) -> None:
         if future.cancelled():
@@ -330,48 +349,61 @@ class _Call(Generic[T]):
             pass
 
 
+class _Channel:
+    """The buffer between a map's pump (loop thread) and its consumer (caller's thread)."""
+
+    __slots__ = ("capacity", "condition", "items", "paused", "space")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.items: deque[tuple[bool, Any]] = deque()
+        self.condition = threading.Condition()
+        self.paused = False
+        self.space: asyncio.Event | None = None
+
+
+_END = object()
+
+
+async def _pump(channel: _Channel, make: Callable[[], MapIterator[Any]]) -> None:
+    """Move a runtime map's items into ``channel`` (holding no reference to the consumer's
+    iterator, so dropping that iterator collects it and cancels this pump)."""
+    channel.space = space = asyncio.Event()
+    results = make()
+    try:
+        async for item in results:
+            with channel.condition:
+                channel.items.append((True, item))
+                full = len(channel.items) >= channel.capacity
+                if full:
+                    channel.paused = True
+                    space.clear()
+                channel.condition.notify()
+            if full:
+                await space.wait()
+    except BaseException as exc:
+        with channel.condition:
+            channel.items.append((False, exc))
+            channel.condition.notify()
+        if not isinstance(exc, Exception):
+            raise
+    else:
+        with channel.condition:
+            channel.items.append((True, _END))
+            channel.condition.notify()
+    finally:
+        await results.aclose()
+
+
 class _SyncMap(Iterator[T]):
     """A runtime ``map`` consumed from another thread through a bounded buffer."""
-
-    _END = object()
 
     def __init__(self, client: Client, make: Callable[[], MapIterator[T]], capacity: int) -> None:
         self._loop = client._loop
         assert self._loop is not None
-        self._capacity = max(1, capacity)
-        self._items: deque[tuple[bool, Any]] = deque()
-        self._condition = threading.Condition()
-        self._paused = False
-        self._space: asyncio.Event | None = None
+        self._channel = channel = _Channel(capacity)
         self._done = False
-        self._call: _Call[None] = client._spawn(lambda: self._pump(make))
-
-    async def _pump(self, make: Callable[[], MapIterator[T]]) -> None:
-        self._space = asyncio.Event()
-        results = make()
-        try:
-            async for item in results:
-                with self._condition:
-                    self._items.append((True, item))
-                    full = len(self._items) >= self._capacity
-                    if full:
-                        self._paused = True
-                        self._space.clear()
-                    self._condition.notify()
-                if full:
-                    await self._space.wait()
-        except BaseException as exc:
-            with self._condition:
-                self._items.append((False, exc))
-                self._condition.notify()
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            with self._condition:
-                self._items.append((True, self._END))
-                self._condition.notify()
-        finally:
-            await results.aclose()
+        self._call: _Call[None] = client._spawn(lambda: _pump(channel, make))
 
     def __iter__(self) -> _SyncMap[T]:
         return self
@@ -379,20 +411,21 @@ class _SyncMap(Iterator[T]):
     def __next__(self) -> T:
         if self._done:
             raise StopIteration
+        channel = self._channel
         try:
-            with self._condition:
-                while not self._items:
-                    self._condition.wait()
-                ok, value = self._items.popleft()
-                resume = self._paused and len(self._items) < self._capacity
+            with channel.condition:
+                while not channel.items:
+                    channel.condition.wait()
+                ok, value = channel.items.popleft()
+                resume = channel.paused and len(channel.items) < channel.capacity
                 if resume:
-                    self._paused = False
+                    channel.paused = False
         except KeyboardInterrupt:
             self.close()
             raise KeyboardInterrupt from None
-        if resume and self._space is not None:
-            self._loop.call_soon_threadsafe(self._space.set)  # type: ignore[union-attr]
-        if value is self._END:
+        if resume and channel.space is not None:
+            self._loop.call_soon_threadsafe(channel.space.set)  # type: ignore[union-attr]
+        if value is _END:
             self._done = True
             raise StopIteration
         if not ok:
