@@ -239,9 +239,17 @@ class Client:
             /, *, ordered: bool = ..., return_exceptions: Literal[False] = ..., buffersize: int | None = ...,
             progress: _Progress = ...) -> Iterator[R]: ...
     @overload
-    def map(self, environment: str, func: Callable[..., Any], iterable: Iterable[Any], /, *iterables: Iterable[Any],
-            ordered: bool = ..., return_exceptions: bool = ..., buffersize: int | None = ...,
+    def map(self, environment: str, func: Callable[[A1], Any], iterable: Iterable[A1], /, *,
+            ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
             progress: _Progress = ...) -> Iterator[Any]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1, A2], Any], iterable: Iterable[A1], iterable2: Iterable[A2],
+            /, *, ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
+            progress: _Progress = ...) -> Iterator[Any]: ...
+    @overload
+    def map(self, environment: str, func: Callable[..., Any], iterable: Iterable[Any], iterable2: Iterable[Any],
+            iterable3: Iterable[Any], /, *iterables: Iterable[Any], ordered: bool = ..., return_exceptions: bool = ...,
+            buffersize: int | None = ..., progress: _Progress = ...) -> Iterator[Any]: ...
     def map(self, environment: str, func: Callable[..., Any], /, *iterables: Iterable[Any], ordered: bool = True,
             return_exceptions: bool = False, buffersize: int | None = None,
             progress: _Progress = False) -> Iterator[Any]:

@@ -355,9 +355,17 @@ class ExecutorRuntime:
             ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
             progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
     @overload
-    def map(self, environment: str, func: Callable[..., Any], iterable: _In[Any], /, *iterables: _In[Any],
-            ordered: bool = ..., return_exceptions: bool = ..., buffersize: int | None = ...,
-            progress: _Progress = ...) -> MapIterator[Any]: ...
+    def map(self, environment: str, func: Callable[[A1, A2], Awaitable[R]], iterable: _In[A1],
+            iterable2: _In[A2], /, *, ordered: bool = ..., return_exceptions: Literal[True],
+            buffersize: int | None = ..., progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
+    @overload
+    def map(self, environment: str, func: Callable[[A1, A2], R], iterable: _In[A1], iterable2: _In[A2], /, *,
+            ordered: bool = ..., return_exceptions: Literal[True], buffersize: int | None = ...,
+            progress: _Progress = ...) -> MapIterator[R | BaseException]: ...
+    @overload
+    def map(self, environment: str, func: Callable[..., Any], iterable: _In[Any], iterable2: _In[Any],
+            iterable3: _In[Any], /, *iterables: _In[Any], ordered: bool = ..., return_exceptions: bool = ...,
+            buffersize: int | None = ..., progress: _Progress = ...) -> MapIterator[Any]: ...
     def map(self, environment: str, func: Callable[..., Any], /, *iterables: _In[Any], ordered: bool = True,
             return_exceptions: bool = False, buffersize: int | None = None,
             progress: _Progress = False) -> MapIterator[Any]:
