@@ -546,3 +546,55 @@ class ExecutorContract:
         captured = capsys.readouterr()
         assert "env=contract" not in captured.err, captured.err
         assert not [r for r in caplog.records if hasattr(r, "wove_run_id")], "no record was forwarded"
+
+    # -- the calling API (futures, map) ----------------------------------------------
+    def test_futures_gather_and_as_completed(self, environment_definition: dict[str, Any]) -> None:
+        from ..futures import RunFuture, as_completed, gather
+
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                future = runtime.submit("contract", tasks.add, 2, 3)
+                assert isinstance(future, RunFuture) and future.environment == "contract"
+                assert future.run_id.startswith("add:")
+                assert await future == 5 and future.done() and future.result() == 5
+                failing = runtime.submit("contract", tasks.fail, "future failed")
+                with pytest.raises(tasks.ContractTaskError, match="future failed"):
+                    await failing
+                assert isinstance(failing.exception(), tasks.ContractTaskError)
+                futures = [runtime.submit("contract", tasks.add, i, 1) for i in range(10)]
+                assert await gather(*futures) == [i + 1 for i in range(10)]
+                done = [f.result() async for f in as_completed([runtime.submit("contract", tasks.echo, i)
+                                                                 for i in range(10)])]
+                assert sorted(done) == list(range(10))
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_future_cancel_cancels_the_run(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                future = runtime.submit("contract", tasks.sleep, 30.0)
+                await asyncio.sleep(0.3)
+                assert future.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await future
+                assert future.cancelled()
+                assert await runtime.call("contract", tasks.add, 1, 2) == 3
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_map_ordered_unordered_and_return_exceptions(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                ordered = [x async for x in runtime.map("contract", tasks.add, range(40), range(40), buffersize=8)]
+                assert ordered == [2 * i for i in range(40)]
+                unordered = [x async for x in runtime.map("contract", tasks.echo, range(40), ordered=False)]
+                assert sorted(unordered) == list(range(40))
+                mixed = [x async for x in runtime.starmap(
+                    "contract", tasks.fail, [("m0",), ("m1",)], return_exceptions=True)]
+                assert [str(e) for e in mixed] == ["m0", "m1"]
+                assert all(isinstance(e, tasks.ContractTaskError) for e in mixed)
+                async for _ in runtime.map("contract", tasks.sleep, [0.0, 30.0, 30.0]):
+                    break  # leaving early cancels the two long runs; the runtime stays usable
+                assert await runtime.call("contract", tasks.add, 2, 2) == 4
+
+        run_async(scenario, self.contract_timeout)
