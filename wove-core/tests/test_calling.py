@@ -297,21 +297,8 @@ async def test_progress_true_prints_nothing_when_not_a_terminal(capsys: pytest.C
     assert captured.err == "" and captured.out == ""
 
 
-def test_progress_true_draws_a_bar_on_a_terminal() -> None:
-    script = textwrap.dedent("""
-        import asyncio
-        from wove.environment import ExecutorRuntime
-        from wove.testing import tasks
-
-        async def main():
-            async with ExecutorRuntime({"env": {"executor": "local"}}, {}) as runtime:
-                out = [x async for x in runtime.map("env", tasks.fail, ["a"] * 3, return_exceptions=True,
-                                                     progress=True)]
-                out += [x async for x in runtime.map("env", tasks.echo, range(200), progress=True)]
-            print("results", len(out))
-
-        asyncio.run(main())
-    """)
+def run_with_stderr_on_a_terminal(command: list[str]) -> tuple[subprocess.Popen[str], str, str]:
+    """Run ``command`` with stderr on a pseudo-terminal; return it, its stdout and the terminal's text."""
     leader, follower = pty.openpty()
     chunks: list[bytes] = []
 
@@ -327,15 +314,42 @@ def test_progress_true_draws_a_bar_on_a_terminal() -> None:
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=follower, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=follower, text=True)
     os.close(follower)
     stdout, _ = proc.communicate(timeout=60)
     reader.join(10)
     os.close(leader)
-    terminal = b"".join(chunks).decode(errors="replace")
+    return proc, stdout, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_true_draws_a_bar_on_a_terminal() -> None:
+    script = textwrap.dedent("""
+        import asyncio
+        from wove.environment import ExecutorRuntime
+        from wove.testing import tasks
+
+        async def main():
+            async with ExecutorRuntime({"env": {"executor": "local"}}, {}) as runtime:
+                out = [x async for x in runtime.map("env", tasks.fail, ["a"] * 3, return_exceptions=True,
+                                                     progress=True)]
+                out += [x async for x in runtime.map("env", tasks.echo, range(200), progress=True)]
+            print("results", len(out))
+
+        asyncio.run(main())
+    """)
+    proc, stdout, terminal = run_with_stderr_on_a_terminal([sys.executable, "-c", script])
     assert proc.returncode == 0 and "results 203" in stdout
     assert "failed=3" in terminal and "in_flight=0" in terminal, terminal
     assert "200/200" in terminal and "run/s" in terminal, terminal
+
+
+def test_wove_demo_shows_progress_on_a_terminal() -> None:
+    proc, stdout, terminal = run_with_stderr_on_a_terminal(
+        [sys.executable, "-m", "wove.cli", "demo", "--only", "local,stdio", "--tasks", "300"])
+    assert proc.returncode == 0, stdout + terminal
+    assert "300/300" in stdout, "the table: every result correct"
+    assert "_demo_square on local" in terminal and "_demo_square on stdio" in terminal, terminal
+    assert "300/300" in terminal, terminal
 
 
 def test_progress_true_without_tqdm_says_what_to_install() -> None:

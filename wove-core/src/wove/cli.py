@@ -95,10 +95,14 @@ async def _demo_noop() -> None:
 
 
 async def _demo_one(name: str, factory: Callable[[], Any], tasks: int) -> tuple[str, ...]:
+    from importlib.util import find_spec
+
     from .runtime import ExecutorRuntime
 
+    # a progress bar on a terminal when tqdm (wove-core[progress]) is installed; nothing otherwise
+    progress = find_spec("tqdm") is not None
     async with factory() as definition, ExecutorRuntime({name: definition}, {}) as runtime:
-        results = await asyncio.gather(*(runtime.call(name, _demo_square, i) for i in range(tasks)))
+        results = [value async for value in runtime.map(name, _demo_square, range(tasks), progress=progress)]
         correct = sum(1 for i, value in enumerate(results) if value == i * i)
         latencies = []
         for _ in range(50):
