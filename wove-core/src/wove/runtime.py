@@ -253,6 +253,8 @@ class ExecutorRuntime:
         task_func, task_args = _keyword_call(func, args, kwargs)
         name = _task_name(func)
         env, delivery = self._prepare(environment, name, task_args, _NO_INFO)
+        if _inline_without_limit(env, delivery, task_func):  # the hot path: one coroutine less
+            return await self._run_inline(env, name, task_func, task_args, delivery, self._new_run_id(name))
         return await self._execute(env, name, task_func, task_args, delivery, self._new_run_id(name))
 
     @overload
@@ -482,7 +484,9 @@ class ExecutorRuntime:
     def _prepare(self, environment_name: str | None, task_name: str, task_args: dict[str, Any],
                  task_info: dict[str, Any]) -> tuple[_Environment, Delivery]:
         """The environment and the resolved delivery settings of one call (raises at the call)."""
-        env = self._environment(environment_name, task_name)
+        env = self._environments.get(environment_name)  # type: ignore[arg-type]
+        if env is None or env.failure is not None:
+            env = self._environment(environment_name, task_name)  # raises, naming the problem
         return env, env.defaults.for_call(task_name, task_args, task_info)
 
     async def run_task(
@@ -507,8 +511,16 @@ class ExecutorRuntime:
             Exception: the task's own exception.
         """
         environment_name = task_info.get("environment") or self._run_config.get("default_environment")
-        env, delivery = self._prepare(environment_name, task_name, task_args, task_info)
-        return await self._execute(env, task_name, task_func, task_args, delivery, self._new_run_id(task_name))
+        # _prepare and _execute, written out: this is the hot path of Wove 2.x callers
+        env = self._environments.get(environment_name)  # type: ignore[arg-type]
+        if env is None or env.failure is not None:
+            env = self._environment(environment_name, task_name)  # raises, naming the problem
+        delivery = env.defaults.for_call(task_name, task_args, task_info)
+        run_id = f"{task_name}:{self._id_prefix}{next(self._ids):x}"
+        if (env.inline and delivery.max_in_flight is None and delivery.idempotency_key is None
+                and is_async_callable(task_func)):
+            return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
+        return await self._execute(env, task_name, task_func, task_args, delivery, run_id)
 
     async def _execute(
         self,
@@ -711,6 +723,12 @@ def _keyword_call(
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
             named.update(named.pop(name))
     return func, named
+
+
+def _inline_without_limit(env: _Environment, delivery: Delivery, task_func: Any) -> bool:
+    """True when :meth:`ExecutorRuntime._execute` would await the call inline with no gate."""
+    return (env.inline and delivery.max_in_flight is None and delivery.idempotency_key is None
+            and is_async_callable(task_func))
 
 
 def _task_name(func: Any) -> str:
