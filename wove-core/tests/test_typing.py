@@ -41,6 +41,9 @@ CORRECT = HEADER + textwrap.dedent("""
                 maybe.lower()
         timed: int = await runtime.call_with("env", add, (1, 2), delivery_timeout=5.0,
                                              delivery_cancel_mode="require_ack")
+        inferred = await runtime.call_with("env", add, (1, 2), delivery_heartbeat_seconds=1.0)
+        inferred + 1
+        (await runtime.submit_with("env", shout, ("x",))).lower()
         sync_total: int = client.call("env", add, 1, 2)
         sync_future: concurrent.futures.Future[str] = client.submit("env", shout, "x")
         for word in client.map("env", shout, ["a"]):
@@ -63,6 +66,7 @@ MISTAKES = HEADER + textwrap.dedent("""
         await runtime.call_with("env", add, (1, 2), delivery_timeout="soon")  # E a str timeout
         await runtime.call_with("env", add, (1, 2), delivery_timout=1)  # E an unknown setting
         await runtime.call_with("env", add, (1, 2), delivery_cancel_mode="eventually")  # E not a mode
+        (await runtime.call_with("env", add, (1, 2))).upper()  # E an int has no upper()
         client.call("env", add, "1", 2)  # E wrong argument type
         word: int = client.call("env", shout, "x")  # E the result is a str
         client.submit("env", add, 1, 2).result().upper()  # E an int has no upper()

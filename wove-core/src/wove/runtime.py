@@ -275,6 +275,20 @@ class ExecutorRuntime:
         task_func, task_args = _keyword_call(func, args, kwargs)
         return self._submit(environment, _task_name(func), task_func, task_args, _NO_INFO)
 
+    @overload
+    def submit_with(self, environment: str, func: Callable[..., Awaitable[R]], args: tuple[Any, ...] = ...,
+                    kwargs: dict[str, Any] | None = ..., *, task_name: str | None = ..., delivery_timeout: float | None = ...,
+                    delivery_heartbeat_seconds: float | None = ..., delivery_cancel_mode: CancelMode | None = ...,
+                    delivery_orphan_policy: OrphanPolicy | None = ..., delivery_max_in_flight: int | None = ...,
+                    delivery_idempotency_key: str | Callable[..., object] | None = ..., **unknown: NoReturn
+                    ) -> RunFuture[R]: ...
+    @overload
+    def submit_with(self, environment: str, func: Callable[..., R], args: tuple[Any, ...] = ...,
+                    kwargs: dict[str, Any] | None = ..., *, task_name: str | None = ..., delivery_timeout: float | None = ...,
+                    delivery_heartbeat_seconds: float | None = ..., delivery_cancel_mode: CancelMode | None = ...,
+                    delivery_orphan_policy: OrphanPolicy | None = ..., delivery_max_in_flight: int | None = ...,
+                    delivery_idempotency_key: str | Callable[..., object] | None = ..., **unknown: NoReturn
+                    ) -> RunFuture[R]: ...
     def submit_with(
         self,
         environment: str,
@@ -296,6 +310,20 @@ class ExecutorRuntime:
         task_func, task_args = _keyword_call(func, args, kwargs or {})
         return self._submit(environment, task_name or _task_name(func), task_func, task_args, info)
 
+    @overload
+    async def call_with(self, environment: str, func: Callable[..., Awaitable[R]], args: tuple[Any, ...] = ...,
+                        kwargs: dict[str, Any] | None = ..., *, task_name: str | None = ..., delivery_timeout: float | None = ...,
+                        delivery_heartbeat_seconds: float | None = ..., delivery_cancel_mode: CancelMode | None = ...,
+                        delivery_orphan_policy: OrphanPolicy | None = ..., delivery_max_in_flight: int | None = ...,
+                        delivery_idempotency_key: str | Callable[..., object] | None = ..., **unknown: NoReturn
+                        ) -> R: ...
+    @overload
+    async def call_with(self, environment: str, func: Callable[..., R], args: tuple[Any, ...] = ...,
+                        kwargs: dict[str, Any] | None = ..., *, task_name: str | None = ..., delivery_timeout: float | None = ...,
+                        delivery_heartbeat_seconds: float | None = ..., delivery_cancel_mode: CancelMode | None = ...,
+                        delivery_orphan_policy: OrphanPolicy | None = ..., delivery_max_in_flight: int | None = ...,
+                        delivery_idempotency_key: str | Callable[..., object] | None = ..., **unknown: NoReturn
+                        ) -> R: ...
     async def call_with(
         self,
         environment: str,
