@@ -8,7 +8,8 @@
 * :func:`collect_events`, :func:`run_async` — helpers for tests that speak frames.
 * :mod:`wove.testing.tasks` — task functions importable in every worker (``echo``,
   ``add``, ``fail``, ``sleep``, ``blocking_sleep``, ``pid``, ``write_marker``, ``burn``,
-  ``nested``, ``blob``, ``record``, ``ContractTaskError``), so they are pickled by reference.
+  ``nested``, ``blob``, ``record``, ``fail_in_helper``, ``raise_unrebuildable``, ``chatty``,
+  ``chatty_sync``, ``ContractTaskError``), so they are pickled by reference.
 
 Importing :mod:`wove.testing.tasks` (what a worker does to unpickle such a task) does not
 import pytest: the kits are loaded on first access to their names.
