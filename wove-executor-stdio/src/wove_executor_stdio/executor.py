@@ -461,7 +461,8 @@ class StdioEnvironmentExecutor(FrameExecutor):
                     if not worker.ready.done():
                         worker.ready.set_result(None)
                     continue
-                logger.info("stdio worker %d (pid %d): %s", worker.id, worker.pid, event.get("message"))
+                if "run_id" not in event:  # a run's output reaches the caller through the runtime, tagged
+                    logger.info("stdio worker %d (pid %d): %s", worker.id, worker.pid, event.get("message"))
                 self._emit(event)
                 continue
             if not worker.ready.done():
