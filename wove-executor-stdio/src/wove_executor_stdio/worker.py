@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -186,16 +187,38 @@ async def serve(
         out.write(encode_event(event) + b"\n", urgent=event.get("type") in TERMINAL_EVENTS)
 
     session = service.session("stdin", emit=emit)
+
+    async def read_commands() -> str:
+        while not session.ended:
+            line = await read_line(reader)
+            if line is None:
+                return "end of input"
+            if line.strip():
+                await session.receive(line)
+        return "shutdown command"
+
+    # SIGTERM drains, as on every worker service: runs finish within the grace period,
+    # the rest end with a terminal event, then the worker exits 0.
+    terminated: asyncio.Future[None] = loop.create_future()
+
+    def on_sigterm() -> None:
+        if not terminated.done():
+            terminated.set_result(None)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     emit({"type": "log", "message": f"wove_executor_stdio worker ready (pid {pid})", READY_KEY: pid})
-    while not session.ended:
-        line = await read_line(reader)
-        if line is None:
-            break
-        if line.strip():
-            await session.receive(line)
-    logger.debug("stdio worker %d: %s; shutting down (%d active)", pid,
-                 "shutdown command" if session.ended else "end of input", engine.active)
-    await service.shutdown()  # end of input: the owner is gone; every run ends by its orphan policy
+    reading = loop.create_task(read_commands())
+    waiting: set[asyncio.Future[Any]] = {reading, terminated}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if reading.done():
+        logger.debug("stdio worker %d: %s; shutting down (%d active)", pid, reading.result(), engine.active)
+        await service.shutdown()  # the owner is gone or said so: every run ends by its orphan policy
+    else:
+        logger.debug("stdio worker %d: SIGTERM; draining (%d active)", pid, engine.active)
+        await service.drain()
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
     out.flush()
     await close()
     return 0
