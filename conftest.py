@@ -51,3 +51,21 @@ def throwaway_venv(tmp_path: Path) -> ThrowawayVenv:
         installer = [str(python), "-m", "pip", "install", "--quiet"]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     return ThrowawayVenv(python=python, bin=venv / "bin", installer=installer, env=env)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """PEM files from a trustme CA: ``ca``, a server ``cert``/``key`` naming only
+    ``worker.test``, and a ``client_cert``/``client_key`` for mutual TLS."""
+    trustme = pytest.importorskip("trustme")
+    folder = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server, client = ca.issue_cert("worker.test"), ca.issue_cert("client.test")
+    files = {name: str(folder / f"{name}.pem") for name in ("ca", "cert", "key", "client_cert", "client_key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    server.cert_chain_pems[0].write_to_path(files["cert"])
+    server.private_key_pem.write_to_path(files["key"])
+    client.cert_chain_pems[0].write_to_path(files["client_cert"])
+    client.private_key_pem.write_to_path(files["client_key"])
+    return files
+

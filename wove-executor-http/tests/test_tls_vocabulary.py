@@ -19,21 +19,7 @@ from wove.runtime import ExecutorRuntime
 from wove.testing import WorkerProcess, tasks
 from wove_executor_http import HttpEnvironmentExecutor
 
-trustme = pytest.importorskip("trustme")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server, client = ca.issue_cert("worker.test"), ca.issue_cert("client.test")
-    files = {name: str(folder / f"{name}.pem") for name in ("ca", "cert", "key", "client_cert", "client_key")}
-    ca.cert_pem.write_to_path(files["ca"])
-    server.cert_chain_pems[0].write_to_path(files["cert"])
-    server.private_key_pem.write_to_path(files["key"])
-    client.cert_chain_pems[0].write_to_path(files["client_cert"])
-    client.private_key_pem.write_to_path(files["client_key"])
-    return files
+pytest.importorskip("trustme")  # the root conftest's pki fixture issues the certificates
 
 
 def tls_config(pki: dict[str, str]) -> dict[str, Any]:
