@@ -7,3 +7,4 @@ class TestLocalContract(ExecutorContract):
     @pytest.fixture
     def executor_name(self) -> str:
         return "local"
+    expect_streaming = True

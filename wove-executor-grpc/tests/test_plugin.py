@@ -14,6 +14,8 @@ pytestmark = pytest.mark.integration
 class TestGrpcContract(ExecutorContract):
     """The default (streaming: auto): every run on one bidirectional Session call."""
 
+    expect_streaming = True  # the Session confirmation announces task_yield
+
     @pytest.fixture
     def executor_name(self) -> str:
         return "grpc"
@@ -26,6 +28,8 @@ class TestGrpcContract(ExecutorContract):
 class TestGrpcStreamingContract(ExecutorContract):
     """Every run over the Stream extension."""
 
+    expect_streaming = False  # one command per call: no stream_credit can follow a run_task
+
     @pytest.fixture
     def executor_name(self) -> str:
         return "grpc"
@@ -37,6 +41,8 @@ class TestGrpcStreamingContract(ExecutorContract):
 
 class TestGrpcUnaryContract(ExecutorContract):
     """Every run over unary Send (the Wove 2.x method)."""
+
+    expect_streaming = False
 
     @pytest.fixture
     def executor_name(self) -> str:

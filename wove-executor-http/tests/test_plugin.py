@@ -14,6 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 class TestHttpContract(ExecutorContract):
+    expect_streaming = True  # every answer carries X-Wove-Capabilities; streamed runs get NDJSON
+
     @pytest.fixture
     def executor_name(self) -> str:
         return "http"
@@ -24,6 +26,8 @@ class TestHttpContract(ExecutorContract):
 
 
 class TestHttpSignedContract(ExecutorContract):
+    expect_streaming = True  # every answer carries X-Wove-Capabilities; streamed runs get NDJSON
+
     @pytest.fixture
     def executor_name(self) -> str:
         return "http"

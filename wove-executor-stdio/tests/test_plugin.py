@@ -15,6 +15,8 @@ from wove_executor_stdio import StdioEnvironmentExecutor, plugin
 
 
 class TestStdioContract(ExecutorContract):
+    expect_streaming = True  # the worker's ready line announces task_yield
+
     @pytest.fixture
     def executor_name(self) -> str:
         return "stdio"
@@ -22,6 +24,8 @@ class TestStdioContract(ExecutorContract):
 
 class TestStdioPoolContract(ExecutorContract):
     """The same contract with two worker processes."""
+
+    expect_streaming = True
 
     @pytest.fixture
     def executor_name(self) -> str:

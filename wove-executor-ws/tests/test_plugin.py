@@ -14,6 +14,8 @@ from wove_executor_ws import WebSocketEnvironmentExecutor, plugin
 
 
 class TestWebSocketContract(ExecutorContract):
+    expect_streaming = True  # the worker's handshake answer announces task_yield
+
     @pytest.fixture
     def executor_name(self) -> str:
         return "websocket"

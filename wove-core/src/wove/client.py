@@ -25,7 +25,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from .futures import MapIterator, MapProgress, RunFuture
@@ -276,6 +276,30 @@ class Client:
         return _SyncMap(self, lambda: runtime.starmap(
             environment, func, iterable, ordered=ordered, return_exceptions=return_exceptions,
             buffersize=buffersize, progress=progress), buffersize or 256)
+
+    @overload
+    def stream(self, environment: str, func: Callable[P, AsyncIterator[R]], /,
+               *args: P.args, **kwargs: P.kwargs) -> Iterator[R]: ...
+    @overload
+    def stream(self, environment: str, func: Callable[P, Iterator[R]], /,
+               *args: P.args, **kwargs: P.kwargs) -> Iterator[R]: ...
+    def stream(self, environment: str, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """:meth:`ExecutorRuntime.stream` as a plain iterator: a generator task's items as
+        the worker produces them. Closing the iterator (``break`` and dropping it,
+        ``close()``, Ctrl-C while it waits) cancels the run; the worker closes the generator.
+
+        Raises:
+            StreamNotSupportedError: the worker does not stream results (at the call, or
+                at the first ``next()`` for an executor that learns it on first contact).
+        """
+        loop, runtime = self._started()
+        self._check_environment(environment)
+
+        async def create() -> Any:
+            return runtime.stream(environment, func, *args, **kwargs)
+
+        stream = asyncio.run_coroutine_threadsafe(create(), loop).result()
+        return _SyncMap(self, lambda: stream, 1)
 
     def executor(self, environment: str) -> ClientExecutor:
         """A :class:`concurrent.futures.Executor` whose ``submit`` runs in ``environment``."""

@@ -17,6 +17,9 @@ An environment definition is a dict (or a TOML table ``[environments.NAME]``) wi
     positive integer: run_task frames outstanding at once.
 ``delivery_idempotency_key``
     string or format string over the task's arguments (or a callable, in Python).
+``delivery_stream_window``
+    positive integer (default 16): items a streamed run's worker may produce ahead of
+    the consumer (``runtime.stream``).
 ``max_workers``
     threads for sync callables of the ``local`` executor (an error for any executor
     whose ``executor_config`` has no ``max_workers`` key).
@@ -53,6 +56,7 @@ DEFINITION_KEYS = frozenset({
     "delivery_orphan_policy",
     "delivery_max_in_flight",
     "delivery_idempotency_key",
+    "delivery_stream_window",
     "max_workers",
     "capture_output",
 })
@@ -124,7 +128,7 @@ def validate_definition(name: str, definition: Any, *, source: str | None = None
         value = definition.get(key)
         if value is not None and not _positive_number(value):
             raise _fail(where, key, f"must be a positive number of seconds, got {value!r}", f"Set {key} = 30 (for example) or remove it.")
-    for key in ("delivery_max_in_flight", "max_workers"):
+    for key in ("delivery_max_in_flight", "max_workers", "delivery_stream_window"):
         value = definition.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise _fail(where, key, f"must be a positive integer, got {value!r}", f"Set {key} = 64 (for example) or remove it.")

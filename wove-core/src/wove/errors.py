@@ -29,6 +29,7 @@ __all__ = [
     "MissingDispatchFeatureError",
     "ProtocolError",
     "RemoteTraceback",
+    "StreamNotSupportedError",
 ]
 
 DISPATCH_INSTALL = 'pip install "wove-core[dispatch]"'
@@ -111,3 +112,9 @@ class ConfigError(ValueError):
 
 class DispatchError(TypeError):
     """Raised when a task's callable or arguments cannot be pickled for another process."""
+
+
+class StreamNotSupportedError(RuntimeError):
+    """``runtime.stream`` on an environment whose worker did not announce streamed results
+    (the ``task_yield`` capability): a Wove 2.x worker, or an executor without it. Raised at
+    the call, before anything is sent."""

@@ -39,12 +39,24 @@ class EnvironmentExecutor(abc.ABC):
         config with it first thing in :meth:`start` (so an executor used without the
         runtime is checked too). The runtime reads it for the definition-level
         ``max_workers``, which reaches only an executor whose spec has that key.
+    ``capabilities``
+        the wire extensions this executor's worker has announced, as a frozenset of
+        names (default empty: a Wove 2.x peer). The runtime reads it after :meth:`start`
+        and before each run that needs one; ``"task_yield"``
+        (:data:`wove.protocol.CAPABILITY_TASK_YIELD`) means streamed generator results:
+        :meth:`send` accepts ``stream_credit`` commands and :meth:`recv` may return
+        ``task_yield`` events (``runtime.stream``; docs/wire.md). An executor learns it
+        from its worker (a ready line, a header, metadata) and must not claim it for a
+        peer that did not announce it. An executor that connects lazily (so it cannot know
+        before its first exchange) overrides :meth:`negotiate_capabilities`.
     """
 
     #: The executor implements :meth:`run_inline` (see the class docstring).
     runs_inline: ClassVar[bool] = False
     #: The ``executor_config`` spec (see :mod:`wove.options`), or None.
     config_options: ClassVar[OptionSpec | None] = None
+    #: Wire extensions the worker announced (see the class docstring); empty by default.
+    capabilities: frozenset[str] = frozenset()
 
     @abc.abstractmethod
     async def start(
@@ -67,6 +79,13 @@ class EnvironmentExecutor(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop the executor session and clean up resources."""
+
+    async def negotiate_capabilities(self) -> frozenset[str]:
+        """Ask the worker what it speaks, when :attr:`capabilities` cannot say yet (a lazy
+        connection); return the (now known) capabilities. The runtime awaits it before the
+        first run that needs a capability the executor has not announced, and before
+        sending anything. The default returns :attr:`capabilities`: what is known is all."""
+        return self.capabilities
 
     async def run_inline(self, func: Any, args: dict[str, Any]) -> Any:
         """Await ``func(**args)`` in the calling task and return its result.

@@ -36,6 +36,8 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
 
     runs_inline = True
     config_options = LOCAL_OPTIONS
+    #: in process, the engine streams generator results (runtime.stream)
+    capabilities = frozenset({"task_yield"})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -79,6 +81,8 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
             await self._engine.submit(frame, self._events.put_nowait)
         elif frame_type == "cancel_task":
             self._engine.cancel(str(frame.get("run_id")))
+        elif frame_type == "stream_credit":
+            self._engine.grant(str(frame.get("run_id")), frame.get("credit"))
         elif frame_type == "shutdown":
             policy = frame.get("delivery_orphan_policy")
             await self._engine.shutdown(policy, grace=0.0 if policy != "detach" else 10.0)

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CANCEL_MODES",
+    "CAPABILITY_TASK_YIELD",
     "COMMAND_TYPES",
     "EVENT_TYPES",
     "ORPHAN_POLICIES",
@@ -46,9 +47,12 @@ __all__ = [
     "unpack_frame",
 ]
 
-COMMAND_TYPES = frozenset({"run_task", "cancel_task", "shutdown"})
+#: The capability a worker announces when it streams generator results (``task_yield``
+#: events, ``stream_credit`` commands); only such a peer ever sees either (docs/wire.md).
+CAPABILITY_TASK_YIELD = "task_yield"
+COMMAND_TYPES = frozenset({"run_task", "cancel_task", "shutdown", "stream_credit"})
 TERMINAL_EVENTS = frozenset({"task_result", "task_error", "task_cancelled"})
-EVENT_TYPES = frozenset({"task_started", "heartbeat", "log", *TERMINAL_EVENTS})
+EVENT_TYPES = frozenset({"task_started", "heartbeat", "log", "task_yield", *TERMINAL_EVENTS})
 ORPHAN_POLICIES = ("fail", "cancel", "requeue", "detach")
 CANCEL_MODES = ("best_effort", "require_ack")
 ERROR_SOURCES = ("task", "executor", "transport", "config")
@@ -62,6 +66,7 @@ _PICKLED = {
     "callable": "callable_pickle",
     "args": "args_pickle",
     "result": "result_pickle",
+    "item": "item_pickle",
     "exception": "exception_pickle",
     "error": "error_pickle",
 }
@@ -86,6 +91,8 @@ class Delivery(TypedDict, total=False):
     delivery_orphan_policy: str
     #: send the run's print() and logging output as ``log`` events (ignored by Wove 2.x)
     delivery_capture_output: bool
+    #: a streamed run (``runtime.stream``): items the worker may produce before credit
+    delivery_stream_window: int
 
 
 class RunTaskFrame(TypedDict):
@@ -123,6 +130,9 @@ class EventFrame(TypedDict, total=False):
     record: dict[str, Any]
     host: str
     pid: int
+    # a ``task_yield`` event: one item of a streamed run and its 0-based sequence number
+    item: Any
+    seq: int
 
 
 #: files whose frames lead into a task's code (left out of a task's traceback)
@@ -216,7 +226,7 @@ def _pack(frame: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     wire = dict(frame)
     pickles: dict[str, str] = {}
     task = frame.get("task_id") or frame.get("run_id") or "?"
-    for field in ("callable", "args", "result"):
+    for field in ("callable", "args", "result", "item"):
         if field in wire:
             value = wire.pop(field)
             text = _CALLABLES.encode(value) if field == "callable" else fast_b64(value)
@@ -337,6 +347,11 @@ def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError(f"'{frame_type}' frame needs a string 'task_id', got {task_id!r:.80}")
         if frame_type == "cancel_task":
             return dict(obj)
+        if frame_type == "stream_credit":
+            credit = obj.get("credit")
+            if not isinstance(credit, int) or isinstance(credit, bool) or credit < 1:
+                raise ProtocolError(f"'stream_credit' frame needs a positive integer 'credit', got {credit!r:.80}")
+            return dict(obj)
         if "callable_pickle" not in obj:
             raise ProtocolError("'run_task' frame needs 'callable_pickle'")
         delivery = obj.get("delivery")
@@ -446,6 +461,13 @@ def encode_event(event: dict[str, Any]) -> bytes:
     try:
         return encode_frame(event)
     except Exception as exc:  # DispatchError, RecursionError, a __reduce__ that raises...
+        if event.get("type") == "task_yield":
+            # an item that cannot be sent ends the stream where it happened (the worker's
+            # generator is closed when the client answers with cancel_task)
+            return encode_frame(error_event(
+                str(event.get("run_id")), str(event.get("task_id")), kind=type(exc).__name__, source="executor",
+                message=f"Item {event.get('seq')} of the streamed run {event.get('run_id')} cannot be sent back: {exc}",
+            ))
         if event.get("type") not in TERMINAL_EVENTS:
             logger.warning("could not encode a %s event: %s: %s", event.get("type"), type(exc).__name__, exc)
             return encode_frame({"type": "log", "message": (

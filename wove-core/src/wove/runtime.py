@@ -8,7 +8,7 @@ import functools
 import inspect
 import itertools
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, Union, overload
 from uuid import uuid4
@@ -31,7 +31,8 @@ from .errors import ConfigError, DeliveryTimeoutError
 from .executor import EnvironmentExecutor
 from .futures import DEFAULT_MAP_BUFFERSIZE, MapIterator, MapProgress, RunFuture, map_source
 from .progress import reporter_for
-from .protocol import CANCEL_MODES, ORPHAN_POLICIES, TERMINAL_EVENTS
+from .protocol import CANCEL_MODES, CAPABILITY_TASK_YIELD, ORPHAN_POLICIES, TERMINAL_EVENTS
+from .streaming import DEFAULT_STREAM_WINDOW, RunStream, StreamState, stream_not_supported
 from .worker import is_async_callable
 
 __all__ = ["CancelMode", "ExecutorRuntime", "OrphanPolicy", "coerce_executor"]
@@ -93,6 +94,8 @@ class _Environment:
     #: the executor declares ``runs_inline``: async calls without a key are awaited inline
     inline: bool = False
     inline_runs: dict[str, InlineRun] = field(default_factory=dict)
+    #: streamed runs (runtime.stream): run_id -> the items that arrived, not yet taken
+    streams: dict[str, StreamState] = field(default_factory=dict)
 
 
 class ExecutorRuntime:
@@ -483,6 +486,49 @@ class ExecutorRuntime:
         return MapIterator(start, map_source(iterables, star=star), ordered=ordered,
                            return_exceptions=return_exceptions, buffersize=buffersize, reporter=reporter)
 
+    @overload
+    def stream(self, environment: str, func: Callable[P, AsyncIterator[R]], /,
+               *args: P.args, **kwargs: P.kwargs) -> RunStream[R]: ...
+    @overload
+    def stream(self, environment: str, func: Callable[P, Iterator[R]], /,
+               *args: P.args, **kwargs: P.kwargs) -> RunStream[R]: ...
+    def stream(self, environment: str, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RunStream[Any]:
+        """Run the generator (or async generator) function ``func(*args, **kwargs)`` in
+        ``environment`` and yield its items as the worker produces them::
+
+            async for row in runtime.stream("workers", read_rows, path):
+                ...
+
+        The worker runs at most ``delivery_stream_window`` items (environment or
+        run_config; default 16) ahead of the consumer. The task's error is raised after
+        the items yielded before it. Leaving the loop early (``break``, an exception,
+        cancellation), ``await stream.aclose()`` or leaving ``async with stream:`` sends
+        ``cancel_task``; the worker closes the generator (its ``finally`` blocks run).
+        ``delivery_timeout`` bounds the whole stream.
+
+        Raises:
+            NameError: unknown environment (at the call).
+            StreamNotSupportedError: the environment's worker did not announce streamed
+                results (a Wove 2.x worker), before anything is sent: at the call, or, for
+                an executor that connects lazily (gRPC, HTTP), at ``await stream.start()``
+                or the first ``async for`` step, once its first exchange told.
+        """
+        task_func, task_args = _keyword_call(func, args, kwargs)
+        name = _task_name(func)
+        env, delivery = self._prepare(environment, name, task_args, _NO_INFO)
+        capabilities: frozenset[str] = getattr(env.executor, "capabilities", frozenset())
+        negotiate = type(env.executor).negotiate_capabilities is not EnvironmentExecutor.negotiate_capabilities
+        if CAPABILITY_TASK_YIELD not in capabilities and not negotiate:
+            raise stream_not_supported(name, env.name, env.executor, capabilities)
+        window = env.definition.get("delivery_stream_window") or self._run_config.get("delivery_stream_window")
+        if window is None:
+            window = DEFAULT_STREAM_WINDOW
+        elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ConfigError(f"Environment '{env.name}': delivery_stream_window must be a positive integer "
+                              f"(items a worker may produce ahead of the consumer), got {window!r}. "
+                              "Set delivery_stream_window = 16, for example.")
+        return RunStream(self, env, name, task_func, task_args, delivery, self._new_run_id(name), window)
+
     def _submit(self, environment: str, name: str, task_func: Any, task_args: dict[str, Any],
                 info: dict[str, Any]) -> RunFuture[Any]:
         env, delivery = self._prepare(environment, name, task_args, info)
@@ -682,6 +728,12 @@ class ExecutorRuntime:
                     continue
                 if frame_type == "task_started" or frame_type == "heartbeat":
                     run.seen(loop)
+                    continue
+                if frame_type == "task_yield":  # an item of a streamed run (runtime.stream)
+                    run.seen(loop)
+                    stream = env.streams.get(run.run_id)
+                    if stream is not None:
+                        stream.push(frame.get("seq"), frame.get("item"))
                     continue
                 if self._debug:
                     logger.debug("environment=%s run_id=%s task_id=%s: %s",

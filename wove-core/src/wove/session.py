@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 from .errors import ProtocolError
 from .protocol import (
+    CAPABILITY_TASK_YIELD,
     ORPHAN_POLICIES,
     TERMINAL_EVENTS,
     decode_command,
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_MAX_COMMAND_BYTES",
     "DEFAULT_MAX_PENDING_EVENTS",
     "DEFAULT_MAX_RUNS_PER_SESSION",
+    "SERVICE_CAPABILITIES",
     "Framing",
     "Rejected",
     "WorkerService",
@@ -84,6 +86,11 @@ DEFAULT_MAX_RUNS_PER_SESSION = 10_000
 #: ``{"events": [...]}``; ``list`` → one JSON list (one event alone as itself); ``lines``
 #: → one event per line (NDJSON, stdio); ``each`` → one message per event.
 Framing = Literal["envelope", "list", "lines", "each"]
+
+#: What every service over :class:`WorkerService` announces to its clients (each shell says
+#: it its own way: the stdio ready line, an ``X-Wove-Capabilities`` header, gRPC metadata):
+#: streamed generator results (``task_yield`` / ``stream_credit``, docs/wire.md).
+SERVICE_CAPABILITIES = frozenset({CAPABILITY_TASK_YIELD})
 
 _PROGRESS = frozenset({"task_started", "heartbeat"})
 _HEAD = 4096
@@ -169,6 +176,8 @@ class WorkerService:
         self.max_pending_events = max_pending_events
         self.grace = grace
         self.sessions: set[WorkerSession] = set()
+        #: announced by the service's shell (see :data:`SERVICE_CAPABILITIES`)
+        self.capabilities: frozenset[str] = SERVICE_CAPABILITIES
         self._drain: asyncio.Task[None] | None = None
 
     # -- requests ----------------------------------------------------------------
@@ -238,8 +247,13 @@ class WorkerService:
         return self.engine.closing
 
     def health(self) -> dict[str, Any]:
-        """``{"status": "ok" | "closing", "active": <runs>}`` for health endpoints."""
-        return {"status": "closing" if self.closing else "ok", "active": self.engine.active}
+        """``{"status": "ok" | "closing", "active": <runs>, "capabilities": [...]}`` for health endpoints."""
+        return {"status": "closing" if self.closing else "ok", "active": self.engine.active,
+                "capabilities": sorted(self.capabilities)}
+
+    def capabilities_header(self) -> str:
+        """The value of the ``X-Wove-Capabilities`` header (comma-separated)."""
+        return ", ".join(sorted(self.capabilities))
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting; runs finish within ``grace`` (default: the service's); the rest
@@ -346,6 +360,8 @@ class WorkerSession:
             await self._run(frame)
         elif kind == "cancel_task":
             self.service.engine.cancel(str(frame["run_id"]))  # task_cancelled goes to the run's own client
+        elif kind == "stream_credit":
+            self.service.engine.grant(str(frame["run_id"]), frame["credit"])  # a streamed run's consumer took items
         else:
             await self.service._shutdown_command(self, frame)
 

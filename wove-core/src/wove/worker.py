@@ -35,11 +35,21 @@ Semantics:
   mix) and sent as ``log`` events carrying the ``run_id`` and ``task_id`` and either
   ``stream`` (``stdout``/``stderr``) text in whole lines or a ``record`` (``name``,
   ``levelno``, ``levelname``, ``msg``), before its terminal event. See :mod:`wove._capture`.
+* A run whose ``delivery`` has ``delivery_stream_window: N`` (``runtime.stream``) is a
+  streamed run: the callable returns a generator or async generator, and each item it
+  yields goes out as a ``task_yield`` event (``item``, ``seq`` from 0) before the one
+  terminal event (``task_result`` with result None, or the ``task_error`` raised at the
+  item where it happened). The engine pulls an item only with credit: ``N`` to start with,
+  plus what ``stream_credit`` commands (:meth:`WorkerEngine.grant`) add, so it never runs
+  more than the window ahead of the consumer; a sync generator's items are pulled in the
+  thread pool. Cancelling the run closes the generator (``aclose()``/``close()``: its
+  ``finally`` blocks run). Streamed runs are not kept for re-deliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -89,6 +99,9 @@ class _Execution:
     heartbeat: asyncio.TimerHandle | None = None
     #: capture the run's print() and logging output (``delivery_capture_output``)
     capture: bool = False
+    #: a streamed run: items it may still produce before more credit (None: not streamed)
+    credit: int | None = None
+    credit_wake: asyncio.Event | None = None
 
 
 class WorkerEngine:
@@ -212,6 +225,8 @@ class WorkerEngine:
             await self._run_task(frame, sink)
         elif frame_type == "cancel_task":
             self.cancel(str(frame.get("run_id")))
+        elif frame_type == "stream_credit":
+            self.grant(str(frame.get("run_id")), frame.get("credit"))
         elif frame_type == "shutdown":
             policy = frame.get("delivery_orphan_policy")
             await self.shutdown(policy if policy in ORPHAN_POLICIES else None)
@@ -237,6 +252,21 @@ class WorkerEngine:
             self.cancel(run_id)
         else:
             execution.subscribers[run_id] = (task_id, _drop)
+
+    def grant(self, run_id: str, credit: Any) -> bool:
+        """``stream_credit``: the consumer of streamed run ``run_id`` takes ``credit`` more
+        items; returns False for an unknown or unstreamed run (harmless, ignored)."""
+        execution = self._runs.get(run_id)
+        if execution is None or execution.credit is None or execution.credit_wake is None:
+            logger.debug("%s: stream_credit for unknown or unstreamed run %s ignored", self.name, run_id)
+            return False
+        if not isinstance(credit, int) or isinstance(credit, bool) or credit < 1:
+            logger.warning("%s: ignored stream_credit %r for run %s (a positive integer is expected)",
+                           self.name, credit, run_id)
+            return False
+        execution.credit += credit
+        execution.credit_wake.set()
+        return True
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a run; returns False for an unknown run (harmless)."""
@@ -346,6 +376,10 @@ class WorkerEngine:
         policy = delivery.get("delivery_orphan_policy") or "cancel"
         execution = _Execution(key=key, policy=policy, subscribers={run_id: (task_id, sink)},
                                capture=self._capture_output and delivery.get("delivery_capture_output") is True)
+        window = delivery.get("delivery_stream_window")
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            execution.credit = window
+            execution.credit_wake = asyncio.Event()
         self._runs[run_id] = execution
         if key is not None:
             self._by_key[key] = execution
@@ -466,7 +500,10 @@ class WorkerEngine:
                 if self._announce:
                     for run_id, (task_id, sink) in list(execution.subscribers.items()):
                         self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
-                if _is_async(func):
+                if execution.credit is not None:
+                    await self._stream(execution, func, args)
+                    result = None
+                elif _is_async(func):
                     result = await func(**args)
                 else:
                     if self._threads is None:
@@ -493,7 +530,8 @@ class WorkerEngine:
             self._admission.release()
             if execution.key is not None and self._by_key.get(execution.key) is execution:
                 del self._by_key[execution.key]
-            if event is not None and event["type"] != "task_cancelled" and self._cache_size > 0:
+            if (event is not None and event["type"] != "task_cancelled" and self._cache_size > 0
+                    and execution.credit is None):
                 keys = [execution.key] if execution.key is not None else []
                 if self._remember_run_ids:
                     keys.extend(f"run:{run_id}" for run_id in execution.subscribers)
@@ -513,11 +551,100 @@ class WorkerEngine:
                         self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
             subscribers.clear()
 
+    async def _stream(self, execution: _Execution, func: Any, args: dict[str, Any]) -> None:
+        """Drive a streamed run's generator under credit (module docstring); returns None."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # the run's capture goes with the pulls into threads
+        if inspect.isasyncgenfunction(func) or _is_async(func):
+            source = func(**args)
+        else:
+            if self._threads is None:
+                self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
+            source = await loop.run_in_executor(self._threads, functools.partial(context.run, func, **args))
+        if inspect.isawaitable(source) and not hasattr(source, "__anext__"):
+            source = await source
+        is_async = hasattr(source, "__anext__")
+        if not is_async and not hasattr(source, "__next__"):
+            raise TypeError(
+                f"runtime.stream() needs a generator or async generator function; {_task_name(func)} returned "
+                f"{type(source).__name__}. Use yield in the task, or runtime.call() for a single result.")
+        wake = execution.credit_wake
+        assert wake is not None
+        pulling: concurrent.futures.Future[Any] | None = None
+        seq = 0
+        try:
+            while True:
+                while execution.credit is not None and execution.credit <= 0:
+                    wake.clear()
+                    await wake.wait()
+                if is_async:
+                    try:
+                        item = await source.__anext__()
+                    except StopAsyncIteration:
+                        return None
+                else:
+                    assert self._threads is not None
+                    pulling = self._threads.submit(context.run, _next, source)
+                    item = await asyncio.wrap_future(pulling)
+                    pulling = None
+                    if item is _END:
+                        return None
+                if execution.credit is not None:
+                    execution.credit -= 1
+                for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                    self._safe(sink, {"type": "task_yield", "run_id": run_id, "task_id": task_id, "seq": seq,
+                                      "item": item})
+                seq += 1
+        finally:
+            await self._close_source(source, is_async, pulling, context)
+
+    async def _close_source(self, source: Any, is_async: bool, pulling: concurrent.futures.Future[Any] | None,
+                            context: contextvars.Context) -> None:
+        """Close a streamed run's generator so its ``finally`` blocks run."""
+        try:
+            if is_async:
+                close = getattr(source, "aclose", None)
+                if close is not None:
+                    await close()
+                return
+            close = getattr(source, "close", None)
+            if close is None:
+                return
+            if pulling is not None and not pulling.done():
+                # a thread is inside next(): close the generator when it comes out (that thread)
+                pulling.add_done_callback(lambda _f: _quietly(context.run, close))
+                return
+            if self._threads is not None:
+                await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(context.run, close))
+            else:
+                close()
+        except Exception:
+            logger.exception("%s: closing a streamed run's generator failed", self.name)
+
     def _safe(self, sink: Sink, event: dict[str, Any]) -> None:
         try:
             sink(event)
         except Exception:
             logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
+
+
+def _quietly(func: Callable[..., Any], *args: Any) -> None:
+    try:
+        func(*args)
+    except Exception:
+        logger.exception("closing a streamed run's generator failed")
+
+
+def _next(source: Any) -> Any:
+    return next(source, _END)
+
+
+#: what next() returns in the thread when a sync generator is exhausted
+_END = object()
+
+
+def _task_name(func: Any) -> str:
+    return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or type(func).__name__)
 
 
 def _drop(event: dict[str, Any]) -> None:

@@ -62,6 +62,8 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 CANCEL_TIMEOUT = 10.0
 #: Initial metadata by which a server confirms it serves Session (before it reads a command).
 SESSION_CONFIRMATION_KEY = "wove-session"
+#: Initial metadata of the Session confirmation naming the worker's capabilities (comma-separated).
+CAPABILITIES_KEY = "wove-capabilities"
 #: Seconds the Session writer waits for that confirmation before it writes anyway (a
 #: server that sends its initial metadata only with its first message).
 SESSION_CONFIRM_TIMEOUT = 5.0
@@ -149,6 +151,12 @@ class _Session:
         #: the server confirmed it serves Session (SESSION_CONFIRMATION metadata or a message)
         self.confirmed = False
         self.tasks: list[asyncio.Task[None]] = []
+        #: what the server's answer announced (``wove-capabilities`` metadata); set once answered
+        self.answered: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
+
+    def answer(self, capabilities: frozenset[str]) -> None:
+        if not self.answered.done():
+            self.answered.set_result(capabilities)
 
     def put(self, body: bytes) -> None:
         self.pending.append(body)
@@ -293,6 +301,10 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 self._session_send(entry.run_id, body)
             else:
                 self._calls[entry.run_id] = asyncio.get_running_loop().create_task(self._deliver(entry, body))
+        elif kind == "stream_credit":  # a streamed run: on the Session that carries it (task_yield announced)
+            session = self._session
+            if session is not None and frame.get("run_id") in session.bodies:
+                session.put(encode_frame(frame))
         elif kind == "cancel_task":
             session = self._session
             if session is not None and frame.get("run_id") in session.bodies:
@@ -307,6 +319,22 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 f"grpc executor for environment '{self._environment}' cannot send a frame of type {kind!r}; "
                 "expected run_task, cancel_task or shutdown."
             )
+
+    async def negotiate_capabilities(self) -> frozenset[str]:
+        """What the worker announced when it confirmed the Session method
+        (``wove-capabilities``); opens the Session when none is open yet. Runs over
+        ``Send``/``Stream`` (``streaming`` true/false, or a ``timeout``) announce nothing."""
+        if self._channel is None or not (self._streaming == "session"
+                                         or (self._streaming == "auto" and self._timeout is None)):
+            return self.capabilities
+        session = self._session
+        if session is None:
+            session = self._session = self._open_session()
+        try:
+            await asyncio.wait_for(asyncio.shield(session.answered), SESSION_CONFIRM_TIMEOUT + _STATUS_WAIT + 1.0)
+        except asyncio.TimeoutError:
+            return self.capabilities
+        return self.capabilities
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -349,6 +377,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         error from Core`` instead of UNIMPLEMENTED. Our servers confirm Session with
         initial metadata before they read a command (``SESSION_CONFIRMATION_KEY``).
         """
+        try:
+            return await self._await_session_answer(session)
+        finally:
+            session.answer(frozenset())  # no capabilities unless the confirmation named them
+
+    async def _await_session_answer(self, session: _Session) -> bool:
         call = session.call
         try:
             metadata = await asyncio.wait_for(call.initial_metadata(), SESSION_CONFIRM_TIMEOUT)
@@ -358,6 +392,11 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             return not call.done()
         if metadata is not None and metadata.get(SESSION_CONFIRMATION_KEY) is not None:
             session.confirmed = True
+            announced = metadata.get(CAPABILITIES_KEY)
+            if isinstance(announced, bytes):
+                announced = announced.decode("latin-1")
+            session.answer(frozenset(part.strip() for part in str(announced or "").split(",") if part.strip()))
+            self.capabilities = session.answered.result()
             return True
         if call.done():
             return False

@@ -308,7 +308,9 @@ class GrpcWorkerService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "The worker service is shutting down; "
                                 "deliver the runs to another worker.")
         session = await self._open(context, self.session_method, b"")
-        await context.send_initial_metadata(SESSION_CONFIRMATION)
+        # the confirmation also names what this worker speaks beyond Wove 2.x (wove-capabilities)
+        await context.send_initial_metadata((*SESSION_CONFIRMATION,
+                                             ("wove-capabilities", self.worker.capabilities_header())))
         reader = asyncio.get_running_loop().create_task(_read(session, requests))
         try:
             while True:

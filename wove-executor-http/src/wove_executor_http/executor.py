@@ -124,6 +124,8 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._read_timeout: float | None = None
         self._requests: dict[str, asyncio.Task[None]] = {}
         self._side: set[asyncio.Task[None]] = set()
+        #: a response has told what the worker announces (``X-Wove-Capabilities``)
+        self._announced = False
 
     def __repr__(self) -> str:
         return f"HttpEnvironmentExecutor(name={self.executor_name!r}, url={self._url!r})"
@@ -238,7 +240,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
             self._track(frame)
             run_id = frame["run_id"]
             self._requests[run_id] = asyncio.ensure_future(self._deliver(frame, body))
-        elif frame_type == "cancel_task":
+        elif frame_type == "cancel_task" or frame_type == "stream_credit":  # credit: only once task_yield was announced
             task = asyncio.ensure_future(self._cancel(frame, encode_frame(frame)))
             self._side.add(task)
             task.add_done_callback(self._side.discard)
@@ -269,9 +271,37 @@ class HttpEnvironmentExecutor(FrameExecutor):
         return self._httpx.Request("POST", self._url_object, headers=headers, content=body,
                                    extensions=self._extensions)
 
+    def _learn(self, response: Any) -> None:
+        """Read the worker's ``X-Wove-Capabilities`` from a response (absent: a Wove 2.x worker).
+        Streamed runs need NDJSON answers, so ``executor_config.stream = false`` announces none."""
+        header = next((value for name, value in response.headers.raw if name.lower() == b"x-wove-capabilities"), b"")
+        self._announced = True
+        announced = frozenset(p.strip() for p in header.decode("latin-1").split(",") if p.strip())
+        self.capabilities = announced if self._stream is not False else frozenset()
+
+    async def negotiate_capabilities(self) -> frozenset[str]:
+        """What the worker announces: learnt from its answers, or, before the first one,
+        from ``GET <url>/health`` (every answer of a Wove 3 worker carries ``X-Wove-Capabilities``)."""
+        if self._announced or self._transport is None:
+            return self.capabilities
+        url = self._url_object.copy_with(path=self._url_object.path.rstrip("/") + "/health", query=None)
+        request = self._httpx.Request("GET", url, headers=[(b"Host", self._url_object.netloc)],
+                                      extensions=self._extensions)
+        try:
+            response = await self._transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            self._learn(response)
+        except Exception as exc:  # unreachable: the stream's run_task fails the usual way, or says so
+            logger.debug("%s: capability probe failed: %r", self._url, exc)
+        return self.capabilities
+
     async def _cancel(self, frame: dict[str, Any], body: bytes) -> None:
         try:
             response = await self._transport.handle_async_request(self._request(body))
+            self._learn(response)
             try:
                 await response.aread()
             finally:
@@ -331,9 +361,11 @@ class HttpEnvironmentExecutor(FrameExecutor):
             # The transport is called directly: AsyncClient's per-request machinery (header
             # merging, URL parsing, auth/redirect/cookie handling) cost more CPU than the
             # request itself at high concurrency (README, "Performance").
+            delivery = frame.get("delivery") or {}
             stream = self._stream if self._stream != "auto" else bool(
-                (frame.get("delivery") or {}).get("delivery_heartbeat_seconds"))
+                delivery.get("delivery_heartbeat_seconds") or delivery.get("delivery_stream_window"))
             response = await self._transport.handle_async_request(self._request(body, stream=stream))
+            self._learn(response)
             try:
                 status = response.status_code
                 if status != 200:

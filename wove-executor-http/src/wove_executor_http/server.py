@@ -45,7 +45,13 @@ from typing import Any
 
 from wove.protocol import encode_events
 from wove.serve import bind_socket
-from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
+from wove.session import (
+    DEFAULT_MAX_COMMAND_BYTES,
+    SERVICE_CAPABILITIES,
+    Rejected,
+    WorkerService,
+    WorkerSession,
+)
 from wove.worker import WorkerEngine
 
 __all__ = [
@@ -72,8 +78,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_NDJSON_HEADERS = [(b"content-type", NDJSON.encode()), (b"cache-control", b"no-store")]
+#: every response names what this worker speaks beyond Wove 2.x (clients learn it from any answer)
+_CAPABILITIES = (b"x-wove-capabilities", ", ".join(sorted(SERVICE_CAPABILITIES)).encode())
+_JSON_HEADERS = [(b"content-type", b"application/json"), _CAPABILITIES]
+_NDJSON_HEADERS = [(b"content-type", NDJSON.encode()), (b"cache-control", b"no-store"), _CAPABILITIES]
 _CLOSE = (b"connection", b"close")
 
 

@@ -129,6 +129,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
         self._startup_timeout = 30.0
         self._ready_line = True
         self._workers: list[Worker] = []
+        self._worker_capabilities: dict[int, frozenset[str]] = {}
         self._owner: dict[str, Worker] = {}
         self._spawning: set[asyncio.Task[Worker]] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -250,6 +251,10 @@ class StdioEnvironmentExecutor(FrameExecutor):
             worker = await self._pick()
             self._assign(worker, frame, data)
             await self._backpressure(worker)
+        elif frame_type == "stream_credit":  # only sent when every worker announced task_yield
+            owner = self._owner.get(str(frame.get("run_id")))
+            if owner is not None and owner.alive:
+                owner.write(encode_frame(frame) + b"\n")
         elif frame_type == "cancel_task":
             run_id = str(frame.get("run_id"))
             owner = self._owner.get(run_id)
@@ -458,6 +463,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
             event_type = event.get("type")
             if event_type == "log":
                 if READY_KEY in event:
+                    self._announced(worker, event.get("capabilities"))
                     if not worker.ready.done():
                         worker.ready.set_result(None)
                     continue
@@ -473,6 +479,14 @@ class StdioEnvironmentExecutor(FrameExecutor):
                 if self._owner.get(run_id) is worker:
                     del self._owner[run_id]
             self._emit(event)
+
+    def _announced(self, worker: Worker, capabilities: Any) -> None:
+        """A worker's ready line names what it speaks beyond Wove 2.x; the pool offers what
+        every worker of it announced (a worker without the field announces nothing)."""
+        announced = frozenset(c for c in capabilities if isinstance(c, str)) \
+            if isinstance(capabilities, list) else frozenset()
+        self._worker_capabilities[worker.id] = announced
+        self.capabilities = frozenset.intersection(*self._worker_capabilities.values())
 
     def _stderr_line(self, worker: Worker, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip()

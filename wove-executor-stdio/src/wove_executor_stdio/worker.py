@@ -207,7 +207,8 @@ async def serve(
 
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    emit({"type": "log", "message": f"wove_executor_stdio worker ready (pid {pid})", READY_KEY: pid})
+    emit({"type": "log", "message": f"wove_executor_stdio worker ready (pid {pid})", READY_KEY: pid,
+          "capabilities": sorted(service.capabilities)})  # what this worker speaks beyond Wove 2.x
     reading = loop.create_task(read_commands())
     waiting: set[asyncio.Future[Any]] = {reading, terminated}
     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

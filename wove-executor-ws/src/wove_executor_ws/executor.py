@@ -283,7 +283,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                 self._emit({"type": "task_cancelled", "run_id": run_id, "task_id": frame.get("task_id", run_id)})
                 return
             await self._send_control(frame)
-        elif frame_type == "shutdown":
+        elif frame_type == "shutdown" or frame_type == "stream_credit":  # credit: only after task_yield was announced
             await self._send_control(frame)
         else:
             raise ValueError(
@@ -371,6 +371,10 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
 
     def _install(self, connection: _Connection) -> None:
         self._conn = connection
+        # the handshake answer's X-Wove-Capabilities (a Wove 2.x worker sends none)
+        response = getattr(connection.ws, "response", None)
+        header = response.headers.get("X-Wove-Capabilities", "") if response is not None else ""
+        self.capabilities = frozenset(part.strip() for part in str(header).split(",") if part.strip())
         self._last_error = ""
         connection.reader = asyncio.get_running_loop().create_task(
             self._read(connection), name=f"wove-websocket-reader:{self._environment}"

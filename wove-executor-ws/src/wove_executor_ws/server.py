@@ -147,6 +147,7 @@ class WebSocketWorkerServer:
         self._server = await serve(
             self._handle, self.host, self._requested_port,
             process_request=self._process_request,
+            process_response=self._process_response,
             max_size=self.max_size, max_queue=256, compression=None, ssl=self._ssl,
             ping_interval=self._ping[0], ping_timeout=self._ping[1],
         )
@@ -184,6 +185,11 @@ class WebSocketWorkerServer:
         except Rejected as exc:
             return connection.respond(HTTPStatus(exc.status), f"{exc}\n")
         return None
+
+    def _process_response(self, connection: Any, request: Any, response: Any) -> None:
+        """The handshake answer names what this worker speaks beyond Wove 2.x (``X-Wove-Capabilities``)."""
+        if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
+            response.headers["X-Wove-Capabilities"] = self.service.capabilities_header()
 
     # -- connections ---------------------------------------------------------------
     async def _handle(self, ws: Any) -> None:

@@ -46,7 +46,7 @@ from ..environment import (
     ExecutorRuntime,
     build_executor_from_name,
 )
-from ..errors import RemoteTraceback
+from ..errors import RemoteTraceback, StreamNotSupportedError
 from ..protocol import TERMINAL_EVENTS
 from . import tasks
 
@@ -596,5 +596,118 @@ class ExecutorContract:
                 async for _ in runtime.map("contract", tasks.sleep, [0.0, 30.0, 30.0]):
                     break  # leaving early cancels the two long runs; the runtime stays usable
                 assert await runtime.call("contract", tasks.add, 2, 2) == 4
+
+        run_async(scenario, self.contract_timeout)
+
+    # -- streamed results (runtime.stream) -------------------------------------------------
+    #: True: the executor must stream generator results; False: it must refuse with
+    #: StreamNotSupportedError; None: either, by its announced capabilities.
+    expect_streaming: bool | None = None
+
+    async def _stream(self, runtime: ExecutorRuntime, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """``runtime.stream(...)``, started, or None after asserting the clear error of an
+        executor whose worker did not announce streamed results (before anything was sent)."""
+        try:
+            stream = runtime.stream("contract", func, *args, **kwargs)
+            await stream.start()
+        except StreamNotSupportedError as exc:
+            assert self.expect_streaming is not True, f"this executor should stream results: {exc}"
+            assert "does not support streamed results" in str(exc) and "upgrade" in str(exc), exc
+            assert "task_yield" in str(exc), exc
+            assert await runtime.call("contract", tasks.add, 1, 2) == 3  # plain calls still work
+            return None
+        assert self.expect_streaming is not False, "this executor's worker should not be sent a streamed run"
+        return stream
+
+    def test_stream_items_arrive_before_the_generator_finishes(self, environment_definition: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+        release = tmp_path / "release"
+
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                stream = await self._stream(runtime, tasks.stream_until_released, str(release))
+                if stream is None:
+                    return
+                items = stream.__aiter__()
+                # the generator is still waiting for `release`: the first item came as produced
+                assert await asyncio.wait_for(items.__anext__(), 30.0) == "first"
+                release.write_text("go")
+                assert await asyncio.wait_for(items.__anext__(), 30.0) == "second"
+                with pytest.raises(StopAsyncIteration):
+                    await items.__anext__()
+                assert await runtime.call("contract", tasks.add, 1, 1) == 2
+
+        run_async(scenario, self.contract_timeout)
+
+    @pytest.mark.parametrize("generator", ["sync", "async"])
+    def test_stream_window_bounds_how_far_the_worker_runs_ahead(
+            self, environment_definition: dict[str, Any], tmp_path: Path, generator: str) -> None:
+        window = 4
+        counter = tmp_path / "produced"
+        func = tasks.count_up if generator == "sync" else tasks.acount_up
+
+        def produced() -> int:
+            text = counter.read_text() if counter.exists() else ""
+            return int(text) if text else 0
+
+        async def scenario() -> None:
+            definition = {**environment_definition, "delivery_stream_window": window}
+            async with ExecutorRuntime({"contract": definition}, {}) as runtime:
+                stream = await self._stream(runtime, func, 30, str(counter))
+                if stream is None:
+                    return
+                items = stream.__aiter__()
+                assert await items.__anext__() == 0
+                for _ in range(500):  # the worker fills the window, then waits for credit
+                    if produced() >= window:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)
+                assert produced() <= 1 + window, f"produced {produced()} items with 1 consumed, window {window}"
+                consumed = 1
+                async for item in items:
+                    assert item == consumed
+                    consumed += 1
+                    assert produced() <= consumed + window
+                assert consumed == 30
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_stream_break_closes_the_remote_generator(self, environment_definition: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+        marker = tmp_path / "closed"
+
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                stream = await self._stream(runtime, tasks.count_up, 100_000, str(tmp_path / "n"), str(marker))
+                if stream is None:
+                    return
+                seen = []
+                async for item in stream:
+                    seen.append(item)
+                    if len(seen) == 2:
+                        break
+                del stream
+                for _ in range(1000):  # the cancel_task reaches the worker, which closes the generator
+                    if marker.exists():
+                        break
+                    await asyncio.sleep(0.01)
+                assert marker.exists(), "the generator's finally did not run after the consumer left"
+                assert seen == [0, 1]
+                assert await runtime.call("contract", tasks.add, 2, 2) == 4
+
+        run_async(scenario, self.contract_timeout)
+
+    def test_stream_error_arrives_after_the_items_before_it(self, environment_definition: dict[str, Any]) -> None:
+        async def scenario() -> None:
+            async with self._runtime(environment_definition) as runtime:
+                stream = await self._stream(runtime, tasks.yield_then_fail, 2, "broke after two")
+                if stream is None:
+                    return
+                seen: list[Any] = []
+                with pytest.raises(tasks.ContractTaskError, match="broke after two"):
+                    async for item in stream:
+                        seen.append(item)
+                assert seen == [0, 1]
 
         run_async(scenario, self.contract_timeout)

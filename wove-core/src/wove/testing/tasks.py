@@ -132,3 +132,46 @@ def chatty_sync(tag: str, lines: int = 2, delay: float = 0.0) -> str:
         log.warning("%s record %d", tag, index)
         time.sleep(delay)
     return tag
+
+
+# -- streamed results (runtime.stream) ----------------------------------------------------
+async def stream_until_released(release: str) -> Any:
+    """Yield ``"first"``, then wait until the file ``release`` exists, then yield ``"second"``
+    (the caller creates it only after it received the first item)."""
+    yield "first"
+    for _ in range(3000):  # at most ~30 s
+        if Path(release).exists():
+            break
+        await asyncio.sleep(0.01)
+    yield "second"
+
+
+def count_up(n: int, counter: str, marker: str | None = None) -> Any:
+    """A sync generator of ``0..n-1`` that writes how many items it produced to ``counter``
+    before each yield, and writes ``marker`` in its ``finally`` (when it is closed)."""
+    try:
+        for index in range(n):
+            Path(counter).write_text(str(index + 1))
+            yield index
+    finally:
+        if marker:
+            Path(marker).write_text("closed")
+
+
+async def acount_up(n: int, counter: str, marker: str | None = None) -> Any:
+    """:func:`count_up` as an async generator."""
+    try:
+        for index in range(n):
+            Path(counter).write_text(str(index + 1))
+            yield index
+            await asyncio.sleep(0)
+    finally:
+        if marker:
+            Path(marker).write_text("closed")
+
+
+async def yield_then_fail(items: int, message: str) -> Any:
+    """Yield ``0..items-1``, then raise :class:`ContractTaskError`."""
+    for index in range(items):
+        yield index
+    raise ContractTaskError(message)
