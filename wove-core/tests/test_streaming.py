@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from wove.environment import Client, ExecutorRuntime, LocalEnvironmentExecutor
-from wove.errors import ConfigError, ProtocolError, StreamNotSupportedError
+from wove.errors import ConfigError, DeliveryTimeoutError, ProtocolError, StreamNotSupportedError
 from wove.protocol import decode_command, decode_events, encode_event, encode_frame
 from wove.session import WorkerService
 from wove.testing import tasks
@@ -160,3 +160,28 @@ def test_client_stream_refuses_at_the_call() -> None:
     with Client({"old": {"executor": Wove2LikeExecutor()}}) as client, \
             pytest.raises(StreamNotSupportedError, match="does not support streamed results"):
         client.stream("old", tasks.count_up, 3, "/nonexistent")
+
+
+async def test_an_exception_in_the_loop_body_closes_the_generator(tmp_path: Path) -> None:
+    marker = tmp_path / "closed"
+    async with ExecutorRuntime({"local": {"executor": "local"}}) as runtime:
+        with pytest.raises(KeyError, match="consumer broke"):
+            async for item in runtime.stream("local", tasks.count_up, 10_000, str(tmp_path / "n"), str(marker)):
+                if item == 3:
+                    raise KeyError("consumer broke")
+        for _ in range(500):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert marker.read_text() == "closed"
+
+
+async def test_delivery_timeout_bounds_the_whole_stream(tmp_path: Path) -> None:
+    definition = {"executor": "stdio", "delivery_timeout": 1.0}
+    async with ExecutorRuntime({"w": definition}) as runtime:
+        seen: list[Any] = []
+        with pytest.raises(DeliveryTimeoutError, match="delivery_timeout=1s"):
+            async for item in runtime.stream("w", tasks.stream_until_released, str(tmp_path / "never")):
+                seen.append(item)
+        assert seen == ["first"]
+        assert await runtime.call("w", tasks.add, 1, 1) == 2
