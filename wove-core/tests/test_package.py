@@ -22,7 +22,8 @@ SEED_NAMES = [
 
 
 #: the calling API beyond the seed (docs/calling.md)
-CALLING_NAMES = ["Client", "ClientExecutor", "MapIterator", "MapProgress", "RunFuture", "as_completed", "gather"]
+CALLING_NAMES = ["Client", "ClientExecutor", "MapIterator", "MapProgress", "RunFuture", "RunStream",
+                 "StreamNotSupportedError", "as_completed", "gather"]
 
 
 def test_all_is_complete_and_sorted() -> None:

@@ -11,7 +11,9 @@ The calling API beyond the seed (see docs/calling.md): :meth:`ExecutorRuntime.su
 returns a :class:`RunFuture`; :func:`as_completed` and :func:`gather` work over them;
 :meth:`ExecutorRuntime.map` returns a :class:`MapIterator` (progress as
 :class:`MapProgress`); :class:`Client` is the runtime for synchronous code, and
-:meth:`Client.executor` a :class:`ClientExecutor` (a ``concurrent.futures.Executor``).
+:meth:`Client.executor` a :class:`ClientExecutor` (a ``concurrent.futures.Executor``);
+:meth:`ExecutorRuntime.stream` a :class:`RunStream` of a generator task's items
+(:class:`StreamNotSupportedError` where the worker does not stream).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .errors import (
     DeliveryTimeoutError,
     EnvironmentExecutionError,
     MissingDispatchFeatureError,
+    StreamNotSupportedError,
 )
 from .executor import EnvironmentExecutor
 from .futures import MapIterator, MapProgress, RunFuture, as_completed, gather
@@ -32,6 +35,7 @@ from .local import LocalEnvironmentExecutor
 from .protocol import normalize_exception
 from .registry import build_executor_from_name
 from .runtime import ExecutorRuntime, coerce_executor
+from .streaming import RunStream
 
 __all__ = [
     "BackendAdapterEnvironmentExecutor",
@@ -49,7 +53,9 @@ __all__ = [
     "MapProgress",
     "MissingDispatchFeatureError",
     "RunFuture",
+    "RunStream",
     "StdioEnvironmentExecutor",
+    "StreamNotSupportedError",
     "WebSocketEnvironmentExecutor",
     "as_completed",
     "build_executor_from_name",
