@@ -30,6 +30,7 @@ __all__ = [
     "ProtocolError",
     "RemoteTraceback",
     "StreamNotSupportedError",
+    "exception_chain",
 ]
 
 DISPATCH_INSTALL = 'pip install "wove-core[dispatch]"'
@@ -118,3 +119,18 @@ class StreamNotSupportedError(RuntimeError):
     """``runtime.stream`` on an environment whose worker did not announce streamed results
     (the ``task_yield`` capability): a Wove 2.x worker, or an executor without it. Raised at
     the call, before anything is sent."""
+
+
+def exception_chain(exc: BaseException, *, attributes: tuple[str, ...] = ()) -> list[BaseException]:
+    """``exc``, its causes and contexts, and exceptions held in the named ``attributes``
+    (such as aiohttp's ``os_error``), outermost first and each once: what a transport's
+    error table matches against."""
+    found: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if not isinstance(item, BaseException) or any(item is seen for seen in found):
+            continue
+        found.append(item)
+        todo.extend([item.__cause__, item.__context__, *(getattr(item, name, None) for name in attributes)])
+    return found

@@ -37,7 +37,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from wove.errors import ConfigError
+from wove.errors import ConfigError, exception_chain
 from wove.options import (
     ANY,
     BOOL,
@@ -528,19 +528,9 @@ def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and its causes, outermost first. httpx-aiohttp maps every aiohttp
     connection error to ``httpx.ConnectTimeout``, so an httpx exception raised from an
     aiohttp one is left out: aiohttp's own exception says what happened."""
-    found: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        item = todo.pop(0)
-        if item is None or any(item is seen for seen in found):
-            continue
-        cause = item.__cause__
-        if not (type(item).__module__.startswith("httpx") and cause is not None
-                and type(cause).__module__.startswith("aiohttp")):
-            found.append(item)
-        todo.extend([cause, item.__context__, getattr(item, "os_error", None),
-                     getattr(item, "certificate_error", None)])
-    return found
+    return [item for item in exception_chain(exc, attributes=("os_error", "certificate_error"))
+            if not (type(item).__module__.startswith("httpx") and item.__cause__ is not None
+                    and type(item.__cause__).__module__.startswith("aiohttp"))]
 
 
 def describe_failure(exc: BaseException, url: str, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,

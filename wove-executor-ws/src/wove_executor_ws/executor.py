@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from wove.errors import ConfigError, ProtocolError
+from wove.errors import ConfigError, ProtocolError, exception_chain
 from wove.options import (
     DICT,
     NON_NEGATIVE_SECONDS,
@@ -593,19 +593,6 @@ def _complete_table() -> None:
     _table_ready = True
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes and contexts, outermost first."""
-    found: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        item = todo.pop(0)
-        if item is None or any(item is seen for seen in found):
-            continue
-        found.append(item)
-        todo.extend([item.__cause__, item.__context__])
-    return found
-
-
 def _status(exc: BaseException) -> int | None:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return status if isinstance(status, int) else None
@@ -634,7 +621,7 @@ def describe_failure(exc: BaseException, url: str, *, open_timeout: float | None
     executor_config.security ...``.
     """
     _complete_table()
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     tls = url.startswith("wss:")
     for rule in FAILURES:
         if rule.tls is not None and rule.tls != tls:
