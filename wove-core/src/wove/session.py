@@ -100,6 +100,8 @@ def _field(head: bytes, name: str) -> str | None:
     """A string field near the start of a JSON object, found without parsing the whole."""
     match = re.search(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,512})"', head)
     return match.group(1).decode("utf-8", "replace") if match else None
+
+
 _KEEP_ON_DISCONNECT = frozenset({"requeue", "detach"})
 
 
