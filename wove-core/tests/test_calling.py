@@ -205,7 +205,7 @@ async def test_map_buffersize_defaults_to_delivery_max_in_flight() -> None:
         results = [x async for x in runtime.map("env", tasks.sleep, [0.01] * 20, progress=seen.append)]
     assert results == ["slept"] * 20
     # reported as each run finishes: the others still in flight, at most buffersize - 1 (not 19)
-    assert max(p.in_flight for p in seen) == 2
+    assert 1 <= max(p.in_flight for p in seen) <= 2
     async with runtime_for({"executor": "local"}) as runtime:
         with pytest.raises(ConfigError, match=r"buffersize must be a positive integer.*got 0"):
             runtime.map("env", tasks.echo, [1], buffersize=0)

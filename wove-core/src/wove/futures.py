@@ -322,6 +322,9 @@ class MapIterator(AsyncIterator[T_co]):
                 queue = self._queue
                 if queue and (not self._ordered or queue[0].done()):
                     future = queue.popleft()
+                    # done, though its done callback may not have run yet: it is no longer in
+                    # flight once the slot it frees is refilled
+                    self._in_flight.discard(future)
                     self._outstanding -= 1
                     if self._space is not None and not self._space.done():
                         self._space.set_result(None)
