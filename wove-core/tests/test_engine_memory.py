@@ -117,3 +117,23 @@ def test_a_stuck_sync_task_does_not_keep_a_local_script_alive() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "timed out"
+
+
+async def test_many_sync_calls_in_flight_each_get_their_own_outcome() -> None:
+    """Sync results come back to the loop in batches: none is lost, swapped or duplicated."""
+
+    def square_or_fail(x: int) -> int:
+        if x % 97 == 0:
+            raise ValueError(f"bad {x}")
+        return x * x
+
+    from wove.environment import ExecutorRuntime
+
+    async with ExecutorRuntime({"l": {"executor": "local"}}, {}) as runtime:
+        outcomes = await asyncio.gather(*(runtime.call("l", square_or_fail, i) for i in range(3000)),
+                                        return_exceptions=True)
+    for i, outcome in enumerate(outcomes):
+        if i % 97 == 0:
+            assert isinstance(outcome, ValueError) and str(outcome) == f"bad {i}"
+        else:
+            assert outcome == i * i

@@ -510,7 +510,11 @@ class WorkerEngine:
                         self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
                     # the thread runs in a copy of this context: the run's capture goes with it
                     call = functools.partial(contextvars.copy_context().run, func, **args)
-                    result = await asyncio.get_running_loop().run_in_executor(self._threads, call)
+                    threads = self._threads
+                    if isinstance(threads, DaemonThreadPool):  # results come back in batches
+                        result = await threads.run(call)
+                    else:  # an engine worker's own pool
+                        result = await asyncio.get_running_loop().run_in_executor(threads, call)
                     if inspect.isawaitable(result):
                         result = await result
             finally:
