@@ -42,7 +42,8 @@ ECHO = """
 
 def test_local_is_registered_through_the_entry_point() -> None:
     ep = [e for e in metadata.entry_points(group=ENTRY_POINT_GROUP) if e.name == "local"]
-    assert ep and ep[0].value == "wove._local_plugin"
+    assert ep and ep[0].dist is not None and ep[0].dist.name == "wove-core"
+    assert callable(ep[0].load().wove_register_executors), "a pluggy plugin like any other"
     assert isinstance(build_executor_from_name("local"), LocalEnvironmentExecutor)
     instance = LocalEnvironmentExecutor()
     assert coerce_executor(instance) is instance

@@ -20,7 +20,8 @@ async def start(config: dict[str, Any]) -> GrpcEnvironmentExecutor:
 
 
 def test_exports_are_complete_and_sorted() -> None:
-    assert wove_executor_grpc.__all__ == sorted(wove_executor_grpc.__all__) == ["GrpcEnvironmentExecutor"]
+    exported = vars(wove_executor_grpc)["__all__"]
+    assert exported == sorted(exported) == ["GrpcEnvironmentExecutor"]
 
 
 def test_resolves_by_name_and_seed_import() -> None:
