@@ -59,6 +59,20 @@ def test_unknown_names_list_installed_names_and_install_hints() -> None:
         assert f"pip install {dist}" in registry.unknown_message(name)
 
 
+# The ten engine names Wove 2.x resolves through BackendAdapterEnvironmentExecutor(name).
+WOVE2_ENGINES = ["celery", "temporal", "ray", "rq", "taskiq", "arq", "dask", "kubernetes_jobs", "aws_batch", "slurm"]
+
+
+@pytest.mark.parametrize("name", WOVE2_ENGINES)
+def test_every_wove2_engine_name_gets_a_hint(name: str) -> None:
+    message = Registry(entry_points=[]).unknown_message(name)
+    if name in ("kubernetes_jobs", "aws_batch"):
+        assert "Wove 2.x engine name" in message and "docs/engines.md" in message
+    else:
+        dist = "wove-executor-" + name
+        assert f"provided by {dist}: pip install {dist} (from a checkout of this project: pip install ./{dist}" in message
+
+
 def test_resolution_is_lazy_and_finds_names_in_any_plugin(plugin_dir: Path) -> None:
     eps = [
         write_plugin(plugin_dir, "plug_multi", ECHO.format(name="alpha", aliases=("alpha2",))),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import serve
-from .registry import ENTRY_POINT_GROUP, KNOWN_DISTRIBUTIONS, KNOWN_SERVICES, get_registry
+from .registry import ENTRY_POINT_GROUP, KNOWN_DISTRIBUTIONS, KNOWN_SERVICES, get_registry, install_hint
 from .security import NetworkExecutorSecurity, is_local_host
 from .session import DEFAULT_MAX_COMMAND_BYTES
 from .worker import release_large_buffers
@@ -135,7 +135,7 @@ def _unknown_demo_message(unknown: list[str], demos: dict[str, Callable[[], Any]
         if close:
             message += f" Did you mean '{close[0]}' (not {name!r})?"
         elif name in KNOWN_DISTRIBUTIONS:
-            message += f" '{name}' is provided by {KNOWN_DISTRIBUTIONS[name]}: pip install {KNOWN_DISTRIBUTIONS[name]}"
+            message += f" '{name}' is provided by {KNOWN_DISTRIBUTIONS[name]}: {install_hint(KNOWN_DISTRIBUTIONS[name])}"
     return message
 
 

@@ -34,12 +34,14 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "KNOWN_DISTRIBUTIONS",
     "KNOWN_SERVICES",
+    "PLANNED_EXECUTORS",
     "WOVE_PLUGIN_API",
     "ExecutorInfo",
     "PluginInfo",
     "Registry",
     "build_executor_from_name",
     "get_registry",
+    "install_hint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,28 @@ KNOWN_DISTRIBUTIONS = {
     "websocket": "wove-executor-ws",
     "ws": "wove-executor-ws",
     "dask": "wove-executor-dask",
+    "ray": "wove-executor-ray",
+    "celery": "wove-executor-celery",
+    "rq": "wove-executor-rq",
+    "arq": "wove-executor-arq",
+    "taskiq": "wove-executor-taskiq",
+    "temporal": "wove-executor-temporal",
+    "slurm": "wove-executor-slurm",
 }
+
+#: Wove 2.x engine names this project has no distribution for yet, and why.
+PLANNED_EXECUTORS = {
+    "kubernetes_jobs": "no distribution provides it yet (it waits for a Kubernetes cluster the project can test "
+                       "against; docs/engines.md says how it would be built)",
+    "aws_batch": "no distribution provides it yet (it waits for an AWS Batch queue the project can test against; "
+                 "docs/engines.md says how it would be built)",
+}
+
+
+def install_hint(distribution: str) -> str:
+    """How to install ``distribution``: from the package index, or from a checkout of this project."""
+    return (f"pip install {distribution} (from a checkout of this project: pip install ./{distribution}, "
+            "or uv sync --all-packages; see docs/installing.md)")
 
 
 @dataclass
@@ -323,7 +346,9 @@ class Registry:
         message = f"Unknown executor {name!r}{where}. Installed executors: {', '.join(known) or '(none)'}."
         dist = KNOWN_DISTRIBUTIONS.get(name)
         if dist is not None:
-            message += f" '{name}' is provided by {dist}: pip install {dist}"
+            message += f" '{name}' is provided by {dist}: {install_hint(dist)}"
+        elif name in PLANNED_EXECUTORS:
+            message += f" '{name}' is a Wove 2.x engine name: {PLANNED_EXECUTORS[name]}."
         else:
             close = difflib.get_close_matches(name, known + list(KNOWN_DISTRIBUTIONS), n=1)
             if close:

@@ -1,0 +1,1 @@
+"""Wove backend adapter that enqueues tasks on arq workers (asyncio, Redis)."""

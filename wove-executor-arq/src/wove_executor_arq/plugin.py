@@ -1,0 +1,1 @@
+"""Registers the ``arq`` executor (work in progress: registers nothing yet)."""

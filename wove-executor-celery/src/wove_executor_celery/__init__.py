@@ -1,0 +1,1 @@
+"""Wove backend adapter that sends tasks to Celery workers (RabbitMQ or Redis)."""

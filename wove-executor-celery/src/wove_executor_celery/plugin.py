@@ -1,0 +1,1 @@
+"""Registers the ``celery`` executor (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Registers the ``ray`` executor (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Wove backend adapter that enqueues tasks on RQ (Redis Queue) workers."""

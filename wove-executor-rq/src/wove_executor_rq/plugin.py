@@ -1,0 +1,1 @@
+"""Registers the ``rq`` executor (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Wove backend adapter that submits tasks as Slurm batch jobs."""

@@ -1,0 +1,1 @@
+"""Registers the ``slurm`` executor (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Wove backend adapter that sends tasks to taskiq workers (taskiq-redis)."""

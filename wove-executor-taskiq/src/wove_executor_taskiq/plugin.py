@@ -1,0 +1,1 @@
+"""Registers the ``taskiq`` executor (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Wove backend adapter that runs tasks as Temporal workflows."""

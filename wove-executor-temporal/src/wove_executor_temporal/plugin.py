@@ -1,0 +1,1 @@
+"""Registers the ``temporal`` executor (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""OpenTelemetry for Wove runs (work in progress)."""
