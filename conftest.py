@@ -69,3 +69,46 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     client.private_key_pem.write_to_path(files["client_key"])
     return files
 
+
+
+def require_service(name: str, host: str, port: int, how_to_start: str) -> None:
+    """Skip the test when ``name`` does not answer on ``host:port`` (fail instead under ``CI=true``).
+
+    The message names the service, the address and ``how_to_start`` it.
+    """
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2.0).close()
+    except OSError as exc:
+        message = f"{name} is not reachable at {host}:{port} ({exc}); {how_to_start}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true: a missing service fails the run)")
+        pytest.skip(message)
+
+
+@pytest.fixture
+def service() -> object:
+    """``service(name, host, port, how_to_start)``: :func:`require_service` as a fixture,
+    for tests in distributions that cannot import this conftest."""
+    return require_service
+
+
+@pytest.fixture
+def redis_service() -> tuple[str, int]:
+    """The machine's Redis (127.0.0.1:6379, or ``WOVE_TEST_REDIS`` as ``host:port``), or a skip."""
+    host, _, port = os.environ.get("WOVE_TEST_REDIS", "127.0.0.1:6379").partition(":")
+    require_service("Redis", host, int(port or 6379),
+                    "start it with `redis-server --daemonize yes` (Debian: apt install redis-server) "
+                    "or set WOVE_TEST_REDIS=host:port")
+    return host, int(port or 6379)
+
+
+@pytest.fixture
+def rabbitmq_service() -> tuple[str, int]:
+    """The machine's RabbitMQ (127.0.0.1:5672, guest/guest, or ``WOVE_TEST_RABBITMQ`` as ``host:port``), or a skip."""
+    host, _, port = os.environ.get("WOVE_TEST_RABBITMQ", "127.0.0.1:5672").partition(":")
+    require_service("RabbitMQ", host, int(port or 5672),
+                    "start it with `service rabbitmq-server start` (Debian: apt install rabbitmq-server) "
+                    "or set WOVE_TEST_RABBITMQ=host:port")
+    return host, int(port or 5672)
