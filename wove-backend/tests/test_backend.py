@@ -72,7 +72,7 @@ def test_payload_shape_and_round_trip() -> None:
     payload = build_backend_payload(_frame(tasks.add, {"a": 1, "b": 2}, delivery_timeout=5.0),
                                     callback_url="http://127.0.0.1:1/wove/events/x", adapter="test")
     assert set(payload) == {"version", "adapter", "callback_url", "run_id", "task_id", "task_name",
-                            "callable_pickle", "args_pickle", "delivery", "callback_key"}
+                            "callable_pickle", "args_pickle", "delivery", "callback_key", "result_channel"}
     assert payload["version"] == 1 and payload["delivery"] == {"delivery_timeout": 5.0}
     other = build_backend_payload(_frame(tasks.add, {"a": 1, "b": 2}), callback_url="http://x", adapter="test")
     assert len(payload["callback_key"]) == 64 and other["callback_key"] != payload["callback_key"]  # per run
@@ -638,10 +638,12 @@ class Wove2ProcessAdapter(BackendAdapter):
 
 
 async def test_wove2_worker_callbacks_reach_the_executor_for_pending_runs(wove2_python: Path) -> None:
-    """Unsigned 2.x callbacks are accepted for a pending run (the executor gates on the run, not the key)."""
+    """With require_signed_callbacks false, unsigned 2.x callbacks are accepted for a pending run
+    (the executor gates on the run, not the key)."""
     Wove2ProcessAdapter.python = wove2_python
     executor = BackendAdapterEnvironmentExecutor("wove2", Wove2ProcessAdapter)
-    runtime = ExecutorRuntime({"b": {"executor": executor, "executor_config": {}}}, {})
+    runtime = ExecutorRuntime({"b": {"executor": executor,
+                                     "executor_config": {"require_signed_callbacks": False}}}, {})
     async with runtime:
         offset = 40
         assert await asyncio.wait_for(runtime.call("b", lambda x: x + offset, 2), 60) == 42  # by value

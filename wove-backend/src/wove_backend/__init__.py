@@ -33,7 +33,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from wove.protocol import TERMINAL_EVENTS
+from wove.options import CALLBACK_OPTIONS
+from wove.protocol import TERMINAL_EVENTS, ProtocolError, decode_events
 from wove.security import is_local_host
 from wove.transport import FrameExecutor
 
@@ -47,26 +48,37 @@ from ._callback_server import (
     sign_callback,
 )
 from ._runner import (
+    ENGINE_STATUS_VERSION,
+    UNREACHABLE_SECONDS,
     CallbackConnectionPool,
+    CallbackUnreachable,
     callback_connections,
+    engine_status,
     execute_backend_payload,
     post_event,
     post_events,
     run_backend_payload,
     run_backend_payload_async,
+    run_engine_payload,
+    run_engine_payload_sync,
 )
 
 __all__ = [
     "CALLBACK_RUN_HEADER",
     "CALLBACK_SIGNATURE_HEADER",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_SETTLE_GRACE",
+    "ENGINE_STATUS_VERSION",
+    "UNREACHABLE_SECONDS",
     "BackendAdapter",
     "BackendAdapterEnvironmentExecutor",
     "BackendCallbackServer",
     "CallbackConnectionPool",
+    "CallbackUnreachable",
     "build_backend_payload",
     "callback_connections",
     "callback_headers",
+    "engine_status",
     "execute_backend_payload",
     "get_backend_adapter_class",
     "new_callback_key",
@@ -77,18 +89,27 @@ __all__ = [
     "register_backend_adapter",
     "run_backend_payload",
     "run_backend_payload_async",
+    "run_engine_payload",
+    "run_engine_payload_sync",
     "sign_callback",
 ]
 
 logger = logging.getLogger("wove.backend")
 
+#: Seconds :meth:`BackendAdapter.settle` waits for a callback the worker says it posted.
+DEFAULT_SETTLE_GRACE = 1.0
+
 # -- payloads ----------------------------------------------------------------------------
 def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: str,
-                          callback_key: str | None = None) -> dict[str, Any]:
+                          callback_key: str | None = None, result_channel: str = "auto",
+                          callback_ca: str | None = None) -> dict[str, Any]:
     """Build the JSON-safe payload a backend worker runs (the Wove 2.x shape).
 
     Beyond the 2.x fields it carries ``callback_key`` (``callback_key`` or a fresh random
-    one): the per-run key the worker signs its callbacks with. Wove 2.x workers ignore it.
+    one): the per-run key the worker signs its callbacks with; ``result_channel`` (how
+    the worker returns the outcome, see :func:`execute_backend_payload`); and, with
+    ``callback_ca``, the PEM the worker verifies an https callback server with. Wove 2.x
+    workers ignore all three.
 
     Raises:
         DispatchError: the callable or an argument cannot be pickled (names the task and path).
@@ -108,6 +129,8 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
         "args_pickle": packed["args_pickle"],
         "delivery": dict(frame.get("delivery") or {}),
         "callback_key": callback_key or new_callback_key(),
+        "result_channel": result_channel,
+        **({"callback_ca": callback_ca} if callback_ca else {}),
     }
 
 
@@ -196,6 +219,48 @@ class BackendAdapter:
         if self._on_event is not None:
             self._on_event(event)
 
+    @property
+    def result_channel(self) -> str:
+        """``executor_config.result_channel``: ``auto`` (default), ``callback`` or ``engine``."""
+        channel = self.config.get("result_channel", "auto")
+        return channel if channel in ("auto", "callback", "engine") else "auto"
+
+    async def settle(self, run_id: str, status: Any, *, what: str, grace: float = DEFAULT_SETTLE_GRACE) -> None:
+        """End ``run_id`` from what its engine task returned (call once the engine says it finished).
+
+        ``status`` is the :func:`engine_status` the worker returned: when its terminal event
+        did not reach the callback, the event it carries is delivered here (only for this
+        run, and only while the run is pending: nothing is decoded otherwise). Anything
+        else (the event was posted, or a Wove 2.x worker's return value) waits up to
+        ``grace`` seconds for the callback, and otherwise reports the run lost with a
+        message naming ``what`` (the engine's task, e.g. ``"Celery task 1f3c..."``).
+        """
+        if not self.is_pending(run_id):
+            return
+        if (isinstance(status, dict) and status.get("wove_status") == ENGINE_STATUS_VERSION
+                and status.get("posted") is False and isinstance(status.get("event"), (str, bytes))):
+            try:
+                events = decode_events(status["event"])
+            except ProtocolError as exc:
+                self.report_lost(run_id, f"{self.name} executor: {what} returned an outcome that does not decode: "
+                                 f"{exc}", exc, redeliverable=False)
+                return
+            mine = [event for event in events if event.get("run_id") == run_id]
+            if not mine:
+                self.report_lost(run_id, f"{self.name} executor: {what} returned an outcome for another run "
+                                 f"({sorted({str(e.get('run_id')) for e in events})[:3]}).", redeliverable=False)
+            for event in mine:
+                self.report_event(event)
+            return
+        if await self.wait_for_terminal(run_id, grace):
+            return
+        if isinstance(status, dict) and status.get("posted") is True:
+            why = "its worker says it posted the outcome to the callback server, which never received it"
+        else:
+            why = ("no callback arrived and the engine's result carries no Wove outcome (a Wove 2.x worker, "
+                   "which only posts callbacks, that could not reach the callback server?)")
+        self.report_lost(run_id, f"{self.name} executor: {what} finished but {why}.")
+
     async def wait_for_terminal(self, run_id: str, timeout: float) -> bool:
         """Wait (bounded) for ``run_id``'s terminal event; True when it arrived."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -235,16 +300,30 @@ def get_backend_adapter_class(name: str) -> type[BackendAdapter]:
     return adapter_class
 
 
+def _read_pem(path: str, key: str, environment: str) -> str:
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Environment '{environment}': executor_config.{key} {path!r} cannot be read: {exc}.") from exc
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"Environment '{environment}': executor_config.{key} {path!r} holds no PEM certificate.")
+    return text
+
+
 class BackendAdapterEnvironmentExecutor(FrameExecutor):
     """Submits tasks to an engine through a :class:`BackendAdapter`; events come back over
     an authenticated callback server.
 
-    ``executor_config``: ``callback_host`` (default ``127.0.0.1``), ``callback_port``
-    (default 0), ``callback_url`` (the URL workers use when they reach this process
-    through another address), ``callback_token`` (default random),
-    ``callback_max_body_bytes``, ``require_signed_callbacks`` (default False: unsigned
-    callbacks of Wove 2.x workers are accepted for pending runs), ``max_deliveries``
-    (``requeue`` bound), plus the adapter's own keys.
+    ``executor_config`` (:data:`wove.options.CALLBACK_OPTIONS`): ``callback_host``
+    (default ``127.0.0.1``), ``callback_port`` (default 0), ``callback_url`` (the URL
+    workers use when they reach this process through another address),
+    ``callback_token`` (default random), ``callback_max_body_bytes``,
+    ``require_signed_callbacks`` (default True; set False for Wove 2.x workers, which do
+    not sign), ``result_channel`` (``auto``, ``callback`` or ``engine``),
+    ``callback_tls_cert_file`` / ``callback_tls_key_file`` (serve HTTPS) and
+    ``callback_tls_ca_file`` (the CA workers verify it with, sent in each payload), the
+    re-delivery keys, plus the adapter's own keys.
 
     Args:
         name: the executor name (``"dask"``); used for messages and adapter lookup.
@@ -264,6 +343,8 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
         self._submissions: dict[str, Any] = {}
         self._payloads: dict[str, dict[str, Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._result_channel = "auto"
+        self._callback_ca: str | None = None
 
     @property
     def adapter(self) -> BackendAdapter | None:
@@ -290,28 +371,35 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
             )
         config = dict(environment_config)
         self._open_events(environment_name, config)
-        host = config.get("callback_host", "127.0.0.1")
-        public = config.get("callback_url")
+        callback = CALLBACK_OPTIONS.validate({k: v for k, v in config.items() if k in CALLBACK_OPTIONS},
+                                             environment=environment_name)
+        host = callback["callback_host"]
+        public = callback["callback_url"]
         if public is not None and urlsplit(str(public)).scheme not in ("http", "https"):
             raise ValueError(f"Environment '{environment_name}': executor_config.callback_url must be an "
                              f"http(s) URL, got {public!r}.")
-        require_signed = config.get("require_signed_callbacks", False)
-        if not isinstance(require_signed, bool):
-            raise ValueError(f"Environment '{environment_name}': executor_config.require_signed_callbacks must be "
-                             f"true or false, got {require_signed!r}.")
+        cert, key_file, ca_file = (callback["callback_tls_cert_file"], callback["callback_tls_key_file"],
+                                   callback["callback_tls_ca_file"])
+        if (key_file or ca_file) and not cert:
+            raise ValueError(f"Environment '{environment_name}': executor_config.callback_tls_key_file and "
+                             "callback_tls_ca_file need callback_tls_cert_file (the certificate the callback "
+                             "server serves HTTPS with).")
+        self._result_channel = callback["result_channel"]
+        self._callback_ca = _read_pem(ca_file, "callback_tls_ca_file", environment_name) if ca_file else None
         server = BackendCallbackServer(
-            host=str(host), port=int(config.get("callback_port", 0)), public_url=public,
-            token=config.get("callback_token"),
-            max_body_bytes=int(config.get("callback_max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+            host=str(host), port=int(callback["callback_port"]), public_url=public,
+            token=callback["callback_token"],
+            max_body_bytes=int(callback["callback_max_body_bytes"] or DEFAULT_MAX_BODY_BYTES),
             on_events=self._on_callback,
             is_pending=lambda run_id: run_id in self._inflight,
             run_key=self._callback_key,
-            require_signature=require_signed,
+            require_signature=callback["require_signed_callbacks"],
+            ssl_certfile=cert, ssl_keyfile=key_file,
         )
-        if not is_local_host(str(host)):
-            logger.warning("environment %s: the backend callback server listens on %s over plain HTTP; the "
-                           "path token authenticates workers, so keep that network private.",
-                           environment_name, host)
+        if not is_local_host(str(host)) and not cert:
+            logger.warning("environment %s: the backend callback server listens on %s over plain HTTP; callbacks "
+                           "are signed per run, but results travel unencrypted: keep that network private or set "
+                           "executor_config.callback_tls_cert_file.", environment_name, host)
         await server.start()
         assert server.callback_url is not None
         adapter = adapter_class(name=self._name, config=config, callback_url=server.callback_url,
@@ -339,7 +427,8 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
             raise RuntimeError(f"{self._name} executor for environment '{self._environment}' is not started.")
         frame_type = frame.get("type")
         if frame_type == "run_task":
-            payload = build_backend_payload(frame, callback_url=self._server.callback_url, adapter=self._name)
+            payload = build_backend_payload(frame, callback_url=self._server.callback_url, adapter=self._name,
+                                            result_channel=self._result_channel, callback_ca=self._callback_ca)
             run_id = str(frame["run_id"])
             self._payloads[run_id] = payload
             self._track(frame)  # before submitting: the worker may answer at once

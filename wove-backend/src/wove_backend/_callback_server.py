@@ -109,6 +109,8 @@ class BackendCallbackServer:
         is_pending: True for a run id whose events are expected; without it every run is.
         run_key: the callback key of a pending run (verifies signed callbacks).
         require_signature: refuse unsigned callbacks (no Wove 2.x workers).
+        ssl_certfile: serve HTTPS with this certificate (PEM path) ...
+        ssl_keyfile: ... and this key (default: in ``ssl_certfile``).
     """
 
     def __init__(
@@ -122,6 +124,8 @@ class BackendCallbackServer:
         is_pending: Callable[[str], bool] | None = None,
         run_key: Callable[[str], str | None] | None = None,
         require_signature: bool = False,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
     ) -> None:
         if token is not None and (not isinstance(token, str) or len(token) < 16 or "/" in token):
             raise ValueError("callback_token must be a string of at least 16 characters without '/'; "
@@ -135,6 +139,7 @@ class BackendCallbackServer:
         self._is_pending = is_pending
         self._run_key = run_key
         self.require_signature = require_signature
+        self.ssl_certfile, self.ssl_keyfile = ssl_certfile, ssl_keyfile
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -151,7 +156,8 @@ class BackendCallbackServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         if host in ("0.0.0.0", "[::]"):
             host = socket.gethostname()
-        return f"http://{host}:{self.bound_port}{EVENTS_PATH}{self.token}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.bound_port}{EVENTS_PATH}{self.token}"
 
     async def start(self) -> None:
         """Bind and serve on the running loop; returns when the server accepts connections.
@@ -182,7 +188,8 @@ class BackendCallbackServer:
         http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
         config = uvicorn.Config(self._app, interface="asgi3", lifespan="off", log_level="warning", access_log=False,
                                 proxy_headers=False, http=http, ws="none",
-                                timeout_keep_alive=30, server_header=False, date_header=False)
+                                timeout_keep_alive=30, server_header=False, date_header=False,
+                                ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self._server = _server_class()(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         deadline = time.monotonic() + 10.0

@@ -14,6 +14,7 @@ import functools
 import http.client
 import logging
 import os
+import ssl
 import threading
 import time
 import urllib.error
@@ -28,13 +29,19 @@ from wove.worker import WorkerEngine
 from ._callback_server import callback_headers, redact_callback_url
 
 __all__ = [
+    "ENGINE_STATUS_VERSION",
+    "UNREACHABLE_SECONDS",
     "CallbackConnectionPool",
+    "CallbackUnreachable",
     "callback_connections",
+    "engine_status",
     "execute_backend_payload",
     "post_event",
     "post_events",
     "run_backend_payload",
     "run_backend_payload_async",
+    "run_engine_payload",
+    "run_engine_payload_sync",
 ]
 
 logger = logging.getLogger("wove.backend")
@@ -53,6 +60,8 @@ TERMINAL_POST_RETRIES = (0.2, 1.0)
 KEEPALIVE_IDLE_SECONDS = 4.0
 #: Idle connections kept per callback server and worker process.
 KEEPALIVE_MAX_IDLE = 8
+#: (scheme, host, port, CA PEM or None)
+_PoolKey = tuple[str, str, int, "str | None"]
 _STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                  ConnectionAbortedError)
 
@@ -73,14 +82,18 @@ class CallbackConnectionPool:
         self.max_idle = max_idle
         self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
-        self._idle: dict[tuple[str, str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
-        self._proxied: dict[tuple[str, str, int], bool] = {}
+        self._idle: dict[_PoolKey, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._proxied: dict[_PoolKey, bool] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
         self._pid = os.getpid()
         #: Connections opened so far (for tests and diagnostics).
         self.opened = 0
 
-    def post(self, url: str, body: bytes, timeout: float, headers: dict[str, str] | None = None) -> bytes:
+    def post(self, url: str, body: bytes, timeout: float, headers: dict[str, str] | None = None,
+             ca: str | None = None) -> bytes:
         """POST ``body`` (JSON) to ``url`` with extra ``headers``; return the response body.
+
+        ``ca`` (PEM text) verifies an ``https`` callback server instead of the system's CAs.
 
         Raises:
             urllib.error.HTTPError: the server answered with a status of 400 or more.
@@ -90,8 +103,8 @@ class CallbackConnectionPool:
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
             raise urllib.error.URLError(f"callback URL {redact_callback_url(url)!r} is not an http(s) URL")
-        key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
-        if self._uses_proxy(key, url):
+        key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80), ca)
+        if ca is None and self._uses_proxy(key, url):
             return _urllib_post(url, body, timeout, headers)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         all_headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
@@ -124,7 +137,7 @@ class CallbackConnectionPool:
                                              response.headers, None)
             return data
 
-    def _uses_proxy(self, key: tuple[str, str, int], url: str) -> bool:
+    def _uses_proxy(self, key: _PoolKey, url: str) -> bool:
         known = self._proxied.get(key)
         if known is None:
             proxies = urllib.request.getproxies()
@@ -132,7 +145,7 @@ class CallbackConnectionPool:
             self._proxied[key] = known
         return known
 
-    def _checkout(self, key: tuple[str, str, int], timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    def _checkout(self, key: _PoolKey, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         now = time.monotonic()
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's sockets are not ours
@@ -145,10 +158,16 @@ class CallbackConnectionPool:
                 conn.close()
             self.opened += 1
         if key[0] == "https":
-            return http.client.HTTPSConnection(key[1], key[2], timeout=timeout), False
+            context = None
+            if key[3] is not None:
+                with self._lock:
+                    context = self._contexts.get(key[3])
+                    if context is None:
+                        context = self._contexts[key[3]] = ssl.create_default_context(cadata=key[3])
+            return http.client.HTTPSConnection(key[1], key[2], timeout=timeout, context=context), False
         return http.client.HTTPConnection(key[1], key[2], timeout=timeout), False
 
-    def _checkin(self, key: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+    def _checkin(self, key: _PoolKey, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.max_idle and self._pid == os.getpid():
@@ -178,13 +197,14 @@ callback_connections = CallbackConnectionPool()
 
 
 def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None = None, *,
-               key: str | None = None) -> None:
+               key: str | None = None, ca: str | None = None) -> None:
     """POST one event to ``callback_url`` (synchronous, thread-safe; stdlib only).
 
     Uses the process's keep-alive :data:`callback_connections`. The result and exception
     travel as pickled fields; a result that cannot be pickled is sent as a ``task_error``
     instead (see :func:`wove.protocol.encode_event`). With ``key`` (the payload's
-    ``callback_key``) the request is signed for the event's run.
+    ``callback_key``) the request is signed for the event's run; ``ca`` (PEM text, the
+    payload's ``callback_ca``) verifies an https callback server.
 
     Raises:
         OSError: the callback server could not be reached or answered with an error status
@@ -192,11 +212,11 @@ def post_event(callback_url: str, frame: dict[str, Any], timeout: float | None =
     """
     body = encode_event(frame)
     headers = callback_headers(key, str(frame.get("run_id")), body) if key else None
-    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout, headers)
+    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout, headers, ca)
 
 
 def post_events(callback_url: str, frames: list[dict[str, Any]], timeout: float | None = None, *,
-                key: str | None = None) -> None:
+                key: str | None = None, ca: str | None = None) -> None:
     """POST several events in one request (a JSON list body, which the callback server accepts).
 
     With ``key`` the request is signed; every frame must then belong to one run.
@@ -212,7 +232,7 @@ def post_events(callback_url: str, frames: list[dict[str, Any]], timeout: float 
         if len(runs) != 1:
             raise ValueError(f"post_events(key=...) signs the events of one run; got runs {sorted(runs)[:5]}.")
         headers = callback_headers(key, runs.pop(), body)
-    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout, headers)
+    callback_connections.post(callback_url, body, POST_TIMEOUT if timeout is None else timeout, headers, ca)
 
 
 def _definitive(exc: OSError) -> bool:
@@ -220,28 +240,95 @@ def _definitive(exc: OSError) -> bool:
     return isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500
 
 
-async def _post(url: str, frame: dict[str, Any], key: str | None = None) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, functools.partial(post_event, url, frame, key=key))
+#: Seconds a worker process skips posting to a callback server it could not reach (under
+#: ``result_channel`` auto/engine the outcome then travels in the engine's own result).
+UNREACHABLE_SECONDS = 30.0
+_unreachable: dict[str, float] = {}
+_RESULT_CHANNELS = ("auto", "callback", "engine")
 
 
-async def _post_terminal(url: str, frame: dict[str, Any], key: str | None = None) -> bool:
-    for attempt, delay in enumerate((*TERMINAL_POST_RETRIES, None)):
-        try:
-            await _post(url, frame, key)
+class CallbackUnreachable(OSError):
+    """The callback server was not reachable from this worker process a moment ago."""
+
+
+class _Callback:
+    """Where one run's events go: URL, signing key, CA and the payload's ``result_channel``."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.url: str = payload["callback_url"]
+        key, ca = payload.get("callback_key"), payload.get("callback_ca")
+        self.key = key if isinstance(key, str) else None
+        self.ca = ca if isinstance(ca, str) else None
+        channel = payload.get("result_channel", "callback")
+        # a Wove 2.x payload has no result_channel: its caller only listens to the callback
+        self.channel = channel if channel in _RESULT_CHANNELS else "callback"
+        parts = urlsplit(self.url)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def reachable(self) -> bool:
+        """False while this process recently failed to reach the server (auto/engine only)."""
+        if self.channel == "callback":
             return True
+        until = _unreachable.get(self._origin)
+        if until is None:
+            return True
+        if time.monotonic() >= until:
+            _unreachable.pop(self._origin, None)
+            return True
+        return False
+
+    async def post(self, frame: dict[str, Any]) -> None:
+        """Post one event (in a thread).
+
+        Raises:
+            CallbackUnreachable: skipped, the server was unreachable a moment ago.
+            OSError: as :func:`post_event`.
+        """
+        if not self.reachable:
+            raise CallbackUnreachable(f"callback server {redact_callback_url(self.url)} was unreachable "
+                                      f"within the last {UNREACHABLE_SECONDS:g} s")
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(post_event, self.url, frame, key=self.key, ca=self.ca))
         except OSError as exc:
-            if isinstance(exc, urllib.error.HTTPError) and exc.code == 404:
-                # Usually: the caller no longer waits for this run (it finished, was cancelled
-                # or timed out). Not posted: an engine adapter may still deliver it its own way.
-                logger.info("%s for run %s refused by %s (404, not retried): %s", frame.get("type"),
-                            frame.get("run_id"), redact_callback_url(url), exc)
-                return False
-            if _definitive(exc) or delay is None:
-                logger.error("could not post %s for run %s to %s after %d attempts: %r",
-                             frame.get("type"), frame.get("run_id"), redact_callback_url(url), attempt + 1, exc)
-                return False
-            await asyncio.sleep(delay)
-    return False  # pragma: no cover
+            if self.channel != "callback" and not isinstance(exc, urllib.error.HTTPError):
+                if _unreachable.get(self._origin) is None:
+                    logger.info("callback server %s is unreachable from this worker (%r); outcomes travel in "
+                                "the engine's own results for %g s", redact_callback_url(self.url), exc,
+                                UNREACHABLE_SECONDS)
+                _unreachable[self._origin] = time.monotonic() + UNREACHABLE_SECONDS
+            raise
+
+    async def post_terminal(self, frame: dict[str, Any]) -> bool:
+        """Post the terminal event; False when it did not reach the caller.
+
+        ``callback`` retries connection errors (:data:`TERMINAL_POST_RETRIES`); ``auto`` tries
+        once (the engine's own result is the fallback); ``engine`` does not post.
+        """
+        if self.channel == "engine":
+            return False
+        retries = TERMINAL_POST_RETRIES if self.channel == "callback" else ()
+        for attempt, delay in enumerate((*retries, None)):
+            try:
+                await self.post(frame)
+                return True
+            except OSError as exc:
+                if isinstance(exc, urllib.error.HTTPError) and exc.code == 404:
+                    # Usually: the caller no longer waits for this run (it finished, was cancelled
+                    # or timed out). Not posted: an engine adapter may still deliver it its own way.
+                    logger.info("%s for run %s refused by %s (404, not retried): %s", frame.get("type"),
+                                frame.get("run_id"), redact_callback_url(self.url), exc)
+                    return False
+                if self.channel != "callback" and not isinstance(exc, urllib.error.HTTPError):
+                    return False  # the engine's own result carries it
+                if _definitive(exc) or delay is None:
+                    logger.error("could not post %s for run %s to %s after %d attempts: %r",
+                                 frame.get("type"), frame.get("run_id"), redact_callback_url(self.url),
+                                 attempt + 1, exc)
+                    return False
+                await asyncio.sleep(delay)
+        return False  # pragma: no cover
 
 
 class _CallbackSink:
@@ -254,8 +341,8 @@ class _CallbackSink:
     to post (with retries).
     """
 
-    def __init__(self, url: str, key: str | None, run_id: str, started_delay: float) -> None:
-        self.url, self.key, self.run_id = url, key, run_id
+    def __init__(self, callback: _Callback, run_id: str, started_delay: float) -> None:
+        self.callback, self.url, self.run_id = callback, callback.url, run_id
         self.loop = asyncio.get_running_loop()
         self.terminal: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.started: list[asyncio.Future[None]] = []
@@ -277,7 +364,7 @@ class _CallbackSink:
             if self._started_timer is None and not self.started:
                 self._started_timer = self.loop.call_later(self._started_delay, self._post_started, event)
         elif kind == "heartbeat":
-            if not self._beats_refused:
+            if not self._beats_refused and self.callback.reachable:
                 asyncio.ensure_future(self._post_heartbeat(event))
         else:  # a log event (a run's output): in order, and before the terminal event (_finish)
             self.logs = asyncio.ensure_future(self._post_log(self.logs, event))
@@ -294,13 +381,17 @@ class _CallbackSink:
             self._started_timer.cancel()
 
     def _post_started(self, event: dict[str, Any]) -> None:
-        if not self._closed:
-            self.started.append(asyncio.ensure_future(_post(self.url, event, self.key)))
+        if not self._closed and self.callback.reachable:
+            self.started.append(asyncio.ensure_future(self.callback.post(event)))
 
     async def _post_heartbeat(self, event: dict[str, Any]) -> None:
         try:
-            await _post(self.url, event, self.key)
+            await self.callback.post(event)
+        except CallbackUnreachable:
+            pass
         except OSError as exc:
+            if self.callback.channel != "callback" and not isinstance(exc, urllib.error.HTTPError):
+                return  # said once by _Callback.post
             if _definitive(exc):
                 if not self._beats_refused:
                     logger.info("heartbeats for run %s stop: %s refused them: %r", self.run_id,
@@ -312,7 +403,9 @@ class _CallbackSink:
 
     async def _post_quietly(self, event: dict[str, Any]) -> None:
         try:
-            await _post(self.url, event, self.key)
+            await self.callback.post(event)
+        except CallbackUnreachable:
+            pass
         except OSError as exc:
             logger.warning("%s event of run %s not delivered to %s: %r", event.get("type"), self.run_id,
                            redact_callback_url(self.url), exc)
@@ -335,8 +428,15 @@ async def execute_backend_payload(
     :class:`concurrent.futures.Executor`, such as an engine worker's own thread pool;
     default: the engine's daemon threads). Setting ``cancel_event`` cancels the run (an
     async task stops; a sync one is abandoned) and posts ``task_cancelled``. ``posted`` is
-    False when the terminal event could not be posted (a 4xx answer is not retried), so
-    an engine adapter can deliver it another way.
+    False when the terminal event did not reach the caller (a 4xx answer is not retried),
+    so an engine adapter can deliver it another way (:func:`run_engine_payload`).
+
+    The payload's ``result_channel`` decides the terminal event's way: ``callback`` (and a
+    Wove 2.x payload, which has none) posts it, retrying connection errors twice; ``auto``
+    posts it once and, when the server cannot be reached, leaves it to the engine (this
+    process then skips that server for :data:`UNREACHABLE_SECONDS`, heartbeats included);
+    ``engine`` never posts it (``task_started``, heartbeats and output still go to the
+    callback while it is reachable).
 
     Raises:
         ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
@@ -347,13 +447,12 @@ async def execute_backend_payload(
     if missing:
         raise ValueError(f"Backend payload lacks the string field(s) {missing}; it cannot be run or answered.")
     url, run_id, task_id = payload["callback_url"], payload["run_id"], payload["task_id"]
-    key = payload.get("callback_key") if isinstance(payload.get("callback_key"), str) else None
     delivery = payload.get("delivery")
     interval = delivery.get("delivery_heartbeat_seconds") if isinstance(delivery, dict) else None
     delay = STARTED_DELAY
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
         delay = min(delay, float(interval) / 6.0)
-    sink = _CallbackSink(url, key, run_id, delay)
+    sink = _CallbackSink(_Callback(payload), run_id, delay)
     # One run per engine: the engine that submitted the payload owns concurrency and
     # re-delivery, so nothing is cached here. The session decodes and dispatches the run
     # exactly as every worker service does (its one client, the payload, owns it).
@@ -400,10 +499,66 @@ async def _finish(sink: _CallbackSink, event: dict[str, Any]) -> bool:
     for post in sink.started:
         try:
             await post  # task_started goes first
+        except CallbackUnreachable:
+            pass
         except OSError as exc:
             logger.warning("task_started for run %s not delivered to %s: %r", event.get("run_id"),
                            redact_callback_url(sink.url), exc)
-    return await _post_terminal(sink.url, event, sink.key)
+    return await sink.callback.post_terminal(event)
+
+
+ENGINE_STATUS_VERSION = 1
+
+
+def engine_status(event: dict[str, Any], posted: bool) -> dict[str, Any]:
+    """The JSON-safe value an engine task returns for a run it executed.
+
+    ``{"wove_status": 1, "posted": True, "type": ...}`` when the terminal event reached the
+    caller through the callback, else ``{"wove_status": 1, "posted": False, "event": <the
+    encoded terminal event as JSON text>}``: the submitting side gives it to
+    :meth:`wove_backend.BackendAdapter.settle`, which delivers the event itself. The
+    result travels pickled inside the event, as on the wire.
+    """
+    if posted:
+        return {"wove_status": ENGINE_STATUS_VERSION, "posted": True, "type": event.get("type"),
+                "run_id": event.get("run_id")}
+    return {"wove_status": ENGINE_STATUS_VERSION, "posted": False, "run_id": event.get("run_id"),
+            "event": encode_event(event).decode("utf-8")}
+
+
+async def run_engine_payload(
+    payload: dict[str, Any],
+    *,
+    cancel_event: asyncio.Event | None = None,
+    executor: concurrent.futures.Executor | None = None,
+) -> dict[str, Any]:
+    """Run a payload inside an engine's task (on a running loop); return its :func:`engine_status`.
+
+    The engine stores the returned status as the task's result, so the run's outcome comes
+    back through the engine's own channel when the callback server cannot be reached (see
+    ``result_channel`` in :func:`execute_backend_payload`).
+
+    Raises:
+        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
+    """
+    event, posted = await execute_backend_payload(payload, cancel_event=cancel_event, executor=executor)
+    return engine_status(event, posted)
+
+
+def run_engine_payload_sync(payload: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_engine_payload` for engines that call a plain function (no running loop there).
+
+    Raises:
+        RuntimeError: called on a thread with a running event loop; await
+            :func:`run_engine_payload` there.
+        ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_engine_payload(payload))
+    raise RuntimeError("run_engine_payload_sync() was called inside a running event loop; "
+                       "await run_engine_payload(payload) instead.")
 
 
 async def run_backend_payload_async(payload: dict[str, Any]) -> Any:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from wove.backend import execute_backend_payload
-from wove.protocol import encode_event
+from wove.backend import run_engine_payload
 
 __all__ = ["run_payload"]
 
@@ -24,9 +23,9 @@ CANCEL_POLL_SECONDS = 0.1
 async def run_payload(payload: dict[str, Any], key: str) -> dict[str, Any]:
     """Run a Wove backend payload as Dask task ``key``; post its events to the callback URL.
 
-    Returns a small status (never the result itself, which travels in the callback):
-    ``{"posted": True, "type": ...}``, or, when the terminal event could not be posted,
-    ``{"posted": False, "event": <encoded event bytes>}`` so the submitter delivers it.
+    Returns the run's :func:`wove.backend.engine_status`: small when the outcome reached the
+    callback, else carrying the terminal event, which the submitter then delivers (so
+    results come back through Dask when the workers cannot reach the caller).
 
     Raises:
         ValueError: the payload lacks its callback URL or ids.
@@ -52,10 +51,7 @@ async def run_payload(payload: dict[str, Any], key: str) -> dict[str, Any]:
         timer.append(loop.call_later(CANCEL_POLL_SECONDS, check))
     try:
         threads = worker.executors.get("default") if worker is not None else None
-        event, posted = await execute_backend_payload(payload, cancel_event=cancel, executor=threads)
+        return await run_engine_payload(payload, cancel_event=cancel, executor=threads)
     finally:
         for handle in timer:
             handle.cancel()
-    if posted:
-        return {"posted": True, "type": event["type"]}
-    return {"posted": False, "event": encode_event(event)}

@@ -25,7 +25,6 @@ from wove.options import (
     Option,
     OptionSpec,
 )
-from wove.protocol import decode_events
 
 from ._main_guard import MainGuardError, check_main_guard
 
@@ -347,15 +346,7 @@ class DaskAdapter(BackendAdapter):
         except Exception as exc:
             await self._on_failure(submission, f"{type(exc).__name__}: {exc}", exc)
             return
-        if isinstance(status, dict) and status.get("posted") is False:
-            if self.is_pending(submission.run_id):  # decode nothing for a run nobody waits for
-                for event in decode_events(status["event"]):
-                    self.report_event(event)
-        elif self.is_pending(submission.run_id) and not await self.wait_for_terminal(
-            submission.run_id, self._grace
-        ):
-            self.report_lost(submission.run_id, f"dask executor: the Dask task {submission.key!r} finished "
-                             "but its worker never reported the run's outcome.")
+        await self.settle(submission.run_id, status, what=f"the Dask task {submission.key!r}", grace=self._grace)
 
     async def _on_failure(self, submission: DaskSubmission, what: str, exc: BaseException | None) -> None:
         if submission.cancelled or await self.wait_for_terminal(submission.run_id, self._grace):
