@@ -19,7 +19,7 @@ returns a :class:`RunFuture`; :func:`as_completed` and :func:`gather` work over 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import Client, ClientExecutor
 from .errors import (
@@ -36,6 +36,13 @@ from .protocol import normalize_exception
 from .registry import build_executor_from_name
 from .runtime import ExecutorRuntime, coerce_executor
 from .streaming import RunStream
+
+if TYPE_CHECKING:  # the lazily imported names below, for type checkers and the API reference
+    from wove_backend import BackendAdapterEnvironmentExecutor
+    from wove_executor_grpc import GrpcEnvironmentExecutor
+    from wove_executor_http import HttpEnvironmentExecutor
+    from wove_executor_stdio import StdioEnvironmentExecutor
+    from wove_executor_ws import WebSocketEnvironmentExecutor
 
 __all__ = [
     "BackendAdapterEnvironmentExecutor",
