@@ -95,7 +95,14 @@ class Delivery(TypedDict, total=False):
     delivery_stream_window: int
 
 
-class RunTaskFrame(TypedDict):
+class _TraceContext(TypedDict, total=False):
+    #: W3C Trace Context of the caller's span for the run (``wove.observe``); a Wove 2.x
+    #: peer ignores both (docs/wire.md, "Trace context")
+    traceparent: str
+    tracestate: str
+
+
+class RunTaskFrame(_TraceContext):
     type: Literal["run_task"]
     run_id: str
     task_id: str

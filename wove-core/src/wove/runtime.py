@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, Union, overload
 from uuid import uuid4
 
+from . import observe
 from ._capture import show_output
 from ._gate import Gate
 from .config import validate_definition
@@ -30,6 +31,7 @@ from .delivery import (
 from .errors import ConfigError, DeliveryTimeoutError
 from .executor import EnvironmentExecutor
 from .futures import DEFAULT_MAP_BUFFERSIZE, MapIterator, MapProgress, RunFuture, map_source
+from .observe import _OBSERVERS, RunInfo
 from .progress import reporter_for
 from .protocol import CANCEL_MODES, CAPABILITY_TASK_YIELD, ORPHAN_POLICIES, TERMINAL_EVENTS
 from .streaming import DEFAULT_STREAM_WINDOW, RunStream, StreamState, stream_not_supported
@@ -96,6 +98,8 @@ class _Environment:
     inline_runs: dict[str, InlineRun] = field(default_factory=dict)
     #: streamed runs (runtime.stream): run_id -> the items that arrived, not yet taken
     streams: dict[str, StreamState] = field(default_factory=dict)
+    #: the executor's name as observers see it (:attr:`wove.observe.RunInfo.executor`)
+    label: str = ""
 
 
 class ExecutorRuntime:
@@ -183,6 +187,7 @@ class ExecutorRuntime:
             defaults = DeliveryDefaults(environment_name, definition, self._run_config)
             env = _Environment(environment_name, definition, executor, defaults)
             env.inline = bool(getattr(executor, "runs_inline", False))
+            env.label = _executor_label(definition, executor)
             env.receiver = asyncio.get_running_loop().create_task(
                 self._receive(env), name=f"wove-recv:{environment_name}"
             )
@@ -256,7 +261,7 @@ class ExecutorRuntime:
         task_func, task_args = _keyword_call(func, args, kwargs)
         name = _task_name(func)
         env, delivery = self._prepare(environment, name, task_args, _NO_INFO)
-        if _inline_without_limit(env, delivery, task_func):  # the hot path: one coroutine less
+        if _inline_without_limit(env, delivery, task_func) and not _OBSERVERS:  # the hot path: one coroutine less
             return await self._run_inline(env, name, task_func, task_args, delivery, self._new_run_id(name))
         return await self._execute(env, name, task_func, task_args, delivery, self._new_run_id(name))
 
@@ -592,7 +597,7 @@ class ExecutorRuntime:
         delivery = env.defaults.for_call(task_name, task_args, task_info)
         run_id = f"{task_name}:{self._id_prefix}{next(self._ids):x}"
         if (env.inline and delivery.max_in_flight is None and delivery.idempotency_key is None
-                and is_async_callable(task_func)):
+                and is_async_callable(task_func) and not _OBSERVERS):
             return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
         return await self._execute(env, task_name, task_func, task_args, delivery, run_id)
 
@@ -604,7 +609,10 @@ class ExecutorRuntime:
         task_args: dict[str, Any],
         delivery: Delivery,
         run_id: str,
+        observed: RunInfo | None = None,
     ) -> Any:
+        if _OBSERVERS and observed is None:
+            return await self._observed(env, task_name, task_func, task_args, delivery, run_id)
         limit = None
         max_in_flight = delivery.max_in_flight
         if max_in_flight is not None:
@@ -616,10 +624,32 @@ class ExecutorRuntime:
         try:
             if env.inline and delivery.idempotency_key is None and is_async_callable(task_func):
                 return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
-            return await self._deliver(env, task_name, task_func, task_args, delivery, run_id)
+            return await self._deliver(env, task_name, task_func, task_args, delivery, run_id, observed)
         finally:
             if limit is not None:
                 limit.release()
+
+    async def _observed(
+        self,
+        env: _Environment,
+        task_name: str,
+        task_func: Any,
+        task_args: dict[str, Any],
+        delivery: Delivery,
+        run_id: str,
+    ) -> Any:
+        """:meth:`_execute` with the observers told (:mod:`wove.observe`), in the awaiting task."""
+        inline = env.inline and delivery.idempotency_key is None and is_async_callable(task_func)
+        run = RunInfo(run_id, task_name, env.name, env.label, type(env.executor), inline=inline)
+        observe._submitted(run)
+        error: BaseException | None = None
+        try:
+            return await self._execute(env, task_name, task_func, task_args, delivery, run_id, run)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            observe._finished(run, error)
 
     async def _deliver(
         self,
@@ -629,21 +659,28 @@ class ExecutorRuntime:
         task_args: dict[str, Any],
         delivery: Delivery,
         run_id: str,
+        observed: RunInfo | None = None,
     ) -> Any:
         # armed before send: a send held up by backpressure counts too
         run = Run.start(asyncio.get_running_loop(), run_id, task_name, env.name, delivery)
         env.pending[run_id] = run
         if self._debug:
             logger.debug("environment=%s run_id=%s task_id=%s: run_task", env.name, run_id, task_name)
+        frame = {
+            "type": "run_task",
+            "run_id": run_id,
+            "task_id": task_name,
+            "callable": task_func,
+            "args": task_args,
+            "delivery": delivery.fields(),
+        }
         try:
-            await env.executor.send({
-                "type": "run_task",
-                "run_id": run_id,
-                "task_id": task_name,
-                "callable": task_func,
-                "args": task_args,
-                "delivery": delivery.fields(),
-            })
+            if observed is not None:
+                observe._frame_fields(observed, frame)
+                await env.executor.send(frame)
+                observe._call("run_sent", observed)
+            else:
+                await env.executor.send(frame)
             try:
                 return await run.future
             except DeliveryTimeoutError as exc:
@@ -728,6 +765,8 @@ class ExecutorRuntime:
                     continue
                 if frame_type == "task_started" or frame_type == "heartbeat":
                     run.seen(loop)
+                    if _OBSERVERS:
+                        observe._event(run.run_id, frame_type)
                     continue
                 if frame_type == "task_yield":  # an item of a streamed run (runtime.stream)
                     run.seen(loop)
@@ -776,6 +815,17 @@ def _check_max_workers(environment: str, definition: dict[str, Any], executor: E
         f"local executor; the {label} executor has no such setting. Remove max_workers from the definition, "
         f"and put the {label} executor's own options in executor_config{known}."
     )
+
+
+def _executor_label(definition: dict[str, Any], executor: EnvironmentExecutor) -> str:
+    """The executor's name for observers: the definition's name for it, else its own."""
+    value = definition.get("executor")
+    if isinstance(value, str):
+        return value
+    name = getattr(executor, "executor_name", None)
+    if isinstance(name, str) and name and name != "executor":
+        return name
+    return type(executor).__name__
 
 
 def _exception_from_error(frame: dict[str, Any], environment: str) -> BaseException:

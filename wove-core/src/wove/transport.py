@@ -28,7 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import observe
 from .executor import EnvironmentExecutor
+from .observe import _OBSERVERS
 from .protocol import TERMINAL_EVENTS, error_event, transport_error_event
 
 __all__ = [
@@ -188,12 +190,18 @@ class FrameExecutor(EnvironmentExecutor):
             raise item
         return item
 
-    def _track(self, frame: dict[str, Any]) -> InFlight:
-        """Record a run_task about to be transmitted; counts the delivery."""
+    def _track(self, frame: dict[str, Any], size: int | None = None) -> InFlight:
+        """Record a run_task about to be transmitted; counts the delivery.
+
+        ``size`` (bytes of the encoded command, when known) is reported to observers
+        (:mod:`wove.observe`, ``RunInfo.request_size``).
+        """
         entry = self._inflight.get(frame["run_id"])
         if entry is None:
             entry = self._inflight[frame["run_id"]] = InFlight(frame)
         entry.deliveries += 1
+        if _OBSERVERS:
+            observe._transmitted(entry.run_id, entry.deliveries, size)
         return entry
 
     def _emit(self, event: dict[str, Any]) -> None:
@@ -230,6 +238,8 @@ class FrameExecutor(EnvironmentExecutor):
         if entry.policy == "requeue" and redeliverable and entry.deliveries < limit:
             logger.warning("%s: environment %s lost run %s (%s); re-delivering (delivery %d of %d)",
                            self.executor_name, self._environment, run_id, reason, entry.deliveries + 1, limit)
+            if _OBSERVERS:
+                observe._redelivered(run_id, reason)
             return True
         if entry.policy == "requeue" and entry.deliveries >= limit:
             reason = f"{reason} Gave up after {entry.deliveries} deliveries (executor_config.max_deliveries={limit})."

@@ -62,11 +62,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import observe
 from ._capture import RunCapture, activate, deactivate
 from ._gate import Gate
 from ._memory import release_large_buffers
 from ._threads import DaemonThreadPool
 from .errors import ProtocolError
+from .observe import _OBSERVERS, ExecutionInfo
 from .protocol import (
     ORPHAN_POLICIES,
     decode_command,
@@ -102,6 +104,8 @@ class _Execution:
     #: a streamed run: items it may still produce before more credit (None: not streamed)
     credit: int | None = None
     credit_wake: asyncio.Event | None = None
+    #: what observers see of it (:mod:`wove.observe`); None when none is installed
+    observed: ExecutionInfo | None = None
 
 
 class WorkerEngine:
@@ -380,6 +384,8 @@ class WorkerEngine:
         if isinstance(window, int) and not isinstance(window, bool) and window > 0:
             execution.credit = window
             execution.credit_wake = asyncio.Event()
+        if _OBSERVERS:
+            execution.observed = observe._execution(run_id, task_id, self.name, frame)
         self._runs[run_id] = execution
         if key is not None:
             self._by_key[key] = execution
@@ -492,6 +498,9 @@ class WorkerEngine:
         event: dict[str, Any] | None = None
         slots = self._slots
         capture = self._capture(execution) if execution.capture else None
+        observed = execution.observed
+        if observed is not None:  # in this task: context the observer sets reaches the callable
+            observe._call("execution_started", observed)
         try:
             if not slots.try_acquire():
                 await slots.acquire()
@@ -529,6 +538,8 @@ class WorkerEngine:
         finally:
             if capture is not None:
                 capture.flush(final=True)  # the output goes before the terminal event
+            if observed is not None:
+                _execution_finished(observed, event)
             if execution.heartbeat is not None:
                 execution.heartbeat.cancel()
             self._admission.release()
@@ -630,6 +641,16 @@ class WorkerEngine:
             sink(event)
         except Exception:
             logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
+
+
+def _execution_finished(observed: ExecutionInfo, event: dict[str, Any] | None) -> None:
+    kind = event.get("type") if event is not None else None
+    if kind == "task_result":
+        observe._call("execution_finished", observed, "ok", None)
+    elif kind == "task_error":
+        observe._call("execution_finished", observed, "error", event.get("exception") if event else None)
+    else:
+        observe._call("execution_finished", observed, "cancelled", None)
 
 
 def _quietly(func: Callable[..., Any], *args: Any) -> None:
