@@ -296,7 +296,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         kind = frame.get("type")
         if kind == "run_task":
             body = encode_frame(frame)  # DispatchError names the task and the path
-            entry = self._track(frame)
+            entry = self._track(frame, len(body))
             if self._streaming == "session" or (self._streaming == "auto" and self._timeout is None):
                 self._session_send(entry.run_id, body)
             else:

@@ -237,7 +237,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
         frame_type = frame.get("type")
         if frame_type == "run_task":
             body = encode_frame(frame)
-            self._track(frame)
+            self._track(frame, len(body))
             run_id = frame["run_id"]
             self._requests[run_id] = asyncio.ensure_future(self._deliver(frame, body))
         elif frame_type == "cancel_task" or frame_type == "stream_credit":  # credit: only once task_yield was announced

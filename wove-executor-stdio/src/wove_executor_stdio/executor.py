@@ -277,7 +277,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
 
     def _assign(self, worker: Worker, frame: dict[str, Any], data: bytes) -> None:
         run_id = frame["run_id"]
-        self._track(frame)
+        self._track(frame, len(data))
         worker.runs.add(run_id)
         self._owner[run_id] = worker
         worker.write(data)

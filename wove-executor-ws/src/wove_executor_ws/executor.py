@@ -268,7 +268,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         frame_type = frame.get("type")
         if frame_type == "run_task":
             data = encode_frame(frame)
-            self._track(frame)
+            self._track(frame, len(data))
             connection = self._conn
             if connection is None:
                 self._wait_for_connection(frame, data)
