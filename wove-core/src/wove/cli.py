@@ -3,8 +3,9 @@
 Every ``wove worker`` service gets the same checks here, before its own runner starts:
 ``--security`` is parsed and its environment variable read (one parser:
 :meth:`wove.security.NetworkExecutorSecurity.from_config`), certificate and key files
-must exist, and a non-loopback ``--host`` without security is refused unless
-``--insecure`` is given. A problem prints one line, ``wove worker NAME: <what, value,
+must exist, a non-loopback ``--host`` without security is refused unless
+``--insecure`` is given, and metrics (``--metrics-port``, or a service's ``--metrics``)
+need ``prometheus_client`` (``wove-core[metrics]``). A problem prints one line, ``wove worker NAME: <what, value,
 fix>``, and exits 2. Ctrl-C exits 130 without a traceback (a worker that drains
 gracefully exits 0).
 """
@@ -27,7 +28,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import serve
-from .registry import ENTRY_POINT_GROUP, KNOWN_DISTRIBUTIONS, KNOWN_SERVICES, get_registry, install_hint
+from .registry import (
+    ENTRY_POINT_GROUP,
+    KNOWN_DISTRIBUTIONS,
+    KNOWN_SERVICES,
+    get_registry,
+    install_hint,
+)
 from .security import NetworkExecutorSecurity, is_local_host
 from .session import DEFAULT_MAX_COMMAND_BYTES
 from .worker import release_large_buffers
@@ -202,6 +209,16 @@ def run_interruptibly(coro_factory: Callable[[], Awaitable[T]]) -> T:
     return result
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -254,6 +271,7 @@ def check_worker_args(service: str, parser: argparse.ArgumentParser, args: argpa
                 f"(convert DER with: openssl x509 -inform der -in FILE -out FILE.pem)."
             )
     host = getattr(args, "host", "127.0.0.1")
+    _check_metrics_args(args)
     if not is_local_host(host):
         if security.mode == "none":
             if not getattr(args, "insecure", False):
@@ -273,6 +291,26 @@ def check_worker_args(service: str, parser: argparse.ArgumentParser, args: argpa
                 f"(or use signed requests: --security env:VAR)."
             )
     return warnings
+
+
+def _check_metrics_args(args: argparse.Namespace) -> None:
+    """``--metrics-port`` / ``--metrics-host`` / ``--metrics``; fills ``metrics_host`` (default ``--host``)."""
+    port = getattr(args, "metrics_port", None)
+    if getattr(args, "metrics_host", None) is not None and port is None:
+        raise _WorkerSetupError(f"--metrics-host {args.metrics_host!r} needs --metrics-port PORT (the port to serve "
+                                "metrics on; 0 picks a free one).")
+    if port is not None and port != 0 and port == getattr(args, "port", None):
+        raise _WorkerSetupError(f"--metrics-port {port} is also the service's --port; give metrics a port of "
+                                "their own (or, for http, use --metrics to serve /metrics on --port).")
+    if port is not None or getattr(args, "metrics", False):
+        from .metrics import ensure_available
+
+        try:
+            ensure_available()
+        except ImportError as exc:
+            raise _WorkerSetupError(str(exc)) from None
+    if hasattr(args, "metrics_host") and args.metrics_host is None:
+        args.metrics_host = getattr(args, "host", "127.0.0.1")
 
 
 def _worker_runner(service: str, parser: argparse.ArgumentParser,
@@ -317,7 +355,7 @@ def _missing_service(service: str, distribution: str) -> Callable[[argparse.Name
         except metadata.PackageNotFoundError:
             installed = None
         if installed is None:
-            fix = f"It is provided by {distribution}: pip install {distribution}"
+            fix = f"It is provided by {distribution}: {install_hint(distribution)}"
         else:
             statuses = [f"plugin {p.name}: {p.status}" for p in get_registry().plugins() if p.distribution == distribution]
             fix = (f"{distribution} {installed} is installed but its plugin is not loaded "
@@ -354,6 +392,11 @@ def _add_worker_commands(sub: argparse._SubParsersAction, common: argparse.Argum
                             f"are ended (default {serve.DEFAULT_GRACE:g}); a second signal exits at once")
         parser.add_argument("--allow-remote-shutdown", action="store_true",
                             help="obey 'shutdown' commands from clients (off: the service is shared)")
+        parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                            help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; "
+                            "printed as 'metrics on URL' after the ready line); needs wove-core[metrics]")
+        parser.add_argument("--metrics-host", default=None, metavar="HOST",
+                            help="interface for --metrics-port (default: --host)")
         add_arguments(parser)
         parser.set_defaults(handler=_worker_runner(name, parser, run))
         provided.add(name)
@@ -361,7 +404,7 @@ def _add_worker_commands(sub: argparse._SubParsersAction, common: argparse.Argum
     registry.manager.hook.wove_worker_services(register=register)
     for name, distribution in sorted(KNOWN_SERVICES.items()):
         if name not in provided:
-            placeholder = services.add_parser(name, help=f"(not installed: pip install {distribution})",
+            placeholder = services.add_parser(name, help=f"(not installed: {install_hint(distribution)})",
                                               parents=[common])
             placeholder.set_defaults(handler=_missing_service(name, distribution))
     worker.set_defaults(handler=lambda ns: (worker.print_help(), EXIT_USAGE)[1])

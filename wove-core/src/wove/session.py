@@ -39,15 +39,24 @@ The rules, the same on every transport:
 * **Drain** (:meth:`WorkerService.drain`): stop accepting, let runs finish within the
   grace period, end the rest with a terminal event (``requeue`` runs end silently, so
   their clients deliver them elsewhere), then every session ends.
+
+Counting, once for every transport: a service with metrics (``metrics=True`` or
+:meth:`WorkerService.enable_metrics`; :mod:`wove.metrics`) counts here the runs each
+session accepted and how they ended, their execution time, the requests and commands
+refused by reason, and the sessions; a shell reports only its connections
+(:meth:`WorkerService.connection_opened`) and the refusals of its own framing
+(:meth:`WorkerService.record_rejection`). Readiness is :attr:`WorkerService.ready`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ProtocolError
 from .protocol import (
@@ -62,6 +71,9 @@ from .protocol import (
 )
 from .security import MissingCredentialsError, NetworkExecutorSecurity
 from .worker import WorkerEngine
+
+if TYPE_CHECKING:
+    from .metrics import ServiceMetrics
 
 __all__ = [
     "DEFAULT_MAX_COMMAND_BYTES",
@@ -103,6 +115,18 @@ def _field(head: bytes, name: str) -> str | None:
 
 
 _KEEP_ON_DISCONNECT = frozenset({"requeue", "detach"})
+#: a terminal event's type -> the outcome label of ``wove_worker_runs_completed_total``
+_OUTCOME = {"task_result": "result", "task_error": "error", "task_cancelled": "cancelled"}
+
+
+def _auth_reason(exc: PermissionError) -> str:
+    """The rejection reason (:data:`wove.metrics.REJECTION_REASONS`) of a failed verification."""
+    text = str(exc)
+    if text.startswith(("Replayed request", "Replay cache")):
+        return "replay"
+    if text.startswith("Expired signature") or "in the future" in text:
+        return "expired"
+    return "bad_credentials"
 
 
 class Rejected(Exception):
@@ -144,10 +168,16 @@ class WorkerService:
         max_concurrency: runs executing at once (for the default engine).
         grace: seconds ``detach`` runs may take to finish after a ``shutdown`` command, and
             the default drain period.
+        metrics: count Prometheus metrics (True, or a :class:`~wove.metrics.ServiceMetrics`
+            to count into); see :meth:`enable_metrics`.
+
+    Attributes:
+        metrics: the service's :class:`~wove.metrics.ServiceMetrics`, or None (not counted).
 
     Raises:
         ValueError / TypeError: invalid security configuration or limits.
         RuntimeError: a security environment variable is not set.
+        ImportError: ``metrics`` without ``prometheus_client`` (``pip install "wove-core[metrics]"``).
     """
 
     def __init__(
@@ -163,6 +193,7 @@ class WorkerService:
         max_pending_events: int = DEFAULT_MAX_PENDING_EVENTS,
         max_concurrency: int = 256,
         grace: float = 10.0,
+        metrics: bool | ServiceMetrics = False,
     ) -> None:
         for label, value in (("max_command_bytes", max_command_bytes), ("max_runs_per_session", max_runs_per_session),
                              ("max_pending_events", max_pending_events)):
@@ -181,6 +212,53 @@ class WorkerService:
         #: announced by the service's shell (see :data:`SERVICE_CAPABILITIES`)
         self.capabilities: frozenset[str] = SERVICE_CAPABILITIES
         self._drain: asyncio.Task[None] | None = None
+        self._closing_callbacks: list[Callable[[], Awaitable[None] | None]] = []
+        self.metrics: ServiceMetrics | None = None
+        if metrics:
+            self.enable_metrics(None if metrics is True else metrics)
+
+    # -- metrics -----------------------------------------------------------------
+    def enable_metrics(self, metrics: ServiceMetrics | None = None) -> ServiceMetrics:
+        """Count this service's metrics from now on (sessions opened before are not
+        counted: call it before serving); returns them. Calling it again returns the same.
+
+        Args:
+            metrics: count into these (default: a new :class:`~wove.metrics.ServiceMetrics`
+                with its own registry).
+
+        Raises:
+            ImportError: ``prometheus_client`` is not installed (the message says how to install it).
+            ValueError: the service already counts into other metrics.
+        """
+        if self.metrics is not None:
+            if metrics is None or metrics is self.metrics:
+                return self.metrics
+            raise ValueError(f"The {self.name} worker service already counts its metrics; enable them once.")
+        if metrics is None:
+            from .metrics import ServiceMetrics
+
+            metrics = ServiceMetrics(self.name)
+        metrics.bind(self)
+        self.metrics = metrics
+        return metrics
+
+    def record_rejection(self, reason: str) -> None:
+        """Count a request the shell refused on its own (its framing: an HTTP body that
+        timed out is ``timeout``, a bad ``Content-Length`` is ``bad_frame``); ``reason``
+        is one of :data:`wove.metrics.REJECTION_REASONS`. What the service refuses
+        (:class:`Rejected`, malformed commands, the run limit) it counts itself."""
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
+
+    def connection_opened(self) -> None:
+        """A shell accepted a transport connection (for ``wove_worker_connections_*``)."""
+        if self.metrics is not None:
+            self.metrics.connection_opened()
+
+    def connection_closed(self) -> None:
+        """A transport connection of :meth:`connection_opened` closed."""
+        if self.metrics is not None:
+            self.metrics.connection_closed()
 
     # -- requests ----------------------------------------------------------------
     def precheck(self, headers: Mapping[str, Any]) -> None:
@@ -213,6 +291,7 @@ class WorkerService:
     def check_size(self, size: int) -> None:
         """Raises :class:`Rejected` (``too_large``) for a command over ``max_command_bytes``."""
         if size > self.max_command_bytes:
+            self.record_rejection("too_large")
             raise Rejected("too_large", self._too_large_message(size))
 
     def _too_large_message(self, size: int) -> str:
@@ -224,10 +303,12 @@ class WorkerService:
             check(*args, **kwargs)
         except MissingCredentialsError as exc:
             logger.warning("%s worker: rejected a request without credentials: %s", self.name, exc)
+            self.record_rejection("unauthenticated")
             raise Rejected("unauthenticated", str(exc), fix="Configure executor_config.security with this "
                                                             "worker's secret or token.") from None
         except PermissionError as exc:
             logger.warning("%s worker: rejected a request: %s", self.name, exc)
+            self.record_rejection(_auth_reason(exc))
             raise Rejected("permission_denied", f"Request rejected: {exc}") from None
 
     # -- sessions ----------------------------------------------------------------
@@ -242,16 +323,33 @@ class WorkerService:
         """
         session = WorkerSession(self, peer, emit=emit)
         self.sessions.add(session)
+        if self.metrics is not None:
+            self.metrics.session_opened()
         return session
 
     @property
     def closing(self) -> bool:
+        """The service drains or shuts down: it accepts no new runs."""
         return self.engine.closing
+
+    @property
+    def ready(self) -> bool:
+        """Accepting runs: what a readiness probe reports (False from the start of a drain
+        or shutdown). Being at capacity does not make a service unready: runs beyond
+        ``max_concurrency`` queue in the engine, and readiness that flapped with load would
+        move that load onto the other workers in waves."""
+        return self._drain is None and not self.engine.closing
 
     def health(self) -> dict[str, Any]:
         """``{"status": "ok" | "closing", "active": <runs>, "capabilities": [...]}`` for health endpoints."""
         return {"status": "closing" if self.closing else "ok", "active": self.engine.active,
                 "capabilities": sorted(self.capabilities)}
+
+    def add_closing_callback(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Call ``callback`` (awaited when it returns an awaitable) when the service starts
+        to drain or shut down, before it waits for any run: a shell whose readiness lives
+        elsewhere (gRPC's health service) marks itself not serving there."""
+        self._closing_callbacks.append(callback)
 
     def capabilities_header(self) -> str:
         """The value of the ``X-Wove-Capabilities`` header (comma-separated)."""
@@ -275,6 +373,13 @@ class WorkerService:
         await asyncio.shield(self._drain)
 
     async def _stop(self, policy: str | None, grace: float, *, drain: bool) -> None:
+        for callback in self._closing_callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("%s worker: a closing callback failed", self.name)
         logger.info("%s worker: %s (%d runs active, grace %.1f s)", self.name, "draining" if drain else "shutting down",
                     self.engine.active, grace)
         if drain:
@@ -320,6 +425,10 @@ class WorkerSession:
         self._readable.set()
         self._emit = emit
         self._sink = self._deliver
+        self._metrics = service.metrics
+        #: run_id -> when its task_started came (None: not yet), for the runs this session
+        #: accepted; only kept when the service counts metrics
+        self._timing: dict[str, float | None] | None = {} if service.metrics is not None else None
 
     # -- in ------------------------------------------------------------------
     async def receive(self, data: bytes | bytearray | memoryview | str, *, strict: bool = False,
@@ -353,6 +462,7 @@ class WorkerSession:
             frame = decode_command(command)
         except ProtocolError as exc:
             if getattr(exc, "run_id", None) and not (strict and strict_runs):
+                self.service.record_rejection("bad_frame")
                 self.service.engine.reject(exc, self._sink)
             else:
                 self._malformed(exc, strict)
@@ -373,6 +483,7 @@ class WorkerSession:
         if self.ended:
             return
         if run_id not in self.runs and len(self.runs) >= service.max_runs_per_session:
+            service.record_rejection("capacity")
             self._deliver(error_event(
                 run_id, frame["task_id"], kind="TooManyRuns", retryable=True, source="executor",
                 message=f"Worker {service.name}: this client already has {len(self.runs)} runs in progress "
@@ -383,6 +494,13 @@ class WorkerSession:
         delivery = frame.get("delivery") or {}
         self.runs[run_id] = (str(delivery.get("delivery_orphan_policy") or "cancel"),
                              delivery.get("delivery_idempotency_key") is not None)
+        timing = self._timing
+        if timing is not None and run_id not in timing:
+            if service.engine.closing:  # the engine answers it WorkerShuttingDown: refused, not accepted
+                service.record_rejection("draining")
+            else:
+                timing[run_id] = None
+                self._metrics.run_accepted()  # type: ignore[union-attr]
         await service.engine.submit(frame, self._sink)
 
     def _too_large(self, data: bytes | bytearray | memoryview | str) -> None:
@@ -392,6 +510,7 @@ class WorkerSession:
         head = bytes(data[:_HEAD]) if not isinstance(data, str) else data[:_HEAD].encode("utf-8", "replace")
         run_id, task_id = (_field(head, name) for name in ("run_id", "task_id"))
         logger.warning("%s worker: refused a command from %s: %s", self.service.name, self.peer, message)
+        self.service.record_rejection("too_large")
         if run_id is None:
             self._deliver({"type": "log", "message": f"Worker {self.service.name}: {message}"})
         else:
@@ -399,6 +518,7 @@ class WorkerSession:
                                       message=f"Run {run_id}: {message}", source="executor"))
 
     def _malformed(self, exc: ProtocolError, strict: bool) -> None:
+        self.service.record_rejection("bad_frame")
         if strict:
             raise Rejected("bad_request", f"Not a Wove command: {exc}")
         self.service.engine.reject(exc, self._sink)
@@ -406,8 +526,15 @@ class WorkerSession:
     # -- out -----------------------------------------------------------------
     def _deliver(self, event: dict[str, Any]) -> None:
         """The engine's sink for this session's runs (never blocks)."""
-        if event.get("type") in TERMINAL_EVENTS:
+        kind = event.get("type")
+        if kind in TERMINAL_EVENTS:
             self.runs.pop(event.get("run_id"), None)  # type: ignore[arg-type]
+            if self._timing is not None:
+                self._count_end(event.get("run_id"), kind)
+        elif kind == "task_started" and self._timing is not None:
+            run_id = event.get("run_id")
+            if run_id in self._timing and self._timing[run_id] is None:
+                self._timing[run_id] = time.monotonic()
         if self.ended:
             return
         if self._emit is not None:
@@ -419,6 +546,15 @@ class WorkerSession:
             self._wake.set()
         if len(pending) >= self.service.max_pending_events:
             self._readable.clear()
+
+    def _count_end(self, run_id: Any, kind: Any) -> None:
+        """A run this session accepted ended with a terminal event: count its outcome and
+        execution time (from its task_started)."""
+        assert self._timing is not None and self._metrics is not None
+        if run_id not in self._timing:
+            return
+        started = self._timing.pop(run_id)
+        self._metrics.run_finished(_OUTCOME[kind], None if started is None else time.monotonic() - started)
 
     @property
     def events_pending(self) -> bool:
@@ -495,7 +631,7 @@ class WorkerSession:
     def connection_lost(self) -> None:
         """The client went away: the one disconnect rule (module docstring)."""
         if self.ended and not self.runs:
-            self.service.sessions.discard(self)
+            self._forget()
             return
         engine = self.service.engine
         for run_id, (policy, keyed) in list(self.runs.items()):
@@ -504,9 +640,21 @@ class WorkerSession:
                         run_id, policy, ", idempotency key" if keyed else "",
                         "it keeps running for a re-delivery" if keep else "cancelling it")
             engine.unsubscribe(run_id, self._sink, cancel=not keep)
+        if self._timing:  # accepted runs that got no terminal event here: kept going, or requeued by the drain
+            outcome = "requeued" if self.service.closing else "detached"
+            for _ in self._timing:
+                self._metrics.run_finished(outcome)  # type: ignore[union-attr]
+            self._timing.clear()
         self.runs.clear()
         self._end()
-        self.service.sessions.discard(self)
+        self._forget()
+
+    def _forget(self) -> None:
+        sessions = self.service.sessions
+        if self in sessions:
+            sessions.discard(self)
+            if self._metrics is not None:
+                self._metrics.session_closed()
 
     def _end(self) -> None:
         self.ended = True
