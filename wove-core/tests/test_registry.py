@@ -67,10 +67,11 @@ WOVE2_ENGINES = ["celery", "temporal", "ray", "rq", "taskiq", "arq", "dask", "ku
 def test_every_wove2_engine_name_gets_a_hint(name: str) -> None:
     message = Registry(entry_points=[]).unknown_message(name)
     if name in ("kubernetes_jobs", "aws_batch"):
-        assert "Wove 2.x engine name" in message and "docs/engines.md" in message
+        assert "Wove 2.x engine name" in message and "docs/engines/index.md" in message
     else:
         dist = "wove-executor-" + name
-        assert f"provided by {dist}: pip install {dist} (from a checkout of this project: pip install ./{dist}" in message
+        assert (f"provided by {dist}: pip install {dist} (from a checkout of this project: "
+                f"pip install ./wove-core ./wove-backend ./{dist}") in message
 
 
 def test_resolution_is_lazy_and_finds_names_in_any_plugin(plugin_dir: Path) -> None:
@@ -332,4 +333,6 @@ def test_third_party_distribution_installed_in_a_venv_resolves_by_name(tmp_path:
                              capture_output=True, text=True, timeout=60, env=env)
     assert service.returncode == 2
     assert service.stderr.strip() == ("wove worker http: no installed plugin provides the 'http' worker service. "
-                                      "It is provided by wove-executor-http: pip install wove-executor-http")
+                                      "It is provided by wove-executor-http: pip install wove-executor-http (from a "
+                                      "checkout of this project: pip install ./wove-core ./wove-executor-http, or "
+                                      "uv sync --all-packages; see docs/installing.md)")

@@ -139,17 +139,22 @@ def test_without_their_distributions_the_entry_points_name_them(tmp_path: Path, 
     stdio = run("-m", "wove.stdio_worker")
     assert stdio.returncode == 2
     assert stdio.stderr.strip() == ("python -m wove.stdio_worker needs wove-executor-stdio: "
-                                    "pip install wove-executor-stdio")
+                                    "pip install wove-executor-stdio (from a checkout of this project: pip install "
+                                    "./wove-core ./wove-executor-stdio, or uv sync --all-packages; see docs/installing.md)")
     backend = run("-m", "wove.backend_worker", "e30=")
     assert backend.returncode == 2
-    assert backend.stderr.strip() == "python -m wove.backend_worker needs wove-backend: pip install wove-backend"
+    assert backend.stderr.strip() == ("python -m wove.backend_worker needs wove-backend: pip install wove-backend "
+                                      "(from a checkout of this project: pip install ./wove-core ./wove-backend, "
+                                      "or uv sync --all-packages; see docs/installing.md)")
     for statement in ("import wove.backend", "import wove.integrations.worker",
                       "from wove.environment import BackendAdapterEnvironmentExecutor"):
         imported = run("-c", statement)
         assert imported.returncode == 1, statement
         last = imported.stderr.strip().splitlines()[-1]
         assert last.startswith("ImportError: ") and "wove-backend distribution, which is not installed" in last, last
-        assert last.endswith("Install it with: pip install wove-backend"), last
+        assert last.endswith("Install it with: pip install wove-backend (from a checkout of this project: "
+                             "pip install ./wove-core ./wove-backend, or uv sync --all-packages; see "
+                             "docs/installing.md)"), last
     # a worker without pytest unpickles the test kit's tasks (wove.testing.tasks imports no pytest)
     no_pytest = run("-c", "import wove.testing.tasks as t, importlib.util as u; "
                           "print(t.add(1, 2), u.find_spec('pytest') is None)")

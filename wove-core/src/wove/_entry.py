@@ -6,6 +6,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .registry import install_hint
+
 
 def run_provided(command: str, module: str, distribution: str, argv: Sequence[str] | None) -> int:
     """Run ``module.main(argv)``; without ``distribution`` installed, one line and exit status 2."""
@@ -15,6 +17,6 @@ def run_provided(command: str, module: str, distribution: str, argv: Sequence[st
     except ImportError as exc:
         if exc.name != package:
             raise
-        print(f"{command} needs {distribution}: pip install {distribution}", file=sys.stderr)
+        print(f"{command} needs {distribution}: {install_hint(distribution)}", file=sys.stderr)
         return 2
     return int(main(argv))

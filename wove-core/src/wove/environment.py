@@ -33,7 +33,7 @@ from .executor import EnvironmentExecutor
 from .futures import MapIterator, MapProgress, RunFuture, as_completed, gather
 from .local import LocalEnvironmentExecutor
 from .protocol import normalize_exception
-from .registry import build_executor_from_name
+from .registry import build_executor_from_name, install_hint
 from .runtime import ExecutorRuntime, coerce_executor
 from .streaming import RunStream
 
@@ -91,7 +91,7 @@ def __getattr__(name: str) -> Any:
     except ImportError as exc:
         raise ImportError(
             f"{name} is provided by the {distribution} distribution, which is not installed. "
-            f"Install it with: pip install {distribution}",
+            f"Install it with: {install_hint(distribution)}",
             name=module_name,
         ) from exc
     try:

@@ -77,15 +77,28 @@ KNOWN_DISTRIBUTIONS = {
 #: Wove 2.x engine names this project has no distribution for yet, and why.
 PLANNED_EXECUTORS = {
     "kubernetes_jobs": "no distribution provides it yet (it waits for a Kubernetes cluster the project can test "
-                       "against; docs/engines.md says how it would be built)",
+                       "against; docs/engines/index.md says how it would be built)",
     "aws_batch": "no distribution provides it yet (it waits for an AWS Batch queue the project can test against; "
-                 "docs/engines.md says how it would be built)",
+                 "docs/engines/index.md says how it would be built)",
 }
 
 
+#: Distributions of this project that need only wove-core (the engine adapters also need wove-backend).
+_TRANSPORT_DISTRIBUTIONS = frozenset({"wove-executor-stdio", "wove-executor-http", "wove-executor-grpc",
+                                      "wove-executor-ws", "wove-otel"})
+
+
 def install_hint(distribution: str) -> str:
-    """How to install ``distribution``: from the package index, or from a checkout of this project."""
-    return (f"pip install {distribution} (from a checkout of this project: pip install ./{distribution}, "
+    """How to install ``distribution``: from the package index, or from a checkout of this project.
+
+    From a checkout, pip is given the project's own distributions that ``distribution``
+    depends on too (no package index has them yet, so pip could not find them there).
+    """
+    local = [] if distribution == "wove-core" else ["wove-core"]
+    if distribution.startswith("wove-executor-") and distribution not in _TRANSPORT_DISTRIBUTIONS:
+        local.append("wove-backend")
+    paths = " ".join(f"./{name}" for name in [*local, distribution])
+    return (f"pip install {distribution} (from a checkout of this project: pip install {paths}, "
             "or uv sync --all-packages; see docs/installing.md)")
 
 

@@ -13,9 +13,11 @@ try:
 except ImportError as exc:
     if exc.name != "wove_backend":
         raise
+    from ..registry import install_hint
+
     raise ImportError(
         "wove.integrations.worker is provided by the wove-backend distribution, which is not installed. "
-        "Install it with: pip install wove-backend",
+        f"Install it with: {install_hint('wove-backend')}",
         name="wove_backend",
     ) from exc
 
