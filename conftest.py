@@ -94,7 +94,7 @@ def service() -> object:
     return require_service
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def redis_service() -> tuple[str, int]:
     """The machine's Redis (127.0.0.1:6379, or ``WOVE_TEST_REDIS`` as ``host:port``), or a skip."""
     host, _, port = os.environ.get("WOVE_TEST_REDIS", "127.0.0.1:6379").partition(":")
@@ -104,7 +104,7 @@ def redis_service() -> tuple[str, int]:
     return host, int(port or 6379)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rabbitmq_service() -> tuple[str, int]:
     """The machine's RabbitMQ (127.0.0.1:5672, guest/guest, or ``WOVE_TEST_RABBITMQ`` as ``host:port``), or a skip."""
     host, _, port = os.environ.get("WOVE_TEST_RABBITMQ", "127.0.0.1:5672").partition(":")
