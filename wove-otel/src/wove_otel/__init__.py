@@ -22,6 +22,7 @@ from importlib import metadata
 from typing import Any
 
 from opentelemetry import metrics, trace
+
 from wove.observe import add_observer, remove_observer
 
 from ._logs import LOG_FORMAT, install_log_correlation, uninstall_log_correlation

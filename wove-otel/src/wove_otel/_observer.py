@@ -10,6 +10,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from wove.observe import ExecutionInfo, Observer, RunInfo
 
 from . import names
@@ -33,9 +34,7 @@ def _is_messaging(run: RunInfo) -> bool:
     """True when ``run`` goes through a distributed engine (messaging conventions)."""
     backend = sys.modules.get("wove_backend")  # an engine adapter's executor implies it is imported
     base = getattr(backend, "BackendAdapterEnvironmentExecutor", None) if backend is not None else None
-    if base is not None and isinstance(run.executor_type, type) and issubclass(run.executor_type, base):
-        return True
-    return False
+    return base is not None and isinstance(run.executor_type, type) and issubclass(run.executor_type, base)
 
 
 def worker_kind(worker: str) -> str:
