@@ -120,8 +120,10 @@ def test_every_complete_block_runs(block: Block, tmp_path: Path) -> None:
         run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                              timeout=TIMEOUT, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
+        output = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                  for part in (exc.stdout, exc.stderr)]
         pytest.fail(f"{block.id}: the block did not finish within {TIMEOUT} s (a program in the docs must finish "
-                    f"in a few seconds and stop what it starts). Output so far:\n{exc.stdout}\n{exc.stderr}")
+                    f"in a few seconds and stop what it starts). Output so far:\n{output[0]}\n{output[1]}")
     assert run.returncode == 0, (
         f"{block.id}: the block exited with status {run.returncode}. Make it a complete program that runs, or "
         f"mark it with {FRAGMENT} on the line before the fence.\n--- stdout\n{run.stdout[-3000:]}\n"
