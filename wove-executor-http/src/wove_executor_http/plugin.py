@@ -44,6 +44,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a connection may take to send complete request headers (default 30)")
     parser.add_argument("--keepalive-timeout", type=float, default=35.0,
                         help="seconds an idle keep-alive connection stays open (default 35)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="serve Prometheus metrics at /metrics on --port (or use --metrics-port for a port of "
+                        "their own); needs wove-core[metrics]")
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -64,7 +67,7 @@ def run_worker(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_bytes, path=args.path,
                          allow_remote_shutdown=args.allow_remote_shutdown, shutdown_grace=args.grace,
                          body_timeout=args.body_timeout, header_timeout=args.header_timeout,
-                         keepalive_timeout=args.keepalive_timeout)
+                         keepalive_timeout=args.keepalive_timeout, metrics=getattr(args, "metrics", False))
         sock = bind_socket(args.host, args.port)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"wove worker http: {exc}", file=sys.stderr)
@@ -96,7 +99,9 @@ def run_worker(args: argparse.Namespace) -> int:
             await task
 
     try:
-        return run_service("http", start, stop, grace=args.grace, loop_factory=_loop_factory(config))
+        return run_service("http", start, stop, grace=args.grace, loop_factory=_loop_factory(config),
+                           service=app.service, metrics_port=getattr(args, "metrics_port", None),
+                           metrics_host=getattr(args, "metrics_host", None))
     finally:
         sock.close()
 

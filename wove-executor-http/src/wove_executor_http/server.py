@@ -27,7 +27,18 @@ A ``run_task`` answers with its events: NDJSON, one event per line as it happens
 ``application/x-ndjson``; otherwise one JSON body ``{"events": [...]}`` ending with the
 terminal event (what Wove 2.x clients read). ``cancel_task`` answers at once with
 ``{"events": []}``; the cancelled run's own response ends with ``task_cancelled``.
-``GET <path>/health`` (and ``/healthz``) reports liveness (``503`` while draining).
+Probes and metrics, without credentials and without task data (``GET`` or ``HEAD``;
+paths relative to where the app is mounted):
+
+* ``/healthz`` (and ``<path>/healthz``): liveness, ``200`` while the process serves,
+  draining included;
+* ``/readyz`` (and ``<path>/readyz``): readiness, ``200`` while the service accepts runs,
+  ``503`` from the start of a drain (:attr:`wove.session.WorkerService.ready`);
+* ``<path>/health``: what executors ask for the capabilities (``503`` while draining);
+* ``/metrics``: Prometheus metrics (:mod:`wove.metrics`) when the app was made with
+  ``metrics=True`` (``wove worker http --metrics``); otherwise ``404``.
+
+Each answers JSON ``{"status": "ok" | "closing", "active": <runs>, "capabilities": [...]}``.
 
 What a client that goes away means for its run, ``shutdown`` commands, the drain and the
 limits are the session's rules, the same on every transport (:mod:`wove.session`).
@@ -104,6 +115,8 @@ class WorkerApp:
         header_timeout: seconds a connection may take to send complete request headers
             (applied by :func:`uvicorn_config`; a mounting server applies its own).
         keepalive_timeout: seconds an idle keep-alive connection stays open (likewise).
+        metrics: count Prometheus metrics and serve them at ``/metrics`` (True, or a
+            :class:`wove.metrics.ServiceMetrics` to count into); needs ``wove-core[metrics]``.
 
     Attributes:
         service: the :class:`~wove.session.WorkerService` (engine, security, limits,
@@ -112,6 +125,7 @@ class WorkerApp:
     Raises:
         ValueError / TypeError: invalid security configuration or limits.
         RuntimeError: a security environment variable is not set.
+        ImportError: ``metrics`` without ``prometheus_client``.
     """
 
     def __init__(
@@ -127,6 +141,7 @@ class WorkerApp:
         body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        metrics: Any = False,
     ) -> None:
         if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}.")
@@ -141,8 +156,14 @@ class WorkerApp:
         self.service = WorkerService(
             engine, name="http", security=security, max_concurrency=max_concurrency,
             max_command_bytes=max_body_bytes, allow_remote_shutdown=allow_remote_shutdown, grace=shutdown_grace,
+            metrics=metrics,
         )
+        #: ``/metrics`` is served by this app (with ``--metrics-port`` they have a port of their own)
+        self.metrics_endpoint = bool(metrics)
         self.path = path.rstrip("/")
+        base = self.path
+        self._probes = {"/healthz": "live", base + "/healthz": "live", "/readyz": "ready", base + "/readyz": "ready",
+                        base + "/health": "health", "/metrics": "metrics"}
         self.body_timeout = None if body_timeout is None else float(body_timeout)
         self.header_timeout = float(header_timeout)
         self.keepalive_timeout = float(keepalive_timeout)
@@ -211,14 +232,32 @@ class WorkerApp:
                                extra=[(b"allow", b"POST")])
                 return
             await self._command(scope, receive, send)
-        elif route in (self.path + "/health", self.path + "/healthz", "/healthz"):
+        elif route in self._probes:
             if method not in ("GET", "HEAD"):
-                await _respond(send, 405, {"error": f"Use GET for health checks; got {method}."},
+                await _respond(send, 405, {"error": f"Use GET for health checks and metrics; got {method}."},
                                extra=[(b"allow", b"GET, HEAD")])
                 return
-            await _respond(send, 503 if self.service.closing else 200, self.service.health())
+            await self._probe(self._probes[route], scope, send, head=method == "HEAD")
         else:
             await _respond(send, 404, {"error": f"No Wove endpoint at {route!r}; POST commands to {self.path or '/'}."})
+
+    async def _probe(self, kind: str, scope: Scope, send: Send, *, head: bool) -> None:
+        """Liveness, readiness, the executors' health check, or the metrics (module docstring)."""
+        service = self.service
+        if kind == "metrics":
+            if service.metrics is None or not self.metrics_endpoint:
+                await _respond(send, 404, {"error": "This worker does not serve metrics on this port; start it "
+                                                    "with --metrics (or --metrics-port PORT for a port of their own)."})
+                return
+            accept = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"accept"), "")
+            body, content_type = service.metrics.render(accept)
+            await _respond_raw(send, 200, b"" if head else body, [(b"content-type", content_type.encode()),
+                                                                  (b"cache-control", b"no-store")], length=len(body))
+            return
+        status = 503 if (kind == "ready" and not service.ready) or (kind == "health" and service.closing) else 200
+        body = json.dumps(service.health()).encode()
+        await _respond_raw(send, status, b"" if head else body, [*_JSON_HEADERS, (b"cache-control", b"no-store")],
+                           length=len(body))
 
     async def _command(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self.service
@@ -300,6 +339,7 @@ class WorkerApp:
         try:
             return await asyncio.wait_for(self._read_body_within(headers, receive, send), self.body_timeout)
         except asyncio.TimeoutError:
+            self.service.record_rejection("timeout")
             await _respond(send, 408, {
                 "error": f"The request body did not arrive within this worker's body_timeout of "
                          f"{self.body_timeout:g} seconds; send it faster, or start the worker with a larger "
@@ -316,6 +356,7 @@ class WorkerApp:
             try:
                 declared = int(length)
             except ValueError:
+                self.service.record_rejection("bad_frame")
                 await _respond(send, 400, {"error": f"Invalid Content-Length {length[:32]!r}."})
                 return None
             check_size(declared)
@@ -370,9 +411,11 @@ def _client(scope: Scope) -> str:
 
 
 async def _respond_raw(send: Send, status: int, body: bytes,
-                       headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> None:
+                       headers: list[tuple[bytes, bytes]] = _JSON_HEADERS, *, length: int | None = None) -> None:
+    """One whole response; ``length`` is the Content-Length when it is not ``len(body)`` (HEAD)."""
+    size = len(body) if length is None else length
     await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                "headers": [*headers, (b"content-length", str(size).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -392,6 +435,7 @@ def create_app(
     body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+    metrics: Any = False,
 ) -> WorkerApp:
     """Build the worker service's ASGI application (arguments as for :class:`WorkerApp`).
 
@@ -403,6 +447,7 @@ def create_app(
         security=security, engine=engine, max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
         path=path, allow_remote_shutdown=allow_remote_shutdown, shutdown_grace=shutdown_grace,
         body_timeout=body_timeout, header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
+        metrics=metrics,
     )
 
 
@@ -420,7 +465,7 @@ def uvicorn_config(app: WorkerApp, **options: Any) -> Any:
     try:
         import httptools  # noqa: F401
 
-        http: Any = _header_timeout_protocol(app.header_timeout)
+        http: Any = _header_timeout_protocol(app.header_timeout, app.service)
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
         http = "h11"
     settings: dict[str, Any] = {
@@ -431,11 +476,12 @@ def uvicorn_config(app: WorkerApp, **options: Any) -> Any:
     return uvicorn.Config(app, **settings)
 
 
-def _header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+def _header_timeout_protocol(header_timeout: float, service: WorkerService) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, closing a connection that does not send complete
     request headers within ``header_timeout`` seconds of opening (or of starting its next
     request). uvicorn itself never times out a connection before its first request, nor
-    headers sent a byte at a time."""
+    headers sent a byte at a time. It also reports each connection to the service's
+    metrics (``wove_worker_connections_*``)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -443,6 +489,7 @@ def _header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
+            service.connection_opened()
             self._wove_arm()
 
         def on_message_begin(self) -> None:
@@ -455,6 +502,7 @@ def _header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._wove_disarm()
+            service.connection_closed()
             super().connection_lost(exc)
 
         def _wove_arm(self) -> None:
