@@ -20,6 +20,14 @@ the status of :data:`REJECTED_STATUS` (missing credentials → ``UNAUTHENTICATED
 replayed or expired ones → ``PERMISSION_DENIED``; a command that does not decode →
 ``INVALID_ARGUMENT``; one over the size limit → ``RESOURCE_EXHAUSTED``). Nothing is
 unpickled or executed for a refused request.
+
+Health: the server also serves the standard gRPC health checking service
+``grpc.health.v1.Health`` (``grpcio-health-checking``; Kubernetes' native ``grpc`` probe,
+``grpc_health_probe``), without credentials. Its statuses (:data:`HEALTH_SERVICES`):
+the overall status (service ``""``) and ``wove.network_executor.WorkerService`` are
+readiness, ``SERVING`` while the service accepts runs and ``NOT_SERVING`` from the start
+of a drain (or a ``shutdown``); :data:`LIVENESS_SERVICE` (``"liveness"``) stays
+``SERVING`` while the process serves, draining included. Other names are ``NOT_FOUND``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ __all__ = [
     "DEFAULT_KEEPALIVE_INTERVAL",
     "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "HEALTH_SERVICES",
+    "LIVENESS_SERVICE",
     "REJECTED_STATUS",
     "SEND_METHOD",
     "SERVICE",
@@ -89,6 +99,12 @@ REJECTED_STATUS: dict[str, str] = {
     "too_large": "RESOURCE_EXHAUSTED",
     "bad_request": "INVALID_ARGUMENT",
 }
+#: The health service name a liveness probe asks for: ``SERVING`` while the process serves,
+#: through the drain (a probe that failed then would kill the runs the drain lets finish).
+LIVENESS_SERVICE = "liveness"
+#: The names ``grpc.health.v1.Health`` answers for: readiness ("" and the worker service)
+#: and :data:`LIVENESS_SERVICE`.
+HEALTH_SERVICES = ("", SERVICE, LIVENESS_SERVICE)
 #: Seconds :meth:`GrpcWorkerService.close` waits, after the drain, for calls to send their
 #: last events (a Session to a slow reader) before the server cancels them.
 CLOSE_TIMEOUT = 5.0
@@ -166,6 +182,8 @@ class GrpcWorkerService:
         max_message_bytes: largest accepted command.
         max_runs_per_session: runs one Session call may have in progress.
         max_concurrency: runs executing at once (for the default engine).
+        metrics: count Prometheus metrics (True, or a :class:`wove.metrics.ServiceMetrics`
+            to count into; served by ``wove worker grpc --metrics-port``).
 
     Attributes:
         worker: the :class:`~wove.session.WorkerService` (engine, security, limits, drain).
@@ -183,11 +201,12 @@ class GrpcWorkerService:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_runs_per_session: int = 10_000,
         max_concurrency: int = 256,
+        metrics: Any = False,
     ) -> None:
         self.worker = WorkerService(
             engine, name="grpc", security=security, allow_remote_shutdown=allow_remote_shutdown,
             max_command_bytes=max_message_bytes, max_runs_per_session=max_runs_per_session,
-            max_concurrency=max_concurrency,
+            max_concurrency=max_concurrency, metrics=metrics,
         )
         self.send_method = send_method
         self.stream_method = stream_method
@@ -305,6 +324,7 @@ class GrpcWorkerService:
 
         assert self.session_method is not None
         if self.worker.closing:
+            self.worker.record_rejection("draining")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "The worker service is shutting down; "
                                 "deliver the runs to another worker.")
         session = await self._open(context, self.session_method, b"")
@@ -370,15 +390,36 @@ async def _unavailable(context: grpc.aio.ServicerContext, session: WorkerSession
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
+async def _health_servicer(worker: WorkerService) -> Any:
+    """The ``grpc.health.v1.Health`` servicer of a worker service (module docstring): every
+    name of :data:`HEALTH_SERVICES` ``SERVING``; the readiness names turn ``NOT_SERVING``
+    when the service starts to drain or shut down."""
+    from grpc_health.v1 import health, health_pb2
+
+    servicer = health.aio.HealthServicer()
+    for name in HEALTH_SERVICES:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def not_ready() -> None:
+        for name in HEALTH_SERVICES:
+            if name != LIVENESS_SERVICE:
+                await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    worker.add_closing_callback(not_ready)
+    return servicer
+
+
 @dataclass(eq=False)
 class GrpcWorkerServer:
-    """A running server: its bound ``port``, ``host`` and the service it serves."""
+    """A running server: its bound ``port``, ``host``, the service it serves and its
+    ``grpc.health.v1.Health`` servicer (``health``: ``grpc_health.v1.health.aio.HealthServicer``)."""
 
     server: Any
     service: GrpcWorkerService
     host: str
     port: int
     tls: bool
+    health: Any = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -425,8 +466,10 @@ async def start_server(
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     max_connection_age: float | None = None,
     max_connection_age_grace: float | None = None,
+    metrics: Any = False,
 ) -> GrpcWorkerServer:
-    """Start a grpc.aio worker service on the running loop.
+    """Start a grpc.aio worker service on the running loop, with the standard health
+    service (module docstring).
 
     Args:
         engine: the worker engine (default: a new one).
@@ -451,9 +494,12 @@ async def start_server(
         max_connection_age / max_connection_age_grace: GOAWAY connections older than this,
             then give their calls the grace to finish (``grpc.max_connection_age_ms`` /
             ``_grace_ms``). Off by default: one Session call may rightly last for hours.
+        metrics: count Prometheus metrics (True, or a :class:`wove.metrics.ServiceMetrics`);
+            serve them with :meth:`wove.metrics.ServiceMetrics.serve`.
 
     Raises:
-        ImportError: grpcio is not installed.
+        ImportError: grpcio (or grpcio-health-checking) is not installed; ``metrics``
+            without ``prometheus_client``.
         ValueError: only one of certfile/keyfile, a client CA without TLS, an unreadable
             file, a timeout that is not a positive number, or the address cannot be bound;
             an invalid security configuration or limit.
@@ -475,11 +521,19 @@ async def start_server(
         max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
     )
     service = GrpcWorkerService(engine, security=security, allow_remote_shutdown=allow_remote_shutdown,
-                                max_message_bytes=max_message_bytes, max_runs_per_session=max_runs_per_session)
+                                max_message_bytes=max_message_bytes, max_runs_per_session=max_runs_per_session,
+                                metrics=metrics)
     merged = dict(defaults)
     merged.update(options or [])  # a caller's option replaces the default of the same name
     server = grpc.aio.server(options=list(merged.items()))
     server.add_generic_rpc_handlers(service.handlers())
+    try:
+        from grpc_health.v1 import health_pb2_grpc
+    except ImportError as exc:  # pragma: no cover - grpcio-health-checking is a dependency
+        raise ImportError("grpc worker service needs grpcio-health-checking, which is not installed. Install it "
+                          "with: pip install wove-executor-grpc") from exc
+    health = await _health_servicer(service.worker)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if certfile is not None:
         chain = read_pem(certfile, "the certificate (--certfile)")
@@ -495,7 +549,7 @@ async def start_server(
         raise ValueError(f"gRPC worker service could not bind {address}: the port is in use or the host is not local.")
     await server.start()
     logger.debug("grpc worker service listening on %s (tls=%s)", address, certfile is not None)
-    return GrpcWorkerServer(server, service, host, bound, tls=certfile is not None)
+    return GrpcWorkerServer(server, service, host, bound, tls=certfile is not None, health=health)
 
 
 @contextlib.asynccontextmanager
@@ -521,6 +575,12 @@ def run(args: argparse.Namespace) -> int:
     from wove.serve import run_service
 
     running: list[GrpcWorkerServer] = []
+    metrics_port = getattr(args, "metrics_port", None)
+    metrics: Any = None
+    if metrics_port is not None:
+        from wove.metrics import ServiceMetrics
+
+        metrics = ServiceMetrics("grpc")  # before the loop: the metrics port is bound before the ready line
 
     async def start() -> str:
         server = await start_server(
@@ -534,6 +594,7 @@ def run(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_body_bytes,
             allow_remote_shutdown=getattr(args, "allow_remote_shutdown", False),
             max_runs_per_session=getattr(args, "max_runs_per_session", 10_000),
+            metrics=metrics or False,
             **{name: getattr(args, name) for name in CLI_TIMEOUTS if hasattr(args, name)},
         )
         running.append(server)
@@ -543,7 +604,8 @@ def run(args: argparse.Namespace) -> int:
         for server in running:
             await server.stop(grace)
 
-    return run_service("grpc", start, stop, grace=getattr(args, "grace", 10.0))
+    return run_service("grpc", start, stop, grace=getattr(args, "grace", 10.0), service=metrics,
+                       metrics_port=metrics_port, metrics_host=getattr(args, "metrics_host", None))
 
 
 #: The runner's former name.
