@@ -72,6 +72,8 @@ class CeleryThread:
         self._watched: dict[str, Any] = {}
         self._messages = 0
         self._next_poll = 0.0
+        self._rpc_connection: Any = None
+        self._rpc_consumer: Any = None
         self.kind = "none"
         self._thread = threading.Thread(target=self._main, name=f"wove-celery-{name}", daemon=True)
         self._thread.start()
@@ -99,7 +101,9 @@ class CeleryThread:
     def setup(self) -> str:
         """Pick how results are read; return :func:`backend_kind`."""
         self.kind = backend_kind(self.backend)
-        if self.kind in ("rpc", "push"):
+        if self.kind == "rpc":
+            self._rpc_consume()
+        elif self.kind == "push":
             consumer = self.backend.result_consumer
             previous = consumer.on_message
 
@@ -111,6 +115,42 @@ class CeleryThread:
             consumer.on_message = count
         return self.kind
 
+    def _rpc_consume(self) -> None:
+        """Consume this thread's ``rpc://`` reply queue (where workers send the results of
+        the tasks this thread sent) with a consumer of our own: Celery's drops its queue
+        whenever one result is fulfilled."""
+        import kombu
+
+        self._rpc_close()
+        backend = self.backend
+        self._rpc_connection = self.app.connection_for_read()
+        self._rpc_consumer = kombu.Consumer(self._rpc_connection.default_channel, [backend.binding],
+                                            callbacks=[self._rpc_message], accept=backend.accept, no_ack=True)
+        self._rpc_consumer.consume()
+
+    def _rpc_close(self) -> None:
+        connection = getattr(self, "_rpc_connection", None)
+        self._rpc_connection = self._rpc_consumer = None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception as exc:
+                logger.debug("closing the rpc result connection failed: %r", exc)
+
+    def _rpc_message(self, body: Any, message: Any) -> None:
+        self._messages += 1
+        meta = self.backend.meta_from_decoded(body)
+        task_id = str(meta.get("task_id") or message.properties.get("correlation_id"))
+        state = str(meta.get("status"))
+        from celery import states
+
+        if state in states.READY_STATES and self._watched.pop(task_id, None) is not None:
+            self._on_ready(task_id, state, meta.get("result"), meta.get("traceback"))
+
+    def close(self) -> None:
+        """Release the thread's own connections (run it as the last job)."""
+        self._rpc_close()
+
     def watch(self, task_id: str, *, existing: bool = False) -> None:
         """Report ``task_id``'s final state to ``on_ready``.
 
@@ -119,16 +159,26 @@ class CeleryThread:
         """
         if self.kind == "none" or task_id in self._watched:
             return
-        result = self.app.AsyncResult(task_id)
-        self._watched[task_id] = result
-        result.then(self._fulfilled, self._broken)
+        self.adopt(self.app.AsyncResult(task_id))
         if existing:
-            result.ready()  # a final state fulfils the result now (_fulfilled)
+            self._watched[task_id].ready()  # a final state fulfils the result now (_fulfilled)
+
+    def adopt(self, result: Any) -> None:
+        """Watch the ``AsyncResult`` that ``send_task`` returned (it subscribed before sending).
+
+        The watched result is kept: Celery unsubscribes a task id when *any* of its
+        ``AsyncResult`` objects is garbage-collected.
+        """
+        if self.kind == "none":
+            return
+        self._watched[str(result.id)] = result
+        if self.kind != "rpc":  # rpc: our own consumer reports it (_rpc_message)
+            result.then(self._fulfilled, self._broken)
 
     def forget(self, task_id: str) -> None:
         """Stop watching ``task_id`` (nobody waits for it any more)."""
         result = self._watched.pop(task_id, None)
-        if result is not None and self.kind in ("rpc", "push"):
+        if result is not None and self.kind == "push":
             try:
                 self.backend.remove_pending_result(result)
             except Exception as exc:  # the consumer reconnects on its own
@@ -185,20 +235,25 @@ class CeleryThread:
                     time.sleep(ASYNC_POLL_SECONDS)
 
     def _drain(self) -> None:
-        if self.kind in ("rpc", "push"):
+        if self.kind == "push":
             consumer = self.backend.result_consumer
             for _ in range(DRAIN_BUDGET):
                 before = self._messages
-                try:
-                    consumer.drain_events(timeout=0 if self.kind == "push" else 0.001)
-                except (socket.timeout, TimeoutError):
-                    break
+                consumer.drain_events(timeout=0)
                 if self._messages == before:
                     break
-            if self.kind == "rpc" and self._watched:
-                # the rpc consumer stops consuming its (shared) reply queue when one result
-                # is fulfilled; the others are still to come
-                consumer.consume_from(next(iter(self._watched)))
+        elif self.kind == "rpc":
+            if self._rpc_connection is None:
+                self._rpc_consume()
+            assert self._rpc_connection is not None
+            try:
+                for _ in range(DRAIN_BUDGET):
+                    self._rpc_connection.drain_events(timeout=0.001)
+            except (socket.timeout, TimeoutError):
+                pass
+            except Exception:
+                self._rpc_close()  # reconnect on the next drain
+                raise
         elif time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + STORE_POLL_SECONDS
             for result in list(self._watched.values()):

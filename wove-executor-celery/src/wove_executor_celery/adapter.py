@@ -350,7 +350,8 @@ class CeleryAdapter(BackendAdapter):
         self._thread.watch(task_id, existing=True)
 
     def _send(self, task_id: str, payload: dict[str, Any], forget: bool = False) -> None:
-        """On the Celery thread: watch, then send (so no result can arrive unseen).
+        """On the Celery thread: send, and watch the task (``send_task`` subscribes to its
+        result before publishing, so no result arrives unseen).
 
         ``forget``: first drop the final state stored for this id (a keyed run that failed
         or was revoked before runs again under its key).
@@ -358,12 +359,8 @@ class CeleryAdapter(BackendAdapter):
         assert self._thread is not None
         if forget:
             self._app.backend.forget(task_id)
-        self._thread.watch(task_id)
-        try:
-            self._app.send_task(self._task_name, args=[payload], task_id=task_id, **self._send_options)
-        except BaseException:
-            self._thread.forget(task_id)
-            raise
+        result = self._app.send_task(self._task_name, args=[payload], task_id=task_id, **self._send_options)
+        self._thread.adopt(result)
 
     # -- outcomes ------------------------------------------------------------------------
     def _ready(self, task_id: str, state: str, value: Any, trace: str | None) -> None:
@@ -502,6 +499,7 @@ class CeleryAdapter(BackendAdapter):
         app = self._app
 
         def shutdown() -> None:
+            thread.close()
             if owned:
                 try:
                     app.close()

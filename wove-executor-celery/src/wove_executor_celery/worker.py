@@ -5,7 +5,8 @@ Start workers for the ``celery`` executor with this module's app::
     CELERY_BROKER_URL=redis://127.0.0.1:6379/0 CELERY_RESULT_BACKEND=redis://127.0.0.1:6379/1 \\
         celery -A wove_executor_celery.worker worker --loglevel=INFO
 
-(``-b`` / ``--result-backend`` on the ``celery`` command work as well), or add the task to
+(``-b`` / ``--result-backend`` on the ``celery`` command work as well, and
+``CELERY_CONFIG_MODULE=mysettings`` loads more Celery settings), or add the task to
 your own Celery app with :func:`register_wove_task`::
 
     from celery import Celery
@@ -72,6 +73,8 @@ def register_wove_task(celery_app: Celery, name: str = TASK_NAME, **options: Any
 
 #: A Celery app with the Wove task, for ``celery -A wove_executor_celery.worker worker``.
 #: Its broker and result backend come from ``CELERY_BROKER_URL`` / ``CELERY_RESULT_BACKEND``
-#: or the ``celery`` command's ``-b`` / ``--result-backend``.
+#: or the ``celery`` command's ``-b`` / ``--result-backend``; more settings from the module
+#: named by ``CELERY_CONFIG_MODULE`` (a ``celeryconfig.py`` on the path), when set.
 app = Celery("wove", set_as_current=False)
+app.config_from_envvar("CELERY_CONFIG_MODULE", silent=True)
 wove_task = register_wove_task(app)
