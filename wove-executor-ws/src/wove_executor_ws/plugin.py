@@ -33,6 +33,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyfile", default=None, help="TLS private key (PEM) for --certfile")
     parser.add_argument("--max-runs-per-connection", type=int, default=10_000,
                         help="runs one connection may have in progress (default 10000)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="answer GET /metrics (Prometheus) on --port, beside /healthz and /readyz (or use "
+                        "--metrics-port for a port of their own); needs wove-core[metrics]")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -7,12 +7,24 @@ on the connection that submitted it as they happen, the ones ready together coal
 one message (a JSON list, which Wove 2.x clients read too). Everything else (decoding,
 limits, what a closed connection means for its runs, ``shutdown`` commands, slow
 readers, drain) is the worker session's, the same as on every transport.
+
+Probes and metrics: a plain HTTP ``GET`` (no WebSocket upgrade, no credentials) on the
+same port is answered in ``process_request``, before any handshake check:
+
+* ``/healthz``: liveness, ``200`` while the process serves, draining included;
+* ``/readyz``: readiness, ``200`` while the service accepts runs, ``503`` from the start
+  of a drain (:attr:`wove.session.WorkerService.ready`);
+* ``/metrics``: Prometheus metrics (:mod:`wove.metrics`) when the server was made with
+  ``metrics=True`` (``wove worker websocket --metrics``); otherwise ``404``.
+
+Probe bodies are JSON ``{"status": "ok" | "closing", "active": <runs>, "capabilities": [...]}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import ssl as ssl_module
 import urllib.parse
@@ -81,6 +93,10 @@ class WebSocketWorkerServer:
         ssl: a server ``ssl.SSLContext`` to serve ``wss://``.
         ping_interval / ping_timeout: keepalive (seconds; None disables).
         allow_remote_shutdown: obey ``shutdown`` commands (off: the service is shared).
+        metrics: count Prometheus metrics and answer ``GET /metrics`` on this port (True, or
+            a :class:`wove.metrics.ServiceMetrics` to count into); needs ``wove-core[metrics]``.
+        metrics_endpoint: answer ``GET /metrics`` here (default: when ``metrics`` is given;
+            False when the metrics are served on a port of their own).
     """
 
     def __init__(
@@ -98,6 +114,8 @@ class WebSocketWorkerServer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         allow_remote_shutdown: bool = False,
+        metrics: Any = False,
+        metrics_endpoint: bool | None = None,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}.")
@@ -108,8 +126,9 @@ class WebSocketWorkerServer:
         self.service = WorkerService(
             engine, name="websocket", security=security, max_concurrency=max_concurrency,
             max_command_bytes=max_size or DEFAULT_MAX_SIZE, max_runs_per_session=max_runs_per_connection,
-            allow_remote_shutdown=allow_remote_shutdown,
+            allow_remote_shutdown=allow_remote_shutdown, metrics=metrics,
         )
+        self.metrics_endpoint = bool(metrics) if metrics_endpoint is None else metrics_endpoint
         self.engine = self.service.engine
         self.max_size = max_size
         self._requested_port = port
@@ -177,6 +196,8 @@ class WebSocketWorkerServer:
     # -- handshake ---------------------------------------------------------------
     def _process_request(self, connection: Any, request: Any) -> Any:
         path = urllib.parse.urlsplit(request.path).path
+        if path in _PROBES and path != self.path:
+            return self._probe(connection, request, _PROBES[path])
         if path != self.path:
             return connection.respond(HTTPStatus.NOT_FOUND, f"No Wove worker at {path!r}; this worker serves {self.path!r}.\n")
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
@@ -185,6 +206,25 @@ class WebSocketWorkerServer:
         except Rejected as exc:
             return connection.respond(HTTPStatus(exc.status), f"{exc}\n")
         return None
+
+    def _probe(self, connection: Any, request: Any, kind: str) -> Any:
+        """Answer a probe or a scrape with plain HTTP (module docstring)."""
+        service = self.service
+        if kind == "metrics":
+            if service.metrics is None or not self.metrics_endpoint:
+                return connection.respond(HTTPStatus.NOT_FOUND, "This worker does not serve metrics on this port; "
+                                          "start it with --metrics (or --metrics-port PORT).\n")
+            body, content_type = service.metrics.render(request.headers.get("Accept", ""))
+            response = connection.respond(HTTPStatus.OK, "")
+            response.body = body
+            _set_header(response.headers, "Content-Type", content_type)
+            _set_header(response.headers, "Content-Length", str(len(body)))
+            return response
+        ready = service.ready if kind == "ready" else True
+        response = connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                                      json.dumps(service.health()) + "\n")
+        _set_header(response.headers, "Content-Type", "application/json")
+        return response
 
     def _process_response(self, connection: Any, request: Any, response: Any) -> None:
         """The handshake answer names what this worker speaks beyond Wove 2.x (``X-Wove-Capabilities``)."""
@@ -196,6 +236,14 @@ class WebSocketWorkerServer:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.service.connection_opened()
+        try:
+            await self._converse(ws)
+        finally:
+            self.service.connection_closed()
+            self._handlers.discard(task)
+
+    async def _converse(self, ws: Any) -> None:
         session = self.service.session(str(getattr(ws, "remote_address", "?")))
         writer = asyncio.get_running_loop().create_task(_write(session, ws))
         reader = asyncio.get_running_loop().create_task(_read(session, ws))
@@ -212,7 +260,17 @@ class WebSocketWorkerServer:
                 part.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
             session.connection_lost()
-            self._handlers.discard(task)
+
+
+#: plain-HTTP paths answered on the WebSocket port (module docstring)
+_PROBES = {"/healthz": "live", "/readyz": "ready", "/metrics": "metrics"}
+
+
+def _set_header(headers: Any, name: str, value: str) -> None:
+    """Replace a header of a ``websockets`` response."""
+    if name in headers:
+        del headers[name]
+    headers[name] = value
 
 
 def _server_ssl(certfile: str | None, keyfile: str | None) -> ssl_module.SSLContext | None:
@@ -229,16 +287,20 @@ def run(args: argparse.Namespace) -> int:
     """``wove worker websocket``: serve until SIGINT/SIGTERM, then drain (:mod:`wove.serve`)."""
     from wove.serve import run_service
 
+    metrics_port = getattr(args, "metrics_port", None)
     server = WebSocketWorkerServer(
         host=args.host, port=args.port, path=getattr(args, "path", "/wove"), security=args.security,
         max_concurrency=args.max_concurrency, max_size=args.max_body_bytes,
         max_runs_per_connection=getattr(args, "max_runs_per_connection", 10_000),
         ssl=_server_ssl(getattr(args, "certfile", None), getattr(args, "keyfile", None)),
         allow_remote_shutdown=getattr(args, "allow_remote_shutdown", False),
+        metrics=getattr(args, "metrics", False) or metrics_port is not None,
+        metrics_endpoint=getattr(args, "metrics", False),
     )
 
     async def start() -> str:
         await server.start()
         return server.url
 
-    return run_service("websocket", start, server.stop, grace=getattr(args, "grace", 10.0))
+    return run_service("websocket", start, server.stop, grace=getattr(args, "grace", 10.0), service=server.service,
+                       metrics_port=metrics_port, metrics_host=getattr(args, "metrics_host", None))

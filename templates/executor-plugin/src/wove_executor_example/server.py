@@ -113,4 +113,6 @@ def run(args: argparse.Namespace) -> int:
     server = ExampleWorkerServer(host=args.host, port=args.port, max_concurrency=args.max_concurrency,
                                  max_command_bytes=args.max_body_bytes,
                                  allow_remote_shutdown=args.allow_remote_shutdown, grace=args.grace)
-    return run_service("example", server.start, server.stop, grace=args.grace)
+    # --metrics-port (a common flag): the session layer counts, run_service serves /metrics
+    return run_service("example", server.start, server.stop, grace=args.grace, service=server.service,
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
