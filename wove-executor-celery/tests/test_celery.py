@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,87 @@ async def test_killed_pool_process_ends_the_run_with_a_transport_error(worker: A
     assert "celery executor" in message and "WorkerLostError" in message and "died" in message, message
     await asyncio.sleep(0.5)
     assert len(log.read_text().split()) == 1
+
+
+def _executions(log: Path) -> int:
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+async def test_idempotency_key_is_the_celery_task_id_and_runs_once(redis_worker: Any, tmp_path: Path) -> None:
+    """Two runs with one key at once share one Celery task; a later submission with the key,
+    from another runtime, gets the stored outcome without running it again."""
+    from celery import Celery
+
+    log = tmp_path / "executions"
+    key = f"report-{uuid.uuid4().hex}"
+    async with _runtime(redis_worker) as runtime:
+        first = await asyncio.gather(*(
+            runtime.call_with("celery", tasks.record, (str(log), 0.5), delivery_idempotency_key=key) for _ in range(2)))
+    assert first == [str(log), str(log)] and _executions(log) == 1
+    async with _runtime(redis_worker) as runtime:
+        again = await runtime.call_with("celery", tasks.record, (str(log),), delivery_idempotency_key=key)
+        other = await runtime.call_with("celery", tasks.record, (str(log),), delivery_idempotency_key=f"{key}-other")
+    assert again == other == str(log)
+    assert _executions(log) == 2  # the same key ran once, the other key once
+    service = redis_worker.service
+    app = Celery("check", broker=service.broker_url, backend=service.result_backend, set_as_current=False)
+    app.conf.update(service.settings)
+    try:
+        assert app.AsyncResult(key).state == "SUCCESS"  # Celery knows the task by the key
+    finally:
+        app.close()
+
+
+async def test_idempotency_key_shares_one_task_within_an_executor_on_rabbitmq(rabbit_worker: Any,
+                                                                              tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    key = f"nightly-{uuid.uuid4().hex}"
+    async with _runtime(rabbit_worker) as runtime:
+        results = await asyncio.gather(*(
+            runtime.call_with("celery", tasks.record, (str(log), 0.5), delivery_idempotency_key=key) for _ in range(3)))
+    assert results == [str(log)] * 3 and _executions(log) == 1
+    assert f"wove.run_backend_payload[{key}] received" in rabbit_worker.output
+
+
+@pytest.mark.timeout(120)
+async def test_many_tasks_with_a_bounded_number_in_flight(worker: Any) -> None:
+    definition = {"executor": "celery", "executor_config": worker.executor_config(), "delivery_max_in_flight": 256}
+    async with ExecutorRuntime({"celery": definition}, {}) as runtime:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(runtime.call("celery", tasks.add, i, 1) for i in range(2000))), 100)
+    assert results == [i + 1 for i in range(2000)]
+
+
+async def test_forged_callbacks_are_refused_and_the_real_outcome_accepted(redis_worker: Any) -> None:
+    import httpx
+
+    from wove.backend import CALLBACK_RUN_HEADER, CALLBACK_SIGNATURE_HEADER, callback_headers
+    from wove.protocol import encode_event
+    from wove_executor_celery import build_celery_executor
+
+    executor = build_celery_executor()
+    definition = {"executor": executor, "executor_config": redis_worker.executor_config()}
+    async with ExecutorRuntime({"celery": definition}, {}) as runtime:
+        future = runtime.submit("celery", tasks.sleep, 1.5)
+        await asyncio.sleep(0.3)
+        assert executor.adapter is not None
+        url = executor.adapter.callback_url
+        body = encode_event({"type": "task_result", "run_id": future.run_id, "task_id": "sleep", "result": "forged"})
+        async with httpx.AsyncClient() as client:
+            unsigned = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            wrong = await client.post(url, content=body, headers={
+                "Content-Type": "application/json", **callback_headers("not-the-run-key", future.run_id, body)})
+            half = await client.post(url, content=body, headers={CALLBACK_RUN_HEADER: future.run_id})
+        assert unsigned.status_code == 403, unsigned.text
+        assert wrong.status_code in (401, 403), wrong.text
+        assert half.status_code == 400 and CALLBACK_SIGNATURE_HEADER in half.text
+        assert await asyncio.wait_for(future, 30) == "slept"  # the worker's signed callback
+
+
+async def test_workers_that_do_not_know_the_task_name_fail_the_run_clearly(redis_worker: Any) -> None:
+    async with _runtime(redis_worker, task_name="wove.no_such_task") as runtime:
+        with pytest.raises(EnvironmentExecutionError) as info:
+            await asyncio.wait_for(runtime.call("celery", tasks.add, 1, 2), 30)
+    message = str(info.value)
+    assert "wove.no_such_task" in message and "celery -A wove_executor_celery.worker" in message, message
+    assert info.value.payload["source"] == "transport"
