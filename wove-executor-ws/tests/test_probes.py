@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wove.environment import EnvironmentExecutionError, ExecutorRuntime
 from wove.protocol import decode_events, encode_frame
@@ -149,3 +149,27 @@ async def test_not_ready_while_draining_a_run_in_flight_still_live() -> None:
         assert await asyncio.to_thread(worker.proc.wait, 30) == 0
     finally:
         worker.kill()
+
+
+async def test_a_message_over_the_limit_is_counted_as_too_large() -> None:
+    worker = WorkerProcess("--metrics", "--max-body-bytes", "2000")
+    worker.start(0)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            metrics = _http(worker.url) + "/metrics"
+            async with connect(worker.url) as ws:
+                await ws.send("x" * 5000)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+            async def counted() -> float:
+                while True:
+                    value = _sample((await client.get(metrics)).text, "wove_worker_rejected_total", reason="too_large")
+                    if value:
+                        return value
+                    await asyncio.sleep(0.05)
+
+            assert await asyncio.wait_for(counted(), 10) == 1
+    finally:
+        worker.stop()

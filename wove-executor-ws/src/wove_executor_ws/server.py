@@ -251,6 +251,9 @@ class WebSocketWorkerServer:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done() and reader.exception() is not None:
                 logger.debug("websocket worker: connection %s ended: %r", session.peer, reader.exception())
+                sent = getattr(reader.exception(), "sent", None)
+                if getattr(sent, "code", None) == 1009:  # websockets refused a message over max_size
+                    self.service.record_rejection("too_large")
         finally:
             if not session.ended or writer.done():
                 session.connection_lost()
