@@ -194,3 +194,41 @@ def worker(request: pytest.FixtureRequest) -> CeleryWorker:
 def celery_worker_factory() -> Any:
     """:func:`start_worker` (``start(service, pool=..., concurrency=..., python=..., app=...)``)."""
     return start_worker
+
+
+ROOT = Path(__file__).resolve().parents[2]
+WOVE2_CELERY_VENV = Path(os.environ.get(
+    "WOVE2_CELERY_VENV", ROOT / ".cache" / f"wove2-celery-venv-{sys.version_info[0]}.{sys.version_info[1]}"))
+_WOVE2_PACKAGES = ("wove==2.0.3", "cloudpickle", "celery[redis]>=5.3")
+
+
+def _wove2_celery_healthy(python: Path) -> bool:
+    if not python.exists():
+        return False
+    probe = subprocess.run([str(python), "-c", "import importlib.metadata as m, celery, cloudpickle; "
+                                              "print(m.version('wove'))"], capture_output=True, text=True, timeout=60)
+    return probe.returncode == 0 and probe.stdout.strip() == "2.0.3"
+
+
+@pytest.fixture(scope="session")
+def wove2_celery_python() -> Path:
+    """A venv (cached under .cache/, git-ignored) with wove==2.0.3 and Celery: a Wove 2.x client or worker."""
+    python = WOVE2_CELERY_VENV / "bin" / "python"
+    if _wove2_celery_healthy(python):
+        return python
+    shutil.rmtree(WOVE2_CELERY_VENV, ignore_errors=True)
+    WOVE2_CELERY_VENV.parent.mkdir(parents=True, exist_ok=True)
+    uv = shutil.which("uv")
+    if uv is not None:
+        steps = [[uv, "venv", "--quiet", "--python", sys.executable, str(WOVE2_CELERY_VENV)],
+                 [uv, "pip", "install", "--quiet", "--python", str(python), *_WOVE2_PACKAGES]]
+    else:
+        steps = [[sys.executable, "-m", "venv", str(WOVE2_CELERY_VENV)],
+                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *_WOVE2_PACKAGES]]
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True, timeout=600,
+                                env={k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"})
+        if result.returncode != 0:
+            pytest.fail(f"building the Wove 2.0.3 + Celery venv failed at {step}:\n{result.stdout}{result.stderr}")
+    assert _wove2_celery_healthy(python), f"{python} has no working wove 2.0.3 + celery"
+    return python

@@ -52,6 +52,8 @@ DEFAULT_LOSS_GRACE_SECONDS = 1.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Seconds after which a Celery task whose runs all ended another way is no longer watched.
 FORGET_AFTER_SECONDS = 60.0
+#: Lines of a failed Celery task's worker traceback quoted in the run's error.
+WORKER_TRACEBACK_LINES = 12
 _RESERVED_SEND_OPTIONS = ("task_id", "args", "kwargs", "ignore_result")
 #: Celery states of a task that is on a worker (a repeated submission attaches to it).
 _IN_PROGRESS = ("STARTED", "RECEIVED", "RETRY")
@@ -438,9 +440,14 @@ class CeleryAdapter(BackendAdapter):
             self.report_lost(run_id, f"celery executor: Celery's time limit stopped {what} ({detail}).", cause,
                              redeliverable=False)
         else:
-            tail = f"\nWorker traceback:\n{trace.rstrip()}" if trace else ""
+            hint = ""
+            if trace and "wove/backend.py" in trace and "post_event" in trace:
+                hint = (" Its worker runs Wove 2.x, whose callbacks are unsigned: set "
+                        "executor_config.require_signed_callbacks to false for Wove 2.x workers.")
+            lines = trace.rstrip().splitlines()[-WORKER_TRACEBACK_LINES:] if trace else []
+            tail = "\nWorker traceback (last lines):\n" + "\n".join(lines) if lines else ""
             self.report_lost(run_id, f"celery executor: {what} failed on the Celery worker before the run reported "
-                             f"an outcome ({detail}).{tail}", cause, redeliverable=False)
+                             f"an outcome ({detail}).{hint}{tail}", cause, redeliverable=False)
 
     # -- cancel --------------------------------------------------------------------------
     async def cancel(self, run_id: str, submission: Any, frame: dict[str, Any]) -> None:
