@@ -143,9 +143,9 @@ def example_markdown(path: Path) -> str:
             lines += [f"## `{source.relative_to(path).as_posix()}`", "",
                       f"```{language}", source.read_text(encoding="utf-8").rstrip(), "```", ""]
         return "\n".join(lines)
-    summary = _first_docstring_line(path)
+    summary = _first_docstring_line(path).rstrip(".")
     return "\n".join([
-        f"# {path.stem.replace('_', ' ').capitalize()}", "", summary, "",
+        f"# {summary or path.stem}", "", f"`examples/{path.name}`", "",
         f"From a checkout: `uv run python {rel}` (the test suite runs it: `tests/test_examples.py`).", "",
         "```python", path.read_text(encoding="utf-8").rstrip(), "```", "",
     ])
@@ -380,7 +380,8 @@ def on_config(config: Any) -> Any:
     for title, pages in ((API_NAV_TITLE, api),
                          (DISTRIBUTIONS_NAV_TITLE, [{d.name: d.page} for d in distributions()]
                           + [{"executor plugin template": "distributions/template.md"}]),
-                         (EXAMPLES_NAV_TITLE, [example_page(p) for p in examples()])):
+                         (EXAMPLES_NAV_TITLE, [{p.name + ("/" if p.is_dir() else ""): example_page(p)}
+                                               for p in examples()])):
         if not _nav_replace(nav, title, pages):
             log.warning("mkdocs.yml: the nav has no entry titled %r for the generated pages", title)
     return config
