@@ -81,10 +81,12 @@ class CeleryWorker:
 
 def start_worker(service: CeleryService, *, python: str = sys.executable, app: str = "wove_executor_celery.worker",
                  pool: str = "prefork", concurrency: int = 2, extra_path: str | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 60.0) -> CeleryWorker:
-    """Start ``python -m celery -A app worker`` on a fresh queue and wait until it is ready."""
+                 queue_name: str | None = None, env: dict[str, str] | None = None,
+                 startup_timeout: float = 60.0) -> CeleryWorker:
+    """Start ``python -m celery -A app worker`` on ``queue_name`` (default: a fresh queue) and
+    wait until it is ready."""
     name = uuid.uuid4().hex[:10]
-    worker_queue = f"wove-test-{name}"
+    worker_queue = queue_name or f"wove-test-{name}"
     path = [str(service.folder), *([extra_path] if extra_path else []), os.environ.get("PYTHONPATH", "")]
     worker_env = {
         **os.environ,
@@ -166,6 +168,14 @@ def rabbit_celery(rabbitmq_service: tuple[str, int], session_folder: Path) -> It
         yield CeleryService("rabbitmq", f"amqp://guest:guest@{host}:{port}/{vhost}", "rpc://", {}, session_folder)
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def rabbit_redis_celery(rabbit_celery: CeleryService, redis_celery: CeleryService) -> CeleryService:
+    """RabbitMQ as broker (the session's vhost), Redis as result backend (database 2, session prefix)."""
+    settings = {"result_backend_transport_options": redis_celery.settings["result_backend_transport_options"]}
+    return CeleryService("rabbitmq-redis", rabbit_celery.broker_url, redis_celery.result_backend, settings,
+                         rabbit_celery.folder)
 
 
 @pytest.fixture(scope="session")

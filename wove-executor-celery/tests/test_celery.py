@@ -175,10 +175,10 @@ async def test_many_tasks_with_a_bounded_number_in_flight(worker: Any) -> None:
 
 async def test_forged_callbacks_are_refused_and_the_real_outcome_accepted(redis_worker: Any) -> None:
     import httpx
+    from wove_executor_celery import build_celery_executor
 
     from wove.backend import CALLBACK_RUN_HEADER, CALLBACK_SIGNATURE_HEADER, callback_headers
     from wove.protocol import encode_event
-    from wove_executor_celery import build_celery_executor
 
     executor = build_celery_executor()
     definition = {"executor": executor, "executor_config": redis_worker.executor_config()}
@@ -206,3 +206,68 @@ async def test_workers_that_do_not_know_the_task_name_fail_the_run_clearly(redis
     message = str(info.value)
     assert "wove.no_such_task" in message and "celery -A wove_executor_celery.worker" in message, message
     assert info.value.payload["source"] == "transport"
+
+
+def _record_pid_and_sleep(log: str, seconds: float) -> Any:
+    """A sync task (a closure) that appends its pid to ``log`` and sleeps ``seconds``, every time."""
+
+    def record_pid_and_sleep() -> int:
+        import os
+        import time
+
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        return os.getpid()
+
+    return record_pid_and_sleep
+
+
+async def test_requeue_after_killed_pool_processes_is_bounded_by_max_deliveries(redis_worker: Any,
+                                                                                tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    async with _runtime(redis_worker, max_deliveries=2, reconnect_initial_delay=0.05) as runtime:
+        call = asyncio.ensure_future(runtime.call_with(
+            "celery", _record_pid_and_sleep(str(log), 30), (), delivery_orphan_policy="requeue"))
+        for delivery in (1, 2):
+            while _executions(log) < delivery:
+                assert not call.done(), call
+                await asyncio.sleep(0.05)
+            os.kill(int(log.read_text().split()[delivery - 1]), signal.SIGKILL)
+        with pytest.raises(EnvironmentExecutionError, match="Gave up after 2 deliveries") as info:
+            await asyncio.wait_for(call, 30)
+    assert "WorkerLostError" in str(info.value) and _executions(log) == 2
+
+
+async def test_a_whole_worker_killed_mid_task_is_redelivered_by_the_broker_and_the_policy_applies(
+        rabbit_redis_celery: Any, celery_worker_factory: Any, tmp_path: Path) -> None:
+    """SIGKILL of the whole worker (its main process too): nothing reports the tasks failed, but
+    RabbitMQ delivers the unacknowledged messages (``acks_late``) again to the next worker, which
+    sees from the stored state that the runs had started and applies each run's orphan policy:
+    ``requeue`` runs once more, the default ends with a transport error."""
+    logs = {policy: tmp_path / f"{policy}-executions" for policy in ("fail", "requeue")}
+    first = celery_worker_factory(rabbit_redis_celery, concurrency=2)
+    second = None
+    try:
+        config = first.executor_config()
+        async with ExecutorRuntime({"celery": {"executor": "celery", "executor_config": config}}, {}) as runtime:
+            calls = {policy: asyncio.ensure_future(runtime.call_with(
+                "celery", _record_pid_then_sleep(str(log), 30), (), delivery_orphan_policy=policy))
+                for policy, log in logs.items()}
+            for log in logs.values():
+                await _wait_for_file(log, 30)
+            os.killpg(first.proc.pid, signal.SIGKILL)
+            first.proc.wait(timeout=10)
+            await asyncio.sleep(0.5)
+            assert not any(call.done() for call in calls.values())
+            second = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: celery_worker_factory(rabbit_redis_celery, concurrency=2, queue_name=first.queue))
+            assert await asyncio.wait_for(calls["requeue"], 30) == int(logs["requeue"].read_text().split()[1])
+            with pytest.raises(EnvironmentExecutionError, match="broker delivered the task again") as info:
+                await asyncio.wait_for(calls["fail"], 30)
+        assert info.value.payload["source"] == "transport"
+        assert _executions(logs["requeue"]) == 2 and _executions(logs["fail"]) == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

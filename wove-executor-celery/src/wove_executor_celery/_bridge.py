@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -249,7 +248,7 @@ class CeleryThread:
             try:
                 for _ in range(DRAIN_BUDGET):
                     self._rpc_connection.drain_events(timeout=0.001)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 pass
             except Exception:
                 self._rpc_close()  # reconnect on the next drain

@@ -169,7 +169,8 @@ def _lost_before(payload: dict[str, Any], task_id: str, backend: Any) -> dict[st
     runs again only under orphan policy ``requeue``; otherwise it ends with a
     ``task_error`` (source ``transport``). A message that was only prefetched runs normally.
     """
-    delivery = payload.get("delivery") if isinstance(payload.get("delivery"), dict) else {}
+    raw = payload.get("delivery")
+    delivery: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if delivery.get("delivery_orphan_policy") == "requeue" or not _stores_state(backend):
         return None
     try:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -292,7 +293,8 @@ class CeleryAdapter(BackendAdapter):
         """
         run_id, wove_task = str(payload["run_id"]), str(payload.get("task_id"))
         attempt = int(payload.get("attempt") or 1)
-        delivery = payload.get("delivery") if isinstance(payload.get("delivery"), dict) else {}
+        raw = payload.get("delivery")
+        delivery: dict[str, Any] = raw if isinstance(raw, dict) else {}
         raw_key = delivery.get("delivery_idempotency_key")
         key = str(raw_key) if raw_key is not None else None
         task_id = celery_task_id(run_id, key, attempt)
@@ -496,7 +498,8 @@ class CeleryAdapter(BackendAdapter):
             for task_id in stale:
                 for run in self._tasks.pop(task_id, []):
                     self._runs.pop(run, None)
-                await self._call(lambda task_id=task_id: self._thread.forget(task_id) if self._thread else None)
+                if self._thread is not None:
+                    self._thread.call(functools.partial(self._thread.forget, task_id))
 
     async def _stop_thread(self) -> None:
         thread, self._thread = self._thread, None
