@@ -117,7 +117,7 @@ def test_every_page_under_docs_is_in_the_nav(hook: ModuleType) -> None:
             return [page for value in node.values() for page in pages(value)]
         return []
 
-    listed = set(pages(config["nav"]))
+    listed = set(pages(config["nav"])) | set(hook.engine_pages_missing_from(config["nav"]))  # appended by the hook
     on_disk = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")
                if "hooks" not in p.parts}
     generated_here = {f"reference/{m}.md" for d in hook.distributions() for m in hook.public_modules(d)}
@@ -125,6 +125,19 @@ def test_every_page_under_docs_is_in_the_nav(hook: ModuleType) -> None:
     assert not missing, f"add these pages to the nav in mkdocs.yml: {missing}"
     absent = sorted(p for p in listed - on_disk if not p.startswith(("examples/", "distributions/")))
     assert not absent, f"mkdocs.yml's nav lists pages that do not exist: {absent}"
+
+
+def test_an_engine_page_missing_from_the_nav_is_appended_to_its_section(hook: ModuleType) -> None:
+    import yaml
+
+    config = {"nav": yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]}
+    missing = hook.engine_pages_missing_from(config["nav"])
+    hook.on_config(config)
+    assert hook.engine_pages_missing_from(config["nav"]) == []
+    section = next(item[hook.ENGINES_NAV_TITLE] for item in config["nav"]
+                   if isinstance(item, dict) and hook.ENGINES_NAV_TITLE in item)
+    for page in missing:
+        assert {page[len("engines/"):-len(".md")]: page} in section
 
 
 def test_every_distribution_has_a_reference_section(hook: ModuleType) -> None:

@@ -12,6 +12,9 @@ site cannot drift from it:
   the workspace README, added to the nav entry ``Distributions``.
 * ``examples/<name>.md``: each program in ``examples/`` with its source, added to the nav
   entry ``Examples``; ``examples/index.md`` is ``examples/README.md``.
+* An engine page ``docs/engines/<name>.md`` that the nav does not list is appended to
+  the nav section ``Executors and engines`` (so a page written by an engine adapter's
+  author is never left out; list it in ``mkdocs.yml`` to choose its place and title).
 * Markers replaced in any page:
 
   - ``<!-- wove:options -->``: the ``executor_config`` keys of every installed executor,
@@ -57,6 +60,7 @@ DOCS = ROOT / "docs"
 API_NAV_TITLE = "API reference"
 DISTRIBUTIONS_NAV_TITLE = "Distributions"
 EXAMPLES_NAV_TITLE = "Examples"
+ENGINES_NAV_TITLE = "Executors and engines"
 
 
 # -- what is in the repository ---------------------------------------------------------
@@ -368,10 +372,42 @@ def _nav_replace(nav: list[Any], title: str, pages: list[Any]) -> bool:
     return False
 
 
+def engine_pages_missing_from(nav: Any) -> list[str]:
+    """``docs/engines/*.md`` pages that ``nav`` does not list (sorted)."""
+    listed = set(_nav_pages(nav))
+    return sorted(f"engines/{p.name}" for p in (DOCS / "engines").glob("*.md") if f"engines/{p.name}" not in listed)
+
+
+def _nav_pages(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, list):
+        return [page for item in node for page in _nav_pages(item)]
+    if isinstance(node, dict):
+        return [page for value in node.values() for page in _nav_pages(value)]
+    return []
+
+
+def _append_to_section(nav: list[Any], title: str, pages: list[Any]) -> bool:
+    for item in nav:
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == title and isinstance(value, list):
+                    value.extend(pages)
+                    return True
+                if isinstance(value, list) and _append_to_section(value, title, pages):
+                    return True
+    return False
+
+
 def on_config(config: Any) -> Any:
     nav = config.get("nav")
     if not nav:
         return config
+    # an engine page written after mkdocs.yml was last edited is listed too (by its file name)
+    extra = [{p[len("engines/"):-len(".md")]: p} for p in engine_pages_missing_from(nav)]
+    if extra and not _append_to_section(nav, ENGINES_NAV_TITLE, extra):
+        log.warning("mkdocs.yml: the nav has no section titled %r for %s", ENGINES_NAV_TITLE, extra)
     api = []
     for dist in distributions():
         modules = public_modules(dist)
