@@ -211,3 +211,16 @@ def test_each_service_counts_in_its_own_registry() -> None:
     shared = ServiceMetrics("first")
     with pytest.raises(ValueError, match="already holds"):
         ServiceMetrics("second", registry=shared.registry)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--metrics-host", "0.0.0.0"], "--metrics-host '0.0.0.0' needs --metrics-port PORT"),
+    (["--port", "9999", "--metrics-port", "9999"], "--metrics-port 9999 is also the service's --port"),
+])
+def test_metrics_flags_are_checked_before_serving(args: list[str], expected: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from wove.cli import main
+
+    assert main(["worker", "http", *args]) == 2
+    out = capsys.readouterr()
+    assert expected in out.err and "listening on" not in out.out
