@@ -25,16 +25,19 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 #: bytes
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 
-#: executors that move runs over Wove's own protocol (RPC conventions); every executor
-#: built on wove-backend's BackendAdapterEnvironmentExecutor follows the messaging ones
-RPC_EXECUTORS = frozenset({"local", "stdio", "http", "https", "grpc", "websocket", "ws"})
+_MESSAGING: dict[type, bool] = {}
 
 
 def _is_messaging(run: RunInfo) -> bool:
-    """True when ``run`` goes through a distributed engine (messaging conventions)."""
-    backend = sys.modules.get("wove_backend")  # an engine adapter's executor implies it is imported
-    base = getattr(backend, "BackendAdapterEnvironmentExecutor", None) if backend is not None else None
-    return base is not None and isinstance(run.executor_type, type) and issubclass(run.executor_type, base)
+    """True when ``run`` goes through a distributed engine (messaging conventions): its
+    executor is a wove-backend ``BackendAdapterEnvironmentExecutor``."""
+    known = _MESSAGING.get(run.executor_type)
+    if known is None:
+        backend = sys.modules.get("wove_backend")  # an engine adapter's executor implies it is imported
+        base = getattr(backend, "BackendAdapterEnvironmentExecutor", None) if backend is not None else None
+        known = base is not None and isinstance(run.executor_type, type) and issubclass(run.executor_type, base)
+        _MESSAGING[run.executor_type] = known
+    return known
 
 
 def worker_kind(worker: str) -> str:
