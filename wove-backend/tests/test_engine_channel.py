@@ -205,3 +205,18 @@ async def test_https_callback_keys_need_a_certificate(pki: dict[str, str]) -> No
     with pytest.raises(ValueError, match="need callback_tls_cert_file"):
         await BackendAdapterEnvironmentExecutor("idle", IdleAdapter).start(
             environment_name="e", environment_config={"callback_tls_ca_file": pki["ca"]}, run_config={})
+
+
+class MissingModuleAdapter(BackendAdapter):
+    required_modules = ("wove_no_such_engine_module",)
+    install_hint = "wove-executor-nosuch"
+
+
+async def test_a_missing_engine_module_names_it_and_how_to_install_from_the_index_or_a_checkout() -> None:
+    with pytest.raises(RuntimeError, match="needs the module") as info:
+        await BackendAdapterEnvironmentExecutor("nosuch", MissingModuleAdapter).start(
+            environment_name="e", environment_config={}, run_config={})
+    message = str(info.value)
+    assert "'wove_no_such_engine_module'" in message and "environment 'e'" in message
+    assert "pip install wove-executor-nosuch (from a checkout of this project: pip install ./wove-core " \
+           "./wove-backend ./wove-executor-nosuch" in message

@@ -300,6 +300,13 @@ def get_backend_adapter_class(name: str) -> type[BackendAdapter]:
     return adapter_class
 
 
+def _install(hint: str) -> str:
+    """``pip install`` advice for an adapter's ``install_hint`` (a distribution name or requirements)."""
+    from wove.registry import install_hint
+
+    return install_hint(hint) if hint.startswith("wove-") and " " not in hint else f"pip install {hint}"
+
+
 def _read_pem(path: str, key: str, environment: str) -> str:
     try:
         with open(path, encoding="ascii") as file:
@@ -367,7 +374,7 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
         if missing:
             raise RuntimeError(
                 f"The {self._name} executor of environment '{environment_name}' needs the module(s) "
-                f"{', '.join(repr(m) for m in missing)}, which are not installed. Install with: pip install {hint}"
+                f"{', '.join(repr(m) for m in missing)}, which are not installed. Install with: {_install(hint)}"
             )
         config = dict(environment_config)
         self._open_events(environment_name, config)
