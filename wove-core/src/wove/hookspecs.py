@@ -58,6 +58,10 @@ def wove_worker_services(register: Callable[..., None]) -> None:
             ``--port``, ``--security`` and the engine's limits are already added);
             ``run`` receives the parsed :class:`argparse.Namespace` and returns an exit
             code. A service prints ``listening on <URL or host:port>`` when it is ready.
+            Serve through :func:`wove.serve.run_service` and pass it ``service=...,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host`` (the common
+            ``--metrics-port`` / ``--metrics-host`` flags): otherwise those flags are
+            accepted and have no effect for this service.
     """
 
 
