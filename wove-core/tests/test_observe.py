@@ -296,3 +296,18 @@ async def test_a_malformed_trace_field_is_ignored(recorder: Recorder) -> None:
     await engine.aclose()
     assert [e["result"] for e in events if e["type"] == "task_result"] == ["aread_context:2 None"]
     assert recorder.executions[-1].carrier == {}
+
+
+@pytest.mark.integration
+async def test_streamed_runs_are_observed_and_carry_the_trace_context(recorder: Recorder, tmp_path: Path) -> None:
+    async with ExecutorRuntime({"w": {"executor": "stdio"}}) as runtime:
+        stream = runtime.stream("w", tasks.count_up, 3, str(tmp_path / "counter"))
+        assert [item async for item in stream] == [0, 1, 2]
+        early = runtime.stream("w", tasks.count_up, 100, str(tmp_path / "other"))
+        async for _item in early:
+            break
+        await early.aclose()
+    outcome, error, run = recorder.finished[stream.run_id]
+    assert (outcome, error, run.streamed) == ("ok", None, True)
+    assert recorder.hooks(stream.run_id)[:3] == ["run_submitted", "run_sent", "run_started"]
+    assert recorder.finished[early.run_id][0] == "cancelled"  # the consumer stopped early

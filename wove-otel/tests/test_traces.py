@@ -220,3 +220,18 @@ async def test_uninstrumented_runs_make_no_spans_and_send_no_trace_fields(otel: 
         result = await runtime.call("here", traced_task, 1)
     assert [span.name for span in otel.finished()] == ["inner work"]  # the task's own span, a root
     assert otel.finished()[0].parent is None and result["value"] == 2
+
+
+@pytest.mark.parametrize("worker_env", ["stdio"], indirect=True)
+async def test_a_streamed_run_joins_the_trace(worker_env: tuple[dict[str, Any], Path], otel: Telemetry,
+                                              tmp_path: Path) -> None:
+    definition, spans_dir = worker_env
+    async with ExecutorRuntime({"w": definition}) as runtime:
+        with trace.get_tracer("test").start_as_current_span("request"):
+            items = [item async for item in runtime.stream("w", tasks.count_up, 3, str(tmp_path / "n"))]
+    assert items == [0, 1, 2]
+    (client,) = otel.finished("wove/count_up")
+    assert client.attributes is not None and client.attributes[names.WOVE_OUTCOME] == "ok"
+    server = _one(read_spans(spans_dir), name="wove/count_up")
+    assert server["trace_id"] == _hex(client.context.trace_id, 32)
+    assert server["parent_span_id"] == _hex(client.context.span_id, 16)

@@ -23,7 +23,9 @@ delivers it again, orphan policy ``requeue``), ``run_timed_out`` / ``run_cancell
 (just before the matching ``run_finished``), and exactly one ``run_finished`` with the
 outcome: one of :data:`OUTCOMES`. ``run_submitted`` and ``run_finished`` are called in the
 asyncio task that awaits the run, so an observer may set context variables in the first
-and reset them in the second (``wove-otel`` makes the run's span current that way).
+and reset them in the second (``wove-otel`` makes the run's span current that way), except
+for a streamed run (``runtime.stream``, :attr:`RunInfo.streamed`), which the consumer
+drives step by step: its hooks may come from different tasks.
 
 **The worker's side** (:class:`~wove.worker.WorkerEngine`, every worker service and engine
 adapter), per execution: ``execution_started`` in the asyncio task that runs the callable,
@@ -101,20 +103,24 @@ class RunInfo:
         request_size: bytes of the encoded ``run_task`` of the latest delivery, when the
             transport reports it (the network and stdio transports do), else None.
         inline: True for an async call a local executor awaits in the caller's task.
+        streamed: True for a streamed run (``runtime.stream``): ``run_submitted`` and
+            ``run_finished`` may be called in different tasks; an outcome ``ok`` means
+            the generator was exhausted, ``cancelled`` also that the consumer stopped early.
         data: a dict for the observers' own per-run state; key it by something of yours.
     """
 
     __slots__ = ("carrier", "data", "deliveries", "environment", "executor", "executor_type", "inline",
-                 "request_size", "run_id", "task")
+                 "request_size", "run_id", "streamed", "task")
 
     def __init__(self, run_id: str, task: str, environment: str, executor: str, executor_type: type,
-                 *, inline: bool = False) -> None:
+                 *, inline: bool = False, streamed: bool = False) -> None:
         self.run_id = run_id
         self.task = task
         self.environment = environment
         self.executor = executor
         self.executor_type = executor_type
         self.inline = inline
+        self.streamed = streamed
         self.carrier: dict[str, str] = {}
         self.deliveries = 0
         self.request_size: int | None = None

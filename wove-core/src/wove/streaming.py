@@ -18,9 +18,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from . import observe
 from ._gate import Gate
 from .delivery import Delivery, Run
 from .errors import DeliveryTimeoutError, StreamNotSupportedError
+from .observe import _OBSERVERS, RunInfo
 from .protocol import CAPABILITY_TASK_YIELD
 
 if TYPE_CHECKING:
@@ -78,7 +80,7 @@ class _Handle:
     """What a stream needs to end its run; kept apart from :class:`RunStream` so a dropped
     stream can be collected and still cancel its run."""
 
-    __slots__ = ("closed", "env", "limit", "run", "runtime", "state")
+    __slots__ = ("closed", "env", "limit", "observed", "run", "runtime", "state")
 
     def __init__(self, runtime: ExecutorRuntime, env: _Environment) -> None:
         self.runtime = runtime
@@ -87,6 +89,8 @@ class _Handle:
         self.state = StreamState()
         self.limit: Gate | None = None
         self.closed = False
+        #: what observers see of the run (wove.observe), while it is open
+        self.observed: RunInfo | None = None
 
     def release(self) -> None:
         """Forget the run (idempotent)."""
@@ -99,6 +103,14 @@ class _Handle:
         if self.limit is not None:
             self.limit.release()
             self.limit = None
+        observed, self.observed = self.observed, None
+        if observed is not None:
+            future = run.future if run is not None else None
+            if future is not None and future.done() and not future.cancelled():
+                error = future.exception()
+            else:  # cancelled by the worker, or the consumer stopped early
+                error = asyncio.CancelledError(f"Streamed run {observed.run_id} was cancelled.")
+            observe._finished(observed, error)
 
     async def cancel(self) -> None:
         """The consumer stopped early: tell the worker (it closes the generator)."""
@@ -219,17 +231,28 @@ class RunStream(AsyncIterator[T], Generic[T]):
         run.future.add_done_callback(lambda _f: wake.set())
         fields = delivery.fields()
         fields["delivery_stream_window"] = self.window
+        frame = {
+            "type": "run_task",
+            "run_id": self.run_id,
+            "task_id": self._task_name,
+            "callable": self._func,
+            "args": self._args,
+            "delivery": fields,
+        }
+        if _OBSERVERS:
+            handle.observed = RunInfo(self.run_id, self._task_name, env.name, env.label, type(executor),
+                                      streamed=True)
+            observe._submitted(handle.observed)
+            observe._frame_fields(handle.observed, frame)
         try:
-            await env.executor.send({
-                "type": "run_task",
-                "run_id": self.run_id,
-                "task_id": self._task_name,
-                "callable": self._func,
-                "args": self._args,
-                "delivery": fields,
-            })
-        except BaseException:
+            await env.executor.send(frame)
+            if handle.observed is not None:
+                observe._call("run_sent", handle.observed)
+        except BaseException as exc:
             self._done = True
+            observed, handle.observed = handle.observed, None
+            if observed is not None:  # not sent: it ends with this error
+                observe._finished(observed, exc)
             handle.release()
             raise
         finally:

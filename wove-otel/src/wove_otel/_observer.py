@@ -119,7 +119,8 @@ class WoveObserver(Observer):
         if not run.inline:
             _PROPAGATOR.inject(run.carrier, context=current)
         # current while the run is awaited: the runtime's records and an inline run's own spans join it
-        token = otel_context.attach(current)
+        # (not for a streamed run, which the consumer drives from task to task)
+        token = None if run.streamed else otel_context.attach(current)
         metric_attributes = {names.WOVE_ENVIRONMENT: run.environment, names.WOVE_EXECUTOR: run.executor}
         run.data[self] = _RunState(span, token, metric_attributes, time.perf_counter())
         self.runs_active.add(1, metric_attributes)
@@ -156,7 +157,8 @@ class WoveObserver(Observer):
         state = run.data.pop(self, None)
         if state is None:
             return
-        otel_context.detach(state.token)
+        if state.token is not None:
+            otel_context.detach(state.token)
         span = state.span
         span.set_attribute(names.WOVE_OUTCOME, outcome)
         if run.deliveries:
