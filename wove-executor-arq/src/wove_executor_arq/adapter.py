@@ -6,7 +6,8 @@ Each run becomes one arq job of the function ``wove_run_backend_payload`` (Wove 
 which :mod:`wove_executor_arq.worker` provides). The run's events normally reach the caller
 through the signed callback; a watcher task also follows every pending job in Redis:
 
-* its result (``arq:result:<job id>``, polled every ``poll_interval`` seconds): the run's
+* its result (``arq:result:<job id>``, read 5 ms after submission, then backing off to
+  every ``poll_interval`` seconds): the run's
   outcome when the worker could not reach the callback server, or the exception arq
   recorded (aborted, ``job_timeout``, function not found...);
 * its liveness: Wove's job function keeps ``wove:arq:alive:<job id>`` fresh while it runs
@@ -50,6 +51,9 @@ ALIVE_TTL_SECONDS = 3.0
 #: Seconds between liveness checks on the submitting side.
 LIVENESS_SECONDS = 0.5
 DEFAULT_POLL_INTERVAL = 0.05
+#: Seconds after submission of the first read of a job's result (then doubling up to
+#: ``poll_interval``): a short job's outcome through arq is picked up at once.
+FIRST_CHECK_SECONDS = 0.005
 DEFAULT_LOSS_GRACE_SECONDS = 0.5
 #: Seconds a background ``Job.abort`` waits for the worker to confirm.
 ABORT_CONFIRM_SECONDS = 10.0
@@ -109,6 +113,9 @@ class ARQSubmission:
     #: the job function's liveness key was seen (so its expiry means a dead worker)
     seen_alive: bool = False
     strikes: int = 0
+    #: when the watcher next reads this job's result (loop time), and the gap after that
+    next_check: float = 0.0
+    interval: float = 0.0
 
 
 class ARQAdapter(BackendAdapter):
@@ -225,7 +232,9 @@ class ARQAdapter(BackendAdapter):
             await self._remove(job_id)
         else:
             raise RuntimeError(f"arq executor: arq job {job_id!r} kept appearing and disappearing while enqueued.")
-        submission = ARQSubmission(run_id=run_id, task_id=str(payload["task_id"]), job_id=job_id, attached=attached)
+        submission = ARQSubmission(run_id=run_id, task_id=str(payload["task_id"]), job_id=job_id, attached=attached,
+                                   interval=FIRST_CHECK_SECONDS,
+                                   next_check=asyncio.get_running_loop().time() + FIRST_CHECK_SECONDS)
         self._submissions[run_id] = submission
         self._wake.set()
         return submission
@@ -291,11 +300,16 @@ class ARQAdapter(BackendAdapter):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await self._read_results()
+                await self._read_results(loop.time())
                 if loop.time() >= next_liveness:
                     await self._check_liveness()
                     next_liveness = loop.time() + LIVENESS_SECONDS
-                await asyncio.sleep(self._poll)
+                soonest = min([s.next_check for s in self._submissions.values()], default=next_liveness)
+                self._wake.clear()
+                try:  # until the next read is due, or a new submission arrives
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, min(soonest, next_liveness) - loop.time()))
+                except asyncio.TimeoutError:
+                    pass
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away for a moment: keep watching
@@ -303,11 +317,17 @@ class ARQAdapter(BackendAdapter):
                                self._queue_name, exc)
                 await asyncio.sleep(0.5)
 
-    async def _read_results(self) -> None:
+    async def _read_results(self, now: float) -> None:
         from arq.constants import result_key_prefix
         from arq.jobs import deserialize_result
 
-        job_ids = sorted({s.job_id for s in self._submissions.values()})
+        due = [s for s in self._submissions.values() if s.next_check <= now]
+        for submission in due:
+            submission.interval = min(submission.interval * 2, self._poll)
+            submission.next_check = now + submission.interval
+        job_ids = sorted({s.job_id for s in due})
+        if not job_ids:
+            return
         values = await self._pool.mget([result_key_prefix + job_id for job_id in job_ids])
         for job_id, value in zip(job_ids, values):
             if value is None:
