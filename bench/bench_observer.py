@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the best of each side is kept")
     parser.add_argument("--baseline", default=None, help="git ref of the build without the hook")
     parser.add_argument("--head", default="HEAD", help="git ref of the build with the hook (default HEAD)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {', '.join(WORKLOADS)}")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
     baseline = args.baseline or default_baseline()
@@ -88,7 +90,8 @@ def main() -> None:
     try:
         git("worktree", "add", "--detach", str(trees["baseline"]), baseline)
         git("worktree", "add", "--detach", str(trees["head"]), args.head)
-        for workload in WORKLOADS:
+        workloads = [w for w in WORKLOADS if w in args.workloads.split(",")]
+        for workload in workloads:
             count = args.tasks
             best = {key: {"wall": 0.0, "cpu": 0.0} for key in ("baseline", *OBSERVERS)}
             for _ in range(args.rounds):
@@ -107,10 +110,10 @@ def main() -> None:
     for measure, title in (("cpu", "tasks per CPU second (caller + worker processes)"),
                            ("wall", "tasks per second, wall clock")):
         print(f"\n{title}, best of {args.rounds} rounds (ratio to the baseline)")
-        print(f"{'':38}" + "".join(f"{workload:>22}" for workload in WORKLOADS))
+        print(f"{'':38}" + "".join(f"{workload:>22}" for workload in results))
         for key, label in labels.items():
             cells = [f"{results[w][key][measure]:>12,.0f} ({results[w][key][measure] / results[w]['baseline'][measure]:.3f})"
-                     for w in WORKLOADS]
+                     for w in results]
             print(f"{label:38}" + "".join(f"{cell:>22}" for cell in cells))
     if args.json:
         print(json.dumps({"baseline": commit, "head": here, "results": results}))

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .errors import DeliveryOrphanedError, DeliveryTimeoutError
@@ -84,6 +85,8 @@ _OBSERVERS: list[Observer] = []
 #: Runs in flight on the caller's side while observers are installed, by run id: the
 #: transports report re-deliveries by run id.
 _RUNS: dict[str, RunInfo] = {}
+#: hook name -> the installed observers' own methods for it (inherited no-ops left out)
+_BOUND: dict[str, tuple[Callable[..., None], ...]] = {}
 _FAILED: set[tuple[int, str]] = set()
 
 
@@ -215,6 +218,7 @@ def add_observer(observer: Observer) -> None:
         )
     if not any(existing is observer for existing in _OBSERVERS):
         _OBSERVERS.append(observer)
+        _rebind()
 
 
 def remove_observer(observer: Observer) -> bool:
@@ -224,6 +228,7 @@ def remove_observer(observer: Observer) -> bool:
             del _OBSERVERS[index]
             if not _OBSERVERS:
                 _RUNS.clear()
+            _rebind()
             return True
     return False
 
@@ -236,15 +241,27 @@ def observers() -> tuple[Observer, ...]:
 _HOOKS = tuple(name for name in vars(Observer) if name.startswith(("run_", "execution_")))
 
 
+def _rebind() -> None:
+    """Look the observers' methods up once per change, not once per call."""
+    bound: dict[str, tuple[Callable[..., None], ...]] = {}
+    for name in _HOOKS:
+        methods = []
+        for observer in _OBSERVERS:
+            method = getattr(observer, name, None)
+            if callable(method) and getattr(method, "__func__", None) is not getattr(Observer, name):
+                methods.append(method)
+        bound[name] = tuple(methods)
+    _BOUND.clear()
+    _BOUND.update(bound)
+
+
 # -- dispatch (the call sites in runtime, transport and worker) --------------------------
 def _call(name: str, *args: Any) -> None:
-    for observer in tuple(_OBSERVERS):
-        method = getattr(observer, name, None)
-        if method is None:
-            continue
+    for method in _BOUND.get(name, ()):
         try:
             method(*args)
         except Exception:
+            observer = getattr(method, "__self__", method)
             key = (id(observer), name)
             if key in _FAILED:
                 logger.debug("observer %r failed in %s again", observer, name, exc_info=True)
