@@ -79,6 +79,15 @@ class CeleryWorker:
                 self.proc.wait(timeout=10)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux), so a
+    killed test or bench run leaves no worker behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def start_worker(service: CeleryService, *, python: str = sys.executable, app: str = "wove_executor_celery.worker",
                  pool: str = "prefork", concurrency: int = 2, extra_path: str | None = None,
                  queue_name: str | None = None, env: dict[str, str] | None = None,
@@ -99,7 +108,8 @@ def start_worker(service: CeleryService, *, python: str = sys.executable, app: s
     command = [python, "-m", "celery", "-A", app, "worker", "-Q", worker_queue, "-P", pool, "-c", str(concurrency),
                "-n", f"wove-{name}@127.0.0.1", "--without-gossip", "--without-mingle", "-l", "INFO"]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=worker_env, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=worker_env, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     worker = CeleryWorker(service, worker_queue, proc)
     ready: queue.Queue[bool] = queue.Queue()
 

@@ -483,7 +483,7 @@ class CeleryAdapter(BackendAdapter):
         assert self._thread is not None
         self._thread.forget(task_id)
         self._app.control.revoke(task_id, terminate=self._terminate, signal=self._signal)
-        if self._kind == "push":
+        if self._kind in ("push", "poll"):  # a stored state the worker can read
             self._app.backend.mark_as_revoked(task_id, reason="cancelled by its Wove caller")
 
     # -- housekeeping --------------------------------------------------------------------
