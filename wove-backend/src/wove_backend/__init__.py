@@ -108,8 +108,11 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
     Beyond the 2.x fields it carries ``callback_key`` (``callback_key`` or a fresh random
     one): the per-run key the worker signs its callbacks with; ``result_channel`` (how
     the worker returns the outcome, see :func:`execute_backend_payload`); and, with
-    ``callback_ca``, the PEM the worker verifies an https callback server with. Wove 2.x
-    workers ignore all three.
+    ``callback_ca``, the PEM the worker verifies an https callback server with. A run with
+    a ``delivery_idempotency_key`` also gets ``keep_outcome``: its engine result carries
+    the terminal event even when it was posted, so a later submission with the same key,
+    which the engine attaches to this job, gets the outcome from the engine
+    (:meth:`BackendAdapter.settle` with ``of_run``). Wove 2.x workers ignore these fields.
 
     Raises:
         DispatchError: the callable or an argument cannot be pickled (names the task and path).
@@ -131,6 +134,7 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
         "callback_key": callback_key or new_callback_key(),
         "result_channel": result_channel,
         **({"callback_ca": callback_ca} if callback_ca else {}),
+        **({"keep_outcome": True} if (frame.get("delivery") or {}).get("delivery_idempotency_key") else {}),
     }
 
 
@@ -225,12 +229,16 @@ class BackendAdapter:
         channel = self.config.get("result_channel", "auto")
         return channel if channel in ("auto", "callback", "engine") else "auto"
 
-    async def settle(self, run_id: str, status: Any, *, what: str, grace: float = DEFAULT_SETTLE_GRACE) -> None:
+    async def settle(self, run_id: str, status: Any, *, what: str, grace: float = DEFAULT_SETTLE_GRACE,
+                     attached: bool = False) -> None:
         """End ``run_id`` from what its engine task returned (call once the engine says it finished).
 
-        ``status`` is the :func:`engine_status` the worker returned: when its terminal event
-        did not reach the callback, the event it carries is delivered here (only for this
-        run, and only while the run is pending: nothing is decoded otherwise). Anything
+        ``status`` is the :func:`engine_status` the worker returned. When it carries the
+        terminal event (the callback did not get it, or the payload asked to keep it), the
+        event is delivered here: only while the run is pending (nothing is decoded
+        otherwise), and only an event of this run, unless ``attached``: the engine job first
+        ran for an earlier run, and ``run_id`` attached to it through a repeated
+        ``delivery_idempotency_key``; its outcome is then re-addressed to ``run_id``. Anything
         else (the event was posted, or a Wove 2.x worker's return value) waits up to
         ``grace`` seconds for the callback, and otherwise reports the run lost with a
         message naming ``what`` (the engine's task, e.g. ``"Celery task 1f3c..."``).
@@ -238,19 +246,25 @@ class BackendAdapter:
         if not self.is_pending(run_id):
             return
         if (isinstance(status, dict) and status.get("wove_status") == ENGINE_STATUS_VERSION
-                and status.get("posted") is False and isinstance(status.get("event"), (str, bytes))):
+                and isinstance(status.get("event"), (str, bytes))):
             try:
                 events = decode_events(status["event"])
             except ProtocolError as exc:
                 self.report_lost(run_id, f"{self.name} executor: {what} returned an outcome that does not decode: "
                                  f"{exc}", exc, redeliverable=False)
                 return
-            mine = [event for event in events if event.get("run_id") == run_id]
+            mine = [event for event in events if attached or event.get("run_id") == run_id]
             if not mine:
                 self.report_lost(run_id, f"{self.name} executor: {what} returned an outcome for another run "
                                  f"({sorted({str(e.get('run_id')) for e in events})[:3]}).", redeliverable=False)
             for event in mine:
+                event["run_id"] = run_id
                 self.report_event(event)
+            return
+        if attached:
+            self.report_lost(run_id, f"{self.name} executor: {what} already ran for an earlier submission with the "
+                             "same delivery_idempotency_key, and its result carries no outcome to give this run "
+                             "(its worker does not keep outcomes: a Wove 2.x worker?).", redeliverable=False)
             return
         if await self.wait_for_terminal(run_id, grace):
             return

@@ -510,20 +510,22 @@ async def _finish(sink: _CallbackSink, event: dict[str, Any]) -> bool:
 ENGINE_STATUS_VERSION = 1
 
 
-def engine_status(event: dict[str, Any], posted: bool) -> dict[str, Any]:
+def engine_status(event: dict[str, Any], posted: bool, *, keep: bool = False) -> dict[str, Any]:
     """The JSON-safe value an engine task returns for a run it executed.
 
     ``{"wove_status": 1, "posted": True, "type": ...}`` when the terminal event reached the
     caller through the callback, else ``{"wove_status": 1, "posted": False, "event": <the
     encoded terminal event as JSON text>}``: the submitting side gives it to
-    :meth:`wove_backend.BackendAdapter.settle`, which delivers the event itself. The
-    result travels pickled inside the event, as on the wire.
+    :meth:`wove_backend.BackendAdapter.settle`, which delivers the event itself. With
+    ``keep`` (the payload's ``keep_outcome``: a run with an idempotency key) the event is
+    carried even when it was posted. The result travels pickled inside the event, as on
+    the wire.
     """
-    if posted:
-        return {"wove_status": ENGINE_STATUS_VERSION, "posted": True, "type": event.get("type"),
-                "run_id": event.get("run_id")}
-    return {"wove_status": ENGINE_STATUS_VERSION, "posted": False, "run_id": event.get("run_id"),
-            "event": encode_event(event).decode("utf-8")}
+    status: dict[str, Any] = {"wove_status": ENGINE_STATUS_VERSION, "posted": posted, "type": event.get("type"),
+                              "run_id": event.get("run_id")}
+    if keep or not posted:
+        status["event"] = encode_event(event).decode("utf-8")
+    return status
 
 
 async def run_engine_payload(
@@ -542,11 +544,13 @@ async def run_engine_payload(
         ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
     """
     event, posted = await execute_backend_payload(payload, cancel_event=cancel_event, executor=executor)
-    return engine_status(event, posted)
+    return engine_status(event, posted, keep=payload.get("keep_outcome") is True)
 
 
 def run_engine_payload_sync(payload: dict[str, Any]) -> dict[str, Any]:
     """:func:`run_engine_payload` for engines that call a plain function (no running loop there).
+
+    Each thread keeps one event loop for the payloads it runs (see :func:`_thread_loop`).
 
     Raises:
         RuntimeError: called on a thread with a running event loop; await
@@ -556,9 +560,26 @@ def run_engine_payload_sync(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run_engine_payload(payload))
+        return _thread_loop().run_until_complete(run_engine_payload(payload))
     raise RuntimeError("run_engine_payload_sync() was called inside a running event loop; "
                        "await run_engine_payload(payload) instead.")
+
+
+_thread_state = threading.local()
+
+
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    """This thread's event loop for :func:`run_engine_payload_sync`, kept between calls.
+
+    An engine worker thread (a Celery or RQ worker, a Ray task thread) runs one payload
+    after another: one loop and its default thread pool (which posts the callbacks) per
+    thread, not a new pair per payload. A forked child makes its own.
+    """
+    loop: asyncio.AbstractEventLoop | None = getattr(_thread_state, "loop", None)
+    if loop is None or loop.is_closed() or getattr(_thread_state, "pid", None) != os.getpid():
+        loop = asyncio.new_event_loop()
+        _thread_state.loop, _thread_state.pid = loop, os.getpid()
+    return loop
 
 
 async def run_backend_payload_async(payload: dict[str, Any]) -> Any:

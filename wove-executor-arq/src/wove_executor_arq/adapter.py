@@ -20,7 +20,6 @@ through the signed callback; a watcher task also follows every pending job in Re
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -213,9 +212,6 @@ class ARQAdapter(BackendAdapter):
         run_id = str(payload["run_id"])
         key = (payload.get("delivery") or {}).get("delivery_idempotency_key")
         job_id = str(key) if key else run_id
-        if key and payload.get("result_channel") == "auto":
-            # A later submission with the same key reads this job's result: it must carry the outcome.
-            payload = {**payload, "result_channel": "engine"}
         if int(payload.get("attempt") or 1) > 1:
             await self._remove(job_id)  # a re-delivery: the earlier job of this id was lost
         attached = False
@@ -387,15 +383,8 @@ class ARQAdapter(BackendAdapter):
 
     # -- outcomes ----------------------------------------------------------------------
     async def _settle(self, submission: ARQSubmission, status: Any) -> None:
-        if submission.attached:
-            if isinstance(status, dict) and status.get("posted") is True:
-                self.report_lost(submission.run_id, f"arq executor: {self._what(submission)} already ran for an "
-                                 "earlier submission with the same delivery_idempotency_key, whose outcome went to "
-                                 "that submission's callback only (result_channel 'callback'), so it cannot be "
-                                 "given to this run.", redeliverable=False)
-                return
-            status = _retarget(status, submission.run_id, submission.task_id)
-        self._spawn(self.settle(submission.run_id, status, what=self._what(submission), grace=self._grace))
+        self._spawn(self.settle(submission.run_id, status, what=self._what(submission), grace=self._grace,
+                                attached=submission.attached))
 
     async def _failed(self, submission: ARQSubmission, error: Any) -> None:
         if submission.cancelled or await self.wait_for_terminal(submission.run_id, self._grace):
@@ -435,19 +424,3 @@ def _describe(settings: Any) -> str:
     host = getattr(settings, "host", "?")
     return f"{host}:{getattr(settings, 'port', '?')} (database {getattr(settings, 'database', 0)})"
 
-
-def _retarget(status: Any, run_id: str, task_id: str) -> Any:
-    """An engine status of another run's job, addressed to ``run_id`` (a repeated idempotency key).
-
-    Only the JSON around the event changes; its pickled result is passed on untouched.
-    """
-    if not (isinstance(status, dict) and status.get("posted") is False and isinstance(status.get("event"), str)):
-        return status
-    try:
-        event = json.loads(status["event"])
-    except ValueError:
-        return status
-    if not isinstance(event, dict):
-        return status
-    event.update(run_id=run_id, task_id=task_id)
-    return {**status, "run_id": run_id, "event": json.dumps(event, separators=(",", ":"))}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -241,10 +240,6 @@ class RQAdapter(BackendAdapter):
         delivery = payload.get("delivery") or {}
         key = delivery.get("delivery_idempotency_key")
         job_id = rq_job_id(str(key) if key else run_id)
-        if key and payload.get("result_channel") == "auto":
-            # A later submission with the same key reads this job's result, so the job must
-            # carry the outcome: the worker returns it instead of posting it.
-            payload = {**payload, "result_channel": "engine"}
         replace = int(payload.get("attempt") or 1) > 1
         # RQ's default description is the repr of the call, the whole payload: name the run instead.
         description = f"wove {payload.get('task_name') or payload['task_id']} (run {run_id})"
@@ -438,15 +433,8 @@ class RQAdapter(BackendAdapter):
     async def _settle(self, submission: RQSubmission, status: Any) -> None:
         if not self.is_pending(submission.run_id):
             return
-        if submission.attached and isinstance(status, dict) and status.get("posted") is True:
-            self.report_lost(submission.run_id, f"rq executor: {self._what(submission)} already ran for an earlier "
-                             "submission with the same delivery_idempotency_key, whose outcome went to that "
-                             "submission's callback only (result_channel 'callback'), so it cannot be given "
-                             "to this run.", redeliverable=False)
-            return
-        if submission.attached:
-            status = _retarget(status, submission.run_id, submission.task_id)
-        await self.settle(submission.run_id, status, what=self._what(submission), grace=self._grace)
+        await self.settle(submission.run_id, status, what=self._what(submission), grace=self._grace,
+                          attached=submission.attached)
 
     async def _failed(self, submission: RQSubmission, kind: str, exc_string: str) -> None:
         if submission.cancelled or await self.wait_for_terminal(submission.run_id, self._grace):
@@ -484,19 +472,3 @@ class RQAdapter(BackendAdapter):
         self._connection = self._queue = None
         self._owns_connection = False
 
-
-def _retarget(status: Any, run_id: str, task_id: str) -> Any:
-    """An engine status of another run's job, addressed to ``run_id`` (a repeated idempotency key).
-
-    Only the JSON around the event changes; its pickled result is passed on untouched.
-    """
-    if not (isinstance(status, dict) and status.get("posted") is False and isinstance(status.get("event"), str)):
-        return status
-    try:
-        event = json.loads(status["event"])
-    except ValueError:
-        return status
-    if not isinstance(event, dict):
-        return status
-    event.update(run_id=run_id, task_id=task_id)
-    return {**status, "run_id": run_id, "event": json.dumps(event, separators=(",", ":"))}

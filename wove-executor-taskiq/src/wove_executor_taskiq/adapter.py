@@ -241,9 +241,6 @@ class TaskiqAdapter(BackendAdapter):
         key = (payload.get("delivery") or {}).get("delivery_idempotency_key")
         task_id = str(key) if key else run_id
         attempt = int(payload.get("attempt") or 1)
-        if key and payload.get("result_channel") == "auto":
-            # A later submission with the same key reads this task's result: it must carry the outcome.
-            payload = {**payload, "result_channel": "engine"}
         attached = False
         if key and attempt == 1:
             attached = await self._attach_or_claim(task_id)
@@ -412,15 +409,8 @@ class TaskiqAdapter(BackendAdapter):
 
     # -- outcomes ----------------------------------------------------------------------
     def _settle(self, submission: TaskiqSubmission, status: Any) -> None:
-        if submission.attached:
-            if isinstance(status, dict) and status.get("posted") is True:
-                self.report_lost(submission.run_id, f"taskiq executor: {self._what(submission)} already ran for an "
-                                 "earlier submission with the same delivery_idempotency_key, whose outcome went to "
-                                 "that submission's callback only (result_channel 'callback'), so it cannot be "
-                                 "given to this run.", redeliverable=False)
-                return
-            status = _retarget(status, submission.run_id, submission.task_id)
-        self._spawn(self.settle(submission.run_id, status, what=self._what(submission), grace=self._grace))
+        self._spawn(self.settle(submission.run_id, status, what=self._what(submission), grace=self._grace,
+                                attached=submission.attached))
 
     async def _failed(self, submission: TaskiqSubmission, error: Any) -> None:
         if submission.cancelled or await self.wait_for_terminal(submission.run_id, self._grace):
@@ -475,19 +465,3 @@ def _outcome_type(status: Any) -> str | None:
         return None
     return str(event.get("type")) if isinstance(event, dict) else None
 
-
-def _retarget(status: Any, run_id: str, task_id: str) -> Any:
-    """An engine status of another run's task, addressed to ``run_id`` (a repeated idempotency key).
-
-    Only the JSON around the event changes; its pickled result is passed on untouched.
-    """
-    if not (isinstance(status, dict) and status.get("posted") is False and isinstance(status.get("event"), str)):
-        return status
-    try:
-        event = json.loads(status["event"])
-    except ValueError:
-        return status
-    if not isinstance(event, dict):
-        return status
-    event.update(run_id=run_id, task_id=task_id)
-    return {**status, "run_id": run_id, "event": json.dumps(event, separators=(",", ":"))}
