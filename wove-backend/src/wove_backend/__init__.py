@@ -112,7 +112,8 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
     a ``delivery_idempotency_key`` also gets ``keep_outcome``: its engine result carries
     the terminal event even when it was posted, so a later submission with the same key,
     which the engine attaches to this job, gets the outcome from the engine
-    (:meth:`BackendAdapter.settle` with ``of_run``). Wove 2.x workers ignore these fields.
+    (:meth:`BackendAdapter.settle` with ``of_run``). The frame's W3C ``traceparent`` and
+    ``tracestate`` (docs/wire.md) are copied when present. Wove 2.x workers ignore these fields.
 
     Raises:
         DispatchError: the callable or an argument cannot be pickled (names the task and path).
@@ -135,6 +136,7 @@ def build_backend_payload(frame: dict[str, Any], *, callback_url: str, adapter: 
         "result_channel": result_channel,
         **({"callback_ca": callback_ca} if callback_ca else {}),
         **({"keep_outcome": True} if (frame.get("delivery") or {}).get("delivery_idempotency_key") else {}),
+        **{key: frame[key] for key in ("traceparent", "tracestate") if isinstance(frame.get(key), str)},
     }
 
 

@@ -460,8 +460,8 @@ async def execute_backend_payload(
                           remember_run_ids=False, name="backend", threads=executor)
     session = WorkerService(engine, name="backend", exclusive=True).session(redact_callback_url(url), emit=sink)
     command: dict[str, Any] = {"type": "run_task", "run_id": run_id, "task_id": task_id}
-    command.update((field, payload[field]) for field in ("task_name", "callable_pickle", "args_pickle", "delivery")
-                   if field in payload)
+    command.update((field, payload[field]) for field in ("task_name", "callable_pickle", "args_pickle", "delivery",
+                                                         "traceparent", "tracestate") if field in payload)
     cancelled: asyncio.Future[Any] | None = None
     try:
         try:
