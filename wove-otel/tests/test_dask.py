@@ -17,7 +17,6 @@ from wove_otel.testing import configure, read_logs, read_spans
 from wove.environment import ExecutorRuntime
 
 from .conftest import Telemetry
-from .test_traces import traced_task
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +41,18 @@ def traced_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
 async def test_caller_and_dask_worker_spans_share_one_trace(traced_cluster: tuple[str, Path],
                                                             otel: Telemetry) -> None:
     address, spans_dir = traced_cluster
+
+    def traced_task(value: int) -> dict[str, Any]:  # defined here: travels by value to the workers
+        import logging
+
+        from opentelemetry import trace as task_trace
+
+        with task_trace.get_tracer("task-code").start_as_current_span("inner work") as span:
+            logging.getLogger("traced_task").info("inside traced_task %d", value)
+            context = span.get_span_context()
+            return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x"),
+                    "value": value * 2}
+
     definition: dict[str, Any] = {"executor": "dask", "executor_config": {"address": address}}
     async with ExecutorRuntime({"cluster": definition}) as runtime:
         with trace.get_tracer("test").start_as_current_span("request") as request_span:
