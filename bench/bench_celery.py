@@ -1,7 +1,7 @@
 """Wove's celery environment vs raw Celery (``delay().get()``) against the same worker.
 
 Run: ``uv run --no-sync python bench/bench_celery.py [--broker redis|rabbitmq] [--calls 200]
-[--tasks 1000] [--cpu-tasks 8] [--burn 2000000] [--concurrency 2]``.
+[--tasks 1000] [--cpu-tasks 8] [--burn 10000000] [--concurrency 2]``.
 
 One ``celery worker`` (prefork) runs both the Wove task (``wove.run_backend_payload``) and
 two plain Celery tasks (``bench.add``, ``bench.burn``) calling the same functions, so both
@@ -220,7 +220,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=200, help="sequential no-op calls per round")
     parser.add_argument("--tasks", type=int, default=1000, help="no-op tasks in flight at once per round")
     parser.add_argument("--cpu-tasks", type=int, default=0, help="CPU-bound tasks (default: 4 per pool process)")
-    parser.add_argument("--burn", type=int, default=2_000_000, help="loop iterations of each CPU-bound task")
+    parser.add_argument("--burn", type=int, default=10_000_000, help="loop iterations of each CPU-bound task")
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes of the worker")
     parser.add_argument("--rounds", type=int, default=3)
     asyncio.run(main(parser.parse_args()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -246,8 +247,12 @@ class CeleryThread:
                 self._rpc_consume()
             assert self._rpc_connection is not None
             try:
+                sock = self._rpc_connection.connection.sock
                 for _ in range(DRAIN_BUDGET):
-                    self._rpc_connection.drain_events(timeout=0.001)
+                    # never wait on an idle socket: jobs (sends) are waiting behind this drain
+                    if not select.select([sock], [], [], 0)[0]:
+                        break
+                    self._rpc_connection.drain_events(timeout=1.0)
             except TimeoutError:
                 pass
             except Exception:

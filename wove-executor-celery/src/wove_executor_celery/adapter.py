@@ -303,26 +303,29 @@ class CeleryAdapter(BackendAdapter):
         submission = CelerySubmission(run_id=run_id, task_id=task_id, wove_task=wove_task)
         self._runs[run_id] = submission
         stale = False
-        if key is not None and attempt <= 1:
-            if task_id in self._tasks:  # another run of this executor waits for it
+        if key is not None:
+            if task_id in self._tasks:  # another run of this executor waits for that task
                 submission.sent = False
                 self._tasks[task_id].append(run_id)
                 return submission
-            self._tasks[task_id] = [run_id]
+            self._tasks[task_id] = [run_id]  # runs with this key that come meanwhile attach
             if self._kind in ("push", "poll"):
                 try:
                     state, value = await self._call(lambda: self._stored(task_id))
                 except BaseException:
                     self._drop(run_id)
                     raise
-                if state == "SUCCESS" or state in _IN_PROGRESS:
+                if state == "SUCCESS":  # it ran already: its stored outcome, for every waiting run
+                    runs = [self._runs.pop(run, None) for run in self._tasks.pop(task_id, [])]
+                    for waiting in runs:
+                        if waiting is not None:
+                            waiting.sent = False
+                            # after submit returns (the executor records the submission first)
+                            asyncio.get_running_loop().call_soon(self._deliver_copy, waiting, value)
+                    return submission
+                if state in _IN_PROGRESS:  # it runs on a worker now: wait for it
                     submission.sent = False
-                    if state == "SUCCESS":
-                        self._tasks.pop(task_id, None)
-                        self._deliver_copy(submission, value)
-                        self._runs.pop(run_id, None)
-                    else:
-                        await self._call(lambda: self._watch(task_id))
+                    await self._call(lambda: self._watch(task_id))
                     return submission
                 # FAILURE, REVOKED or never seen (PENDING): run it (again)
                 stale = state in ("FAILURE", "REVOKED")
@@ -379,11 +382,13 @@ class CeleryAdapter(BackendAdapter):
         task.add_done_callback(self._background.discard)
 
     async def _settle_task(self, task_id: str, state: str, value: Any, trace: str | None) -> None:
-        runs = self._tasks.pop(task_id, [])
-        for run_id in runs:
-            submission = self._runs.pop(run_id, None)
-            if submission is None or submission.cancelled or not self.is_pending(run_id):
-                continue
+        runs = [self._runs.pop(run_id, None) for run_id in self._tasks.pop(task_id, [])]
+        await asyncio.gather(*(self._settle_run(submission, state, value, trace) for submission in runs
+                               if submission is not None and not submission.cancelled))
+
+    async def _settle_run(self, submission: CelerySubmission, state: str, value: Any, trace: str | None) -> None:
+        run_id, task_id = submission.run_id, submission.task_id
+        if self.is_pending(run_id):
             what = f"Celery task {task_id!r} (run {run_id})"
             try:
                 if state == "SUCCESS":
