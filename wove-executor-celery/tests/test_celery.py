@@ -144,11 +144,33 @@ async def test_idempotency_key_is_the_celery_task_id_and_runs_once(redis_worker:
         other = await runtime.call_with("celery", tasks.record, (str(log),), delivery_idempotency_key=f"{key}-other")
     assert again == other == str(log)
     assert _executions(log) == 2  # the same key ran once, the other key once
+    # a third executor submits a key whose task is running on a worker now: it waits for that task
+    running = f"{key}-running"
+    async with _runtime(redis_worker) as first, _runtime(redis_worker) as second:
+        started = asyncio.ensure_future(
+            first.call_with("celery", tasks.record, (str(log), 1.5), delivery_idempotency_key=running))
+        while not await _celery_state_is(redis_worker, running, "STARTED"):
+            await asyncio.sleep(0.05)
+        joined = await second.call_with("celery", tasks.record, (str(log),), delivery_idempotency_key=running)
+        assert joined == await started == str(log)
+    assert _executions(log) == 3
     service = redis_worker.service
     app = Celery("check", broker=service.broker_url, backend=service.result_backend, set_as_current=False)
     app.conf.update(service.settings)
     try:
         assert app.AsyncResult(key).state == "SUCCESS"  # Celery knows the task by the key
+    finally:
+        app.close()
+
+
+async def _celery_state_is(worker: Any, task_id: str, state: str) -> bool:
+    from celery import Celery
+
+    service = worker.service
+    app = Celery("check", broker=service.broker_url, backend=service.result_backend, set_as_current=False)
+    app.conf.update(service.settings)
+    try:
+        return await asyncio.to_thread(lambda: app.AsyncResult(task_id).state == state)
     finally:
         app.close()
 
