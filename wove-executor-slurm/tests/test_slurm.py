@@ -250,3 +250,20 @@ async def test_an_sbatch_failure_ends_the_run_quoting_sbatch() -> None:
                                                             r"--job-name wove-add:\w+ \.\.\.` failed \(exit 1\): "
                                                             r"sbatch: error: .*[Pp]artition"):
             await runtime.call("s", tasks.add, 1, 2)
+
+
+async def test_cancelling_a_duplicate_leaves_the_shared_job_running(tmp_path: Path) -> None:
+    runs, done = tmp_path / "runs", tmp_path / "done"
+    task = _record_then_sleep(str(runs), 2.0, str(done))
+    prefix = f"shared{os.getpid()}x{time.monotonic_ns() % 10**8}"
+    async with _runtime(job_name_prefix=prefix) as runtime:
+        first = asyncio.ensure_future(runtime.call_with("s", task, delivery_idempotency_key="k"))
+        await _wait_for_file(runs, 30)
+        duplicate = asyncio.ensure_future(runtime.call_with("s", task, delivery_idempotency_key="k"))
+        await asyncio.sleep(0.5)
+        duplicate.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await duplicate
+        assert (await first).startswith("finished in ")
+    assert done.read_text().splitlines() == ["done"] and len(runs.read_text().splitlines()) == 1
+    assert _jobs(prefix) == {f"{prefix}-k": "COMPLETED"}

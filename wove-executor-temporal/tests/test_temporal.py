@@ -229,3 +229,20 @@ async def test_a_task_queue_nobody_polls_fails_the_run_naming_it(temporal_server
     async with _runtime(temporal_server, "nobody-polls-this", no_worker_timeout=1.0) as runtime:
         with pytest.raises(EnvironmentExecutionError, match=r"task queue 'nobody-polls-this'.*no worker picked up"):
             await asyncio.wait_for(runtime.call("t", tasks.add, 1, 2), 30)
+
+
+async def test_cancelling_a_duplicate_leaves_the_shared_workflow_running(
+        temporal_server: str, task_queue: str, worker: Any, tmp_path: Path) -> None:
+    runs, done = tmp_path / "runs", tmp_path / "done"
+    task = _record_then_sleep(str(runs), 2.0, str(done))
+    async with _runtime(temporal_server, task_queue, workflow_id_prefix="shared") as runtime:
+        first = asyncio.ensure_future(runtime.call_with("t", task, delivery_idempotency_key="k"))
+        await _wait_for_file(runs, 30)
+        duplicate = asyncio.ensure_future(runtime.call_with("t", task, delivery_idempotency_key="k"))
+        await asyncio.sleep(0.5)
+        duplicate.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await duplicate
+        assert (await first).startswith("finished in ")
+    assert done.read_text().splitlines() == ["done"] and len(runs.read_text().splitlines()) == 1
+    assert await _workflows(temporal_server, task_queue) == {"shared-k": "COMPLETED"}

@@ -85,7 +85,8 @@ class PayloadActivity:
                 job.cancel()  # the runner reports WorkerStopped to the caller
                 await asyncio.gather(job, return_exceptions=True)
                 raise
-            details = activity.cancellation_details()
+            details_of = getattr(activity, "cancellation_details", None)  # temporalio >= 1.12
+            details = details_of() if details_of is not None else None
             logger.info("activity %s for run %s cancelled by Temporal (%s)", activity.info().activity_id,
                         payload.get("run_id"), details)
             cancel.set()
