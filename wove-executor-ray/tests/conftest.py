@@ -26,6 +26,9 @@ import pytest
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+# Ray >= 2.5x turns token authentication on for a new local cluster (writing ~/.ray/auth_token)
+# and for any head started where that file exists: keep these loopback test clusters without it.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RAY = Path(sys.executable).with_name("ray")
@@ -76,10 +79,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_ray_head(ray: Path = RAY, *, num_cpus: int = 2) -> RayHead:
+def start_ray_head(ray: Path = RAY, *, num_cpus: int = 2, client_server: bool = True) -> RayHead:
     """``ray start --head`` on 127.0.0.1 with free ports, no dashboard, a small object store.
 
-    ``ray`` may be the CLI of another venv (its workers then run that venv's Python).
+    ``ray`` may be the CLI of another venv (its workers then run that venv's Python);
+    ``client_server=False`` for a minimal ``ray`` without ``ray[client]`` (it starts none).
 
     Raises:
         RuntimeError: the head did not come up within :data:`STARTUP_TIMEOUT` (with its log).
@@ -87,15 +91,17 @@ def start_ray_head(ray: Path = RAY, *, num_cpus: int = 2) -> RayHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="wove-ray-"))
     log = temp_dir / "head.log"
     run_env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-               "AUTOSCALER_METRIC_PORT": str(_free_port())}
+               "RAY_AUTH_MODE": "disabled", "AUTOSCALER_METRIC_PORT": str(_free_port())}
     if ray != RAY:  # another venv: nothing of ours may leak into its workers
         for name in ("VIRTUAL_ENV", "PYTHONPATH"):
             run_env.pop(name, None)
     command = [str(ray), "start", "--head", "--port=0", "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--include-dashboard=false", "--disable-usage-stats",
-               "--temp-dir", str(temp_dir), "--ray-client-server-port", str(_free_port()),
-               "--dashboard-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-               "--object-store-memory", str(100 * 2**20), "--block"]
+               "--temp-dir", str(temp_dir), "--dashboard-port", str(_free_port()),
+               "--dashboard-agent-listen-port", str(_free_port()), "--object-store-memory", str(100 * 2**20),
+               "--block"]
+    if client_server:
+        command += ["--ray-client-server-port", str(_free_port())]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=run_env, preexec_fn=_die_with_parent)
@@ -148,3 +154,60 @@ def ray_connected(ray_address: str) -> Iterator[str]:
         yield ray_address
     finally:
         ray.shutdown()
+
+
+#: Wove 2.x, with the Ray of this environment, in a venv of its own (cached, ignored by git).
+WOVE2_VERSION = "2.0.3"
+WOVE2_RAY_VENV = Path(__file__).resolve().parents[2] / ".cache" / (
+    f"wove2-ray-venv-{sys.version_info[0]}.{sys.version_info[1]}")
+
+
+def _wove2_ray_healthy(python: Path, ray_version: str) -> bool:
+    if not python.exists():
+        return False
+    probe = subprocess.run([str(python), "-c", "import importlib.metadata as m, ray, cloudpickle; "
+                            "print(m.version('wove'), ray.__version__)"], capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0 and probe.stdout.split() == [WOVE2_VERSION, ray_version]
+
+
+@pytest.fixture(scope="package")
+def wove2_ray_python() -> Path:
+    """The interpreter of a venv with ``wove==2.0.3`` and this environment's Ray version.
+
+    Built once under ``.cache/`` (uv when available, else venv + pip). Skips when it cannot
+    be built (no package index), except under ``CI=true``.
+    """
+    import ray
+
+    python = WOVE2_RAY_VENV / "bin" / "python"
+    if _wove2_ray_healthy(python, ray.__version__):
+        return python
+    shutil.rmtree(WOVE2_RAY_VENV, ignore_errors=True)
+    WOVE2_RAY_VENV.parent.mkdir(parents=True, exist_ok=True)
+    packages = [f"wove=={WOVE2_VERSION}", "cloudpickle", f"ray=={ray.__version__}"]
+    uv = shutil.which("uv")
+    if uv:
+        steps = [[uv, "venv", "--quiet", "--python", sys.executable, str(WOVE2_RAY_VENV)],
+                 [uv, "pip", "install", "--quiet", "--python", str(python), *packages]]
+    else:
+        steps = [[sys.executable, "-m", "venv", str(WOVE2_RAY_VENV)],
+                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *packages]]
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True, timeout=900, env=env)
+        if result.returncode != 0:
+            message = f"could not build the Wove 2.x + Ray venv ({' '.join(step)}):\n{result.stderr[-2000:]}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="package")
+def wove2_ray_head(wove2_ray_python: Path) -> Iterator[RayHead]:
+    """A Ray head started from the Wove 2.x venv: its workers run Wove 2.0.3, not this project."""
+    head = start_ray_head(wove2_ray_python.with_name("ray"), num_cpus=2, client_server=False)
+    try:
+        yield head
+    finally:
+        head.stop()

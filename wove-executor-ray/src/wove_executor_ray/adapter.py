@@ -396,7 +396,7 @@ class RayAdapter(BackendAdapter):
     async def _follow(self, submission: RaySubmission) -> None:
         import ray.exceptions as rex
 
-        what = f"Ray task {submission.ray_task_id}"
+        what = f"the Ray task {submission.ray_task_id}"
         try:
             status = await submission.ref
         except rex.TaskCancelledError as exc:
@@ -422,7 +422,7 @@ class RayAdapter(BackendAdapter):
         if submission.shared:
             status = _for_run(status, submission.run_id, submission.task_id)
             what += f" (shared through delivery_idempotency_key {submission.key!r})"
-        await self.settle(submission.run_id, status, what=what)
+        await self.settle(submission.run_id, status, what=what, grace=self._grace)
 
     async def _on_failure(self, submission: RaySubmission, exc: BaseException, what: str, *,
                           redeliverable: bool = True) -> None:
