@@ -235,3 +235,16 @@ async def test_a_streamed_run_joins_the_trace(worker_env: tuple[dict[str, Any], 
     server = _one(read_spans(spans_dir), name="wove/count_up")
     assert server["trace_id"] == _hex(client.context.trace_id, 32)
     assert server["parent_span_id"] == _hex(client.context.span_id, 16)
+
+
+def test_a_sync_client_call_is_a_child_of_the_callers_span(otel: Telemetry) -> None:
+    from wove.environment import Client
+
+    with Client({"here": {"executor": "local"}}) as client, \
+            trace.get_tracer("test").start_as_current_span("sync request") as request_span:
+        assert client.call("here", traced_task, 1)["value"] == 2
+        assert client.submit("here", atraced_task, 2).result()["value"] == 4
+    for name in ("wove/traced_task", "wove/atraced_task"):
+        client_span = next(s for s in otel.finished(name) if s.kind is SpanKind.CLIENT)
+        assert client_span.parent is not None
+        assert client_span.parent.span_id == request_span.get_span_context().span_id
