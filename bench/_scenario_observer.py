@@ -38,12 +38,13 @@ def install(observer: str) -> None:
     if observer == "noop":
         add_observer(Observer())
         return
-    import wove_otel
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    import wove_otel
 
     class Drop(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from wove_executor_arq import ARQ_OPTIONS
 
 from wove.environment import ExecutorRuntime
 from wove.errors import ConfigError
+from wove_executor_arq import ARQ_OPTIONS
 
 
 def test_the_wove_2x_keys_and_the_shared_keys_are_known() -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from wove_executor_rq import RQAdapter
-
 from wove.backend import BackendAdapterEnvironmentExecutor, get_backend_adapter_class
 from wove.environment import build_executor_from_name
+from wove_executor_rq import RQAdapter
 
 
 def test_plugin_import_imports_neither_rq_nor_redis() -> None:

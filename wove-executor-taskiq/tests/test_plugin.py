@@ -5,10 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from wove_executor_taskiq import TaskiqAdapter
-
 from wove.backend import BackendAdapterEnvironmentExecutor, get_backend_adapter_class
 from wove.environment import build_executor_from_name
+from wove_executor_taskiq import TaskiqAdapter
 
 
 def test_plugin_import_does_not_import_taskiq() -> None:
@@ -27,6 +26,7 @@ def test_resolves_by_its_wove_2x_name() -> None:
 
 def test_register_uses_the_wove_2x_task_name() -> None:
     from taskiq import InMemoryBroker
+
     from wove_executor_taskiq.worker import register
 
     broker = InMemoryBroker()

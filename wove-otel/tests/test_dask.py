@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from wove_otel import names
-from wove_otel.testing import configure, read_logs, read_spans
 
 from wove.environment import ExecutorRuntime
+from wove_otel import names
+from wove_otel.testing import configure, read_logs, read_spans
 
 from .conftest import Telemetry
 

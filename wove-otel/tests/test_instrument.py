@@ -7,10 +7,10 @@ import sys
 from importlib import metadata
 
 import pytest
-import wove_otel
-from wove_otel.testing import traced_command
 
+import wove_otel
 from wove.observe import observers
+from wove_otel.testing import traced_command
 
 
 def test_instrument_installs_one_observer_until_uninstrument() -> None:

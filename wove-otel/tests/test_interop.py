@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from wove_otel import names
 
 from wove.environment import ExecutorRuntime
+from wove_otel import names
 
 from .conftest import Telemetry
 

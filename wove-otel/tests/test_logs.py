@@ -6,12 +6,12 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-import wove_otel
 from opentelemetry.sdk._logs import LoggingHandler
 from opentelemetry.trace import SpanKind
-from wove_otel import names
 
+import wove_otel
 from wove.environment import ExecutorRuntime
+from wove_otel import names
 
 from .conftest import Telemetry
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wove_otel import names
 
 from wove.environment import DeliveryTimeoutError, ExecutorRuntime
 from wove.testing import tasks
+from wove_otel import names
 
 from .conftest import Telemetry
 

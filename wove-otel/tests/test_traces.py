@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
-from wove_otel import names
-from wove_otel.testing import read_logs, read_spans, traced_command
 
 from wove.environment import DeliveryTimeoutError, ExecutorRuntime
 from wove.testing import WorkerProcess, tasks
+from wove_otel import names
+from wove_otel.testing import read_logs, read_spans, traced_command
 
 from .conftest import Telemetry
 
