@@ -27,7 +27,7 @@ SLURMD_PORT="${WOVE_SLURM_SLURMD_PORT:-16818}"
 # short single-CPU jobs run at once on a small machine.
 SLOTS="${WOVE_SLURM_SLOTS:-64}"
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 answers() { scontrol ping 2>/dev/null | grep -q "is UP"; }
 
@@ -36,9 +36,9 @@ stop() {
     pidfile="$DIR/$name.pid"
     [ "$name" = munged ] && pidfile="$DIR/munge/munged.pid"
     if alive "$pidfile"; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
+      kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
       for _ in $(seq 1 50); do alive "$pidfile" || break; sleep 0.1; done
-      alive "$pidfile" && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+      alive "$pidfile" && kill -9 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
     fi
   done
 }

@@ -267,3 +267,13 @@ async def test_cancelling_a_duplicate_leaves_the_shared_job_running(tmp_path: Pa
         assert (await first).startswith("finished in ")
     assert done.read_text().splitlines() == ["done"] and len(runs.read_text().splitlines()) == 1
     assert _jobs(prefix) == {f"{prefix}-k": "COMPLETED"}
+
+
+async def test_a_given_payload_dir_keeps_only_the_keyed_outcomes(tmp_path: Path) -> None:
+    folder = tmp_path / "payloads"
+    folder.mkdir()
+    prefix = f"tidy{os.getpid()}x{time.monotonic_ns() % 10**8}"
+    async with _runtime(payload_dir=str(folder), job_name_prefix=prefix) as runtime:
+        assert await asyncio.gather(*(runtime.call("s", tasks.add, i, 1) for i in range(5))) == [1, 2, 3, 4, 5]
+        assert await runtime.call_with("s", tasks.add, (1, 1), delivery_idempotency_key="kept") == 2
+    assert sorted(path.name for path in folder.iterdir()) == [f"{prefix}-kept.out"]

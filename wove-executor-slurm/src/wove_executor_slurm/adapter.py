@@ -513,6 +513,9 @@ class SlurmAdapter(BackendAdapter):
         for task in list(self._finishing):
             task.cancel()
         await asyncio.gather(*self._finishing, return_exceptions=True)
+        for job in self._jobs.values():
+            if not job.keyed and job.output and all(s.cancelled or not self.is_pending(s.run_id) for s in job.followers):
+                _remove(job.output)  # nobody reads it any more
         waiting = [job for job in self._jobs.values() if job.payload_file and os.path.exists(job.payload_file)]
         self._jobs.clear()
         self._by_name.clear()
