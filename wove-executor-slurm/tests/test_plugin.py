@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wove_executor_slurm import SLURM_OPTIONS, STATUS_MARKER, SlurmAdapter, job_name, parse_status
 
 from wove.backend import BackendAdapterEnvironmentExecutor, get_backend_adapter_class
 from wove.environment import ExecutorRuntime, build_executor_from_name
 from wove.errors import ConfigError
+from wove_executor_slurm import SLURM_OPTIONS, STATUS_MARKER, SlurmAdapter, job_name, parse_status
 
 
 def test_the_job_program_and_the_plugin_import_little() -> None:
