@@ -7,11 +7,11 @@ import sys
 from typing import Any
 
 import pytest
-from wove_executor_ray import RAY_OPTIONS, RayAdapter
 
 from wove.backend import BackendAdapterEnvironmentExecutor, get_backend_adapter_class
 from wove.environment import ExecutorRuntime, build_executor_from_name
 from wove.errors import ConfigError
+from wove_executor_ray import RAY_OPTIONS, RayAdapter
 
 
 def test_plugin_import_does_not_import_ray() -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wove_executor_ray import build_ray_executor
 
 from wove.environment import DeliveryTimeoutError, EnvironmentExecutionError, ExecutorRuntime
 from wove.testing import tasks
+from wove_executor_ray import build_ray_executor
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.integration]
 

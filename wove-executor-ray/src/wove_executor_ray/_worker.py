@@ -43,29 +43,108 @@ def run_payload(payload: dict[str, Any]) -> Any:
         from wove.integrations.worker import run
 
         return run(payload)
-    return asyncio.run(_run_cancellable(payload, run_engine_payload))
+    loop = _PROCESS.get("loop")
+    if loop is None or loop.is_closed():
+        loop = _PROCESS["loop"] = asyncio.new_event_loop()
+    threads = _PROCESS.get("threads")
+    if threads is None:
+        threads = _PROCESS["threads"] = _daemon_threads()
+    return loop.run_until_complete(_run_cancellable(payload, run_engine_payload, threads))
 
 
-async def _run_cancellable(payload: dict[str, Any], run_engine_payload: Any) -> Any:
+#: Per Ray worker process (this module is unpickled once per process and function): the
+#: event loop the runs share (one run at a time: Ray runs one task at a time in the main
+#: thread) and the threads for sync callables. Reusing them saves a loop and a thread
+#: start per run.
+_PROCESS: dict[str, Any] = {}
+
+
+def _daemon_threads() -> Any:
+    """An executor of daemon threads, started only when none is idle.
+
+    Ray runs one task at a time in a worker process, so one thread is busy at a time, plus
+    those of sync runs cancelled without ``force_cancel`` (Python cannot stop a thread:
+    they run on, abandoned). Daemon threads never keep the worker process from exiting
+    (``ThreadPoolExecutor`` joins its threads at exit).
+    """
+    import concurrent.futures
+    import queue
+
+    class DaemonThreads(concurrent.futures.Executor):
+        def __init__(self) -> None:
+            self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            self._lock = threading.Lock()
+            self._idle = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            with self._lock:
+                start = self._idle == 0
+                if not start:
+                    self._idle -= 1  # that idle thread takes this call
+            self._work.put((future, fn, args, kwargs))
+            if start:
+                threading.Thread(target=self._serve, name="wove-ray-sync", daemon=True).start()
+            return future
+
+        def _serve(self) -> None:
+            while True:
+                future, fn, args, kwargs = self._work.get()
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                del future, fn, args, kwargs
+                with self._lock:
+                    self._idle += 1
+
+    return DaemonThreads()
+
+
+async def _run_cancellable(payload: dict[str, Any], run_engine_payload: Any, threads: Any) -> Any:
     loop = asyncio.get_running_loop()
     cancel = asyncio.Event()
-    previous: Any = None
-    installed = False
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            # add_signal_handler also sets the loop's wakeup fd, so the simulated SIGINT of
-            # ray.cancel wakes the loop even while it waits on a sync task's thread.
-            loop.add_signal_handler(signal.SIGINT, cancel.set)
-            installed = True
-        except (ValueError, RuntimeError, NotImplementedError):  # pragma: no cover - no signals here
-            installed = False
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - not Ray's way
+        return await run_engine_payload(payload, cancel_event=cancel, executor=threads)
+    wakeup = _wakeup_socket(loop)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(cancel.set)
+
+    # (loop.add_signal_handler does the same, but validates the signal against every valid
+    # signal on each call: a tenth of a millisecond per run.)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_fd = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
     try:
-        return await run_engine_payload(payload, cancel_event=cancel)
+        return await run_engine_payload(payload, cancel_event=cancel, executor=threads)
     finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGINT)
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+def _wakeup_socket(loop: asyncio.AbstractEventLoop) -> Any:
+    """The write end of a socket pair the loop reads: the signal module writes to it when a
+    signal arrives (``ray.cancel``'s simulated SIGINT included), which wakes the loop so the
+    Python handler runs even while the loop waits on a sync task's thread."""
+    pair = _PROCESS.get("wakeup")
+    if pair is None or pair[0] is not loop:
+        import socket
+
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+
+        def drain() -> None:
+            try:
+                while reader.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+        loop.add_reader(reader.fileno(), drain)
+        pair = _PROCESS["wakeup"] = (loop, reader, writer)
+    return pair[2]
 
 
 class _Entry:
