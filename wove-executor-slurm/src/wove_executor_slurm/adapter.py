@@ -142,23 +142,6 @@ def job_name(prefix: str, run_id: str, key: str | None = None) -> str:
     return safe
 
 
-def _for_run(status: Any, run_id: str, task_id: str) -> Any:
-    """A status another run's job returned (an idempotency-keyed duplicate joined it),
-    re-addressed to ``run_id``: its outcome is this run's outcome too."""
-    if not (isinstance(status, dict) and status.get("run_id") not in (None, run_id)):
-        return status
-    status = {**status, "run_id": run_id}
-    text = status.get("event")
-    if isinstance(text, str):
-        try:
-            event = json.loads(text)
-        except ValueError:
-            return status
-        if isinstance(event, dict):
-            event["run_id"], event["task_id"] = run_id, task_id
-            status["event"] = json.dumps(event, separators=(",", ":"))
-    return status
-
 
 @dataclass(eq=False)
 class SlurmSubmission:
@@ -296,10 +279,8 @@ class SlurmAdapter(BackendAdapter):
         if key is None:
             await self._sbatch(submission, payload, name, f"{name}.{attempt}.{secrets.token_hex(4)}.out")
             return submission
-        # A duplicate gets the first execution's outcome from its output file, so the outcome
-        # of a keyed run travels there (not only in the first caller's callback).
-        if payload.get("result_channel") == "auto":
-            payload = {**payload, "result_channel": "engine"}
+        # A duplicate gets the first execution's outcome from its output file: the payload of
+        # a keyed run asks the job to keep it there (keep_outcome).
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:  # two runs of one key in this process: the second joins the first's job
             if attempt <= 1 and await self._join(submission, name):
@@ -358,7 +339,7 @@ class SlurmAdapter(BackendAdapter):
         status = await asyncio.to_thread(_read_status, output)
         if status is None:
             return False
-        self._spawn(self.settle(submission.run_id, _for_run(status, submission.run_id, submission.task_id),
+        self._spawn(self.settle(submission.run_id, status, attached=True,
                                 what=f"Slurm job {name!r} (finished before; its output file {output})"))
         return True
 
@@ -475,8 +456,7 @@ class SlurmAdapter(BackendAdapter):
         what = f"Slurm job {job.job_id} ({job.name!r})"
         for submission in waiting:
             if status is not None:
-                await self.settle(submission.run_id, _for_run(status, submission.run_id, submission.task_id),
-                                  what=what)
+                await self.settle(submission.run_id, status, what=what, attached=job.keyed)
                 continue
             if await self.wait_for_terminal(submission.run_id, float(self._options["loss_grace_seconds"])):
                 continue

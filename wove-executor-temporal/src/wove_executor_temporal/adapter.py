@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -163,23 +162,6 @@ def _explain(exc: BaseException) -> str:
     return "the workflow failed"
 
 
-def _for_run(status: Any, run_id: str, task_id: str) -> Any:
-    """A status another run's workflow returned (an idempotency-keyed duplicate attached to
-    it), re-addressed to ``run_id``: its outcome is this run's outcome too."""
-    if not (isinstance(status, dict) and status.get("run_id") not in (None, run_id)):
-        return status
-    status = {**status, "run_id": run_id}
-    text = status.get("event")
-    if isinstance(text, (str, bytes)):
-        try:
-            event = json.loads(text)
-        except ValueError:
-            return status
-        if isinstance(event, dict):
-            event["run_id"], event["task_id"] = run_id, task_id
-            status["event"] = json.dumps(event, separators=(",", ":"))
-    return status
-
 
 @dataclass(eq=False)
 class TemporalSubmission:
@@ -294,10 +276,8 @@ class TemporalAdapter(BackendAdapter):
         }}
         start: dict[str, Any] = dict(options["start_options"] or {})
         if key is not None:
-            # A duplicate gets the first execution's outcome from the workflow result, so the
-            # outcome of a keyed run travels there (not only in the first caller's callback).
-            if payload.get("result_channel") == "auto":
-                payload["result_channel"] = "engine"
+            # A duplicate gets the first execution's outcome from the workflow result: the payload
+            # of a keyed run asks the worker to keep it there (keep_outcome).
             start["id_reuse_policy"] = WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY
             # a re-delivery replaces the execution it declared lost; a duplicate joins the running one
             start["id_conflict_policy"] = (WorkflowIDConflictPolicy.USE_EXISTING if attempt <= 1
@@ -381,7 +361,7 @@ class TemporalAdapter(BackendAdapter):
             return
         if submission.cancelled:
             return
-        await self.settle(submission.run_id, _for_run(status, submission.run_id, submission.task_id), what=what)
+        await self.settle(submission.run_id, status, what=what, attached=submission.keyed)
 
     # -- workers gone ---------------------------------------------------------------------
     async def _watch_workers(self) -> None:
