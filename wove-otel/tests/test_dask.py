@@ -72,7 +72,8 @@ async def test_caller_and_dask_worker_spans_share_one_trace(traced_cluster: tupl
     assert consumer["kind"] == "CONSUMER" and consumer["pid"] != os.getpid()
     assert consumer["trace_id"] == trace_id
     assert consumer["parent_span_id"] == format(producer.context.span_id, "016x")
-    assert consumer["attributes"][names.WOVE_WORKER] == "backend"
+    assert consumer["attributes"][names.WOVE_WORKER] == "backend:dask"
+    assert consumer["attributes"][names.MESSAGING_SYSTEM] == "dask"
     (inner,) = [s for s in worker_spans if s["span_id"] == result["span_id"]]
     assert inner["parent_span_id"] == consumer["span_id"]
     records = [r for r in read_logs(spans_dir) if r["message"] == "inside traced_task 5"]

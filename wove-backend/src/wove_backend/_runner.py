@@ -14,6 +14,7 @@ import functools
 import http.client
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -411,6 +412,20 @@ class _CallbackSink:
                            redact_callback_url(self.url), exc)
 
 
+#: An engine name a payload's ``adapter`` may give the worker (anything else: plain ``backend``).
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _worker_name(payload: dict[str, Any]) -> str:
+    """The worker engine's name for ``payload``: ``backend:<adapter>`` (``backend:rq``...:
+    the payload's ``adapter``, the engine that delivered it), else ``backend``. Observers
+    see it as ``ExecutionInfo.worker`` (wove-otel's ``messaging.system`` on the worker)."""
+    adapter = payload.get("adapter")
+    if isinstance(adapter, str) and _ADAPTER_NAME.fullmatch(adapter):
+        return f"backend:{adapter}"
+    return "backend"
+
+
 async def execute_backend_payload(
     payload: dict[str, Any],
     *,
@@ -457,7 +472,7 @@ async def execute_backend_payload(
     # re-delivery, so nothing is cached here. The session decodes and dispatches the run
     # exactly as every worker service does (its one client, the payload, owns it).
     engine = WorkerEngine(max_concurrency=1, max_queued=0, idempotency_cache_size=0,
-                          remember_run_ids=False, name="backend", threads=executor)
+                          remember_run_ids=False, name=_worker_name(payload), threads=executor)
     session = WorkerService(engine, name="backend", exclusive=True).session(redact_callback_url(url), emit=sink)
     command: dict[str, Any] = {"type": "run_task", "run_id": run_id, "task_id": task_id}
     command.update((field, payload[field]) for field in ("task_name", "callable_pickle", "args_pickle", "delivery",

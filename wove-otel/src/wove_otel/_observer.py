@@ -191,6 +191,9 @@ class WoveObserver(Observer):
                 names.MESSAGING_OPERATION_NAME: "process",
                 names.MESSAGING_MESSAGE_ID: execution.run_id,
             })
+            system = execution.worker.partition(":")[2]  # "backend:rq": the engine that delivered it
+            if system:
+                attributes[names.MESSAGING_SYSTEM] = system
         else:
             name = names.rpc_method(execution.task)
             kind = SpanKind.SERVER
