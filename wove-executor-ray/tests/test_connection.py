@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -121,3 +122,55 @@ LOCAL_RAY = """
 
         asyncio.run(main())
 """
+
+
+HEAD_DEATH = """
+        import asyncio, json, sys, time
+        from wove.environment import ExecutorRuntime
+        from wove.testing import tasks
+
+        async def main():
+            config = {"address": sys.argv[1]}
+            async with ExecutorRuntime({"r": {"executor": "ray", "executor_config": config}}, {}) as runtime:
+                # one CPU: the first run sleeps on the worker, the second waits in this process's queue
+                calls = [asyncio.ensure_future(runtime.call_with("r", tasks.sleep, (120,),
+                                                                 delivery_orphan_policy="requeue"))
+                         for _ in range(2)]
+                await asyncio.sleep(2.0)
+                print("running", flush=True)
+                sys.stdin.readline()  # the test kills the head, then writes a line
+                started = time.monotonic()
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+                seconds = time.monotonic() - started
+            print(json.dumps({"errors": [f"{type(o).__name__}: {o}" for o in outcomes], "seconds": seconds}))
+
+        asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(240)
+def test_runs_end_naming_the_head_when_the_cluster_dies() -> None:
+    """Under requeue too: a run on a dead cluster is not re-submitted, and a queued run does
+    not wait for Ray to give up on the head (60 s, after which Ray ends the process)."""
+    from .conftest import start_ray_head
+
+    head = start_ray_head(num_cpus=1)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HEAD_DEATH), head.address],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "running", line + proc.stderr.read() if proc.poll() is not None else line
+        os.killpg(head.proc.pid, signal.SIGKILL)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        head.stop()
+    assert proc.returncode == 0, out + err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert len(result["errors"]) == 2 and result["seconds"] < 30
+    for error in result["errors"]:
+        assert error.startswith("EnvironmentExecutionError: ray executor: the head of the Ray cluster at "
+                                f"{head.address} no longer answers")

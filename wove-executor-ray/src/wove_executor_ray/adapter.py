@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_LOSS_GRACE_SECONDS = 1.0
 #: Seconds to reach the Ray head (GCS) of ``address`` before ``ray.init`` is even tried.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds to reach the head's GCS port when checking that the cluster is still there.
+HEAD_CHECK_SECONDS = 2.0
+#: Seconds between those checks while runs are pending (and after every failed Ray task).
+HEAD_WATCH_SECONDS = 3.0
 #: The name of the idempotency ledger actor (in namespace ``idempotency_namespace``).
 LEDGER_NAME = "wove-idempotency"
 #: ``remote_options`` the adapter decides itself.
@@ -139,6 +143,18 @@ def _split_host_port(address: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit():
         return None
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _answers(address: str, timeout: float) -> bool:
+    """True when something accepts TCP connections at ``address`` (or it is not host:port)."""
+    where = _split_host_port(address)
+    if where is None:
+        return True
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _check_reachable(address: str, timeout: float) -> None:
@@ -261,6 +277,9 @@ class RayAdapter(BackendAdapter):
         self._address = "?"
         self._grace = DEFAULT_LOSS_GRACE_SECONDS
         self._force = False
+        #: Why the cluster is unusable (set once its head stopped answering).
+        self._gone: str | None = None
+        self._monitor: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -298,10 +317,49 @@ class RayAdapter(BackendAdapter):
         self._connected = True
         self._remote_options = {**dict(options["remote_options"] or {}), "max_retries": 0}
         self._remote = ray.remote(_worker.run_payload).options(**self._remote_options)
+        self._monitor = asyncio.ensure_future(self._watch_head())
+
+    async def _watch_head(self) -> None:
+        """While runs are pending, check every few seconds that the head still answers.
+
+        A task queued in this process (no worker leased yet) does not fail when the head
+        dies: Ray keeps it until it gives up on the head itself. Without this watch such
+        a run would wait for that; with it, every pending run ends naming the head.
+        """
+        try:
+            while True:
+                await asyncio.sleep(HEAD_WATCH_SECONDS)
+                if self._submissions and not await asyncio.to_thread(_answers, self._address, HEAD_CHECK_SECONDS):
+                    self._head_gone()
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never die silently
+            logger.exception("ray executor: watching the Ray head at %s failed", self._address)
+
+    def _head_gone(self) -> None:
+        if self._gone is None:
+            self._gone = (
+                f"ray executor: the head of the Ray cluster at {self._address} no longer answers: the cluster is gone "
+                "(its head node died or was stopped), so runs submitted to it cannot finish. Ray itself ends this "
+                "process when the head stays unreachable for gcs_rpc_server_reconnect_timeout_s (60 s by default). "
+                "Restart the cluster, then the program."
+            )
+            logger.error("%s", self._gone)
+        for submission in list(self._submissions.values()):
+            if self.is_pending(submission.run_id) and not submission.cancelled:
+                self.report_lost(submission.run_id, self._lost_with_head(submission), None, redeliverable=False)
+            if submission.watcher is not None:
+                submission.watcher.cancel()
+
+    def _lost_with_head(self, submission: RaySubmission) -> str:
+        return f"{self._gone} Run {submission.run_id} was Ray task {submission.ray_task_id}."
 
     # -- submitting ----------------------------------------------------------------------
     async def submit(self, payload: dict[str, Any], frame: dict[str, Any]) -> RaySubmission:
         """Submit ``payload`` as a Ray task (through the idempotency ledger when it has a key)."""
+        if self._gone is not None:
+            raise RuntimeError(self._gone)
         run_id, task_id = str(payload["run_id"]), str(payload["task_id"])
         delivery = payload.get("delivery")
         key = delivery.get("delivery_idempotency_key") if isinstance(delivery, dict) else None
@@ -428,6 +486,12 @@ class RayAdapter(BackendAdapter):
                           redeliverable: bool = True) -> None:
         if submission.cancelled or await self.wait_for_terminal(submission.run_id, self._grace):
             return
+        if self._gone is None and not await asyncio.to_thread(_answers, self._address, HEAD_CHECK_SECONDS):
+            self._head_gone()  # ends this run too
+            return
+        if self._gone is not None:
+            self.report_lost(submission.run_id, self._lost_with_head(submission), exc, redeliverable=False)
+            return
         if submission.key is not None and self._ledger is not None:
             try:  # before re-delivery: the key must not hand out the failed task again
                 await self._ledger.forget.remote(submission.key, submission.ray_task_id)
@@ -448,6 +512,10 @@ class RayAdapter(BackendAdapter):
 
     async def close(self) -> None:
         """Stop watching; shut Ray down when this was the last user of a connection Wove opened."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
         watchers = [s.watcher for s in self._submissions.values() if s.watcher is not None]
         for watcher in watchers:
             watcher.cancel()
