@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -169,6 +170,12 @@ async def best_of(rounds: int, raw: Callable[[], float], wove: Callable[[], Awai
 
 async def main(args: argparse.Namespace) -> None:
     from celery import Celery
+
+    # Raw Celery's AsyncResults sit in reference cycles, and when the cyclic collector
+    # destroys one in the middle of a Redis command, its __del__ (an UNSUBSCRIBE on the same
+    # pub/sub connection) deadlocks the raw side. No collections during the bench, for both
+    # sides alike. (The celery executor detaches its own results; see _bridge._release.)
+    gc.disable()
 
     service = Service(args.broker)
     queue = f"wove-bench-{service.tag}"

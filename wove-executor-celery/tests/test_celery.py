@@ -197,10 +197,10 @@ async def test_many_tasks_with_a_bounded_number_in_flight(worker: Any) -> None:
 
 async def test_forged_callbacks_are_refused_and_the_real_outcome_accepted(redis_worker: Any) -> None:
     import httpx
-    from wove_executor_celery import build_celery_executor
 
     from wove.backend import CALLBACK_RUN_HEADER, CALLBACK_SIGNATURE_HEADER, callback_headers
     from wove.protocol import encode_event
+    from wove_executor_celery import build_celery_executor
 
     executor = build_celery_executor()
     definition = {"executor": executor, "executor_config": redis_worker.executor_config()}

@@ -8,11 +8,11 @@ import sys
 from typing import Any
 
 import pytest
-from wove_executor_celery import CELERY_OPTIONS, CeleryAdapter, celery_task_id, register_wove_task
 
 from wove.backend import BackendAdapterEnvironmentExecutor, get_backend_adapter_class
 from wove.environment import ExecutorRuntime, build_executor_from_name
 from wove.errors import ConfigError
+from wove_executor_celery import CELERY_OPTIONS, CeleryAdapter, celery_task_id, register_wove_task
 
 
 def test_plugin_import_does_not_import_celery() -> None:

@@ -55,6 +55,18 @@ def backend_kind(backend: Any) -> str:
     return "poll"
 
 
+def _release(result: Any) -> None:
+    """Detach a finished or forgotten ``AsyncResult`` from its backend.
+
+    ``AsyncResult.__del__`` unsubscribes its task id from the backend's result consumer.
+    Results sit in reference cycles (their ``on_ready`` promise), so the cyclic garbage
+    collector destroys them at arbitrary moments: in another thread (the consumer is not
+    thread-safe) or in the middle of a Redis command on the same pub/sub connection, where
+    the nested ``UNSUBSCRIBE`` deadlocks. Its subscription is already gone here.
+    """
+    result.backend = None
+
+
 class CeleryThread:
     """One daemon thread that makes every Celery call of an executor.
 
@@ -144,7 +156,9 @@ class CeleryThread:
         state = str(meta.get("status"))
         from celery import states
 
-        if state in states.READY_STATES and self._watched.pop(task_id, None) is not None:
+        result = self._watched.pop(task_id, None) if state in states.READY_STATES else None
+        if result is not None:
+            _release(result)
             self._on_ready(task_id, state, meta.get("result"), meta.get("traceback"))
 
     def close(self) -> None:
@@ -183,6 +197,8 @@ class CeleryThread:
                 self.backend.remove_pending_result(result)
             except Exception as exc:  # the consumer reconnects on its own
                 logger.debug("forgetting Celery task %s failed: %r", task_id, exc)
+        if result is not None:
+            _release(result)
 
     @property
     def watched(self) -> int:
@@ -196,6 +212,7 @@ class CeleryThread:
             state, value, trace = result.state, result.result, result.traceback
         except Exception as exc:  # a result that does not decode: say so rather than wait forever
             state, value, trace = "FAILURE", exc, None
+        _release(result)
         self._on_ready(task_id, str(state), value, trace)
 
     def _broken(self, exc: BaseException) -> None:

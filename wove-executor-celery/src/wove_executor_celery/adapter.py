@@ -28,7 +28,6 @@ from wove.options import (
     Option,
     OptionSpec,
 )
-from wove.protocol import ProtocolError, decode_events
 
 from ._bridge import CeleryThread
 
@@ -287,9 +286,8 @@ class CeleryAdapter(BackendAdapter):
 
         A run with a ``delivery_idempotency_key`` whose task is in flight here, or (with a
         stored result backend) running or finished on the workers, follows that task
-        instead of sending the payload again; its outcome travels in the Celery result
-        (``result_channel`` ``engine`` for keyed runs when it is ``auto``), so every run
-        with the key gets it.
+        instead of sending the payload again. Keyed payloads ask the worker to keep the
+        outcome in the Celery result (``keep_outcome``), so every run with the key gets it.
         """
         run_id, wove_task = str(payload["run_id"]), str(payload.get("task_id"))
         attempt = int(payload.get("attempt") or 1)
@@ -298,8 +296,6 @@ class CeleryAdapter(BackendAdapter):
         raw_key = delivery.get("delivery_idempotency_key")
         key = str(raw_key) if raw_key is not None else None
         task_id = celery_task_id(run_id, key, attempt)
-        if key is not None and self._channel == "auto" and self._kind != "none":
-            payload = {**payload, "result_channel": "engine"}
         submission = CelerySubmission(run_id=run_id, task_id=task_id, wove_task=wove_task)
         self._runs[run_id] = submission
         stale = False
@@ -315,13 +311,12 @@ class CeleryAdapter(BackendAdapter):
                 except BaseException:
                     self._drop(run_id)
                     raise
-                if state == "SUCCESS":  # it ran already: its stored outcome, for every waiting run
+                if state == "SUCCESS":  # it ran already: its kept outcome, for every waiting run
                     runs = [self._runs.pop(run, None) for run in self._tasks.pop(task_id, [])]
                     for waiting in runs:
                         if waiting is not None:
                             waiting.sent = False
-                            # after submit returns (the executor records the submission first)
-                            asyncio.get_running_loop().call_soon(self._deliver_copy, waiting, value)
+                            self._spawn(self._settle_run(waiting, state, value, None))
                     return submission
                 if state in _IN_PROGRESS:  # it runs on a worker now: wait for it
                     submission.sent = False
@@ -392,10 +387,7 @@ class CeleryAdapter(BackendAdapter):
             what = f"Celery task {task_id!r} (run {run_id})"
             try:
                 if state == "SUCCESS":
-                    if submission.sent:
-                        await self.settle(run_id, value, what=what, grace=self._grace)
-                    else:
-                        self._deliver_copy(submission, value)
+                    await self.settle(run_id, value, what=what, grace=self._grace, attached=not submission.sent)
                 elif state == "REVOKED":
                     self.report_lost(run_id, f"celery executor: {what} was revoked on the Celery side "
                                      f"({type(value).__name__}: {value}) before it finished.", None,
@@ -406,26 +398,6 @@ class CeleryAdapter(BackendAdapter):
                 logger.exception("celery executor: settling %s failed", what)
                 self.report_lost(run_id, f"celery executor: reading the outcome of {what} failed: "
                                  f"{type(exc).__name__}: {exc}", exc, redeliverable=False)
-
-    def _deliver_copy(self, submission: CelerySubmission, status: Any) -> None:
-        """Give a run the outcome another run with its idempotency key produced."""
-        run_id = submission.run_id
-        what = f"Celery task {submission.task_id!r}"
-        event_text = status.get("event") if isinstance(status, dict) else None
-        if not isinstance(event_text, (str, bytes)):
-            self.report_lost(run_id, f"celery executor: {what} already ran for delivery_idempotency_key "
-                             f"{submission.task_id!r}, but its outcome went to the run that submitted it and is not "
-                             "stored (that run's result_channel was 'callback', or its worker is a Wove 2.x "
-                             "worker); use another key to run it again.", redeliverable=False)
-            return
-        try:
-            events = decode_events(event_text)
-        except ProtocolError as exc:
-            self.report_lost(run_id, f"celery executor: {what} returned an outcome that does not decode: {exc}",
-                             exc, redeliverable=False)
-            return
-        for event in events:
-            self.report_event({**event, "run_id": run_id, "task_id": submission.wove_task})
 
     async def _failed(self, submission: CelerySubmission, what: str, state: str, exc: Any,
                       trace: str | None) -> None:
