@@ -53,10 +53,14 @@ def flush_redis(url: str) -> None:
 
 def engine_conftest(distribution: str) -> ModuleType:
     """An engine's ``tests/conftest.py`` (its fixtures starting servers and clusters, reused as they are)."""
+    name = f"_engine_conftest_{distribution.replace('-', '_')}"
+    if name in sys.modules:
+        return sys.modules[name]
     path = ROOT / distribution / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location(f"_engine_conftest_{distribution.replace('-', '_')}", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -104,3 +104,28 @@ def test_uninstrument_puts_the_record_factory_back(kept: Keep) -> None:
         assert logging.getLogRecordFactory() is before
     finally:
         wove_otel.uninstrument()
+
+
+def test_uninstrument_when_another_factory_wrapped_ours(kept: Keep) -> None:
+    """A library wrapping the record factory after instrument() (Ray does on import) keeps
+    ours in its chain; after uninstrument() ours adds nothing to the records any more."""
+    before = logging.getLogRecordFactory()
+    wove_otel.instrument()
+    ours = logging.getLogRecordFactory()
+
+    def wrapper(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = ours(*args, **kwargs)
+        record.wrapped = True
+        return record
+
+    logging.setLogRecordFactory(wrapper)
+    try:
+        logging.getLogger("wove_otel_test").warning("instrumented")
+        assert kept.records[-1].otelTraceID == "0" and kept.records[-1].wrapped
+        wove_otel.uninstrument()
+        assert logging.getLogRecordFactory() is wrapper  # not ours to take out
+        logging.getLogger("wove_otel_test").warning("uninstrumented")
+        assert kept.records[-1].wrapped and not hasattr(kept.records[-1], "otelTraceID")
+    finally:
+        wove_otel.uninstrument()
+        logging.setLogRecordFactory(before)

@@ -25,6 +25,8 @@ LOG_FORMAT = ("%(asctime)s %(levelname)s [%(name)s] [trace_id=%(otelTraceID)s sp
 _lock = threading.Lock()
 _previous: Callable[..., logging.LogRecord] | None = None
 _factory: Callable[..., logging.LogRecord] | None = None
+#: the installed factory's switch: cleared when it is uninstalled
+_active: list[bool] | None = None
 
 
 def _service_name(provider: Any) -> str:
@@ -35,15 +37,18 @@ def _service_name(provider: Any) -> str:
 
 def install_log_correlation(tracer_provider: trace.TracerProvider | None = None) -> None:
     """Wrap the log record factory so records carry the ids of the current span ("0" without one)."""
-    global _previous, _factory
+    global _previous, _factory, _active
     with _lock:
         if _factory is not None:
             return
         previous = logging.getLogRecordFactory()
         provider = tracer_provider
+        active = [True]
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
+            if not active[0]:  # uninstalled while another factory wrapped this one: pass records through
+                return record
             context = trace.get_current_span().get_span_context()
             if context.is_valid:
                 record.otelTraceID = format(context.trace_id, "032x")
@@ -56,16 +61,19 @@ def install_log_correlation(tracer_provider: trace.TracerProvider | None = None)
             record.otelServiceName = _service_name(provider or trace.get_tracer_provider())
             return record
 
-        _previous, _factory = previous, factory
+        _previous, _factory, _active = previous, factory, active
         logging.setLogRecordFactory(factory)
 
 
 def uninstall_log_correlation() -> None:
-    """Put back the factory that was there before (unless another replaced ours since)."""
-    global _previous, _factory
+    """Put back the factory that was there before; when another library wrapped ours since
+    (Ray does when it is imported), ours stays in that chain but adds nothing any more."""
+    global _previous, _factory, _active
     with _lock:
         if _factory is None:
             return
+        if _active is not None:
+            _active[0] = False
         if logging.getLogRecordFactory() is _factory and _previous is not None:
             logging.setLogRecordFactory(_previous)
-        _previous = _factory = None
+        _previous = _factory = _active = None
