@@ -88,13 +88,33 @@ async def test_sync_and_async_tasks_run_in_ray_worker_processes(ray_connected: s
 
 
 # -- cancellation --------------------------------------------------------------------------
-async def test_delivery_timeout_cancels_an_async_task_on_the_worker(ray_connected: str, tmp_path: Path) -> None:
-    marker = tmp_path / "marker"
+def _async_sleep_then_mark(started: str, marker: str, seconds: float) -> Any:
+    async def sleep_then_mark() -> str:
+        import asyncio
+        from pathlib import Path
+
+        Path(started).write_text("started")
+        await asyncio.sleep(seconds)
+        Path(marker).write_text("finished")
+        return "finished"
+
+    return sleep_then_mark
+
+
+async def test_delivery_timeout_cancels_a_running_async_task_on_the_worker(ray_connected: str,
+                                                                           tmp_path: Path) -> None:
+    started, marker = tmp_path / "started", tmp_path / "finished"
     async with _runtime(ray_connected) as runtime:
+        call = asyncio.ensure_future(runtime.call_with(
+            "ray", _async_sleep_then_mark(str(started), str(marker), 2.0), (), delivery_timeout=8.0))
+        await _wait_for_file(started, 30)  # running on the worker: ray.cancel has to interrupt it
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
         with pytest.raises(DeliveryTimeoutError):
-            await runtime.call_with("ray", tasks.sleep, (1.5, str(marker)), delivery_timeout=0.5)
-        await asyncio.sleep(2.0)
-        assert not marker.exists(), "the cancelled async task ran to completion on the Ray worker"
+            await runtime.call_with("ray", tasks.sleep, (3.0, str(marker)), delivery_timeout=0.5)
+        await asyncio.sleep(3.0)
+        assert not marker.exists(), "a cancelled async task ran to completion on the Ray worker"
         assert await runtime.call("ray", tasks.add, 1, 2) == 3
 
 
@@ -170,12 +190,12 @@ async def test_a_repeated_key_does_not_run_twice(ray_connected: str, tmp_path: P
         # the first keyed run on a cluster starts the ledger actor (a Ray worker process),
         # which may take longer than the heartbeat window of the runs below
         await runtime.call_with("a", tasks.add, (1, 1), delivery_idempotency_key=key + "-warm-up")
-        # concurrently, from two executors (a duplicate gets liveness while the shared task runs 2 s)
+        # concurrently, from two executors (a duplicate gets liveness while the shared task runs)
         results = await asyncio.gather(
-            runtime.call_with("a", tasks.record, (str(counter), 2.0), delivery_idempotency_key=key,
-                              delivery_heartbeat_seconds=1.0),
-            runtime.call_with("b", tasks.record, (str(counter), 2.0), delivery_idempotency_key=key,
-                              delivery_heartbeat_seconds=1.0),
+            runtime.call_with("a", tasks.record, (str(counter), 2.5), delivery_idempotency_key=key,
+                              delivery_heartbeat_seconds=1.5),
+            runtime.call_with("b", tasks.record, (str(counter), 2.5), delivery_idempotency_key=key,
+                              delivery_heartbeat_seconds=1.5),
         )
         assert results == [str(counter), str(counter)]
         # later, with the outcome kept

@@ -49,14 +49,36 @@ def run_payload(payload: dict[str, Any]) -> Any:
     threads = _PROCESS.get("threads")
     if threads is None:
         threads = _PROCESS["threads"] = _daemon_threads()
-    return loop.run_until_complete(_run_cancellable(payload, run_engine_payload, threads))
+    try:
+        return loop.run_until_complete(_run_cancellable(payload, run_engine_payload, threads))
+    finally:
+        _cancel_leftovers(loop)
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what a run left on the shared loop (a heartbeat still being posted; everything,
+    when an interrupt escaped), as ``asyncio.run`` would: nothing of it resumes in the next run."""
+    leftovers = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    if not leftovers:
+        return
+    for task in leftovers:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+
+
+class _ProcessState(dict):  # type: ignore[type-arg]
+    """State of this process only: it pickles as an empty one (this module travels by value,
+    and a loop or threads cannot, nor should they)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ProcessState, ())
 
 
 #: Per Ray worker process (this module is unpickled once per process and function): the
 #: event loop the runs share (one run at a time: Ray runs one task at a time in the main
 #: thread) and the threads for sync callables. Reusing them saves a loop and a thread
 #: start per run.
-_PROCESS: dict[str, Any] = {}
+_PROCESS: dict[str, Any] = _ProcessState()
 
 
 def _daemon_threads() -> Any:
