@@ -9,6 +9,7 @@ reads back; the caller's spans are the in-memory exporter's (conftest.py).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import signal
@@ -34,6 +35,8 @@ from .conftest import Telemetry
 #: The Redis database of these tests (the engines' own tests use 1 to 5).
 REDIS_DB = 6
 ROOT = Path(__file__).resolve().parents[2]
+#: Seconds the worker's spans may take to reach its span files after the caller has the outcome.
+SPANS_TIMEOUT = 15.0
 
 
 def redis_url(host: str, port: int) -> str:
@@ -111,6 +114,21 @@ def _consumer(worker_spans: list[dict[str, Any]], run_id: str) -> dict[str, Any]
     return found[0]
 
 
+async def _worker_spans(spans_dir: Path, run_ids: list[str], span_id: str,
+                        timeout: float = SPANS_TIMEOUT) -> list[dict[str, Any]]:
+    """The worker's spans once the consumer spans of ``run_ids`` and span ``span_id`` are in
+    its files (a batch span processor exports them a moment after the caller has the outcome)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = read_spans(spans_dir)
+        runs = {span["attributes"].get(names.WOVE_RUN_ID) for span in spans if span["kind"] == "CONSUMER"}
+        if set(run_ids) <= runs and any(span["span_id"] == span_id for span in spans):
+            return spans
+        if time.monotonic() > deadline:
+            return spans  # the checks that follow say what is missing
+        await asyncio.sleep(0.05)
+
+
 def _check_pair(producer: ReadableSpan, consumer: dict[str, Any], parent: ReadableSpan, environment: str,
                 executor: str, outcome: str) -> None:
     """The caller's PRODUCER span under ``parent`` and the worker's CONSUMER span under it."""
@@ -153,9 +171,11 @@ async def check_one_trace(runtime: ExecutorRuntime, environment: str, executor: 
     failing_trace = format(failing_request.get_span_context().trace_id, "032x")
     assert failing_trace != trace_id
 
-    worker_spans = read_spans(spans_dir)
     producer = _producer(otel, environment, trace_id)
-    consumer = _consumer(worker_spans, str((producer.attributes or {})[names.WOVE_RUN_ID]))
+    failed = _producer(otel, environment, failing_trace)
+    run_ids = [str((span.attributes or {})[names.WOVE_RUN_ID]) for span in (producer, failed)]
+    worker_spans = await _worker_spans(spans_dir, run_ids, result["span_id"])
+    consumer = _consumer(worker_spans, run_ids[0])
     _check_pair(producer, consumer, request, environment, executor, "ok")
     assert consumer["pid"] == result["pid"], "the task ran in the process that made the consumer span"
     (inner,) = [span for span in worker_spans if span["span_id"] == result["span_id"]]
@@ -164,8 +184,7 @@ async def check_one_trace(runtime: ExecutorRuntime, environment: str, executor: 
     records = [record for record in read_logs(spans_dir) if record["message"] == "inside traced_task 21"]
     assert [(r["otelTraceID"], r["otelSpanID"]) for r in records] == [(trace_id, result["span_id"])]
 
-    failed = _producer(otel, environment, failing_trace)
-    failed_consumer = _consumer(worker_spans, str((failed.attributes or {})[names.WOVE_RUN_ID]))
+    failed_consumer = _consumer(worker_spans, run_ids[1])
     _check_pair(failed, failed_consumer, failing_request, environment, executor, "error")
     assert failed.status.status_code is StatusCode.ERROR
     assert (failed.attributes or {})[names.ERROR_TYPE] == "ValueError"

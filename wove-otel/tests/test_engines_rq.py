@@ -1,5 +1,10 @@
-"""One trace across the caller and a real ``rq worker`` (a work horse forked per job), the
-worker started under the traced launcher (``python -m wove_otel.testing ... -m rq.cli worker``)."""
+"""One trace across the caller and a real ``rq worker`` (a work horse forked per job).
+
+The worker is traced the way docs/observability.md tells RQ users to: a worker-class module
+that configures the SDK when ``rq worker --worker-class`` imports it (before any fork), with
+a *batch* span processor, and a ``perform_job`` that flushes it in the work horse, which RQ
+ends with ``os._exit`` (no exit handlers: unflushed spans would be lost).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,37 @@ import pytest
 
 from wove.environment import ExecutorRuntime
 
-from ._engine_traces import WorkerProcess, check_one_trace, flush_redis, redis_url, traced
+from ._engine_traces import WorkerProcess, check_one_trace, flush_redis, redis_url
 from .conftest import Telemetry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+WORKER_MODULE = """\
+import logging
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+import wove_otel
+import wove_executor_rq.worker
+from wove_otel.testing import JsonLogHandler, SpanFileExporter
+
+provider = TracerProvider(resource=Resource.create({{"service.name": "rq-worker"}}))
+provider.add_span_processor(BatchSpanProcessor(SpanFileExporter({spans!r})))
+trace.set_tracer_provider(provider)
+wove_otel.instrument()
+logging.getLogger().addHandler(JsonLogHandler({spans!r}))
+
+
+class Worker(wove_executor_rq.worker.Worker):
+    def perform_job(self, *args, **kwargs):  # runs in the work horse
+        try:
+            return super().perform_job(*args, **kwargs)
+        finally:
+            provider.force_flush()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +54,15 @@ def rq_worker(redis_service: tuple[str, int], tmp_path_factory: pytest.TempPathF
               ) -> Iterator[tuple[str, str, Path]]:
     """``(redis url, queue, spans dir)`` of a traced ``rq worker`` on a queue of its own."""
     pytest.importorskip("wove_executor_rq")
+    import sys
+
     from redis import Redis
 
     url = redis_url(*redis_service)
     folder = tmp_path_factory.mktemp("rq-otel")
     spans, queue, name = folder / "spans", f"wove-otel-{uuid.uuid4().hex[:8]}", f"wove-otel-{uuid.uuid4().hex[:8]}"
+    module = f"rq_otel_worker_{uuid.uuid4().hex[:8]}"
+    (folder / f"{module}.py").write_text(WORKER_MODULE.format(spans=str(spans)))
     connection = Redis.from_url(url)
     channel = f"rq:pubsub:{name}"
 
@@ -34,9 +70,9 @@ def rq_worker(redis_service: tuple[str, int], tmp_path_factory: pytest.TempPathF
         return bool(dict(connection.pubsub_numsub(channel)).get(channel.encode(), 0))
 
     worker = WorkerProcess(
-        traced(spans, "rq-worker", "rq.cli", "worker", "--url", url, "--worker-class",
-               "wove_executor_rq.worker.Worker", "--name", name, "--logging_level", "WARNING", queue),
-        folder / "worker.log", subscribed, cwd=folder, what="rq worker").start()
+        [sys.executable, "-m", "rq.cli", "worker", "--url", url, "--worker-class", f"{module}.Worker",
+         "--name", name, "--logging_level", "WARNING", queue],
+        folder / "worker.log", subscribed, cwd=folder, env={"PYTHONPATH": str(folder)}, what="rq worker").start()
     try:
         yield url, queue, spans
     finally:
