@@ -202,6 +202,8 @@ async def main(args: argparse.Namespace) -> None:
                 raw_cpu, wove_cpu = await best_of(args.rounds, lambda: raw_parallel(app, queue, "bench.burn", cpu),
                                                   lambda: wove_parallel(runtime, tasks.burn, cpu))
     finally:
+        gc.enable()
+        gc.collect()  # now, not at interpreter exit (raw results unsubscribe in __del__)
         app.close()
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
