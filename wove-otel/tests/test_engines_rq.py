@@ -2,8 +2,8 @@
 
 The worker is traced the way docs/observability.md tells RQ users to: a worker-class module
 that configures the SDK when ``rq worker --worker-class`` imports it (before any fork), with
-a *batch* span processor, and a ``perform_job`` that flushes it in the work horse, which RQ
-ends with ``os._exit`` (no exit handlers: unflushed spans would be lost).
+a *batch* span processor; ``wove_executor_rq.worker.Worker`` flushes it in the work horse,
+which RQ ends with ``os._exit`` (no exit handlers: unflushed spans would be lost).
 """
 
 from __future__ import annotations
@@ -39,13 +39,7 @@ trace.set_tracer_provider(provider)
 wove_otel.instrument()
 logging.getLogger().addHandler(JsonLogHandler({spans!r}))
 
-
-class Worker(wove_executor_rq.worker.Worker):
-    def perform_job(self, *args, **kwargs):  # runs in the work horse
-        try:
-            return super().perform_job(*args, **kwargs)
-        finally:
-            provider.force_flush()
+Worker = wove_executor_rq.worker.Worker  # it flushes the work horse's spans after each job
 """
 
 

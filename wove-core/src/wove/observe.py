@@ -140,8 +140,9 @@ class ExecutionInfo:
         run_id: the run's id (the first delivery's, when duplicates share the execution).
         task: the task's name (``task_id``).
         worker: the worker engine's name (``"stdio:<pid>"``, ``"http"``, ``"grpc"``,
-            ``"websocket"``, ``"local:<environment>"``; ``"backend"`` for a run an engine
-            adapter delivered: Dask, Celery, Ray...).
+            ``"websocket"``, ``"local:<environment>"``; ``"backend:<engine>"`` for a run an
+            engine adapter delivered: ``"backend:dask"``, ``"backend:celery"``...; plain
+            ``"backend"`` when the payload names no engine).
         carrier: the trace-context fields the ``run_task`` carried (``traceparent``,
             ``tracestate``; only string values, others are ignored).
         delivery: the ``delivery`` field of the ``run_task`` (timeouts, orphan policy...).

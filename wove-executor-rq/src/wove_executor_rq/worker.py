@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import encodings.idna  # noqa: F401 - http.client encodes callback host names with it
 import os
+import sys
 import threading
 from typing import Any
 
@@ -86,8 +87,41 @@ def run_payload(payload: dict[str, Any]) -> dict[str, Any]:
         runner.lock.release()
 
 
+def _flush_telemetry() -> None:
+    """Export the spans a work horse buffered before RQ ends it with ``os._exit``.
+
+    Only when the process set up OpenTelemetry (``opentelemetry.trace`` imported and a
+    provider with ``force_flush``): a forked horse's batch span processor would otherwise
+    lose every span of its job.
+    """
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if callable(flush):
+        try:
+            flush(5000)
+        except Exception:  # telemetry must never fail a job
+            pass
+
+
 class Worker(_RQWorker):  # type: ignore[misc]
-    """``rq.Worker`` (a work horse forked per job) with Wove's payload runner preloaded."""
+    """``rq.Worker`` (a work horse forked per job) with Wove's payload runner preloaded.
+
+    A work horse exports its buffered OpenTelemetry spans after its job (RQ ends it with
+    ``os._exit``, which would drop them).
+    """
+
+    def perform_job(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().perform_job(*args, **kwargs)
+        finally:
+            if os.getpid() != self._wove_parent_pid:
+                _flush_telemetry()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wove_parent_pid = os.getpid()
 
 
 class SimpleWorker(_RQSimpleWorker):  # type: ignore[misc]
