@@ -293,3 +293,22 @@ async def test_a_whole_worker_killed_mid_task_is_redelivered_by_the_broker_and_t
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_threads_pool_worker(redis_celery: Any, celery_worker_factory: Any, tmp_path: Path) -> None:
+    """The threads pool: sync callables on Celery's pool threads, async ones on the process's
+    loop, and a cancel stops a running async task."""
+    worker = celery_worker_factory(redis_celery, pool="threads", concurrency=8)
+    marker = tmp_path / "marker"
+    try:
+        async with _runtime(worker) as runtime:
+            pids = set(await asyncio.gather(*(runtime.call("celery", tasks.pid) for _ in range(8))))
+            assert pids == {worker.proc.pid}  # one process, several threads
+            assert await asyncio.gather(*(runtime.call("celery", tasks.blocking_sleep, 0.3) for _ in range(8))) == [
+                0.3] * 8
+            with pytest.raises(DeliveryTimeoutError):
+                await runtime.call_with("celery", tasks.sleep, (1.5, str(marker)), delivery_timeout=0.5)
+            await asyncio.sleep(1.5)
+            assert not marker.exists(), "the cancelled async task ran to its end"
+    finally:
+        worker.stop()

@@ -26,11 +26,9 @@ from typing import Any
 from celery import Celery
 
 from ._run import run_payload
+from .adapter import TASK_NAME
 
 __all__ = ["TASK_NAME", "TASK_OPTIONS", "app", "register_wove_task", "wove_task"]
-
-#: The Celery task name Wove clients send payloads to (Wove 2.x's default ``task_name``).
-TASK_NAME = "wove.run_backend_payload"
 
 #: Options of the Wove task (``register_wove_task`` keyword arguments override them).
 #: ``acks_late``: a task whose worker died as a whole is delivered again by the broker, and
