@@ -152,7 +152,7 @@ HEAD_DEATH = """
 def test_runs_end_naming_the_head_when_the_cluster_dies() -> None:
     """Under requeue too: a run on a dead cluster is not re-submitted, and a queued run does
     not wait for Ray to give up on the head (60 s, after which Ray ends the process)."""
-    from .conftest import start_ray_head
+    from .ray_cluster import start_ray_head
 
     head = start_ray_head(num_cpus=1)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import RayHead
+from .ray_cluster import RayHead
 
 pytestmark = [pytest.mark.interop, pytest.mark.integration, pytest.mark.timeout(240)]
 
