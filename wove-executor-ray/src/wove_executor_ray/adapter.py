@@ -188,7 +188,7 @@ def _connect(init: bool, init_kwargs: dict[str, Any], address: str | None, timeo
 
     with _Connection.lock:
         if ray.is_initialized():
-            current = str(ray.get_runtime_context().gcs_address)
+            current = _gcs_address(address)
             if address and _split_host_port(address) and "://" not in address and \
                     _split_host_port(address) != _split_host_port(current):
                 raise ConfigError(
@@ -215,7 +215,18 @@ def _connect(init: bool, init_kwargs: dict[str, Any], address: str | None, timeo
                 ray_logger.removeFilter(quiet)
             _Connection.owned = True
         _Connection.users += 1
+        return _gcs_address(address)
+
+
+def _gcs_address(default: str | None) -> str:
+    """The GCS address of this process's Ray connection (``default`` where Ray cannot tell,
+    as with Ray Client)."""
+    import ray
+
+    try:
         return str(ray.get_runtime_context().gcs_address)
+    except Exception:
+        return default or "?"
 
 
 def _disconnect() -> None:
