@@ -220,3 +220,37 @@ async def test_a_missing_engine_module_names_it_and_how_to_install_from_the_inde
     assert "'wove_no_such_engine_module'" in message and "environment 'e'" in message
     assert "pip install wove-executor-nosuch (from a checkout of this project: pip install ./wove-core " \
            "./wove-backend ./wove-executor-nosuch" in message
+
+
+async def test_a_heartbeat_the_caller_refuses_with_404_cancels_the_run_on_the_worker() -> None:
+    """The caller stopped waiting (timed out, cancelled): the worker stops too, on any engine."""
+    executor = BackendAdapterEnvironmentExecutor("idle", IdleAdapter)
+    await executor.start(environment_name="e", environment_config={}, run_config={})
+    try:
+        await executor.send({"type": "run_task", "run_id": "sleep:1", "task_id": "sleep", "callable": tasks.sleep,
+                             "args": {"seconds": 30.0}, "delivery": {"delivery_heartbeat_seconds": 0.3}})
+        worker = asyncio.ensure_future(run_engine_payload(IdleAdapter.last))
+        await asyncio.sleep(0.5)
+        await executor.send({"type": "cancel_task", "run_id": "sleep:1", "task_id": "sleep"})
+        status = await asyncio.wait_for(worker, 10)  # not the task's 30 s
+        assert status["type"] == "task_cancelled"
+    finally:
+        await executor.stop()
+
+
+async def test_a_keyed_run_is_not_cancelled_by_a_refused_heartbeat() -> None:
+    """Its engine job may serve a later run with the same idempotency key."""
+    executor = BackendAdapterEnvironmentExecutor("idle", IdleAdapter)
+    await executor.start(environment_name="e", environment_config={}, run_config={})
+    try:
+        await executor.send({"type": "run_task", "run_id": "sleep:1", "task_id": "sleep", "callable": tasks.sleep,
+                             "args": {"seconds": 1.5},
+                             "delivery": {"delivery_heartbeat_seconds": 0.3, "delivery_idempotency_key": "k1"}})
+        assert IdleAdapter.last["keep_outcome"] is True
+        worker = asyncio.ensure_future(run_engine_payload(IdleAdapter.last))
+        await asyncio.sleep(0.5)
+        await executor.send({"type": "cancel_task", "run_id": "sleep:1", "task_id": "sleep"})
+        status = await asyncio.wait_for(worker, 10)
+        assert status["type"] == "task_result" and "event" in status
+    finally:
+        await executor.stop()

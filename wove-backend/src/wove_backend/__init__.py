@@ -483,7 +483,11 @@ class BackendAdapterEnvironmentExecutor(FrameExecutor):
     async def _call_submit(self, run_id: str, payload: dict[str, Any], frame: dict[str, Any]) -> None:
         assert self._adapter is not None
         try:
-            self._submissions[run_id] = await self._adapter.submit(payload, frame)
+            submission = await self._adapter.submit(payload, frame)
+            if run_id in self._inflight:
+                self._submissions[run_id] = submission
+            # else: the run ended while it was being submitted (an outcome the engine already
+            # held, a cancel): keep no handle of it
         except Exception as exc:
             self._on_lost(run_id, f"{self._name} executor for environment '{self._environment}' could not "
                           f"submit run {run_id}: {type(exc).__name__}: {exc}", exc, redeliverable=False)

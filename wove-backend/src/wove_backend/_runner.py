@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -351,6 +352,8 @@ class _CallbackSink:
         self._started_timer: asyncio.TimerHandle | None = None
         self._beats_refused = False
         self._closed = False
+        #: called when the callback server answers a heartbeat 404 (nobody waits for the run)
+        self.on_abandoned: Callable[[], object] | None = None
         #: the last log event's post (they go one after another, and before the terminal)
         self.logs: asyncio.Future[None] | None = None
 
@@ -394,10 +397,15 @@ class _CallbackSink:
             if self.callback.channel != "callback" and not isinstance(exc, urllib.error.HTTPError):
                 return  # said once by _Callback.post
             if _definitive(exc):
+                abandoned = isinstance(exc, urllib.error.HTTPError) and exc.code == 404
                 if not self._beats_refused:
-                    logger.info("heartbeats for run %s stop: %s refused them: %r", self.run_id,
-                                redact_callback_url(self.url), exc)
+                    logger.info("heartbeats for run %s stop: %s refused them: %r%s", self.run_id,
+                                redact_callback_url(self.url), exc,
+                                "; the caller no longer waits for it, so it is cancelled"
+                                if abandoned and self.on_abandoned is not None else "")
                 self._beats_refused = True
+                if abandoned and self.on_abandoned is not None and not self._closed:
+                    self.on_abandoned()
             else:
                 logger.warning("heartbeat for run %s not delivered to %s: %r", self.run_id,
                                redact_callback_url(self.url), exc)
@@ -451,7 +459,10 @@ async def execute_backend_payload(
     posts it once and, when the server cannot be reached, leaves it to the engine (this
     process then skips that server for :data:`UNREACHABLE_SECONDS`, heartbeats included);
     ``engine`` never posts it (``task_started``, heartbeats and output still go to the
-    callback while it is reachable).
+    callback while it is reachable). A heartbeat the callback server answers with 404 (the
+    caller no longer waits for the run: it timed out or was cancelled) cancels the run
+    here, whatever the engine can cancel itself; except a run with ``keep_outcome``, whose
+    engine job may serve a later run with the same idempotency key.
 
     Raises:
         ValueError: the payload lacks ``callback_url``, ``run_id`` or ``task_id``.
@@ -473,6 +484,8 @@ async def execute_backend_payload(
     # exactly as every worker service does (its one client, the payload, owns it).
     engine = WorkerEngine(max_concurrency=1, max_queued=0, idempotency_cache_size=0,
                           remember_run_ids=False, name=_worker_name(payload), threads=executor)
+    if payload.get("keep_outcome") is not True:  # a keyed run's job may serve later runs too
+        sink.on_abandoned = functools.partial(engine.cancel, run_id)
     session = WorkerService(engine, name="backend", exclusive=True).session(redact_callback_url(url), emit=sink)
     command: dict[str, Any] = {"type": "run_task", "run_id": run_id, "task_id": task_id}
     command.update((field, payload[field]) for field in ("task_name", "callable_pickle", "args_pickle", "delivery",
