@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from wove.protocol import TERMINAL_EVENTS, encode_event, error_event
 from wove.session import Rejected, WorkerService
-from wove.worker import WorkerEngine
+from wove.worker import WorkerEngine, shared_threads
 
 from ._callback_server import callback_headers, redact_callback_url
 
@@ -449,8 +449,9 @@ async def execute_backend_payload(
     busy sync task still proves liveness), then exactly one terminal event. Each callback
     is signed with the payload's ``callback_key``. Sync callables run in ``executor`` (a
     :class:`concurrent.futures.Executor`, such as an engine worker's own thread pool;
-    default: the engine's daemon threads). Setting ``cancel_event`` cancels the run (an
-    async task stops; a sync one is abandoned) and posts ``task_cancelled``. ``posted`` is
+    default: this process's shared daemon threads, :func:`wove.worker.shared_threads`).
+    Setting ``cancel_event`` cancels the run (an async task stops; a sync one is
+    abandoned) and posts ``task_cancelled``. ``posted`` is
     False when the terminal event did not reach the caller (a 4xx answer is not retried),
     so an engine adapter can deliver it another way (:func:`run_engine_payload`).
 
@@ -483,7 +484,8 @@ async def execute_backend_payload(
     # re-delivery, so nothing is cached here. The session decodes and dispatches the run
     # exactly as every worker service does (its one client, the payload, owns it).
     engine = WorkerEngine(max_concurrency=1, max_queued=0, idempotency_cache_size=0,
-                          remember_run_ids=False, name=_worker_name(payload), threads=executor)
+                          remember_run_ids=False, name=_worker_name(payload),
+                          threads=executor if executor is not None else shared_threads())
     if payload.get("keep_outcome") is not True:  # a keyed run's job may serve later runs too
         sink.on_abandoned = functools.partial(engine.cancel, run_id)
     session = WorkerService(engine, name="backend", exclusive=True).session(redact_callback_url(url), emit=sink)

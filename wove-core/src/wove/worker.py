@@ -54,7 +54,9 @@ import contextvars
 import functools
 import inspect
 import logging
+import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -76,7 +78,7 @@ from .protocol import (
     normalize_exception,
 )
 
-__all__ = ["Sink", "WorkerEngine", "release_large_buffers"]
+__all__ = ["Sink", "WorkerEngine", "release_large_buffers", "shared_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,26 @@ DEFAULT_LARGE_RESULT_BYTES = 1024 * 1024
 DEFAULT_LARGE_RESULT_TTL = 30.0
 
 Sink = Callable[[dict[str, Any]], None]
+
+_shared: tuple[int, DaemonThreadPool] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_threads() -> Executor:
+    """This process's daemon threads for sync callables, shared by short-lived engines.
+
+    An engine adapter's worker builds one :class:`WorkerEngine` per payload; passing
+    ``threads=shared_threads()`` reuses this process's threads (started only when none is
+    idle; at most :data:`DEFAULT_THREADS` run at once, more calls wait for one) instead of
+    starting a thread per payload. Its threads are daemon threads (a sync call that was
+    given up on never keeps the process alive), and results come back to the loop in
+    batches. A forked child gets its own.
+    """
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid():
+            _shared = (os.getpid(), DaemonThreadPool(DEFAULT_THREADS, name="wove-shared"))
+        return _shared[1]
 
 
 @dataclass(eq=False, slots=True)
