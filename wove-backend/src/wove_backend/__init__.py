@@ -47,6 +47,7 @@ from ._callback_server import (
     new_callback_key,
     sign_callback,
 )
+from ._polling import FIRST_CHECK_SECONDS, LIVENESS_SECONDS, PolledSubmission, ResultPoller
 from ._runner import (
     ENGINE_STATUS_VERSION,
     UNREACHABLE_SECONDS,
@@ -69,12 +70,16 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_SETTLE_GRACE",
     "ENGINE_STATUS_VERSION",
+    "FIRST_CHECK_SECONDS",
+    "LIVENESS_SECONDS",
     "UNREACHABLE_SECONDS",
     "BackendAdapter",
     "BackendAdapterEnvironmentExecutor",
     "BackendCallbackServer",
     "CallbackConnectionPool",
     "CallbackUnreachable",
+    "PolledSubmission",
+    "ResultPoller",
     "build_backend_payload",
     "callback_connections",
     "callback_headers",

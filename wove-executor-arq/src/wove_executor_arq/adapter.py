@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from wove.backend import BackendAdapter
+from wove.backend import BackendAdapter, ResultPoller
 from wove.options import (
     CALLBACK_OPTIONS,
     INVALID,
@@ -47,12 +47,7 @@ ALIVE_KEY_PREFIX = "wove:arq:alive:"
 #: Seconds between the job function's refreshes of its liveness key, and the key's lifetime.
 ALIVE_REFRESH_SECONDS = 0.5
 ALIVE_TTL_SECONDS = 3.0
-#: Seconds between liveness checks on the submitting side.
-LIVENESS_SECONDS = 0.5
 DEFAULT_POLL_INTERVAL = 0.05
-#: Seconds after submission of the first read of a job's result (then doubling up to
-#: ``poll_interval``): a short job's outcome through arq is picked up at once.
-FIRST_CHECK_SECONDS = 0.005
 DEFAULT_LOSS_GRACE_SECONDS = 0.5
 #: Seconds a background ``Job.abort`` waits for the worker to confirm.
 ABORT_CONFIRM_SECONDS = 10.0
@@ -147,8 +142,7 @@ class ARQAdapter(BackendAdapter):
         self._poll = DEFAULT_POLL_INTERVAL
         self._grace = DEFAULT_LOSS_GRACE_SECONDS
         self._submissions: dict[str, ARQSubmission] = {}
-        self._wake = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher: ResultPoller[ARQSubmission] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -201,7 +195,10 @@ class ARQAdapter(BackendAdapter):
             self._owns_pool = True
         self._pool = pool
         self._queue_name = options["queue_name"] or getattr(pool, "default_queue_name", "arq:queue")
-        self._watcher = asyncio.ensure_future(self._watch())
+        self._watcher = ResultPoller(self._submissions, is_pending=self.is_pending, read=self._read_results,
+                                     check_liveness=self._check_liveness, poll_interval=self._poll,
+                                     what=f"arq executor (queue {self._queue_name!r})")
+        self._watcher.start()
 
     def _what(self, submission: ARQSubmission) -> str:
         return f"arq job {submission.job_id!r} on queue {self._queue_name!r}"
@@ -228,11 +225,9 @@ class ARQAdapter(BackendAdapter):
             await self._remove(job_id)
         else:
             raise RuntimeError(f"arq executor: arq job {job_id!r} kept appearing and disappearing while enqueued.")
-        submission = ARQSubmission(run_id=run_id, task_id=str(payload["task_id"]), job_id=job_id, attached=attached,
-                                   interval=FIRST_CHECK_SECONDS,
-                                   next_check=asyncio.get_running_loop().time() + FIRST_CHECK_SECONDS)
-        self._submissions[run_id] = submission
-        self._wake.set()
+        submission = ARQSubmission(run_id=run_id, task_id=str(payload["task_id"]), job_id=job_id, attached=attached)
+        assert self._watcher is not None
+        self._watcher.add(submission)
         return submission
 
     def _job(self, job_id: str) -> Any:
@@ -285,42 +280,10 @@ class ARQAdapter(BackendAdapter):
         logger.debug("arq executor: %s aborted: %s", self._what(submission), aborted)
 
     # -- watching ----------------------------------------------------------------------
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_liveness = loop.time() + LIVENESS_SECONDS
-        while True:
-            try:
-                for run_id in [r for r in self._submissions if not self.is_pending(r)]:
-                    del self._submissions[run_id]  # its outcome came through the callback
-                if not self._submissions:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                await self._read_results(loop.time())
-                if loop.time() >= next_liveness:
-                    await self._check_liveness()
-                    next_liveness = loop.time() + LIVENESS_SECONDS
-                soonest = min([s.next_check for s in self._submissions.values()], default=next_liveness)
-                self._wake.clear()
-                try:  # until the next read is due, or a new submission arrives
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, min(soonest, next_liveness) - loop.time()))
-                except asyncio.TimeoutError:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis went away for a moment: keep watching
-                logger.warning("arq executor: watching arq jobs on queue %r failed: %r; retrying",
-                               self._queue_name, exc)
-                await asyncio.sleep(0.5)
-
-    async def _read_results(self, now: float) -> None:
+    async def _read_results(self, due: list[ARQSubmission]) -> None:
         from arq.constants import result_key_prefix
         from arq.jobs import deserialize_result
 
-        due = [s for s in self._submissions.values() if s.next_check <= now]
-        for submission in due:
-            submission.interval = min(submission.interval * 2, self._poll)
-            submission.next_check = now + submission.interval
         job_ids = sorted({s.job_id for s in due})
         if not job_ids:
             return
@@ -341,7 +304,7 @@ class ARQAdapter(BackendAdapter):
                 else:
                     self._spawn(self._failed(submission, info.result))
 
-    async def _check_liveness(self) -> None:
+    async def _check_liveness(self, now: float) -> None:
         """Lose in-progress jobs whose liveness key (kept by Wove's job function) expired."""
         from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 
@@ -407,11 +370,13 @@ class ARQAdapter(BackendAdapter):
 
     async def close(self) -> None:
         """Stop the watcher and background aborts; close the pool Wove opened."""
-        tasks = [t for t in (self._watcher, *self._background) if t is not None]
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        tasks = list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._watcher = None
         self._submissions.clear()
         if self._owns_pool and self._pool is not None:
             aclose = getattr(self._pool, "aclose", None)  # redis-py 5 (close() before)

@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from wove.backend import BackendAdapter
+from wove.backend import BackendAdapter, ResultPoller
 from wove.options import (
     CALLBACK_OPTIONS,
     INVALID,
@@ -57,11 +57,7 @@ BEAT_STATE = "wove-running"
 BEAT_SECONDS = 0.5
 #: Seconds without a new beat after which a started task's worker is taken for dead.
 STALL_SECONDS = 3.0
-LIVENESS_SECONDS = 0.5
 DEFAULT_POLL_INTERVAL = 0.05
-#: Seconds after submission of the first read of a task's result (then doubling up to
-#: ``poll_interval``): a short task's outcome through the result backend is picked up at once.
-FIRST_CHECK_SECONDS = 0.005
 DEFAULT_LOSS_GRACE_SECONDS = 0.5
 #: Prefix of the Redis key that claims an idempotency key (with taskiq-redis result backends).
 CLAIM_PREFIX = "wove:taskiq:claim:"
@@ -162,8 +158,7 @@ class TaskiqAdapter(BackendAdapter):
         self._poll = DEFAULT_POLL_INTERVAL
         self._grace = DEFAULT_LOSS_GRACE_SECONDS
         self._submissions: dict[str, TaskiqSubmission] = {}
-        self._wake = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher: ResultPoller[TaskiqSubmission] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._redis_client: Any = None
 
@@ -208,7 +203,10 @@ class TaskiqAdapter(BackendAdapter):
         if isinstance(self.config.get("broker"), str) or isinstance(self.config.get("task"), str):
             await broker.startup()  # a broker Wove loaded is Wove's to start and stop
             self._owns_broker = True
-        self._watcher = asyncio.ensure_future(self._watch())
+        self._watcher = ResultPoller(self._submissions, is_pending=self.is_pending, read=self._read_results,
+                                     check_liveness=self._check_liveness, poll_interval=self._poll,
+                                     what="taskiq executor")
+        self._watcher.start()
 
     def _what(self, submission: TaskiqSubmission) -> str:
         return f"taskiq task {submission.wove_task_id!r} ({self._task_name})"
@@ -247,13 +245,12 @@ class TaskiqAdapter(BackendAdapter):
         elif attempt > 1:
             await self._forget_task(task_id, keep_claim=True)
         submission = TaskiqSubmission(run_id=run_id, task_id=str(payload["task_id"]), attempt=attempt,
-                                      wove_task_id=task_id, attached=attached, interval=FIRST_CHECK_SECONDS,
-                                      next_check=asyncio.get_running_loop().time() + FIRST_CHECK_SECONDS)
+                                      wove_task_id=task_id, attached=attached)
         if not attached:
             kicker: Any = AsyncKicker(task_name=self._task_name, broker=self._broker, labels=dict(self._kicker_labels))
             await kicker.with_task_id(task_id).kiq(payload)
-        self._submissions[run_id] = submission
-        self._wake.set()
+        assert self._watcher is not None
+        self._watcher.add(submission)
         return submission
 
     async def _attach_or_claim(self, task_id: str) -> bool:
@@ -305,33 +302,6 @@ class TaskiqAdapter(BackendAdapter):
                 await redis.delete(CLAIM_PREFIX + task_id)
 
     # -- watching ----------------------------------------------------------------------
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_liveness = loop.time() + LIVENESS_SECONDS
-        while True:
-            try:
-                for run_id in [r for r in self._submissions if not self.is_pending(r)]:
-                    del self._submissions[run_id]
-                if not self._submissions:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                await self._read_results(loop.time())
-                if loop.time() >= next_liveness:
-                    await self._check_liveness(loop.time())
-                    next_liveness = loop.time() + LIVENESS_SECONDS
-                soonest = min([s.next_check for s in self._submissions.values()], default=next_liveness)
-                self._wake.clear()
-                try:  # until the next read is due, or a new submission arrives
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, min(soonest, next_liveness) - loop.time()))
-                except asyncio.TimeoutError:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the result backend went away for a moment: keep watching
-                logger.warning("taskiq executor: watching taskiq tasks failed: %r; retrying", exc)
-                await asyncio.sleep(0.5)
-
     async def _ready(self, task_ids: list[str]) -> list[bool]:
         """Which of the tasks have a result (one pipelined round trip with taskiq-redis backends)."""
         redis = self._redis()
@@ -357,11 +327,7 @@ class TaskiqAdapter(BackendAdapter):
         return [None if value is None else TaskProgress[Any].model_validate(self._backend.serializer.loadb(value))
                 for value in values]
 
-    async def _read_results(self, now: float) -> None:
-        due = [s for s in self._submissions.values() if s.next_check <= now]
-        for submission in due:
-            submission.interval = min(submission.interval * 2, self._poll)
-            submission.next_check = now + submission.interval
+    async def _read_results(self, due: list[TaskiqSubmission]) -> None:
         task_ids = sorted({s.wove_task_id for s in due})
         if not task_ids:
             return
@@ -425,11 +391,13 @@ class TaskiqAdapter(BackendAdapter):
 
     async def close(self) -> None:
         """Stop the watcher; shut down the broker when Wove loaded it."""
-        tasks = [t for t in (self._watcher, *self._background) if t is not None]
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        tasks = list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._watcher = None
         self._submissions.clear()
         if self._owns_broker and self._broker is not None:
             await self._broker.shutdown()
