@@ -35,6 +35,7 @@ from wove.options import (
     one_of,
 )
 from wove.protocol import decode_events, encode_frame, transport_error_event
+from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
 from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight
@@ -74,7 +75,7 @@ _STATUS_WAIT = 1.0
 #: (executor_config.reconnect_timeout, the policy every transport shares; alias ready_timeout).
 DEFAULT_READY_TIMEOUT = DEFAULT_RECONNECT_TIMEOUT
 _MISSING_GRPC = (
-    "grpc executor needs grpcio, which is not installed. Install it with: pip install wove-executor-grpc"
+    f"grpc executor needs grpcio, which is not installed. Install it with: {install_hint('wove-executor-grpc')}"
 )
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from wove.protocol import encode_events
+from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
@@ -509,7 +510,8 @@ async def start_server(
         import grpc
     except ImportError as exc:  # pragma: no cover - grpcio is a dependency
         raise ImportError(
-            "grpc worker service needs grpcio, which is not installed. Install it with: pip install wove-executor-grpc"
+            "grpc worker service needs grpcio, which is not installed. Install it with: "
+            + install_hint("wove-executor-grpc")
         ) from exc
     if (certfile is None) != (keyfile is None):
         raise ValueError("TLS needs both certfile and keyfile (got only one of them).")
@@ -531,7 +533,7 @@ async def start_server(
         from grpc_health.v1 import health_pb2_grpc
     except ImportError as exc:  # pragma: no cover - grpcio-health-checking is a dependency
         raise ImportError("grpc worker service needs grpcio-health-checking, which is not installed. Install it "
-                          "with: pip install wove-executor-grpc") from exc
+                          f"with: {install_hint('wove-executor-grpc')}") from exc
     health = await _health_servicer(service.worker)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

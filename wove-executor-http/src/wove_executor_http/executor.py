@@ -51,6 +51,7 @@ from wove.options import (
     one_of,
 )
 from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
+from wove.registry import install_hint
 from wove.security import (
     NetworkExecutorSecurity,
     canonical_http_target,
@@ -64,7 +65,7 @@ __all__ = ["FAILURES", "HTTP_OPTIONS", "HttpEnvironmentExecutor", "TransportFail
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "Install it with: pip install wove-executor-http"
+INSTALL_HINT = f"Install it with: {install_hint('wove-executor-http')}"
 ACCEPT = "application/x-ndjson, application/json"
 _ACCEPT_STREAM = (b"Accept", ACCEPT.encode())
 _ACCEPT_JSON = (b"Accept", b"application/json")

@@ -34,6 +34,7 @@ from wove.options import (
     one_of,
 )
 from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame, transport_error_event
+from wove.registry import install_hint
 from wove.security import (
     NetworkExecutorSecurity,
     canonical_http_target,
@@ -168,7 +169,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         except ImportError as exc:  # pragma: no cover - websockets is a dependency
             raise ImportError(
                 "websocket executor needs websockets, which is not installed. "
-                "Install it with: pip install wove-executor-ws"
+                f"Install it with: {install_hint('wove-executor-ws')}"
             ) from exc
         where = f"Environment '{environment_name}'"
         config = WEBSOCKET_OPTIONS.validate(environment_config, environment=environment_name)
