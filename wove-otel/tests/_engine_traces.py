@@ -54,12 +54,13 @@ def flush_redis(url: str) -> None:
         connection.close()
 
 
-def engine_conftest(distribution: str) -> ModuleType:
-    """An engine's ``tests/conftest.py`` (its fixtures starting servers and clusters, reused as they are)."""
-    name = f"_engine_conftest_{distribution.replace('-', '_')}"
+def engine_conftest(distribution: str, file: str = "conftest.py") -> ModuleType:
+    """A module of an engine's ``tests/`` (by default its ``conftest.py``: its fixtures starting
+    servers and clusters, reused as they are); it must not import its package relatively."""
+    name = f"_engine_{file.removesuffix('.py')}_{distribution.replace('-', '_')}"
     if name in sys.modules:
         return sys.modules[name]
-    path = ROOT / distribution / "tests" / "conftest.py"
+    path = ROOT / distribution / "tests" / file
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)

@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 pytest.importorskip("wove_executor_ray")
 #: start_ray_head(): ``ray start --head`` on 127.0.0.1; importing it also sets Ray's loopback and no-uv
-#: environment variables before ray is imported (see wove-executor-ray/tests/conftest.py)
-_ray = engine_conftest("wove-executor-ray")
+#: environment variables before ray is imported (see wove-executor-ray/tests/ray_cluster.py)
+_ray = engine_conftest("wove-executor-ray", "ray_cluster.py")
 
 
 @pytest.fixture(scope="module")
