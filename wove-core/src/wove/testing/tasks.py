@@ -11,9 +11,17 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, so a test that sees the file sees its content."""
+    partial = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+    Path(partial).write_text(text)
+    os.replace(partial, path)
 
 
 class ContractTaskError(Exception):
@@ -36,7 +44,7 @@ async def sleep(seconds: float, marker: str | None = None) -> str:
     """Sleep, then write ``marker`` (a cancelled run must not write it)."""
     await asyncio.sleep(seconds)
     if marker:
-        Path(marker).write_text("done")
+        _write(marker, "done")
     return "slept"
 
 
@@ -50,7 +58,7 @@ def pid() -> int:
 
 
 def write_marker(path: str) -> str:
-    Path(path).write_text("ran")
+    _write(path, "ran")
     return path
 
 
@@ -151,23 +159,23 @@ def count_up(n: int, counter: str, marker: str | None = None) -> Any:
     before each yield, and writes ``marker`` in its ``finally`` (when it is closed)."""
     try:
         for index in range(n):
-            Path(counter).write_text(str(index + 1))
+            _write(counter, str(index + 1))
             yield index
     finally:
         if marker:
-            Path(marker).write_text("closed")
+            _write(marker, "closed")
 
 
 async def acount_up(n: int, counter: str, marker: str | None = None) -> Any:
     """:func:`count_up` as an async generator."""
     try:
         for index in range(n):
-            Path(counter).write_text(str(index + 1))
+            _write(counter, str(index + 1))
             yield index
             await asyncio.sleep(0)
     finally:
         if marker:
-            Path(marker).write_text("closed")
+            _write(marker, "closed")
 
 
 async def yield_then_fail(items: int, message: str) -> Any:
