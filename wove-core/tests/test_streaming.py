@@ -84,7 +84,7 @@ async def test_a_session_passes_stream_credit_to_the_engine(tmp_path: Path) -> N
         await session.wait()
         seen += session.take_events()
     assert [e["item"] for e in seen if e["type"] == "task_yield"] == [0, 1, 2, 3]
-    assert service.health()["capabilities"] == ["task_yield"]
+    assert service.health()["capabilities"] == ["binary_frames", "task_yield"]
     await service.shutdown()
 
 

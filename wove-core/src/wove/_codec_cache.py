@@ -30,7 +30,7 @@ from typing import Any
 
 from . import dispatch
 
-__all__ = ["CallableCache", "DecodedCallables", "fast_b64"]
+__all__ = ["CallableCache", "DecodedCallables", "fast_b64", "fast_pickle"]
 
 _SCALARS = (int, float, str, bytes, bool, type(None), complex)
 _CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -174,9 +174,9 @@ class CallableCache:
 
     def __init__(self, size: int = _CACHE_SIZE) -> None:
         self._size = size
-        # id(func) -> (func, key, b64, snapshot or None for by-reference); the strong
-        # reference keeps the id from being reused
-        self._entries: OrderedDict[int, tuple[Any, Any, str, tuple[Any, ...] | None]] = OrderedDict()
+        # id(func) -> (func, key, b64, snapshot or None for by-reference, pickle); the
+        # strong reference keeps the id from being reused
+        self._entries: OrderedDict[int, tuple[Any, Any, str, tuple[Any, ...] | None, bytes]] = OrderedDict()
 
     def _key(self, func: Any) -> Any:
         if isinstance(func, types.FunctionType):
@@ -189,25 +189,36 @@ class CallableCache:
 
     def encode(self, func: Any) -> str | None:
         """The base64 pickle of ``func``, or None when it must be pickled afresh."""
+        entry = self._lookup(func)
+        return None if entry is None else entry[2]
+
+    def encode_raw(self, func: Any) -> bytes | None:
+        """The pickle of ``func`` (for binary frames), or None when it must be pickled afresh."""
+        entry = self._lookup(func)
+        return None if entry is None else entry[4]
+
+    def _lookup(self, func: Any) -> tuple[Any, Any, str, tuple[Any, ...] | None, bytes] | None:
         entry = self._entries.get(id(func))
         if entry is not None and entry[0] is func and (entry[3] is None or _unchanged(func, entry[3])):
-            return entry[2]  # the hot path: identity checks only
+            return entry  # the hot path: identity checks only
         key = self._key(func)
         if key is None:
             return None
         if entry is not None and entry[0] is func and _same_key(entry[1], key):
             self._entries.move_to_end(id(func))
-            return entry[2]
+            return entry
         try:
-            text = dispatch.dumps_b64(func, what="callable")
+            raw = dispatch.dumps(func, what="callable")
         except Exception:
             return None  # the regular path raises the proper DispatchError
-        if len(text) <= _MAX_CACHED_PICKLE:
-            snapshot = None if key == "ref" else _snapshot(func)
-            self._entries[id(func)] = (func, key, text, snapshot)
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-        return text
+        if len(raw) > _MAX_CACHED_PICKLE:
+            return None
+        snapshot = None if key == "ref" else _snapshot(func)
+        entry = (func, key, base64.b64encode(raw).decode("ascii"), snapshot, raw)
+        self._entries[id(func)] = entry
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return entry
 
 
 class DecodedCallables:
@@ -215,16 +226,17 @@ class DecodedCallables:
 
     def __init__(self, size: int = _CACHE_SIZE) -> None:
         self._size = size
-        self._entries: OrderedDict[str, Any] = OrderedDict()
+        # base64 text (JSON frames) or pickle bytes (binary frames) -> callable
+        self._entries: OrderedDict[str | bytes, Any] = OrderedDict()
 
-    def get(self, text: str) -> Any:
+    def get(self, text: str | bytes) -> Any:
         func = self._entries.get(text, _MISSING)
         if func is not _MISSING:
             self._entries.move_to_end(text)
             return func
         return None
 
-    def remember(self, text: str, func: Any) -> None:
+    def remember(self, text: str | bytes, func: Any) -> None:
         if len(text) > _MAX_CACHED_PICKLE:
             return
         if isinstance(func, types.FunctionType):
@@ -238,11 +250,15 @@ class DecodedCallables:
 
 
 def _simple(value: Any, budget: list[int]) -> bool:
-    """True when ``value`` holds only builtin scalars and containers (bounded walk)."""
+    """True when ``value`` holds only builtin scalars and containers (bounded walk);
+    ``budget[1]`` becomes 1 when it holds a buffer that binary frames send out of band."""
     budget[0] -= 1
     if budget[0] < 0:
         return False
     kind = type(value)
+    if (kind is bytes or kind is bytearray) and len(value) >= dispatch.OUT_OF_BAND_MIN_BYTES:
+        budget[1] = 1
+        return True
     if kind in _SCALARS or kind is bytearray:
         return True
     if kind is dict:
@@ -264,8 +280,28 @@ def fast_b64(value: Any) -> str | None:
     if type(value) is dict and not value:
         return _EMPTY_DICT_B64
     try:
-        if not _simple(value, [_NODE_BUDGET]):
+        if not _simple(value, [_NODE_BUDGET, 0]):
             return None
         return base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")
     except RecursionError:  # nested deeper than the stack: the regular path reports it
+        return None
+
+
+_EMPTY_DICT = pickle.dumps({}, protocol=5)
+_NONE = pickle.dumps(None, protocol=5)
+
+
+def fast_pickle(value: Any) -> tuple[bytes, list[memoryview]] | None:
+    """:func:`fast_b64` for binary frames: the pickle and its out-of-band buffers
+    (:func:`wove.dispatch.dumps_out_of_band`), or None for values not of builtin types."""
+    if value is None:
+        return _NONE, []
+    if type(value) is dict and not value:
+        return _EMPTY_DICT, []
+    budget = [_NODE_BUDGET, 0]
+    try:
+        if not _simple(value, budget):
+            return None
+        return dispatch.dumps_out_of_band(value, simple=True, large_buffers=bool(budget[1]))
+    except RecursionError:
         return None

@@ -12,6 +12,7 @@ Hierarchy::
     └── ConfigError                   bad environment / executor configuration
     TypeError
     └── DispatchError                 a task's callable or argument cannot be pickled
+        └── PayloadTooLargeError      a command is over the transport's size limit
     Exception
     └── RemoteTraceback               the worker's traceback, as a remote error's __cause__
 """
@@ -27,6 +28,7 @@ __all__ = [
     "DispatchError",
     "EnvironmentExecutionError",
     "MissingDispatchFeatureError",
+    "PayloadTooLargeError",
     "ProtocolError",
     "RemoteTraceback",
     "StreamNotSupportedError",
@@ -113,6 +115,22 @@ class ConfigError(ValueError):
 
 class DispatchError(TypeError):
     """Raised when a task's callable or arguments cannot be pickled for another process."""
+
+
+class PayloadTooLargeError(DispatchError):
+    """A command is larger than its transport's limit; raised before anything is sent.
+
+    Attributes:
+        size: the encoded command's size in bytes.
+        limit: the limit in bytes.
+        setting: the setting that raises the limit (``executor_config.max_message_bytes``).
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int, setting: str) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+        self.setting = setting
 
 
 class StreamNotSupportedError(RuntimeError):

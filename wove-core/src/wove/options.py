@@ -44,10 +44,13 @@ __all__ = [
     "ANY",
     "BOOL",
     "CALLBACK_OPTIONS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_PAYLOAD_WARNING_BYTES",
     "DICT",
     "INVALID",
     "NON_NEGATIVE_INT",
     "NON_NEGATIVE_SECONDS",
+    "PAYLOAD_OPTIONS",
     "POSITIVE_INT",
     "POSITIVE_SECONDS",
     "REDELIVERY_OPTIONS",
@@ -297,6 +300,25 @@ REDELIVERY_OPTIONS = OptionSpec("re-delivery", [
     Option("reconnect_initial_delay", NON_NEGATIVE_SECONDS, aliases=("retry_backoff",),
            doc="first back-off in seconds before a re-delivery, doubling (default 0.1)"),
     Option("reconnect_max_delay", NON_NEGATIVE_SECONDS, doc="largest back-off in seconds (default 5)"),
+])
+
+#: Largest command a client sends, by default: the worker services' own default limit
+#: (``wove worker --max-body-bytes``, :data:`wove.session.DEFAULT_MAX_COMMAND_BYTES`).
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Commands and results above this size log a warning naming the task and the size.
+DEFAULT_PAYLOAD_WARNING_BYTES = 16 * 1024 * 1024
+
+#: The frame-format and payload-size keys every transport executor reads
+#: (:class:`~wove.transport.PayloadPolicy`; binary frames: docs/wire.md).
+PAYLOAD_OPTIONS = OptionSpec("payload", [
+    Option("binary_frames", BOOL, True,
+           "send binary frames to a worker that offers them (false: always JSON frames, as Wove 2.x)"),
+    Option("max_message_bytes", POSITIVE_INT, DEFAULT_MAX_MESSAGE_BYTES,
+           "largest command sent, in bytes; a larger one fails before it is sent (PayloadTooLargeError)"),
+    Option("payload_warning_bytes",
+           Kind("a positive integer (bytes) or false", lambda v: v if v is False else POSITIVE_INT.check(v)),
+           DEFAULT_PAYLOAD_WARNING_BYTES,
+           "log a warning naming the task for a command or result larger than this (false: never)"),
 ])
 
 #: The callback-server keys of :class:`~wove.backend.BackendAdapterEnvironmentExecutor`

@@ -12,18 +12,23 @@ import binascii
 import json
 import logging
 import os
+import struct
 import traceback
+from collections.abc import Iterator
 from typing import Any, Literal, TypedDict
 
 from . import dispatch
 from ._capture import HOST
-from ._codec_cache import CallableCache, DecodedCallables, fast_b64
+from ._codec_cache import CallableCache, DecodedCallables, fast_b64, fast_pickle
 from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BINARY_MAGIC",
+    "BINARY_PREFIX_BYTES",
     "CANCEL_MODES",
+    "CAPABILITY_BINARY_FRAMES",
     "CAPABILITY_TASK_YIELD",
     "COMMAND_TYPES",
     "EVENT_TYPES",
@@ -34,14 +39,18 @@ __all__ = [
     "EventFrame",
     "RunTaskFrame",
     "ShutdownFrame",
+    "binary_frame_size",
     "decode_command",
     "decode_events",
+    "encode_binary_parts",
     "encode_event",
     "encode_events",
     "encode_frame",
     "error_event",
+    "is_binary",
     "normalize_exception",
     "pack_frame",
+    "parse_frames",
     "parse_json",
     "transport_error_event",
     "unpack_frame",
@@ -50,6 +59,17 @@ __all__ = [
 #: The capability a worker announces when it streams generator results (``task_yield``
 #: events, ``stream_credit`` commands); only such a peer ever sees either (docs/wire.md).
 CAPABILITY_TASK_YIELD = "task_yield"
+#: The capability of a peer that reads and writes binary frames (:func:`encode_binary_parts`):
+#: pickles as raw bytes with protocol-5 out-of-band buffers instead of base64 in JSON.
+CAPABILITY_BINARY_FRAMES = "binary_frames"
+#: The first bytes of a binary frame (a NUL never starts a JSON text, so a reader tells the
+#: two apart from the first byte), then the format version.
+BINARY_MAGIC = b"\x00WV\x01"
+#: magic, header length (u32), body length (u64), big-endian
+_PREFIX = struct.Struct("!4sIQ")
+#: Bytes of a binary frame's fixed prefix; :func:`binary_frame_size` reads the frame's size from them.
+BINARY_PREFIX_BYTES = _PREFIX.size
+_MAX_HEADER = 64 * 1024 * 1024
 COMMAND_TYPES = frozenset({"run_task", "cancel_task", "shutdown", "stream_credit"})
 TERMINAL_EVENTS = frozenset({"task_result", "task_error", "task_cancelled"})
 EVENT_TYPES = frozenset({"task_started", "heartbeat", "log", "task_yield", *TERMINAL_EVENTS})
@@ -70,6 +90,7 @@ _PICKLED = {
     "exception": "exception_pickle",
     "error": "error_pickle",
 }
+_WIRE_FIELDS = frozenset(_PICKLED.values())
 
 
 class ErrorPayload(TypedDict, total=False):
@@ -261,8 +282,11 @@ def _is_json_error(error: Any) -> bool:
     )
 
 
-def encode_frame(frame: dict[str, Any]) -> bytes:
-    """Encode one command or event frame as compact UTF-8 JSON (no trailing newline)."""
+def encode_frame(frame: dict[str, Any], *, binary: bool = False) -> bytes:
+    """Encode one command or event frame as compact UTF-8 JSON (no trailing newline), or,
+    with ``binary``, as one binary frame (:func:`encode_binary_parts`, joined)."""
+    if binary:
+        return b"".join(encode_binary_parts(frame))
     wire, pickles = _pack(frame)
     text = json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
     if pickles and text != "{}":
@@ -272,6 +296,153 @@ def encode_frame(frame: dict[str, Any]) -> bytes:
     elif pickles:
         text = json.dumps(pickles, separators=(",", ":"))
     return text.encode("utf-8")
+
+
+def _pickle_field(field: str, value: Any, task: str) -> tuple[bytes, list[memoryview]]:
+    if field == "callable":
+        raw = _CALLABLES.encode_raw(value)
+        if raw is not None:
+            return raw, []
+    else:
+        packed = fast_pickle(value)
+        if packed is not None:
+            return packed
+    try:
+        return dispatch.dumps_out_of_band(value, what=field)
+    except DispatchError as exc:
+        raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
+
+
+def encode_binary_parts(frame: dict[str, Any]) -> list[bytes | memoryview]:
+    """Encode one frame as a binary frame, in parts to write in order (docs/wire.md,
+    "Binary frames"): the prefix and JSON header, then each pickle and its out-of-band
+    buffers. Large buffers are views of the values' own memory, not copies; a transport
+    that can write several buffers at once (``writelines``, a fragmented message) sends
+    them as they are.
+
+    Raises:
+        DispatchError: as :func:`pack_frame`.
+    """
+    wire = dict(frame)
+    task = str(frame.get("task_id") or frame.get("run_id") or "?")
+    segments: dict[str, list[int]] = {}
+    body: list[bytes | memoryview] = []
+
+    def add(wire_field: str, packed: tuple[bytes, list[memoryview]]) -> None:
+        data, buffers = packed
+        segments[wire_field] = [len(data), *(len(buffer) for buffer in buffers)]
+        body.append(data)
+        body.extend(buffers)
+
+    for field in ("callable", "args", "result", "item"):
+        if field in wire:
+            add(_PICKLED[field], _pickle_field(field, wire.pop(field), task))
+    if "exception" in wire:
+        exception = wire.pop("exception")
+        try:
+            add("exception_pickle", dispatch.dumps_out_of_band(exception, what="exception"))
+        except DispatchError:
+            pass  # the normalized error payload still says kind, message and traceback
+    if "error" in wire and not _is_json_error(wire["error"]):
+        add("error_pickle", dispatch.dumps_out_of_band(wire.pop("error"), what="error"))
+    if segments:
+        wire["pickles"] = segments
+    header = json.dumps(wire, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    size = sum(len(part) for part in body)
+    return [_PREFIX.pack(BINARY_MAGIC, len(header), size) + header, *body]
+
+
+def is_binary(data: Any) -> bool:
+    """True when ``data`` (bytes) starts with a binary frame rather than JSON."""
+    return isinstance(data, (bytes, bytearray, memoryview)) and data[:4] == BINARY_MAGIC
+
+
+def binary_frame_size(prefix: bytes | bytearray | memoryview) -> int:
+    """The whole size in bytes of the binary frame that starts with ``prefix`` (its first
+    :data:`BINARY_PREFIX_BYTES` bytes), for a reader of a byte stream.
+
+    Raises:
+        ProtocolError: ``prefix`` is short, not a binary frame, or declares a header
+            larger than 64 MiB.
+    """
+    if len(prefix) < BINARY_PREFIX_BYTES:
+        raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {len(prefix)}")
+    magic, header, body = _PREFIX.unpack_from(prefix)
+    if magic != BINARY_MAGIC:
+        raise ProtocolError(f"Not a binary frame: it starts {bytes(magic)!r}, expected {BINARY_MAGIC!r}")
+    if header > _MAX_HEADER:
+        raise ProtocolError(f"Binary frame header of {header} bytes is over the limit of {_MAX_HEADER}")
+    return BINARY_PREFIX_BYTES + int(header) + int(body)
+
+
+class _Segment:
+    """A pickled field of a binary frame: views of its pickle and out-of-band buffers."""
+
+    __slots__ = ("buffers", "data")
+
+    def __init__(self, data: memoryview, buffers: list[memoryview]) -> None:
+        self.data = data
+        self.buffers = buffers
+
+
+def _segments_of(header: dict[str, Any], view: memoryview, start: int, end: int) -> None:
+    """Replace the header's ``pickles`` table by :class:`_Segment` values under their
+    wire fields (``args_pickle``...), checking the lengths against the body."""
+    table = header.pop("pickles", None)
+    position = start
+    if table is not None:
+        if not isinstance(table, dict):
+            raise ProtocolError(f"Binary frame 'pickles' must be an object, got {type(table).__name__}")
+        for wire_field, lengths in table.items():
+            if wire_field not in _WIRE_FIELDS:
+                raise ProtocolError(f"Binary frame names an unknown pickled field {wire_field!r:.60}")
+            if (not isinstance(lengths, list) or not lengths
+                    or not all(type(n) is int and n >= 0 for n in lengths)):
+                raise ProtocolError(f"Binary frame lengths of {wire_field!r} must be a list of "
+                                    f"non-negative integers, got {lengths!r:.80}")
+            pieces = []
+            for length in lengths:
+                pieces.append(view[position:position + length])
+                position += length
+            if position > end:
+                break
+            header[wire_field] = _Segment(pieces[0], pieces[1:])
+    if position != end:
+        raise ProtocolError(f"Binary frame segments add up to {position - start} bytes, "
+                            f"but its body is {end - start} bytes")
+
+
+def _binary_frames(data: bytes | bytearray | memoryview) -> Iterator[dict[str, Any]]:
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    offset = 0
+    while offset < len(view):
+        size = binary_frame_size(view[offset:offset + BINARY_PREFIX_BYTES])
+        if offset + size > len(view):
+            raise ProtocolError(f"Binary frame of {size} bytes is truncated: {len(view) - offset} bytes arrived")
+        _magic, header_size, _body = _PREFIX.unpack_from(view, offset)
+        start = offset + BINARY_PREFIX_BYTES + header_size
+        header = parse_json(view[offset + BINARY_PREFIX_BYTES:start])
+        if not isinstance(header, dict):
+            raise ProtocolError(f"A binary frame's header must be a JSON object, got {type(header).__name__}")
+        _segments_of(header, view, start, offset + size)
+        yield header
+        offset += size
+
+
+def parse_frames(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse what arrived: JSON (an object or a list, as :func:`parse_json`) or binary
+    frames (one frame as its object, several as a list), whose pickled fields are decoded
+    by :func:`decode_command` / :func:`decode_events`.
+
+    Raises:
+        ProtocolError: the bytes are neither valid JSON nor valid binary frames.
+    """
+    if not is_binary(data):
+        return parse_json(data)
+    frames = list(_binary_frames(data))  # type: ignore[arg-type]
+    return frames[0] if len(frames) == 1 else frames
 
 
 def parse_json(data: bytes | bytearray | memoryview | str) -> Any:
@@ -296,6 +467,9 @@ def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
         if wire_field not in frame:
             continue
         text = frame.pop(wire_field)
+        if isinstance(text, _Segment):
+            frame[field] = _load_segment(field, wire_field, text)
+            continue
         if not isinstance(text, str):
             raise ProtocolError(
                 f"Field '{wire_field}' must be a base64 string, got {type(text).__name__}"
@@ -320,6 +494,24 @@ def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
     return frame
 
 
+def _load_segment(field: str, wire_field: str, segment: _Segment) -> Any:
+    """Unpickle a binary frame's field; the out-of-band buffers are views of the frame."""
+    key = bytes(segment.data) if field == "callable" else b""
+    if key:
+        cached = _DECODED.get(key)
+        if cached is not None:
+            return cached
+    try:
+        value = dispatch.loads(segment.data, segment.buffers or None)
+    except MissingDispatchFeatureError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"Field '{wire_field}' does not unpickle: {type(exc).__name__}: {exc}") from exc
+    if key:
+        _DECODED.remember(key, value)
+    return value
+
+
 def _require_str(obj: dict[str, Any], key: str, frame_type: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
@@ -337,7 +529,7 @@ def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
             ``exc.run_id`` and ``exc.task_id`` are set so a worker can answer with a
             ``task_error`` for that run.
     """
-    obj = data if isinstance(data, dict) else parse_json(data)
+    obj = data if isinstance(data, dict) else parse_frames(data)
     if not isinstance(obj, dict):
         raise ProtocolError(f"A command must be a JSON object, got {type(obj).__name__}")
     frame_type = obj.get("type")
@@ -402,7 +594,7 @@ def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
         ProtocolError: the data is not JSON, not an event shape, or an event lacks its
             ``type``, ``run_id`` or ``task_id``.
     """
-    obj = parse_json(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else data
+    obj = parse_frames(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else data
     events: list[dict[str, Any]] = []
     for raw in _event_list(obj):
         if not isinstance(raw, dict):
@@ -456,8 +648,8 @@ def _unpack_event(raw: dict[str, Any], run_id: str, task_id: str) -> dict[str, A
     return event
 
 
-def encode_event(event: dict[str, Any]) -> bytes:
-    """Encode an event; never raises.
+def encode_event(event: dict[str, Any], *, binary: bool = False) -> bytes:
+    """Encode an event (as JSON, or with ``binary`` as a binary frame); never raises.
 
     A worker must never lose a run because its result does not serialize: a terminal
     event that cannot be encoded (an unpicklable result, one nested deeper than the stack,
@@ -466,7 +658,7 @@ def encode_event(event: dict[str, Any]) -> bytes:
     saying so.
     """
     try:
-        return encode_frame(event)
+        return encode_frame(event, binary=binary)
     except Exception as exc:  # DispatchError, RecursionError, a __reduce__ that raises...
         if event.get("type") == "task_yield":
             # an item that cannot be sent ends the stream where it happened (the worker's
@@ -474,12 +666,12 @@ def encode_event(event: dict[str, Any]) -> bytes:
             return encode_frame(error_event(
                 str(event.get("run_id")), str(event.get("task_id")), kind=type(exc).__name__, source="executor",
                 message=f"Item {event.get('seq')} of the streamed run {event.get('run_id')} cannot be sent back: {exc}",
-            ))
+            ), binary=binary)
         if event.get("type") not in TERMINAL_EVENTS:
             logger.warning("could not encode a %s event: %s: %s", event.get("type"), type(exc).__name__, exc)
             return encode_frame({"type": "log", "message": (
                 f"A {event.get('type')} event of run {event.get('run_id')} could not be encoded: "
-                f"{type(exc).__name__}: {exc}")})
+                f"{type(exc).__name__}: {exc}")}, binary=binary)
         replacement = error_event(
             str(event.get("run_id")),
             str(event.get("task_id")),
@@ -487,14 +679,18 @@ def encode_event(event: dict[str, Any]) -> bytes:
             message=f"The {event.get('type')} of run {event.get('run_id')} cannot be sent back: {exc}",
             source="executor",
         )
-        return encode_frame(replacement)
+        return encode_frame(replacement, binary=binary)
 
 
-def encode_events(events: list[dict[str, Any]], framing: Literal["envelope", "lines"] = "envelope") -> bytes:
+def encode_events(events: list[dict[str, Any]], framing: Literal["envelope", "lines"] = "envelope", *,
+                  binary: bool = False) -> bytes:
     """Encode several events as one body: ``{"events": [...]}`` (what Wove 2.x clients
-    read from HTTP and gRPC) or ``lines``, one event per line (NDJSON, stdio). Every event
-    goes through :func:`encode_event`, so none is lost to an encoding failure."""
-    encoded = [encode_event(event) for event in events]
+    read from HTTP and gRPC) or ``lines``, one event per line (NDJSON, stdio); with
+    ``binary``, the binary frames one after another (each says its own length). Every
+    event goes through :func:`encode_event`, so none is lost to an encoding failure."""
+    encoded = [encode_event(event, binary=binary) for event in events]
+    if binary:
+        return b"".join(encoded)
     if framing == "lines":
         return b"".join(item + b"\n" for item in encoded)
     return b'{"events":[' + b",".join(encoded) + b"]}"

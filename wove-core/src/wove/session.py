@@ -59,7 +59,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ProtocolError
+from .options import DEFAULT_MAX_MESSAGE_BYTES
 from .protocol import (
+    CAPABILITY_BINARY_FRAMES,
     CAPABILITY_TASK_YIELD,
     ORPHAN_POLICIES,
     TERMINAL_EVENTS,
@@ -67,7 +69,8 @@ from .protocol import (
     encode_event,
     encode_events,
     error_event,
-    parse_json,
+    is_binary,
+    parse_frames,
 )
 from .security import MissingCredentialsError, NetworkExecutorSecurity
 from .worker import WorkerEngine
@@ -89,7 +92,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The one default size limit of a command (every service, every transport).
-DEFAULT_MAX_COMMAND_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_COMMAND_BYTES = DEFAULT_MAX_MESSAGE_BYTES
 #: Events a session holds for a client that does not read them before it stops reading commands.
 DEFAULT_MAX_PENDING_EVENTS = 1024
 DEFAULT_MAX_RUNS_PER_SESSION = 10_000
@@ -101,8 +104,9 @@ Framing = Literal["envelope", "list", "lines", "each"]
 
 #: What every service over :class:`WorkerService` announces to its clients (each shell says
 #: it its own way: the stdio ready line, an ``X-Wove-Capabilities`` header, gRPC metadata):
-#: streamed generator results (``task_yield`` / ``stream_credit``, docs/wire.md).
-SERVICE_CAPABILITIES = frozenset({CAPABILITY_TASK_YIELD})
+#: streamed generator results (``task_yield`` / ``stream_credit``) and binary frames
+#: (docs/wire.md).
+SERVICE_CAPABILITIES = frozenset({CAPABILITY_TASK_YIELD, CAPABILITY_BINARY_FRAMES})
 
 _PROGRESS = frozenset({"task_started", "heartbeat"})
 _HEAD = 4096
@@ -411,6 +415,11 @@ class WorkerSession:
         peer: who the client is, for logs.
         runs: ``run_id -> (orphan policy, has idempotency key)`` of the runs in progress here.
         ended: the session is over (disconnected, drained or shut down).
+        binary: events are encoded as binary frames (docs/wire.md, "Binary frames"). It
+            becomes True when the client sends a binary frame (a client sends them only to
+            a service that announced :data:`~wove.protocol.CAPABILITY_BINARY_FRAMES`, so a
+            Wove 2.x client always gets JSON); a shell that negotiated it another way (a
+            handshake header) sets it.
     """
 
     def __init__(self, service: WorkerService, peer: str = "?",
@@ -419,6 +428,7 @@ class WorkerSession:
         self.peer = peer
         self.runs: dict[str, tuple[str, bool]] = {}
         self.ended = False
+        self.binary = False
         self._pending: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._readable = asyncio.Event()
@@ -433,7 +443,8 @@ class WorkerSession:
     # -- in ------------------------------------------------------------------
     async def receive(self, data: bytes | bytearray | memoryview | str, *, strict: bool = False,
                       strict_runs: bool = False) -> None:
-        """Take one message: a JSON command, or a JSON list of commands.
+        """Take one message: a JSON command, a JSON list of commands, or binary frames
+        (one or more, each one command; the session then answers in binary frames).
 
         Args:
             strict: raise :class:`Rejected` (``bad_request``) for a message that is not
@@ -449,10 +460,12 @@ class WorkerSession:
             self._too_large(data)
             return
         try:
-            parsed = parse_json(data)
+            parsed = parse_frames(data)
         except ProtocolError as exc:
             self._malformed(exc, strict)
             return
+        if not self.binary and is_binary(data):
+            self.binary = True
         for command in parsed if isinstance(parsed, list) else (parsed,):
             await self.receive_command(command, strict=strict, strict_runs=strict_runs)
 
@@ -588,9 +601,10 @@ class WorkerSession:
         events = self.take_events(heartbeats=heartbeats, superseded=superseded)
         if not events:
             return []
+        binary = self.binary
         if framing in ("envelope", "lines"):
-            return [encode_events(events, framing)]
-        encoded = [encode_event(e) for e in events]
+            return [encode_events(events, framing, binary=binary)]
+        encoded = [encode_event(e, binary=binary) for e in events]
         if framing == "each":
             return encoded
         messages: list[bytes] = []
@@ -603,7 +617,10 @@ class WorkerSession:
                 size += len(item) + 1
                 count += 1
             batch, encoded = encoded[:count], encoded[count:]
-            messages.append(batch[0] if count == 1 else b"[" + b",".join(batch) + b"]")
+            if count == 1:
+                messages.append(batch[0])
+            else:  # binary frames say their own length: one after another
+                messages.append(b"".join(batch) if binary else b"[" + b",".join(batch) + b"]")
         return messages
 
     async def wait(self) -> None:

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import observe
+from .errors import PayloadTooLargeError
 from .executor import EnvironmentExecutor
 from .observe import _OBSERVERS
+from .options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PAYLOAD_WARNING_BYTES
 from .protocol import TERMINAL_EVENTS, error_event, transport_error_event
 
 __all__ = [
@@ -42,7 +44,9 @@ __all__ = [
     "REDELIVERY_CONFIG_KEYS",
     "FrameExecutor",
     "InFlight",
+    "PayloadPolicy",
     "RedeliveryPolicy",
+    "format_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +140,65 @@ class RedeliveryPolicy:
         return max(base * random.uniform(0.5, 1.0), _MIN_DELAY)
 
 
+def format_size(size: int) -> str:
+    """``size`` bytes for a message: ``"100.0 MiB (104857600 bytes)"``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit} ({size} bytes)"
+    return f"{size} bytes"
+
+
+@dataclass(frozen=True)
+class PayloadPolicy:
+    """How large a command may be, and above which size a payload is worth a warning.
+
+    Attributes:
+        max_bytes: the largest command the transport sends (``max_message_bytes``).
+        setting: what raises the limit, for the error (``executor_config.max_message_bytes``).
+        warning_bytes: commands and results above this log a warning (None: never).
+    """
+
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    setting: str = "executor_config.max_message_bytes"
+    warning_bytes: int | None = DEFAULT_PAYLOAD_WARNING_BYTES
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, setting: str = "executor_config.max_message_bytes",
+                    max_bytes: int | None = None) -> PayloadPolicy:
+        """The policy of a validated ``executor_config`` holding the keys of
+        :data:`wove.options.PAYLOAD_OPTIONS` (``max_bytes`` overrides its limit: a
+        transport whose own setting is the limit, named by ``setting``)."""
+        warning = config.get("payload_warning_bytes", DEFAULT_PAYLOAD_WARNING_BYTES)
+        limit = max_bytes if max_bytes is not None else config.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES
+        return cls(max_bytes=int(limit), setting=setting, warning_bytes=None if warning is False else warning)
+
+    def check(self, frame: Mapping[str, Any], size: int, *, environment: str, executor: str) -> None:
+        """Before a command of ``size`` bytes is sent: refuse it over the limit, warn above
+        the warning size.
+
+        Raises:
+            PayloadTooLargeError: ``size`` is over :attr:`max_bytes`; the message names the
+                task, the size, the limit and :attr:`setting`.
+        """
+        if size > self.max_bytes:
+            raise PayloadTooLargeError(
+                f"Environment '{environment}': the {frame.get('type', 'command')} of task "
+                f"'{frame.get('task_id', '?')}' (run {frame.get('run_id', '?')}) is {format_size(size)}, over the "
+                f"{executor} limit of {format_size(self.max_bytes)}; nothing was sent. Raise {self.setting} "
+                "(and the worker's --max-body-bytes), or pass the task a path or URL to the data instead.",
+                size=size, limit=self.max_bytes, setting=self.setting)
+        self.warn(frame, size, environment=environment, what="arguments")
+
+    def warn(self, frame: Mapping[str, Any], size: int, *, environment: str, what: str = "result") -> None:
+        """Log one warning when ``size`` is above :attr:`warning_bytes`."""
+        if self.warning_bytes is not None and size > self.warning_bytes:
+            logger.warning(
+                "Environment '%s': task '%s' (run %s) moves %s of %s, above payload_warning_bytes=%d; large "
+                "payloads cost memory on both sides and time on the wire (pass a path or URL instead, or raise "
+                "executor_config.payload_warning_bytes to silence this).", environment, frame.get("task_id", "?"),
+                frame.get("run_id", "?"), what, format_size(size), self.warning_bytes)
+
+
 @dataclass(eq=False)
 class InFlight:
     """A run_task frame that has no terminal event yet."""
@@ -171,9 +234,12 @@ class FrameExecutor(EnvironmentExecutor):
         self._redelivery = RedeliveryPolicy()
         self._max_deliveries = DEFAULT_MAX_DELIVERIES
         self._environment = "?"
+        #: command size limit and warning size (transports set theirs in ``start()``)
+        self._payload = PayloadPolicy()
 
     def _open_events(self, environment_name: str, config: dict[str, Any]) -> None:
         self._environment = environment_name
+        self._payload = PayloadPolicy.from_config(config)
         self._redelivery = RedeliveryPolicy.from_config(config, f"Environment '{environment_name}'")
         self._max_deliveries = self._redelivery.max_deliveries
         self._events = asyncio.Queue()
@@ -203,6 +269,14 @@ class FrameExecutor(EnvironmentExecutor):
         if _OBSERVERS:
             observe._transmitted(entry.run_id, entry.deliveries, size)
         return entry
+
+    def _check_payload(self, frame: dict[str, Any], size: int) -> None:
+        """Before sending a ``run_task`` of ``size`` bytes (:meth:`PayloadPolicy.check`).
+
+        Raises:
+            PayloadTooLargeError: over the transport's limit.
+        """
+        self._payload.check(frame, size, environment=self._environment, executor=self.executor_name)
 
     def _emit(self, event: dict[str, Any]) -> None:
         """Pass an event to the runtime; a terminal event ends the run's tracking."""
