@@ -31,8 +31,13 @@ class EnvironmentExecutor(abc.ABC):
         ``delivery_idempotency_key`` directly in the caller's task through
         ``run_inline(func, args)`` instead of sending ``run_task`` and waiting for its
         terminal event (timeouts, cancellation and orphan policies still apply, enforced
-        by the runtime). Sync callables and calls with a key still go through frames.
+        by the runtime). Calls with a key still go through frames, and so do sync
+        callables unless the executor also sets ``runs_sync_inline``.
         :meth:`~wove.runtime.ExecutorRuntime.is_local_environment` reports it.
+    ``runs_sync_inline``
+        With ``runs_inline``: :meth:`run_inline` also takes sync callables, and runs them
+        without blocking the event loop (the local executor hands them to its thread
+        pool and awaits the result there).
     ``config_options``
         the executor's :class:`~wove.options.OptionSpec` (the keys of its
         ``executor_config``), when it declares one. The executor itself validates its
@@ -53,6 +58,8 @@ class EnvironmentExecutor(abc.ABC):
 
     #: The executor implements :meth:`run_inline` (see the class docstring).
     runs_inline: ClassVar[bool] = False
+    #: :meth:`run_inline` also takes sync callables (see the class docstring).
+    runs_sync_inline: ClassVar[bool] = False
     #: The ``executor_config`` spec (see :mod:`wove.options`), or None.
     config_options: ClassVar[OptionSpec | None] = None
     #: Wire extensions the worker announced (see the class docstring); empty by default.
@@ -90,7 +97,8 @@ class EnvironmentExecutor(abc.ABC):
     async def run_inline(self, func: Any, args: dict[str, Any]) -> Any:
         """Await ``func(**args)`` in the calling task and return its result.
 
-        Called by the runtime only when :attr:`runs_inline` is true, for async callables.
+        Called by the runtime only when :attr:`runs_inline` is true, for async callables
+        (and for sync callables too when :attr:`runs_sync_inline` is true).
         The task's own exception propagates; cancelling the calling task cancels the run.
         """
         raise NotImplementedError(

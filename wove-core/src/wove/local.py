@@ -26,15 +26,18 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
     pool (``max_workers`` of the environment, default 64) so a
     blocking task never stalls the loop. ``max_concurrency`` caps runs executing at once.
 
-    It declares ``runs_inline``: :class:`~wove.environment.ExecutorRuntime` awaits async
-    callables without an idempotency key directly in the calling task
-    (:meth:`run_inline`): in-process, a frame round trip buys nothing, and skipping it
-    makes a call several times cheaper. Timeouts, cancellation and orphan policies
-    behave exactly as for frames. A subclass gets every call as frames (its own
-    ``send``/``recv`` see them all) unless it sets ``runs_inline = True`` itself.
+    It declares ``runs_inline`` and ``runs_sync_inline``:
+    :class:`~wove.environment.ExecutorRuntime` runs callables without an idempotency key
+    directly from the calling task (:meth:`run_inline`): an async one is awaited there, a
+    sync one is handed to the thread pool and its result awaited there. In process, a
+    frame round trip buys nothing, and skipping it makes a call several times cheaper.
+    Timeouts, cancellation and orphan policies behave exactly as for frames. A subclass
+    gets every call as frames (its own ``send``/``recv`` see them all) unless it sets
+    ``runs_inline = True`` itself.
     """
 
     runs_inline = True
+    runs_sync_inline = True
     config_options = LOCAL_OPTIONS
     #: in process, the engine streams generator results (runtime.stream)
     capabilities = frozenset({"task_yield"})
@@ -43,6 +46,8 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
         super().__init_subclass__(**kwargs)
         if "runs_inline" not in cls.__dict__:
             cls.runs_inline = False
+        if "runs_sync_inline" not in cls.__dict__:
+            cls.runs_sync_inline = cls.runs_inline and cls.runs_sync_inline
 
     def __init__(self) -> None:
         self._engine: WorkerEngine | None = None
@@ -92,7 +97,8 @@ class LocalEnvironmentExecutor(EnvironmentExecutor):
             )
 
     async def run_inline(self, func: Any, args: dict[str, Any]) -> Any:
-        """Await an async callable in the calling task (the runtime's fast path)."""
+        """Await an async callable in the calling task, or a sync one's call in the thread
+        pool (the runtime's fast path)."""
         if self._engine is None:
             raise RuntimeError("Local executor is not started.")
         return await self._engine.run_inline(func, args)

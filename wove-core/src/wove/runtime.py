@@ -95,6 +95,8 @@ class _Environment:
     limits: dict[int, Gate] = field(default_factory=dict)
     #: the executor declares ``runs_inline``: async calls without a key are awaited inline
     inline: bool = False
+    #: ... and sync calls too (``runs_sync_inline``)
+    inline_sync: bool = False
     inline_runs: dict[str, InlineRun] = field(default_factory=dict)
     #: streamed runs (runtime.stream): run_id -> the items that arrived, not yet taken
     streams: dict[str, StreamState] = field(default_factory=dict)
@@ -187,6 +189,7 @@ class ExecutorRuntime:
             defaults = DeliveryDefaults(environment_name, definition, self._run_config)
             env = _Environment(environment_name, definition, executor, defaults)
             env.inline = bool(getattr(executor, "runs_inline", False))
+            env.inline_sync = env.inline and bool(getattr(executor, "runs_sync_inline", False))
             env.label = _executor_label(definition, executor)
             env.receiver = asyncio.get_running_loop().create_task(
                 self._receive(env), name=f"wove-recv:{environment_name}"
@@ -597,7 +600,7 @@ class ExecutorRuntime:
         delivery = env.defaults.for_call(task_name, task_args, task_info)
         run_id = f"{task_name}:{self._id_prefix}{next(self._ids):x}"
         if (env.inline and delivery.max_in_flight is None and delivery.idempotency_key is None
-                and is_async_callable(task_func) and not _OBSERVERS):
+                and (env.inline_sync or is_async_callable(task_func)) and not _OBSERVERS):
             return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
         return await self._execute(env, task_name, task_func, task_args, delivery, run_id)
 
@@ -622,7 +625,7 @@ class ExecutorRuntime:
             if not limit.try_acquire():
                 await limit.acquire()
         try:
-            if env.inline and delivery.idempotency_key is None and is_async_callable(task_func):
+            if _inline(env, delivery, task_func):
                 return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
             return await self._deliver(env, task_name, task_func, task_args, delivery, run_id, observed)
         finally:
@@ -639,7 +642,7 @@ class ExecutorRuntime:
         run_id: str,
     ) -> Any:
         """:meth:`_execute` with the observers told (:mod:`wove.observe`), in the awaiting task."""
-        inline = env.inline and delivery.idempotency_key is None and is_async_callable(task_func)
+        inline = _inline(env, delivery, task_func)
         run = RunInfo(run_id, task_name, env.name, env.label, type(env.executor), inline=inline)
         observe._submitted(run)
         error: BaseException | None = None
@@ -855,10 +858,19 @@ def _keyword_call(
     return func, named
 
 
+def _inline(env: _Environment, delivery: Delivery, task_func: Any) -> bool:
+    """True when the call runs through the executor's ``run_inline`` (not as frames).
+
+    A sync call goes inline only while no observer is installed: observed, it travels as
+    a frame, so the worker engine reports its execution (``execution_started``, in the
+    thread's context) as it does on every other executor."""
+    return (env.inline and delivery.idempotency_key is None
+            and (is_async_callable(task_func) or (env.inline_sync and not _OBSERVERS)))
+
+
 def _inline_without_limit(env: _Environment, delivery: Delivery, task_func: Any) -> bool:
     """True when :meth:`ExecutorRuntime._execute` would await the call inline with no gate."""
-    return (env.inline and delivery.max_in_flight is None and delivery.idempotency_key is None
-            and is_async_callable(task_func))
+    return delivery.max_in_flight is None and _inline(env, delivery, task_func)
 
 
 def _task_name(func: Any) -> str:

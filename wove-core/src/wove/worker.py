@@ -360,10 +360,13 @@ class WorkerEngine:
         await self.shutdown(grace=0.0)
 
     async def run_inline(self, func: Callable[..., Any], args: dict[str, Any]) -> Any:
-        """Await ``func(**args)`` in the calling task, within the concurrency cap.
+        """Await ``func(**args)`` in the calling task, within the concurrency cap; a sync
+        ``func`` runs in the engine's thread pool (in a copy of the caller's context) and
+        its result is awaited here.
 
-        The in-process executor's fast path for async callables: no frame, no extra task.
-        Cancelling the caller cancels the run.
+        The in-process executor's fast path: no frame, no extra task. Cancelling the
+        caller cancels the run (a sync call that already runs finishes in its thread; its
+        result is dropped).
         """
         if self._closing:
             raise RuntimeError(f"Worker {self.name} is shutting down and accepts no new runs.")
@@ -371,9 +374,29 @@ class WorkerEngine:
         if not slots.try_acquire():
             await slots.acquire()
         try:
-            return await func(**args)
+            if _is_async(func):
+                return await func(**args)
+            return await self._call_sync(func, args)
         finally:
             slots.release()
+
+    def _pool(self) -> Executor:
+        if self._threads is None:
+            self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
+        return self._threads
+
+    async def _call_sync(self, func: Callable[..., Any], args: dict[str, Any]) -> Any:
+        """``func(**args)`` in the thread pool, in a copy of this context (a run's capture
+        goes with it); an awaitable it returns is awaited here."""
+        threads = self._pool()
+        call = functools.partial(contextvars.copy_context().run, func, **args)
+        if isinstance(threads, DaemonThreadPool):  # results come back in batches
+            result = await threads.run(call)
+        else:  # an engine worker's own pool
+            result = await asyncio.get_running_loop().run_in_executor(threads, call)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
     async def aclose(self) -> None:
         """Cancel everything and release the thread pool."""
@@ -537,17 +560,7 @@ class WorkerEngine:
                 elif _is_async(func):
                     result = await func(**args)
                 else:
-                    if self._threads is None:
-                        self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
-                    # the thread runs in a copy of this context: the run's capture goes with it
-                    call = functools.partial(contextvars.copy_context().run, func, **args)
-                    threads = self._threads
-                    if isinstance(threads, DaemonThreadPool):  # results come back in batches
-                        result = await threads.run(call)
-                    else:  # an engine worker's own pool
-                        result = await asyncio.get_running_loop().run_in_executor(threads, call)
-                    if inspect.isawaitable(result):
-                        result = await result
+                    result = await self._call_sync(func, args)
             finally:
                 if token is not None:
                     deactivate(token)
@@ -595,9 +608,7 @@ class WorkerEngine:
         if inspect.isasyncgenfunction(func) or _is_async(func):
             source = func(**args)
         else:
-            if self._threads is None:
-                self._threads = DaemonThreadPool(self._threads_size, name=f"wove-{self.name}")
-            source = await loop.run_in_executor(self._threads, functools.partial(context.run, func, **args))
+            source = await loop.run_in_executor(self._pool(), functools.partial(context.run, func, **args))
         if inspect.isawaitable(source) and not hasattr(source, "__anext__"):
             source = await source
         is_async = hasattr(source, "__anext__")
