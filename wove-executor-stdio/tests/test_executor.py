@@ -43,7 +43,10 @@ async def start(config: dict[str, Any]) -> StdioEnvironmentExecutor:
         ({"ready_line": "yes"}, ConfigError, "ready_line must be true or false"),
         ({"max_deliveries": 0}, ValueError, "max_deliveries must be a positive integer"),
         ({"process": 4}, ConfigError, r"key 'process' \(did you mean 'processes'\?\) is not a stdio executor option"),
-        ({"startup_timout": 5}, ConfigError, r"did you mean 'startup_timeout'\?.*Known keys: command, cwd, env"),
+        ({"startup_timout": 5}, ConfigError, r"did you mean 'startup_timeout'\?.*Known keys: binary_frames, command, cwd, env"),
+        ({"binary_frames": "yes"}, ConfigError, "binary_frames must be true or false"),
+        ({"max_message_bytes": 0}, ConfigError, "max_message_bytes must be a positive integer"),
+        ({"payload_warning_bytes": "big"}, ConfigError, "payload_warning_bytes must be a positive integer"),
         ({"ready_timeout": 1, "reconnect_timeout": 2}, ConfigError, "sets both 'reconnect_timeout' and its older"),
     ],
 )

@@ -1,4 +1,5 @@
-"""One worker subprocess of the stdio executor: its pipes, split into lines as data arrives."""
+"""One worker subprocess of the stdio executor: its pipes, split into frames (stdout) and
+lines (stderr) as data arrives."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from .worker import FrameWriter
+from ._lines import FrameSplitter, Part
+from .worker import FLUSH_BYTES, FrameWriter
 
 __all__ = ["FLUSH_BYTES", "STDERR_LINES", "Pipes", "Worker"]
 
@@ -19,23 +21,44 @@ logger = logging.getLogger("wove_executor_stdio.executor")
 STDERR_LINES = 20
 #: stderr bytes without a newline passed on as one line.
 STDERR_LINE_LIMIT = 64 * 1024
-#: Queued bytes after which ``send`` writes at once instead of at the end of the iteration.
-FLUSH_BYTES = 256 * 1024
 
 
 class Pipes(asyncio.SubprocessProtocol):
-    """Splits the worker's stdout and stderr into lines as data arrives (no reader tasks)."""
+    """Splits the worker's stdout into frames (JSON lines and binary frames, see
+    :mod:`._lines`) and its stderr into lines as data arrives (no reader tasks).
 
-    def __init__(self, on_stdout: Callable[[bytes], None], on_stderr: Callable[[bytes], None]) -> None:
+    Args:
+        on_stdout: called with each frame (a JSON line as bytes, a binary frame as a
+            bytearray).
+        on_stderr: called with each stderr line.
+        on_bad_stdout: called with a description of stdout bytes that are not a frame.
+    """
+
+    def __init__(self, on_stdout: Callable[[bytes | bytearray], None], on_stderr: Callable[[bytes], None],
+                 on_bad_stdout: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
-        self._handlers = {1: on_stdout, 2: on_stderr}
-        self._partial: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self._handlers: dict[int, Callable[[bytes], None]] = {2: on_stderr}
+        self._frames = FrameSplitter(self._guarded(on_stdout), on_bad_stdout)
+        self._partial: dict[int, bytearray] = {2: bytearray()}
         self.closed = {1: loop.create_future(), 2: loop.create_future()}
         self.exited = loop.create_future()
         self.writable = asyncio.Event()
         self.writable.set()
 
+    @staticmethod
+    def _guarded(handler: Callable[[bytes | bytearray], None]) -> Callable[[bytes | bytearray], None]:
+        def guarded(frame: bytes | bytearray) -> None:
+            try:
+                handler(frame)
+            except Exception:
+                logger.exception("stdio executor: handling a frame of the worker's stdout failed")
+
+        return guarded
+
     def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self._frames.feed(data)
+            return
         handler = self._handlers.get(fd)
         if handler is None:
             return
@@ -64,6 +87,8 @@ class Pipes(asyncio.SubprocessProtocol):
         if fd == 0:
             self.writable.set()
             return
+        if fd == 1:
+            self._frames.close()
         partial = self._partial.get(fd)
         if partial:
             line = bytes(partial)
@@ -100,7 +125,8 @@ class Worker:
         self.started = False  # part of the pool (its death is handled, not a start failure)
         self.started_at = time.monotonic()
         self.watcher: asyncio.Task[None] | None = None
-        self.queued = 0
+        #: send binary frames (the worker announced ``binary_frames`` and the config allows it)
+        self.binary = False
         stdin = transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
         self.stdin = stdin
@@ -110,16 +136,15 @@ class Worker:
     def returncode(self) -> int | None:
         return self.transport.get_returncode()
 
-    def _write(self, data: bytes) -> None:
-        self.queued = 0
+    def _write(self, data: Part) -> None:
         if not self.stdin.is_closing():
             self.stdin.write(data)
 
-    def write(self, data: bytes) -> None:
-        self.queued += len(data)
+    def write(self, data: bytes | Sequence[Part]) -> None:
+        """Send one frame: its bytes, or its parts in order (a binary frame whose large
+        parts are views of the caller's data; they are not joined). Queued bytes past
+        :data:`FLUSH_BYTES` are written at once."""
         self.out.write(data, urgent=True)
-        if self.queued >= FLUSH_BYTES:
-            self.out.flush()
 
     def signal(self, kill: bool) -> None:
         if self.returncode is None:

@@ -1,7 +1,12 @@
 """StdioEnvironmentExecutor: runs tasks in a pool of worker subprocesses over JSON lines.
 
 Each worker reads one command frame per line on stdin and writes one event frame per
-line on stdout (the Wove 2.x stdio wire format); its stderr is its log. ``run_task``
+line on stdout (the Wove 2.x stdio wire format); its stderr is its log. With a worker
+whose ready line announced ``binary_frames`` (and ``executor_config.binary_frames``
+true, the default), ``run_task`` commands go as binary frames instead (docs/wire.md:
+self-delimiting, starting with a NUL byte; their large buffers are written without
+copies into a joined message), and the worker answers in binary frames; both kinds of
+frame are read at any time. ``run_task``
 goes to the least-loaded live worker, ``cancel_task`` to the worker holding the run.
 When a worker dies, a replacement is started and each run it held is delivered again
 (orphan policy ``requeue``, bounded by ``max_deliveries``) or ends with a ``task_error``
@@ -20,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from wove.dispatch import require_dispatch
@@ -27,6 +33,7 @@ from wove.errors import ProtocolError
 from wove.options import (
     BOOL,
     INVALID,
+    PAYLOAD_OPTIONS,
     POSITIVE_INT,
     POSITIVE_SECONDS,
     REDELIVERY_OPTIONS,
@@ -36,10 +43,16 @@ from wove.options import (
     OptionSpec,
     path_of_directory,
 )
-from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
-from wove.transport import FrameExecutor
+from wove.protocol import (
+    CAPABILITY_BINARY_FRAMES,
+    TERMINAL_EVENTS,
+    decode_events,
+    encode_binary_parts,
+    encode_frame,
+)
+from wove.transport import FrameExecutor, PayloadPolicy
 
-from ._lines import READY_KEY
+from ._lines import BINARY_START, READY_KEY, Part, nbytes
 from ._process import Pipes, Worker
 
 __all__ = ["STDIO_OPTIONS", "StdioEnvironmentExecutor"]
@@ -92,6 +105,7 @@ STDIO_OPTIONS = OptionSpec("stdio", [
     Option("startup_timeout", POSITIVE_SECONDS, 30.0, "seconds a worker may take to report ready"),
     Option("ready_line", BOOL, doc="the worker prints a ready line first (default: when it runs wove_executor_stdio)"),
     REDELIVERY_OPTIONS,
+    PAYLOAD_OPTIONS,
 ])
 
 
@@ -113,6 +127,13 @@ class StdioEnvironmentExecutor(FrameExecutor):
       that is still alive after 0.5 s counts as started.
     * ``max_deliveries`` (int, default 3): deliveries of a ``requeue`` run, and the other
       re-delivery keys of :data:`wove.options.REDELIVERY_OPTIONS`.
+    * ``binary_frames`` (bool, default true): send ``run_task`` as binary frames to a
+      worker that announced ``binary_frames`` in its ready line (false: JSON lines only).
+    * ``max_message_bytes`` (int, default 256 MiB, the worker's ``--max-body-bytes``): a
+      larger ``run_task`` fails with :class:`~wove.errors.PayloadTooLargeError` before it
+      is sent.
+    * ``payload_warning_bytes`` (int or false, default 16 MiB): a command or result
+      larger than this logs a warning naming the task and the size.
 
     Any other key is a :class:`~wove.errors.ConfigError` at start, with a did-you-mean.
     """
@@ -128,6 +149,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
         self._cwd: str | None = None
         self._startup_timeout = 30.0
         self._ready_line = True
+        self._binary_frames = True
         self._workers: list[Worker] = []
         self._worker_capabilities: dict[int, frozenset[str]] = {}
         self._owner: dict[str, Worker] = {}
@@ -136,6 +158,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
         self._next_id = 0
         self._rapid_deaths = 0
         self._closing = False
+        self._options: dict[str, Any] = {}
 
     # -- configuration ---------------------------------------------------------
     def _configure(self, environment_name: str, config: dict[str, Any]) -> None:
@@ -149,6 +172,8 @@ class StdioEnvironmentExecutor(FrameExecutor):
         if ready_line is None:
             ready_line = any("wove_executor_stdio" in part for part in self._command)
         self._ready_line = ready_line
+        self._binary_frames = options["binary_frames"]
+        self._options = options
 
     # -- lifecycle -------------------------------------------------------------
     async def start(
@@ -170,6 +195,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
         """
         self._configure(environment_name, environment_config)
         self._open_events(environment_name, environment_config)
+        self._payload = PayloadPolicy.from_config(self._options)
         require_dispatch("the stdio executor sends task callables and arguments to worker processes.")
         self._closing = False
         spawns = [asyncio.ensure_future(self._spawn()) for _ in range(self._processes)]
@@ -235,6 +261,8 @@ class StdioEnvironmentExecutor(FrameExecutor):
         Raises:
             DispatchError: the run's callable or arguments cannot be pickled (the run is
                 not sent; the executor stays usable).
+            PayloadTooLargeError: the encoded ``run_task`` is larger than
+                ``executor_config.max_message_bytes`` (nothing is sent).
             ValueError: an unknown frame type.
             RuntimeError: the executor is not started or is shutting down, or no worker
                 could be started.
@@ -247,9 +275,10 @@ class StdioEnvironmentExecutor(FrameExecutor):
                     f"stdio executor for environment '{self._environment}' is shutting down; "
                     f"run {frame.get('run_id')} was not sent."
                 )
-            data = encode_frame(frame) + b"\n"
             worker = await self._pick()
-            self._assign(worker, frame, data)
+            data, size = self._encode(worker, frame)
+            self._check_payload(frame, size)
+            self._assign(worker, frame, data, size)
             await self._backpressure(worker)
         elif frame_type == "stream_credit":  # only sent when every worker announced task_yield
             owner = self._owner.get(str(frame.get("run_id")))
@@ -275,9 +304,19 @@ class StdioEnvironmentExecutor(FrameExecutor):
                 f"{frame_type!r}; expected run_task, cancel_task or shutdown."
             )
 
-    def _assign(self, worker: Worker, frame: dict[str, Any], data: bytes) -> None:
+    @staticmethod
+    def _encode(worker: Worker, frame: dict[str, Any]) -> tuple[bytes | Sequence[Part], int]:
+        """A run_task for ``worker``: a binary frame's parts when it speaks them, else a
+        JSON line; and its size in bytes."""
+        if worker.binary:
+            parts = encode_binary_parts(frame)
+            return parts, sum(nbytes(part) for part in parts)
+        data = encode_frame(frame) + b"\n"
+        return data, len(data)
+
+    def _assign(self, worker: Worker, frame: dict[str, Any], data: bytes | Sequence[Part], size: int) -> None:
         run_id = frame["run_id"]
-        self._track(frame, len(data))
+        self._track(frame, size)
         worker.runs.add(run_id)
         self._owner[run_id] = worker
         worker.write(data)
@@ -360,8 +399,9 @@ class StdioEnvironmentExecutor(FrameExecutor):
         shown = shlex.join(self._command)
         loop = asyncio.get_running_loop()
         holder: list[Worker] = []
-        pipes = Pipes(lambda line: self._handle_line(holder[0], line),
-                       lambda line: self._stderr_line(holder[0], line))
+        pipes = Pipes(lambda frame: self._handle_frame(holder[0], frame),
+                       lambda line: self._stderr_line(holder[0], line),
+                       lambda problem: self._bad_output(holder[0], problem))
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: pipes,
@@ -445,20 +485,25 @@ class StdioEnvironmentExecutor(FrameExecutor):
         if worker.started:
             await self._worker_died(worker)
 
-    def _handle_line(self, worker: Worker, line: bytes) -> None:
-        line = line.strip()
-        if not line:
-            return
-        if line[:1] not in (b"{", b"["):
-            logger.warning("stdio worker %d (pid %d) wrote a line that is not a frame (ignored): %.200r",
-                           worker.id, worker.pid, line)
-            return
+    def _handle_frame(self, worker: Worker, data: bytes | bytearray) -> None:
+        """One frame of the worker's stdout: a JSON line, or a binary frame (a bytearray)."""
+        if data[:1] != BINARY_START:
+            data = data.strip()
+            if not data:
+                return
+            if data[:1] not in (b"{", b"["):
+                logger.warning("stdio worker %d (pid %d) wrote a line that is not a frame (ignored): %.200r",
+                               worker.id, worker.pid, data)
+                return
         try:
-            events = decode_events(line)
+            events = decode_events(data)
         except ProtocolError as exc:
             logger.warning("stdio worker %d (pid %d) wrote a line that is not a valid frame (ignored): %s",
                            worker.id, worker.pid, exc)
             return
+        warning = self._payload.warning_bytes
+        if warning is not None and len(data) > warning:
+            self._large_result(events, len(data))
         for event in events:
             event_type = event.get("type")
             if event_type == "log":
@@ -480,13 +525,27 @@ class StdioEnvironmentExecutor(FrameExecutor):
                     del self._owner[run_id]
             self._emit(event)
 
+    def _large_result(self, events: list[dict[str, Any]], size: int) -> None:
+        """One warning for a message above ``payload_warning_bytes``, naming its run."""
+        named = [event for event in events if "run_id" in event]
+        if named:
+            terminal = [event for event in named if event.get("type") in TERMINAL_EVENTS]
+            self._payload.warn((terminal or named)[0], size, environment=self._environment, what="result")
+
+    def _bad_output(self, worker: Worker, problem: str) -> None:
+        logger.warning("stdio worker %d (pid %d) wrote bytes that are not a frame (ignored): %s",
+                       worker.id, worker.pid, problem)
+
     def _announced(self, worker: Worker, capabilities: Any) -> None:
         """A worker's ready line names what it speaks beyond Wove 2.x; the pool offers what
-        every worker of it announced (a worker without the field announces nothing)."""
+        every worker of it announced (a worker without the field announces nothing). A
+        worker that announced ``binary_frames`` gets binary ``run_task`` frames from now on
+        (unless ``executor_config.binary_frames`` is false)."""
         announced = frozenset(c for c in capabilities if isinstance(c, str)) \
             if isinstance(capabilities, list) else frozenset()
         self._worker_capabilities[worker.id] = announced
         self.capabilities = frozenset.intersection(*self._worker_capabilities.values())
+        worker.binary = self._binary_frames and CAPABILITY_BINARY_FRAMES in announced
 
     def _stderr_line(self, worker: Worker, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip()
@@ -534,11 +593,12 @@ class StdioEnvironmentExecutor(FrameExecutor):
             if run_id not in self._inflight or self._closing:
                 continue  # cancelled while waiting for a worker
             try:
-                data = encode_frame(entry.frame) + b"\n"
+                data, size = self._encode(target, entry.frame)
+                self._check_payload(entry.frame, size)  # JSON is larger than binary, for another worker
             except Exception as exc:  # pickled fine the first time; be safe anyway
                 self._lost(run_id, f"{reason} Re-delivery failed: {exc}", exc, redeliverable=False)
                 continue
-            self._assign(target, entry.frame, data)
+            self._assign(target, entry.frame, data, size)
 
 
 def _exit_text(returncode: int | None) -> str:

@@ -5,6 +5,13 @@ and writes one JSON event per line on stdout; stderr is its log. It speaks the W
 stdio wire format, so a Wove 2.x ``StdioEnvironmentExecutor`` can use it as its
 ``command`` too.
 
+Binary frames (docs/wire.md) mix with the lines at any time: a frame that starts with a
+NUL byte is a binary frame that says its own length (no newline after it). The ready line
+announces the ``binary_frames`` capability; once the client sent a binary frame, every
+event goes back as a binary frame (a Wove 2.x client never sends one, so it gets JSON).
+A command larger than ``--max-body-bytes`` (default 256 MiB) is refused: its run gets a
+``task_error`` (``CommandTooLarge``) and nothing runs.
+
 The frame streams are protected from the tasks: at startup the real stdin and stdout are
 duplicated for the frames, and file descriptors 0 and 1 are pointed at ``/dev/null`` and
 stderr, so a task that calls ``print()`` (or a C library writing to fd 1) logs to stderr
@@ -31,16 +38,26 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wove.protocol import TERMINAL_EVENTS, encode_event
-from wove.session import WorkerService
+from wove.errors import ProtocolError
+from wove.protocol import (
+    TERMINAL_EVENTS,
+    encode_binary_parts,
+    encode_event,
+    error_event,
+    parse_json,
+)
+from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine, release_large_buffers
 
-from ._lines import READY_KEY, STREAM_LIMIT, read_line
+from ._lines import READY_KEY, STREAM_LIMIT, Oversized, Part, nbytes, read_frame, write_parts
 
 __all__ = ["READY_KEY", "FrameWriter", "main", "serve"]
 
 logger = logging.getLogger(__name__)
 
+
+#: Queued bytes a :class:`FrameWriter` writes at once instead of at the end of the iteration.
+FLUSH_BYTES = 256 * 1024
 
 
 class FrameWriter:
@@ -50,26 +67,38 @@ class FrameWriter:
     everything queued before it, unless a write already happened in this loop
     iteration; other frames, and urgent ones after the first, are written at the end of
     the iteration. A lone request/response therefore pays no extra loop iteration, and a
-    burst costs two writes.
+    burst costs two writes. A frame given in parts (a binary frame: its large buffers are
+    views of a value's memory) keeps them apart: small neighbours are joined into one write,
+    large parts are written as they are (:func:`._lines.write_parts`), and queued bytes past
+    :data:`FLUSH_BYTES` are written at once rather than held to the end of the iteration.
 
     Args:
         loop: the running loop.
         write: writes bytes (a pipe transport's ``write`` or a blocking fallback).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, write: Callable[[bytes], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, write: Callable[[Part], None]) -> None:
         self._loop = loop
         self._write = write
-        self._parts: list[bytes] = []
+        self._parts: list[Part] = []
+        self._queued = 0
         self._scheduled = False
         self._wrote = False
         self.broken = False
 
-    def write(self, data: bytes, *, urgent: bool = False) -> None:
-        """Queue ``data``; write it now when ``urgent`` and nothing was written this iteration."""
-        self._parts.append(data)
+    def write(self, data: bytes | Sequence[Part], *, urgent: bool = False) -> None:
+        """Queue ``data`` (bytes, or a frame's parts in order); write it now when ``urgent``
+        and nothing was written this iteration, or when much is queued."""
+        if isinstance(data, bytes):
+            self._parts.append(data)
+            self._queued += len(data)
+        else:
+            self._parts.extend(data)
+            self._queued += sum(nbytes(part) for part in data)
         if urgent and not self._wrote:
             self._wrote = True
+            self._send()
+        elif self._queued >= FLUSH_BYTES:
             self._send()
         if not self._scheduled:
             self._scheduled = True
@@ -84,15 +113,23 @@ class FrameWriter:
     def _send(self) -> None:
         if not self._parts:
             return
-        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts.clear()
+        parts, self._parts, self._queued = self._parts, [], 0
         if self.broken:
             return
         try:
-            self._write(data)
+            write_parts(self._write, parts)
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.broken = True
             logger.warning("stdio worker: the event stream is closed (%s); events are dropped", exc)
+
+
+def event_parts(event: dict[str, Any]) -> Sequence[Part]:
+    """One event as a binary frame, in parts (never raises: as :func:`~wove.protocol.encode_event`,
+    an event that cannot be encoded becomes a ``task_error`` or ``log`` saying why)."""
+    try:
+        return encode_binary_parts(event)
+    except Exception:
+        return [encode_event(event, binary=True)]
 
 
 class _OutputProtocol(asyncio.streams.FlowControlMixin):
@@ -127,14 +164,14 @@ async def _open_input(fd: int) -> asyncio.StreamReader:
     return reader
 
 
-async def _open_output(fd: int) -> tuple[Callable[[bytes], None], Callable[[], Any]]:
+async def _open_output(fd: int) -> tuple[Callable[[Part], None], Callable[[], Any]]:
     """Return ``(write, close)`` for the frame output fd."""
     loop = asyncio.get_running_loop()
     pipe = os.fdopen(fd, "wb", buffering=0, closefd=False)
     try:
         transport, protocol = await loop.connect_write_pipe(_OutputProtocol, pipe)
     except ValueError:  # a regular file: plain blocking writes
-        def write_all(data: bytes) -> None:
+        def write_all(data: Part) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -161,8 +198,10 @@ async def serve(
     max_concurrency: int = 256,
     max_threads: int | None = None,
     grace: float = 10.0,
+    max_body_bytes: int = DEFAULT_MAX_COMMAND_BYTES,
 ) -> int:
-    """Serve JSON-lines commands from ``input_fd`` until end of input or ``shutdown``.
+    """Serve commands (JSON lines and binary frames) from ``input_fd`` until end of input
+    or ``shutdown``.
 
     Args:
         input_fd: file descriptor the commands are read from.
@@ -170,6 +209,8 @@ async def serve(
         max_concurrency: runs executing at once (more wait, then reading pauses).
         max_threads: threads for sync callables.
         grace: seconds ``detach`` runs may take to finish at shutdown.
+        max_body_bytes: largest command accepted, in bytes (a larger one is refused, its
+            run gets a ``task_error``).
 
     Returns:
         The exit status (0).
@@ -181,20 +222,33 @@ async def serve(
     pid = os.getpid()
     engine = WorkerEngine(max_concurrency=max_concurrency, max_threads=max_threads, name=f"stdio:{pid}")
     # One client owns this worker: it obeys that client's shutdown command.
-    service = WorkerService(engine, name=f"stdio:{pid}", exclusive=True, grace=grace)
+    service = WorkerService(engine, name=f"stdio:{pid}", exclusive=True, grace=grace,
+                            max_command_bytes=max_body_bytes)
+    binary = False  # the client sent a binary frame: answer in binary frames
 
     def emit(event: dict[str, Any]) -> None:
-        out.write(encode_event(event) + b"\n", urgent=event.get("type") in TERMINAL_EVENTS)
+        urgent = event.get("type") in TERMINAL_EVENTS
+        if binary:
+            out.write(event_parts(event), urgent=urgent)
+        else:
+            out.write(encode_event(event) + b"\n", urgent=urgent)
 
     session = service.session("stdin", emit=emit)
 
     async def read_commands() -> str:
+        nonlocal binary
         while not session.ended:
-            line = await read_line(reader)
-            if line is None:
+            frame = await read_frame(reader, max_binary_bytes=max_body_bytes)
+            if frame is None:
                 return "end of input"
-            if line.strip():
-                await session.receive(line)
+            if isinstance(frame, Oversized):
+                session.binary = binary = True
+                _refuse(service, session, frame, emit)
+            elif isinstance(frame, bytearray):
+                session.binary = binary = True  # before the session answers this frame
+                await session.receive(frame)
+            elif frame.strip():
+                await session.receive(frame)
         return "shutdown command"
 
     # SIGTERM drains, as on every worker service: runs finish within the grace period,
@@ -225,6 +279,31 @@ async def serve(
     return 0
 
 
+def _refuse(service: WorkerService, session: WorkerSession, frame: Oversized,
+            emit: Callable[[dict[str, Any]], None]) -> None:
+    """Answer a binary command over the size limit as the service answers an oversized
+    JSON one: its run (named in the frame's header) gets a ``task_error``, else a ``log``."""
+    try:
+        service.check_size(frame.size)
+        return  # not reached: the reader skips only frames over the limit
+    except Rejected as exc:
+        message = str(exc)
+    header: Any = None
+    if frame.header:
+        with contextlib.suppress(ProtocolError):
+            header = parse_json(frame.header)
+    run_id = header.get("run_id") if isinstance(header, dict) else None
+    task_id = header.get("task_id") if isinstance(header, dict) else None
+    logger.warning("%s worker: refused a command from %s: %s", service.name, session.peer, message)
+    if not isinstance(run_id, str) or not run_id:
+        emit({"type": "log", "message": f"Worker {service.name}: {message}"})
+        return
+    if not isinstance(task_id, str):
+        task_id = run_id.split(":")[0]
+    emit(error_event(run_id, task_id, kind="CommandTooLarge", message=f"Run {run_id}: {message}",
+                     source="executor"))
+
+
 def _protect_streams() -> tuple[int, int]:
     """Move the frame streams off fds 0/1; return ``(input_fd, output_fd)`` for frames."""
     input_fd = os.dup(0)
@@ -242,12 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m wove_executor_stdio``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m wove_executor_stdio",
-        description="Wove stdio worker: JSON-lines commands on stdin, events on stdout, log on stderr.",
+        description="Wove stdio worker: commands on stdin, events on stdout (JSON lines, or binary frames "
+                    "with a client that sends them), log on stderr.",
     )
     parser.add_argument("--max-concurrency", type=int, default=256, help="runs executing at once (default 256)")
     parser.add_argument("--max-threads", type=int, default=None, help="threads for sync tasks (default 64)")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds detached runs may take to finish at shutdown (default 10)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_COMMAND_BYTES,
+                        help=f"largest command accepted, in bytes (default {DEFAULT_MAX_COMMAND_BYTES}: 256 MiB)")
     parser.add_argument("--log-level", default=os.environ.get("WOVE_LOG_LEVEL", "WARNING"),
                         help="log level on stderr (default WARNING, or $WOVE_LOG_LEVEL)")
     parser.add_argument("--adapter", default="stdio", help=argparse.SUPPRESS)  # Wove 2.x flag; ignored
@@ -255,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     release_large_buffers()
     if args.max_concurrency < 1:
         parser.error(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.max_body_bytes < 1:
+        parser.error(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
     logging.basicConfig(
         stream=sys.stderr,
         level=str(args.log_level).upper(),
@@ -271,4 +355,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_concurrency=args.max_concurrency,
         max_threads=args.max_threads,
         grace=args.grace,
+        max_body_bytes=args.max_body_bytes,
     ))
