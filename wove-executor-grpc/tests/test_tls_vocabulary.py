@@ -70,7 +70,7 @@ async def test_the_older_grpc_spellings_still_work(tls_worker: str, pki: dict[st
 
 @pytest.mark.parametrize(("config", "message"), [
     ({"tiemout": 5}, r"^Environment 'e': executor_config key 'tiemout' \(did you mean 'timeout'\?\) is not a grpc "
-                     r"executor option\. Known keys: ca_file, cert_file, "),
+                     r"executor option\. Known keys: binary_frames, ca_file, cert_file, "),
     ({"max_workers": 8}, r"key 'max_workers' is not a grpc executor option"),
     ({"privat_key": "k"}, r"'privat_key' \(did you mean 'private_key', an older spelling of 'key_file'\?\)"),
     ({"tls": True, "verify": False}, r"verify=false is not possible on gRPC"),

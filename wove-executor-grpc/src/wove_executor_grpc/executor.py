@@ -1,6 +1,7 @@
 """GrpcEnvironmentExecutor: Wove frames over a grpc.aio channel, no generated stubs.
 
-One channel per environment. Three generic methods, all raw JSON bytes:
+One channel per environment. Three generic methods, all raw bytes (JSON frames, or binary
+frames with a worker that announced ``binary_frames``):
 
 * ``Send`` (unary, the Wove 2.x wire): one command in, its events out when the run ends.
 * ``Stream`` (server-streaming extension): one command in, each event out as it happens
@@ -11,6 +12,14 @@ One channel per environment. Three generic methods, all raw JSON bytes:
 With ``streaming: "auto"`` (the default) the environment uses ``Session``; a server that
 answers ``UNIMPLEMENTED`` (a Wove 2.x-style server) is remembered and the environment
 falls back to ``Stream`` for runs with heartbeats and ``Send`` for the rest.
+
+Binary frames (``wove.protocol``, docs/wire.md): the Session confirmation metadata
+``wove-capabilities`` names ``binary_frames``; from then (and with ``executor_config.binary_frames``
+true, the default) commands are binary frames, several back to back in one message. Runs
+over ``Send``/``Stream`` learn the capabilities from a Session call too: before the first
+run the executor opens one, reads its confirmation and closes it without writing; a server
+without Session (Wove 2.x) answers ``UNIMPLEMENTED`` and keeps getting JSON. Events of either
+kind are decoded at any time.
 
 ``grpc`` is imported in :meth:`GrpcEnvironmentExecutor.start`, never at import time.
 """
@@ -23,10 +32,11 @@ import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from wove.errors import ProtocolError
+from wove.errors import DispatchError, ProtocolError
 from wove.options import (
     ANY,
     INVALID,
+    PAYLOAD_OPTIONS,
     POSITIVE_SECONDS,
     REDELIVERY_OPTIONS,
     Kind,
@@ -34,11 +44,17 @@ from wove.options import (
     OptionSpec,
     one_of,
 )
-from wove.protocol import decode_events, encode_frame, transport_error_event
+from wove.protocol import (
+    CAPABILITY_BINARY_FRAMES,
+    decode_events,
+    encode_frame,
+    is_binary,
+    transport_error_event,
+)
 from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
-from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight
+from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight, PayloadPolicy
 
 __all__ = ["DEFAULT_CHANNEL_OPTIONS", "ERROR_TABLE", "GRPC_OPTIONS", "GrpcEnvironmentExecutor", "describe_rpc_error"]
 
@@ -50,10 +66,14 @@ DEFAULT_SESSION_METHOD = "/wove.network_executor.WorkerService/Session"
 #: Largest batch of commands written as one Session message.
 _BATCH_BYTES = 4 * 1024 * 1024
 _MAX_MESSAGE = 256 * 1024 * 1024
-#: Channel options applied before ``executor_config.options`` (which override them).
+_SEND_LIMIT = "grpc.max_send_message_length"
+_RECEIVE_LIMIT = "grpc.max_receive_message_length"
+#: Channel options applied before ``executor_config.options`` (which override them). The two
+#: message limits follow ``executor_config.max_message_bytes`` (default 256 MiB) unless
+#: ``options`` names them.
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    (_SEND_LIMIT, _MAX_MESSAGE),
+    (_RECEIVE_LIMIT, _MAX_MESSAGE),
     # long unary calls (a task running for minutes) keep their connection proven alive
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -68,6 +88,8 @@ CAPABILITIES_KEY = "wove-capabilities"
 #: Seconds the Session writer waits for that confirmation before it writes anyway (a
 #: server that sends its initial metadata only with its first message).
 SESSION_CONFIRM_TIMEOUT = 5.0
+#: Seconds a run_task waits for the worker's answer (its capabilities) before it is encoded.
+_ANSWER_WAIT = SESSION_CONFIRM_TIMEOUT + 2.0
 #: Seconds to wait for the status of a call whose initial metadata came without the
 #: confirmation (an answer such as UNIMPLEMENTED comes with empty initial metadata).
 _STATUS_WAIT = 1.0
@@ -97,6 +119,22 @@ def _metadata(value: Any) -> Any:
         return tuple((str(k).lower(), str(v)) for k, v in pairs)
     except (TypeError, ValueError):
         return INVALID
+
+
+def _option_items(value: Any) -> dict[str, Any]:
+    """The channel options the user named in ``executor_config.options`` (already validated)."""
+    if value is None or isinstance(value, (str, bytes)):
+        return {}
+    items = value.items() if isinstance(value, dict) else value
+    return {str(k): v for k, v in items}
+
+
+def _announced(metadata: Any) -> frozenset[str]:
+    """The capabilities in a Session confirmation (``wove-capabilities``, comma-separated)."""
+    announced = metadata.get(CAPABILITIES_KEY)
+    if isinstance(announced, bytes):
+        announced = announced.decode("latin-1")
+    return frozenset(part.strip() for part in str(announced or "").split(",") if part.strip())
 
 
 def _channel_options(value: Any) -> Any:
@@ -133,6 +171,7 @@ GRPC_OPTIONS = OptionSpec("grpc", [
            DEFAULT_CHANNEL_OPTIONS, "gRPC channel options, over DEFAULT_CHANNEL_OPTIONS"),
     TLS_OPTIONS,
     REDELIVERY_OPTIONS,
+    PAYLOAD_OPTIONS,
 ])
 
 
@@ -146,7 +185,7 @@ class _Session:
     def __init__(self, call: Any) -> None:
         self.call = call
         self.bodies: dict[str, bytes] = {}  # run_id -> encoded run_task, until its terminal event
-        self.pending: list[bytes] = []
+        self.pending: list[tuple[dict[str, Any], bytes]] = []  # (frame, encoded frame) to write
         self.wake = asyncio.Event()
         self.received = False
         #: the server confirmed it serves Session (SESSION_CONFIRMATION metadata or a message)
@@ -159,8 +198,8 @@ class _Session:
         if not self.answered.done():
             self.answered.set_result(capabilities)
 
-    def put(self, body: bytes) -> None:
-        self.pending.append(body)
+    def put(self, frame: dict[str, Any], body: bytes) -> None:
+        self.pending.append((frame, body))
         self.wake.set()
 
 
@@ -172,8 +211,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     ``security``, ``timeout``, ``insecure``, ``options``), the TLS keys of
     :data:`wove.tls.TLS_OPTIONS` (``tls``, ``ca_file``, ``cert_file``, ``key_file``,
     ``server_hostname``; older spellings ``secure``, ``root_certificates``,
-    ``certificate_chain``, ``private_key``) and the re-delivery keys. An unknown key is a
-    :class:`~wove.errors.ConfigError` at start, with a did-you-mean.
+    ``certificate_chain``, ``private_key``), the re-delivery keys and the payload keys
+    (``binary_frames``, ``max_message_bytes``, ``payload_warning_bytes``). An unknown key is
+    a :class:`~wove.errors.ConfigError` at start, with a did-you-mean.
     """
 
     executor_name = "grpc"
@@ -200,6 +240,11 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._calls: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._ready_waiter: asyncio.Task[bool] | None = None
+        #: executor_config.binary_frames
+        self._binary_frames = True
+        #: the worker announced binary_frames (True), did not (False), not known yet (None)
+        self._binary: bool | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     async def start(
@@ -239,10 +284,26 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             environment=environment_name, executor="grpc", target=target, local=is_local_grpc_target(target),
             tls=secure, security=security, insecure=config["insecure"],
         )
-        options = list(config["options"])
+        merged = dict(config["options"])
+        named = _option_items(environment_config.get("options"))
+        max_bytes = int(config["max_message_bytes"])
+        for name in (_SEND_LIMIT, _RECEIVE_LIMIT):
+            if name not in named:  # both directions follow max_message_bytes
+                merged[name] = max_bytes
+        options = list(merged.items())
         if tls.server_hostname:
             options.append(("grpc.ssl_target_name_override", tls.server_hostname))
         self._open_events(environment_name, environment_config)
+        send_limit = named.get(_SEND_LIMIT)
+        if (isinstance(send_limit, int) and not isinstance(send_limit, bool) and send_limit >= 0
+                and ("max_message_bytes" not in environment_config or send_limit < max_bytes)):
+            # the user's grpc limit is the one that refuses a command: the error names it
+            self._payload = PayloadPolicy.from_config(config, setting=f"executor_config.options {_SEND_LIMIT}",
+                                                      max_bytes=send_limit)
+        else:
+            self._payload = PayloadPolicy.from_config(config)
+        self._binary_frames = bool(config["binary_frames"])
+        self._binary = None if self._binary_frames else False
         # wait for UNAVAILABLE channels per the shared policy (ready_timeout is its alias)
         self._ready_timeout = self._redelivery.reconnect_timeout
         self._grpc = grpc
@@ -267,9 +328,13 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         session, self._session = self._session, None
         if session is not None:
             session.call.cancel()
+            session.answer(frozenset())  # a send waiting for the answer goes on (and finds us stopped)
         tasks = [*self._calls.values(), *self._background, *(session.tasks if session else ())]
         if self._ready_waiter is not None:
             tasks.append(self._ready_waiter)  # type: ignore[arg-type]
+        if self._probe is not None:
+            tasks.append(self._probe)
+            self._probe = None
         for task in tasks:
             task.cancel()
         if tasks:
@@ -290,26 +355,33 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             RuntimeError: not started.
             ValueError: an unknown command type.
             DispatchError: the callable or arguments cannot be pickled.
+            PayloadTooLargeError: the encoded run_task is over ``max_message_bytes`` (or the
+                ``grpc.max_send_message_length`` set in ``options``); nothing was sent.
         """
         self._require_started()
         if self._channel is None:
             raise RuntimeError(f"grpc executor for environment '{self._environment}' is stopped.")
         kind = frame.get("type")
         if kind == "run_task":
-            body = encode_frame(frame)  # DispatchError names the task and the path
+            binary = await self._use_binary()  # the first run waits for the worker's answer
+            if self._channel is None:
+                raise RuntimeError(f"grpc executor for environment '{self._environment}' is stopped.")
+            body = encode_frame(frame, binary=binary)  # DispatchError names the task and the path
+            self._check_payload(frame, len(body))  # PayloadTooLargeError before anything is sent
             entry = self._track(frame, len(body))
-            if self._streaming == "session" or (self._streaming == "auto" and self._timeout is None):
-                self._session_send(entry.run_id, body)
+            if self._uses_session():
+                self._session_send(entry.run_id, frame, body)
             else:
                 self._calls[entry.run_id] = asyncio.get_running_loop().create_task(self._deliver(entry, body))
         elif kind == "stream_credit":  # a streamed run: on the Session that carries it (task_yield announced)
             session = self._session
             if session is not None and frame.get("run_id") in session.bodies:
-                session.put(encode_frame(frame))
+                session.put(frame, encode_frame(frame, binary=self._peer_binary()))
         elif kind == "cancel_task":
             session = self._session
             if session is not None and frame.get("run_id") in session.bodies:
-                session.put(encode_frame(frame))  # the worker answers task_cancelled on the session
+                # the worker answers task_cancelled on the session
+                session.put(frame, encode_frame(frame, binary=self._peer_binary()))
             else:
                 self._spawn(self._cancel(frame))
         elif kind == "shutdown":
@@ -324,9 +396,13 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     async def negotiate_capabilities(self) -> frozenset[str]:
         """What the worker announced when it confirmed the Session method
         (``wove-capabilities``); opens the Session when none is open yet. Runs over
-        ``Send``/``Stream`` (``streaming`` true/false, or a ``timeout``) announce nothing."""
-        if self._channel is None or not (self._streaming == "session"
-                                         or (self._streaming == "auto" and self._timeout is None)):
+        ``Send``/``Stream`` (``streaming`` true/false, or a ``timeout``) learn only
+        ``binary_frames``, from a Session call opened and closed without a command."""
+        if self._channel is None:
+            return self.capabilities
+        if not self._uses_session():
+            if self._binary is None:
+                await self._probe_binary()
             return self.capabilities
         session = self._session
         if session is None:
@@ -336,6 +412,99 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         except asyncio.TimeoutError:
             return self.capabilities
         return self.capabilities
+
+    def _uses_session(self) -> bool:
+        return self._streaming == "session" or (self._streaming == "auto" and self._timeout is None)
+
+    def _peer_binary(self) -> bool:
+        """Commands go as binary frames: the worker announced them and the config allows it."""
+        return self._binary_frames and self._binary is True
+
+    async def _use_binary(self) -> bool:
+        """Whether the next run_task is a binary frame; the first one waits for the answer of
+        the Session (or of the capability probe of per-call runs)."""
+        if not self._binary_frames:
+            return False
+        if self._uses_session():
+            session = self._session
+            if session is None:
+                session = self._session = self._open_session()
+            if not session.answered.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(session.answered), _ANSWER_WAIT)
+                except asyncio.TimeoutError:
+                    return False
+            return CAPABILITY_BINARY_FRAMES in session.answered.result()
+        if self._binary is None:
+            await self._probe_binary()
+        return self._peer_binary()
+
+    async def _probe_binary(self) -> None:
+        """One capability probe at a time, shared by the runs that wait for it."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_capabilities())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), _ANSWER_WAIT)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _probe_capabilities(self) -> None:
+        """Open a Session call, read its confirmation, close it without writing a command.
+
+        Sets :attr:`_binary`; a worker that cannot be reached leaves it unknown (the next
+        run probes again), any other answer without the confirmation (``UNIMPLEMENTED``
+        from a Wove 2.x server) means JSON.
+        """
+        if self._session_rpc is None:
+            return
+        grpc = self._grpc
+        call = self._session_rpc(metadata=self._call_metadata(self._session_method, b""),
+                                 timeout=SESSION_CONFIRM_TIMEOUT + _STATUS_WAIT)
+        try:
+            metadata = await asyncio.wait_for(call.initial_metadata(), SESSION_CONFIRM_TIMEOUT)
+            if metadata is not None and metadata.get(SESSION_CONFIRMATION_KEY) is not None:
+                self._binary = CAPABILITY_BINARY_FRAMES in _announced(metadata)
+                if self._binary:
+                    self.capabilities = self.capabilities | {CAPABILITY_BINARY_FRAMES}
+                await call.done_writing()
+                await asyncio.wait_for(call.code(), _STATUS_WAIT)
+                return
+            code = await asyncio.wait_for(call.code(), _STATUS_WAIT)
+            if code != grpc.StatusCode.UNAVAILABLE:
+                self._binary = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a timeout, a failed write: JSON is always understood
+            logger.debug("environment=%s: capability probe of %s: %r", self._environment, self._target, exc)
+            if self._binary is None:
+                self._binary = False
+        finally:
+            if not call.done():
+                call.cancel()
+        if self._binary is not None:
+            logger.debug("environment=%s: %s announces binary_frames: %s", self._environment, self._target,
+                         self._binary)
+
+    def _reencode(self, frame: dict[str, Any], binary: bool) -> bytes | None:
+        """``frame`` encoded again for a worker that speaks the other kind (a re-delivery to
+        a worker that changed); None when it no longer fits (its run got a task_error)."""
+        try:
+            body = encode_frame(frame, binary=binary)
+            if frame.get("type") == "run_task":
+                self._check_payload(frame, len(body))
+            return body
+        except DispatchError as exc:  # PayloadTooLargeError included
+            if frame.get("type") == "run_task" and frame.get("run_id") in self._inflight:
+                self._emit(transport_error_event(frame, str(exc), exc, retryable=False))
+            return None
+
+    def _warn_large(self, data: bytes, events: list[dict[str, Any]]) -> None:
+        """One warning for a received message above payload_warning_bytes."""
+        limit = self._payload.warning_bytes
+        if limit is None or len(data) <= limit or not events:
+            return
+        event = next((e for e in events if e.get("type") in ("task_result", "task_yield", "task_error")), events[0])
+        self._payload.warn(event, len(data), environment=self._environment, what="result")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -355,12 +524,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         return False
 
     # -- Session extension ------------------------------------------------------------
-    def _session_send(self, run_id: str, body: bytes) -> None:
+    def _session_send(self, run_id: str, frame: dict[str, Any], body: bytes) -> None:
         session = self._session
         if session is None:
             session = self._session = self._open_session()
         session.bodies[run_id] = body
-        session.put(body)
+        session.put(frame, body)
 
     def _open_session(self) -> _Session:
         call = self._session_rpc(metadata=self._call_metadata(self._session_method, b""))
@@ -393,11 +562,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             return not call.done()
         if metadata is not None and metadata.get(SESSION_CONFIRMATION_KEY) is not None:
             session.confirmed = True
-            announced = metadata.get(CAPABILITIES_KEY)
-            if isinstance(announced, bytes):
-                announced = announced.decode("latin-1")
-            session.answer(frozenset(part.strip() for part in str(announced or "").split(",") if part.strip()))
+            session.answer(_announced(metadata))
             self.capabilities = session.answered.result()
+            self._binary = CAPABILITY_BINARY_FRAMES in self.capabilities
             return True
         if call.done():
             return False
@@ -411,23 +578,43 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         try:
             if not await self._session_confirmed(session):
                 return  # the call ended before anything was written: the reader reports why
+            binary = self._binary_frames and CAPABILITY_BINARY_FRAMES in session.answered.result()
+            limit = min(_BATCH_BYTES, self._payload.max_bytes)
             while True:
                 await session.wake.wait()
                 session.wake.clear()
                 while session.pending:
-                    take, size = 0, 0
-                    for body in session.pending:
-                        if take and size + len(body) > _BATCH_BYTES:
-                            break
-                        take += 1
-                        size += len(body)
-                    batch = session.pending[:take]
-                    del session.pending[:take]
-                    await session.call.write(batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]")
+                    batch = self._batch(session, binary, limit)
+                    if batch:  # binary frames say their own length: back to back; JSON: a list
+                        await session.call.write(batch[0] if len(batch) == 1 else
+                                                 b"".join(batch) if binary else b"[" + b",".join(batch) + b"]")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the reader reports the call's failure
             logger.debug("environment=%s: session write failed: %r", self._environment, exc)
+
+    def _batch(self, session: _Session, binary: bool, limit: int) -> list[bytes]:
+        """Take the next commands to write as one message (at most ``limit`` bytes past the
+        first), each encoded as this session's worker reads them."""
+        batch: list[bytes] = []
+        size = taken = 0
+        for frame, body in session.pending:
+            if batch and size + len(body) > limit:
+                break
+            taken += 1
+            if is_binary(body) != binary:  # encoded before this session's worker answered
+                run_id = str(frame.get("run_id"))
+                fresh = self._reencode(frame, binary)
+                if fresh is None:
+                    session.bodies.pop(run_id, None)
+                    continue
+                if frame.get("type") == "run_task" and run_id in session.bodies:
+                    session.bodies[run_id] = fresh
+                body = fresh
+            batch.append(body)
+            size += len(body)
+        del session.pending[:taken]
+        return batch
 
     async def _session_reader(self, session: _Session) -> None:
         grpc = self._grpc
@@ -435,7 +622,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         try:
             async for message in session.call:
                 session.received = session.confirmed = True
-                for event in decode_events(message):
+                events = decode_events(message)  # JSON or binary frames, whatever the worker sent
+                self._warn_large(message, events)
+                for event in events:
                     if event.get("type") in ("task_result", "task_error", "task_cancelled"):
                         session.bodies.pop(str(event.get("run_id")), None)
                     self._emit(event)
@@ -457,6 +646,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 logger.info("environment=%s: %s does not offer %s; using %s / %s per run",
                             self._environment, self._target, self._session_method, self._method, self._stream_method)
                 self._streaming = "auto-calls"
+                self._binary = False  # no Session: nothing announced, JSON per call
+                self.capabilities = frozenset()
                 for run_id, body in session.bodies.items():
                     entry = self._inflight.get(run_id)
                     if entry is not None:  # nothing ran: the same delivery goes per call
@@ -480,7 +671,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             entry = self._inflight.get(run_id)
             if entry is not None:
                 self._track(entry.frame)
-                self._session_send(run_id, body)
+                self._session_send(run_id, entry.frame, body)
 
     async def _deliver(self, entry: InFlight, body: bytes) -> None:
         """Run one delivery after another until the run ends or is given up."""
@@ -491,6 +682,11 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 stream = self._wants_stream(entry.frame)
                 method = self._stream_method if stream else self._method
                 received = False
+                if is_binary(body) != self._peer_binary():  # the worker's answer changed what it reads
+                    fresh = self._reencode(entry.frame, self._peer_binary())
+                    if fresh is None:
+                        return
+                    body = fresh
                 try:
                     if stream:
                         call = self._stream(body, metadata=self._call_metadata(method, body), timeout=self._timeout)
@@ -538,7 +734,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     def _emit_all(self, data: bytes) -> None:
         if not data:
             raise _BadResponse("empty message")
-        for event in decode_events(data):
+        events = decode_events(data)  # JSON or binary frames
+        self._warn_large(data, events)
+        for event in events:
             self._emit(event)
 
     async def _wait_ready(self) -> bool:
@@ -564,7 +762,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         call = self._calls.pop(run_id, None)
         if call is not None:
             call.cancel()
-        body = encode_frame(frame)
+        body = encode_frame(frame, binary=self._peer_binary())
         failure: BaseException | None = None
         try:
             reply = await self._unary(body, metadata=self._call_metadata(self._method, body),
@@ -650,8 +848,9 @@ ERROR_TABLE: tuple[_ErrorRule, ...] = (
     _rule("UNIMPLEMENTED", None, None,
           "The worker does not serve this method: check executor_config.method, stream_method and session_method."),
     _rule("RESOURCE_EXHAUSTED", r"larger than max|message length|too large", None,
-          "The message exceeds a size limit: executor_config.options grpc.max_send_message_length / "
-          "grpc.max_receive_message_length here, --max-body-bytes on the worker."),
+          "The message exceeds a size limit: executor_config.max_message_bytes here (or "
+          "executor_config.options grpc.max_send_message_length / grpc.max_receive_message_length, "
+          "when set there), --max-body-bytes on the worker."),
 )
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from wove.protocol import encode_events
+from wove.protocol import encode_binary_parts, encode_event, encode_events
 from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
@@ -290,8 +290,8 @@ class GrpcWorkerService:
             events: list[dict[str, Any]] = []
             while True:
                 events += session.take_events(heartbeats=False, superseded=True)  # Wove 2.x replies carry task_started
-                if not session.active:
-                    return encode_events(events, "envelope")
+                if not session.active:  # a client that sent a binary frame gets binary frames back
+                    return _binary_body(events) if session.binary else encode_events(events, "envelope")
                 if session.ended:
                     await _unavailable(context, session)
                 await session.wait()
@@ -336,7 +336,11 @@ class GrpcWorkerService:
         try:
             while True:
                 await session.wait()
-                for message in session.data_to_send("envelope"):
+                # JSON: one {"events": [...]} per message; binary (the client wrote binary
+                # frames): frames back to back, a large result alone in its message (no copy)
+                messages = (session.data_to_send("list", max_message_bytes=_BINARY_BATCH_BYTES) if session.binary
+                            else session.data_to_send("envelope"))
+                for message in messages:
                     yield message
                 if session.events_pending:
                     continue  # events that came while that message was written go first
@@ -350,6 +354,21 @@ class GrpcWorkerService:
         finally:
             reader.cancel()
             session.connection_lost()
+
+
+#: Binary Session messages hold frames back to back up to this size (a larger event goes alone).
+_BINARY_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def _binary_body(events: list[dict[str, Any]]) -> bytes:
+    """The events as binary frames back to back, joined once (gRPC sends one bytes object)."""
+    parts: list[bytes | memoryview] = []
+    for event in events:
+        try:
+            parts.extend(encode_binary_parts(event))
+        except Exception:  # encode_event turns it into the task_error (or log) that says why
+            parts.append(encode_event(event, binary=True))
+    return b"".join(parts)
 
 
 async def _read(session: WorkerSession, requests: AsyncIterator[bytes]) -> None:
