@@ -136,7 +136,7 @@ def test_the_table_is_one_shape() -> None:
 # -- executor_config validation ---------------------------------------------------------
 @pytest.mark.parametrize(("config", "message"), [
     ({"ping_intervall": 5}, r"^Environment 'ws': executor_config key 'ping_intervall' \(did you mean "
-                            r"'ping_interval'\?\) is not a websocket executor option\. Known keys: ca_file, "),
+                            r"'ping_interval'\?\) is not a websocket executor option\. Known keys: binary_frames, ca_file, "),
     ({"max_workers": 2}, r"key 'max_workers' is not a websocket executor option"),
     ({"cafile": "x"}, r"'cafile' \(did you mean 'ca_file'\?\)"),
     ({"tls": True}, r"tls is True but the URL scheme says TLS is off"),

@@ -2,7 +2,13 @@
 
 Commands go out as text messages (one JSON frame each); the worker service answers on
 the same connection with events as they happen (one event, a list, or
-``{"events": [...]}`` per message). When the connection drops the executor reconnects
+``{"events": [...]}`` per message). With a worker that announces ``binary_frames`` in its
+handshake answer (``X-Wove-Capabilities``; the executor asks for it with the same header
+in its request), a command or event that carries bulky data (large bytes or strings,
+buffers, arrays, objects) travels as a binary message holding binary frames
+(:func:`wove.protocol.encode_binary_parts`), the large buffers written as WebSocket
+fragments without copying them into one message; small ones stay JSON text messages,
+which are cheaper to encode and decode. When the connection drops the executor reconnects
 with exponential backoff and jitter; runs in flight are delivered again when their
 orphan policy is ``requeue`` (the worker deduplicates by ``run_id``) and otherwise end
 with a ``task_error`` (source ``transport``) naming the URL. ``websockets`` is imported
@@ -19,12 +25,13 @@ import ssl
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 from wove.errors import ConfigError, ProtocolError, exception_chain
 from wove.options import (
     DICT,
     NON_NEGATIVE_SECONDS,
+    PAYLOAD_OPTIONS,
     POSITIVE_INT,
     REDELIVERY_OPTIONS,
     STR,
@@ -33,7 +40,14 @@ from wove.options import (
     OptionSpec,
     one_of,
 )
-from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame, transport_error_event
+from wove.protocol import (
+    CAPABILITY_BINARY_FRAMES,
+    TERMINAL_EVENTS,
+    decode_events,
+    encode_binary_parts,
+    encode_frame,
+    transport_error_event,
+)
 from wove.registry import install_hint
 from wove.security import (
     NetworkExecutorSecurity,
@@ -43,6 +57,8 @@ from wove.security import (
 )
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
 from wove.transport import FrameExecutor
+
+from ._frames import FRAGMENT_BYTES, bulky_command, fragments
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -56,9 +72,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Largest message accepted in either direction (a 20 MiB argument or result fits easily;
-#: the library's own default of 1 MiB would drop the connection on a 1 MiB result).
+#: Largest incoming message (``max_size``; the library's own default of 1 MiB would drop
+#: the connection on a 1 MiB result). Outgoing commands are limited by
+#: ``max_message_bytes`` (:data:`wove.options.PAYLOAD_OPTIONS`, also 256 MiB).
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
+#: The handshake header both sides name their capabilities in.
+CAPABILITIES_HEADER = "X-Wove-Capabilities"
 
 #: A number of seconds, or None/false: off (None counts as "off" for these keys, as it
 #: always did; see ``_off_or``).
@@ -78,12 +97,18 @@ WEBSOCKET_OPTIONS = OptionSpec("websocket", [
     Option("ping_timeout", _SECONDS_OR_OFF, 20.0, "seconds a pong may take before the connection is dropped"),
     Option("close_timeout", _SECONDS_OR_OFF, 2.0, "seconds to wait for the closing handshake in stop()"),
     Option("max_size", Kind("a positive integer (bytes) or false", lambda v: v if v is False else POSITIVE_INT.check(v)),
-           DEFAULT_MAX_SIZE, "largest incoming message in bytes (None: no limit)"),
+           DEFAULT_MAX_SIZE, "largest incoming message (event) in bytes (None: no limit)"),
     Option("compression", one_of("deflate"), doc="'deflate' enables permessage-deflate"),
     INSECURE_OPTION,
     TLS_OPTIONS,
     REDELIVERY_OPTIONS,
+    PAYLOAD_OPTIONS,
 ])
+
+# What ``_Connection.outbox`` and ``_Waiting`` hold: one encoded message. ``bytes`` is a
+# JSON text (it starts with ``{``) or one joined binary message (it starts with a NUL);
+# a list is a large binary message as its fragments (:func:`fragments`).
+_Message: TypeAlias = "bytes | list[bytes | memoryview]"
 
 
 @dataclass(eq=False)
@@ -95,7 +120,9 @@ class _Connection:
     closed: bool = False
     reader: asyncio.Task[None] | None = None
     #: frames queued in this loop tick, written together by ``_flush`` (run_id or None)
-    outbox: list[tuple[str | None, bytes]] = field(default_factory=list)
+    outbox: list[tuple[str | None, _Message]] = field(default_factory=list)
+    #: the worker announced binary frames and ``binary_frames`` is on
+    binary: bool = False
     flush_scheduled: bool = False
 
 
@@ -104,7 +131,7 @@ class _Waiting:
     """A run waiting for the connection (never sent, or re-delivered after a loss)."""
 
     frame: dict[str, Any]
-    data: bytes | None
+    data: _Message | None
     timer: asyncio.TimerHandle | None = None
 
 
@@ -116,7 +143,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
     ``ping_timeout``, ``close_timeout``, ``max_size``, ``compression``, ``insecure``), the
     TLS keys of :data:`wove.tls.TLS_OPTIONS` (``ca_file``, ``cert_file``, ``key_file``,
     ``verify``, ``server_hostname``, ``tls``; older spellings ``certfile``, ``keyfile``,
-    ``ssl``) and the re-delivery keys. An unknown key is a
+    ``ssl``), the re-delivery keys and the payload keys of
+    :data:`wove.options.PAYLOAD_OPTIONS` (``binary_frames``, ``max_message_bytes``: the
+    largest command sent, ``payload_warning_bytes``). An unknown key is a
     :class:`~wove.errors.ConfigError` at start, with a did-you-mean. Failures are
     described by one table, :data:`FAILURES`.
     """
@@ -139,6 +168,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._reconnector: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_error = ""
+        #: binary_frames is on (the worker must announce them too, per connection)
+        self._binary_wanted = True
         self._options: dict[str, float | None] = {
             option.name: option.default for option in WEBSOCKET_OPTIONS if option.name in _OFF_KEYS[:4]}
 
@@ -195,6 +226,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             self._options[key] = None if config[key] is None else float(config[key])
         max_size = config["max_size"]
         compression = config["compression"]
+        self._binary_wanted = bool(config["binary_frames"])
 
         self._open_events(environment_name, environment_config)
         self._url = url
@@ -268,9 +300,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._require_started()
         frame_type = frame.get("type")
         if frame_type == "run_task":
-            data = encode_frame(frame)
-            self._track(frame, len(data))
             connection = self._conn
+            data, size = self._encode(frame, connection)
+            self._track(frame, size)
             if connection is None:
                 self._wait_for_connection(frame, data)
             else:
@@ -292,13 +324,34 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                 f"{frame_type!r}; expected run_task, cancel_task or shutdown."
             )
 
+    def _encode(self, frame: dict[str, Any], connection: _Connection | None) -> tuple[_Message, int]:
+        """Encode a run_task for ``connection`` (None: the next one) and check its size.
+
+        JSON unless the worker speaks binary frames and the command carries bulky data
+        (:func:`~wove_executor_ws._frames.bulky_command`): small commands are cheaper as JSON.
+
+        Raises:
+            PayloadTooLargeError: over ``max_message_bytes``.
+            DispatchError: the callable or an argument cannot be pickled.
+        """
+        binary = connection.binary if connection is not None else self._binary_wanted and \
+            CAPABILITY_BINARY_FRAMES in self.capabilities
+        if binary and bulky_command(frame):
+            parts = encode_binary_parts(frame)
+            size = sum(map(len, parts))
+            self._check_payload(frame, size)
+            return (fragments(parts) if size >= FRAGMENT_BYTES else b"".join(parts)), size
+        data = encode_frame(frame)
+        self._check_payload(frame, len(data))
+        return data, len(data)
+
     async def _send_control(self, frame: dict[str, Any]) -> None:
         connection = self._conn
         if connection is None or connection.closed:
             return  # the runs it concerns were settled when the connection was lost
         self._queue(connection, None, encode_frame(frame))
 
-    async def _transmit(self, connection: _Connection, frame: dict[str, Any], data: bytes) -> None:
+    async def _transmit(self, connection: _Connection, frame: dict[str, Any], data: _Message) -> None:
         if connection.closed:
             self._wait_for_connection(frame, data)
             return
@@ -310,11 +363,12 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             except Exception as exc:  # the reader handles the loss
                 logger.debug("websocket: drain on %s failed: %r", self._url, exc)
 
-    def _queue(self, connection: _Connection, run_id: str | None, data: bytes) -> None:
+    def _queue(self, connection: _Connection, run_id: str | None, data: _Message) -> None:
         """Queue one message; every message queued in this loop tick is written at once.
 
         Each command stays its own WebSocket message; batching only saves the per-message
-        write path and system call (the frames go out in one ``transport.write``).
+        write path and system call (the frames go out in one ``transport.write``; a batch
+        holding a fragmented binary message writes its frames one by one, unjoined).
         """
         connection.outbox.append((run_id, data))
         if run_id is not None:
@@ -333,15 +387,30 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             return  # closing: the reader reports the loss and re-queues the outbox
         batch, connection.outbox = connection.outbox, []
         try:
+            large = False
             for _run_id, data in batch:
-                protocol.send_text(data)
+                if type(data) is bytes:
+                    if data[0]:  # JSON starts with "{"; a binary frame with a NUL
+                        protocol.send_text(data)
+                    else:
+                        protocol.send_binary(data)
+                else:  # a large binary message: one WebSocket fragment per large buffer
+                    large = True
+                    last = len(data) - 1
+                    protocol.send_binary(data[0], fin=last == 0)
+                    for index in range(1, last + 1):
+                        protocol.send_continuation(data[index], fin=index == last)
             chunks = [chunk for chunk in protocol.data_to_send() if chunk]
-            ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if large:  # no join: asyncio sends or buffers each chunk (3.12+: without a copy)
+                for chunk in chunks:
+                    ws.transport.write(chunk)
+            else:
+                ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         except Exception as exc:
             logger.warning("websocket: writing to %s failed: %r", self._url, exc)
             ws.transport.abort()  # the reader sees the loss; these runs may not have gone out
 
-    def _wait_for_connection(self, frame: dict[str, Any], data: bytes | None) -> None:
+    def _wait_for_connection(self, frame: dict[str, Any], data: _Message | None) -> None:
         run_id = str(frame["run_id"])
         timeout = self._redelivery.reconnect_timeout  # the policy every transport shares
         waiting = _Waiting(frame, data)
@@ -366,6 +435,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
     async def _open(self) -> _Connection:
         assert self._connect is not None
         headers = dict(self._headers)
+        if self._binary_wanted and not any(key.lower() == CAPABILITIES_HEADER.lower() for key in headers):
+            # lets our worker answer in binary frames from the first event (a Wove 2.x worker ignores it)
+            headers[CAPABILITIES_HEADER] = CAPABILITY_BINARY_FRAMES
         headers.update(self._security.headers_for(transport="websocket", target=self._target, body=b""))
         ws = await self._connect(self._url, additional_headers=headers or None, **self._connect_kwargs)
         return _Connection(ws)
@@ -374,8 +446,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._conn = connection
         # the handshake answer's X-Wove-Capabilities (a Wove 2.x worker sends none)
         response = getattr(connection.ws, "response", None)
-        header = response.headers.get("X-Wove-Capabilities", "") if response is not None else ""
+        header = response.headers.get(CAPABILITIES_HEADER, "") if response is not None else ""
         self.capabilities = frozenset(part.strip() for part in str(header).split(",") if part.strip())
+        connection.binary = self._binary_wanted and CAPABILITY_BINARY_FRAMES in self.capabilities
         self._last_error = ""
         connection.reader = asyncio.get_running_loop().create_task(
             self._read(connection), name=f"wove-websocket-reader:{self._environment}"
@@ -386,6 +459,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         recv = connection.ws.recv
         emit = self._emit
         sent = connection.sent
+        warn_above = self._payload.warning_bytes
         try:
             while True:
                 data = await recv(decode=False)
@@ -394,6 +468,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                 except ProtocolError as exc:
                     logger.warning("websocket: ignoring a malformed message from %s: %s", self._url, exc)
                     continue
+                if warn_above is not None and len(data) > warn_above and events:
+                    self._warn_large(events, len(data))
                 for event in events:
                     if event.get("type") in TERMINAL_EVENTS:
                         sent.discard(event.get("run_id"))  # type: ignore[arg-type]
@@ -407,6 +483,12 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             logger.warning("websocket: reading from %s failed: %r", self._url, exc)
             await asyncio.shield(connection.ws.close())
         self._connection_lost(connection, error)
+
+    def _warn_large(self, events: list[dict[str, Any]], size: int) -> None:
+        """One warning for a large message, naming the run whose result (or item) it carries."""
+        event = next((e for e in events if "result" in e or "item" in e), events[0])
+        self._payload.warn(event, size, environment=self._environment,
+                           what="a streamed item" if "item" in event else "result")
 
     def _connection_lost(self, connection: _Connection, error: BaseException | None) -> None:
         if connection.closed or self._stopping:
@@ -481,7 +563,14 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             waiting = self._waiting.pop(run_id)
             if waiting.timer is not None:
                 waiting.timer.cancel()
-            data = waiting.data if waiting.data is not None else encode_frame(waiting.frame)
+            data = waiting.data
+            if data is None or (not connection.binary and (type(data) is not bytes or not data[0])):
+                # never encoded, or binary for a worker that no longer speaks it: encode for this one
+                try:
+                    data = self._encode(waiting.frame, connection)[0]
+                except Exception as exc:  # over the limit as JSON: fail this run, not the connection
+                    self._emit(transport_error_event(waiting.frame, str(exc), exc, retryable=False))
+                    continue
             self._queue(connection, waiting.frame["run_id"], data)
 
     def _describe(self, exc: BaseException) -> TransportFailure:

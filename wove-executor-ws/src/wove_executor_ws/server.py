@@ -2,9 +2,18 @@
 
 The handshake is checked in ``process_request`` before the connection is accepted (a
 wrong path gets HTTP 404, missing credentials 401, wrong, replayed or expired ones 403);
-each text message is one command (or a JSON list of commands); the events of a run go back
-on the connection that submitted it as they happen, the ones ready together coalesced into
-one message (a JSON list, which Wove 2.x clients read too). Everything else (decoding,
+each text message is one command (or a JSON list of commands), each binary message one or
+more binary frames; the events of a run go back on the connection that submitted it as
+they happen, the ones ready together coalesced into one message (a JSON list, which Wove
+2.x clients read too).
+
+Binary frames: the handshake answer announces ``binary_frames`` (``X-Wove-Capabilities``).
+A client that asks for them (the same header in its request) or sends a binary frame gets
+the events that carry bulky data (a large result, streamed item or exception object) as
+binary messages, a large one in WebSocket fragments without joining its buffers; small
+events stay JSON text messages (cheaper on both sides). Any other client (Wove 2.x) only
+ever gets JSON. Messages are never compressed (``compression=None``: permessage-deflate
+would spend CPU on pickles and buffers that rarely shrink). Everything else (decoding,
 limits, what a closed connection means for its runs, ``shutdown`` commands, slow
 readers, drain) is the worker session's, the same as on every transport.
 
@@ -31,9 +40,12 @@ import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
+from wove.protocol import CAPABILITY_BINARY_FRAMES, encode_binary_parts, encode_event
 from wove.security import canonical_http_target
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
+
+from ._frames import FRAGMENT_BYTES, bulky_event, fragments
 
 __all__ = ["DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
 
@@ -50,11 +62,52 @@ async def _write(session: WorkerSession, ws: Any) -> None:
     """Send the session's events until it ends and nothing is left."""
     while True:
         await session.wait()
-        for message in session.data_to_send("list", max_message_bytes=COALESCE_LIMIT,
-                                            max_events_per_message=PIPELINE_BATCH):
-            await ws.send(message, text=True)
+        if session.binary:
+            await _write_mixed(session, ws)
+        else:
+            for message in session.data_to_send("list", max_message_bytes=COALESCE_LIMIT,
+                                                max_events_per_message=PIPELINE_BATCH):
+                await ws.send(message, text=True)
         if session.ended and not session.events_pending:
             return
+
+
+async def _write_mixed(session: WorkerSession, ws: Any) -> None:
+    """The ready events of a binary session: bulky ones as binary messages (one each, a
+    large one in fragments), the others coalesced into JSON lists as for any client."""
+    batch: list[bytes] = []
+    size = 0
+    for event in session.take_events():
+        if bulky_event(event):
+            if batch:
+                await _send_json(ws, batch)
+                batch, size = [], 0
+            await ws.send(_binary_message(event))
+            continue
+        item = encode_event(event)
+        if batch and (len(batch) >= PIPELINE_BATCH or size + len(item) > COALESCE_LIMIT):
+            await _send_json(ws, batch)
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item) + 1
+    if batch:
+        await _send_json(ws, batch)
+
+
+async def _send_json(ws: Any, batch: list[bytes]) -> None:
+    await ws.send(batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]", text=True)
+
+
+def _binary_message(event: dict[str, Any]) -> bytes | list[bytes | memoryview]:
+    """One event as a binary frame: joined when small, else its fragments (the buffers
+    unjoined; ``websockets`` sends an iterable as a fragmented message)."""
+    try:
+        parts = encode_binary_parts(event)
+    except Exception:  # encode_event turns what cannot be encoded into a task_error
+        return encode_event(event, binary=True)
+    if sum(map(len, parts)) < FRAGMENT_BYTES:
+        return b"".join(parts)
+    return fragments(parts)
 
 
 async def _read(session: WorkerSession, ws: Any) -> None:
@@ -245,6 +298,10 @@ class WebSocketWorkerServer:
 
     async def _converse(self, ws: Any) -> None:
         session = self.service.session(str(getattr(ws, "remote_address", "?")))
+        request = getattr(ws, "request", None)
+        if request is not None:  # the client asked for binary frames in its handshake
+            asked = request.headers.get("X-Wove-Capabilities", "")
+            session.binary = CAPABILITY_BINARY_FRAMES in (part.strip() for part in str(asked).split(","))
         writer = asyncio.get_running_loop().create_task(_write(session, ws))
         reader = asyncio.get_running_loop().create_task(_read(session, ws))
         try:
