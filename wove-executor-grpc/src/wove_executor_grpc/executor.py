@@ -67,6 +67,7 @@ DEFAULT_SESSION_METHOD = "/wove.network_executor.WorkerService/Session"
 _BATCH_BYTES = 4 * 1024 * 1024
 _MAX_MESSAGE = 256 * 1024 * 1024
 _SEND_LIMIT = "grpc.max_send_message_length"
+_GRPC_MAX_LENGTH = 2**31 - 1
 _RECEIVE_LIMIT = "grpc.max_receive_message_length"
 #: Channel options applied before ``executor_config.options`` (which override them). The two
 #: message limits follow ``executor_config.max_message_bytes`` (default 256 MiB) unless
@@ -288,8 +289,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         named = _option_items(environment_config.get("options"))
         max_bytes = int(config["max_message_bytes"])
         for name in (_SEND_LIMIT, _RECEIVE_LIMIT):
-            if name not in named:  # both directions follow max_message_bytes
-                merged[name] = max_bytes
+            if name not in named:  # both directions follow max_message_bytes (grpc takes an int32)
+                merged[name] = min(max_bytes, _GRPC_MAX_LENGTH)
         options = list(merged.items())
         if tls.server_hostname:
             options.append(("grpc.ssl_target_name_override", tls.server_hostname))
@@ -441,12 +442,16 @@ class GrpcEnvironmentExecutor(FrameExecutor):
 
     async def _probe_binary(self) -> None:
         """One capability probe at a time, shared by the runs that wait for it."""
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._probe_capabilities())
+        probe = self._probe
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.get_running_loop().create_task(self._probe_capabilities())
         try:
-            await asyncio.wait_for(asyncio.shield(self._probe), _ANSWER_WAIT)
+            await asyncio.wait_for(asyncio.shield(probe), _ANSWER_WAIT)
         except asyncio.TimeoutError:
             pass
+        except asyncio.CancelledError:
+            if not probe.cancelled():  # we were cancelled, not the probe (stop() ends it)
+                raise
 
     async def _probe_capabilities(self) -> None:
         """Open a Session call, read its confirmation, close it without writing a command.

@@ -13,6 +13,12 @@ No generated stubs: raw-bytes generic handlers serve three methods of the servic
 * ``Session`` (stream-stream, a Wove extension): many commands and events on one call
   (see :meth:`GrpcWorkerService.handlers`).
 
+Binary frames (docs/wire.md): the Session confirmation announces ``binary_frames`` in
+``wove-capabilities``. A request that holds binary frames (one or several back to back)
+is answered in binary frames: ``Send`` with the run's events back to back in one message,
+``Stream`` one frame per message, ``Session`` frames back to back (a large event alone in its
+message). A JSON request (every Wove 2.x client) gets exactly the JSON above.
+
 This module does only the I/O. Verification, decoding, size limits, what an ended call
 means for its runs, ``shutdown`` commands, slow readers and the drain are the worker
 session's, the same on every transport. A request the session refuses ends the call with
@@ -232,9 +238,10 @@ class GrpcWorkerService:
         ``Session`` (bidirectional): authenticated once, at call start (signed over the
         method path and an empty body, like a WebSocket handshake); then the server
         confirms the method with the initial metadata :data:`SESSION_CONFIRMATION` before
-        it reads any command. Each request message is one command or a JSON list of
-        commands; each response message is ``{"events": [...]}`` with the events that were
-        ready. A command that does not decode is answered with a ``task_error`` (or a
+        it reads any command. Each request message is one command, a JSON list of
+        commands, or binary frames back to back; each response message is
+        ``{"events": [...]}`` with the events that were ready (binary frames back to back
+        once the client wrote a binary frame). A command that does not decode is answered with a ``task_error`` (or a
         ``log``) on the session; nothing runs for it. While the client leaves
         ``max_pending_events`` events unread, no further command is read. After the
         client finished writing, the call ends (OK) once its runs have their terminal
