@@ -14,8 +14,8 @@ import logging
 import os
 import struct
 import traceback
-from collections.abc import Iterator
-from typing import Any, Literal, TypedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypedDict, TypeVar
 
 from . import dispatch
 from ._capture import HOST
@@ -23,6 +23,7 @@ from ._codec_cache import CallableCache, DecodedCallables, fast_b64, fast_pickle
 from .errors import DispatchError, MissingDispatchFeatureError, ProtocolError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "BINARY_MAGIC",
@@ -44,6 +45,7 @@ __all__ = [
     "decode_events",
     "encode_binary_parts",
     "encode_event",
+    "encode_event_parts",
     "encode_events",
     "encode_frame",
     "error_event",
@@ -657,21 +659,33 @@ def encode_event(event: dict[str, Any], *, binary: bool = False) -> bytes:
     the offending object; any other event that cannot be encoded becomes a ``log`` event
     saying so.
     """
+    if binary:
+        return b"".join(encode_event_parts(event))
+    return _encode_safely(event, encode_frame)
+
+
+def encode_event_parts(event: dict[str, Any]) -> list[bytes | memoryview]:
+    """:func:`encode_event` as a binary frame in parts (:func:`encode_binary_parts`), for
+    a writer that sends them without joining, or joins many events once; never raises."""
+    return _encode_safely(event, encode_binary_parts)
+
+
+def _encode_safely(event: dict[str, Any], encode: Callable[[dict[str, Any]], T]) -> T:
     try:
-        return encode_frame(event, binary=binary)
+        return encode(event)
     except Exception as exc:  # DispatchError, RecursionError, a __reduce__ that raises...
         if event.get("type") == "task_yield":
             # an item that cannot be sent ends the stream where it happened (the worker's
             # generator is closed when the client answers with cancel_task)
-            return encode_frame(error_event(
+            return encode(error_event(
                 str(event.get("run_id")), str(event.get("task_id")), kind=type(exc).__name__, source="executor",
                 message=f"Item {event.get('seq')} of the streamed run {event.get('run_id')} cannot be sent back: {exc}",
-            ), binary=binary)
+            ))
         if event.get("type") not in TERMINAL_EVENTS:
             logger.warning("could not encode a %s event: %s: %s", event.get("type"), type(exc).__name__, exc)
-            return encode_frame({"type": "log", "message": (
+            return encode({"type": "log", "message": (
                 f"A {event.get('type')} event of run {event.get('run_id')} could not be encoded: "
-                f"{type(exc).__name__}: {exc}")}, binary=binary)
+                f"{type(exc).__name__}: {exc}")})
         replacement = error_event(
             str(event.get("run_id")),
             str(event.get("task_id")),
@@ -679,7 +693,7 @@ def encode_event(event: dict[str, Any], *, binary: bool = False) -> bytes:
             message=f"The {event.get('type')} of run {event.get('run_id')} cannot be sent back: {exc}",
             source="executor",
         )
-        return encode_frame(replacement, binary=binary)
+        return encode(replacement)
 
 
 def encode_events(events: list[dict[str, Any]], framing: Literal["envelope", "lines"] = "envelope", *,
@@ -688,9 +702,9 @@ def encode_events(events: list[dict[str, Any]], framing: Literal["envelope", "li
     read from HTTP and gRPC) or ``lines``, one event per line (NDJSON, stdio); with
     ``binary``, the binary frames one after another (each says its own length). Every
     event goes through :func:`encode_event`, so none is lost to an encoding failure."""
-    encoded = [encode_event(event, binary=binary) for event in events]
-    if binary:
-        return b"".join(encoded)
+    if binary:  # one join: a large buffer is copied once, into the body
+        return b"".join([part for event in events for part in encode_event_parts(event)])
+    encoded = [encode_event(event) for event in events]
     if framing == "lines":
         return b"".join(item + b"\n" for item in encoded)
     return b'{"events":[' + b",".join(encoded) + b"]}"

@@ -55,7 +55,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ProtocolError
@@ -67,6 +67,7 @@ from .protocol import (
     TERMINAL_EVENTS,
     decode_command,
     encode_event,
+    encode_event_parts,
     encode_events,
     error_event,
     is_binary,
@@ -601,27 +602,38 @@ class WorkerSession:
         events = self.take_events(heartbeats=heartbeats, superseded=superseded)
         if not events:
             return []
-        binary = self.binary
         if framing in ("envelope", "lines"):
-            return [encode_events(events, framing, binary=binary)]
-        encoded = [encode_event(e, binary=binary) for e in events]
+            return [encode_events(events, framing, binary=self.binary)]
+        if self.binary:  # each message is joined once from its frames' parts
+            parts = [encode_event_parts(e) for e in events]
+            if framing == "each":
+                return [b"".join(p) for p in parts]
+            sizes = [sum(len(part) for part in p) for p in parts]
+            return [b"".join([part for p in parts[start:end] for part in p])
+                    for start, end in self._batches(sizes, max_message_bytes, max_events_per_message)]
+        encoded = [encode_event(e) for e in events]
         if framing == "each":
             return encoded
-        messages: list[bytes] = []
-        while encoded:
-            size = count = 0
-            for item in encoded:
-                if count and (count >= max_events_per_message
-                              or (max_message_bytes is not None and size + len(item) > max_message_bytes)):
+        return [batch[0] if end - start == 1 else b"[" + b",".join(batch) + b"]"
+                for start, end in self._batches([len(item) for item in encoded], max_message_bytes,
+                                                max_events_per_message)
+                for batch in (encoded[start:end],)]
+
+    @staticmethod
+    def _batches(sizes: list[int], max_bytes: int | None, max_count: int) -> Iterator[tuple[int, int]]:
+        """``(start, end)`` of consecutive events per message: at most ``max_count``, and
+        past the first, at most ``max_bytes`` (one separator byte each)."""
+        start = 0
+        while start < len(sizes):
+            end, total = start, 0
+            while end < len(sizes):
+                if end > start and (end - start >= max_count
+                                    or (max_bytes is not None and total + sizes[end] > max_bytes)):
                     break
-                size += len(item) + 1
-                count += 1
-            batch, encoded = encoded[:count], encoded[count:]
-            if count == 1:
-                messages.append(batch[0])
-            else:  # binary frames say their own length: one after another
-                messages.append(b"".join(batch) if binary else b"[" + b",".join(batch) + b"]")
-        return messages
+                total += sizes[end] + 1
+                end += 1
+            yield start, end
+            start = end
 
     async def wait(self) -> None:
         """Until there are events to send or the session ended."""
