@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from wove.protocol import encode_binary_parts, encode_event, encode_events
+from wove.protocol import encode_events
 from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
@@ -298,7 +298,7 @@ class GrpcWorkerService:
             while True:
                 events += session.take_events(heartbeats=False, superseded=True)  # Wove 2.x replies carry task_started
                 if not session.active:  # a client that sent a binary frame gets binary frames back
-                    return _binary_body(events) if session.binary else encode_events(events, "envelope")
+                    return encode_events(events, "envelope", binary=session.binary)
                 if session.ended:
                     await _unavailable(context, session)
                 await session.wait()
@@ -365,17 +365,6 @@ class GrpcWorkerService:
 
 #: Binary Session messages hold frames back to back up to this size (a larger event goes alone).
 _BINARY_BATCH_BYTES = 4 * 1024 * 1024
-
-
-def _binary_body(events: list[dict[str, Any]]) -> bytes:
-    """The events as binary frames back to back, joined once (gRPC sends one bytes object)."""
-    parts: list[bytes | memoryview] = []
-    for event in events:
-        try:
-            parts.extend(encode_binary_parts(event))
-        except Exception:  # encode_event turns it into the task_error (or log) that says why
-            parts.append(encode_event(event, binary=True))
-    return b"".join(parts)
 
 
 async def _read(session: WorkerSession, requests: AsyncIterator[bytes]) -> None:
