@@ -45,6 +45,15 @@ def bulky(value: Any) -> bool:
         return False
     if kind in _TEXT:
         return len(value) > BULKY_BYTES
+    if kind is dict and len(value) <= 32:  # keyword arguments of scalars: one pass, no stack
+        for key, item in value.items():
+            of = type(item)
+            if ((of in _SCALARS or (of in _TEXT and len(item) <= BULKY_BYTES))
+                    and type(key) is str and len(key) <= BULKY_BYTES):
+                continue
+            break
+        else:
+            return False
     stack = [value]
     budget = _ITEM_BUDGET
     while stack:
@@ -88,7 +97,13 @@ def _bulky_callable(func: Any) -> bool:
 def bulky_command(frame: Mapping[str, Any]) -> bool:
     """True when a ``run_task`` is worth a binary frame: bulky arguments or a callable
     that carries data (a closure over a large value, a ``functools.partial``...)."""
-    return bulky(frame.get("args")) or _bulky_callable(frame.get("callable"))
+    args = frame.get("args")
+    if args and bulky(args):
+        return True
+    func = frame.get("callable")
+    if type(func) is types.FunctionType and func.__closure__ is None and func.__defaults__ is None:
+        return False  # the common case, decided without a call
+    return _bulky_callable(func)
 
 
 def bulky_event(event: Mapping[str, Any]) -> bool:
