@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from wove.environment import ExecutorRuntime
+from wove.protocol import decode_command, is_binary
 from wove.testing import tasks
 
 from .conftest import SECRET, SECRET_ENV, Worker, run, serve_asgi
@@ -95,12 +96,18 @@ WOVE2_VERIFY = textwrap.dedent('''
 ''')
 
 
-async def _capture_signed_request(secret_env: str) -> dict[str, Any]:
-    """Run one task through our executor against a recorder; return what it sent."""
+async def _capture_signed_request(secret_env: str, binary: bool) -> dict[str, Any]:
+    """Run one task through our executor against a recorder (announcing binary frames or
+    not, like a Wove 3 or 2.x worker); return what it sent."""
     captured: dict[str, Any] = {}
+    announce = [(b"x-wove-capabilities", b"binary_frames")] if binary else []
 
     async def recorder(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return
+        if scope["method"] != "POST":  # the capability probe (GET <path>/health)
+            await send({"type": "http.response.start", "status": 200 if binary else 404, "headers": announce})
+            await send({"type": "http.response.body", "body": b"{}"})
             return
         body = b""
         while True:
@@ -108,24 +115,30 @@ async def _capture_signed_request(secret_env: str) -> dict[str, Any]:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        frame = json.loads(body)
+        frame = decode_command(body)
         captured.update(headers={k.decode(): v.decode() for k, v in scope["headers"]},
-                        body=base64.b64encode(body).decode(), target=scope["raw_path"].decode())
+                        body=base64.b64encode(body).decode(), target=scope["raw_path"].decode(),
+                        binary=is_binary(body))
         event = {"type": "task_result", "run_id": frame["run_id"], "task_id": frame["task_id"],
                  "result_pickle": "gAVOLg=="}  # pickled None
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), *announce]})
         await send({"type": "http.response.body", "body": json.dumps({"events": [event]}).encode()})
 
     async with serve_asgi(recorder) as port:
         url = f"http://127.0.0.1:{port}/wove/signed"
         definition = {"w": {"executor": "http", "executor_config": {"url": url, "security": f"env:{secret_env}"}}}
         async with ExecutorRuntime(definition, {}) as runtime:
-            assert await runtime.call("w", tasks.add, 1, 2) is None
+            # a large buffer: an unsigned binary body would be written in parts
+            assert await runtime.call("w", tasks.add, b"a" * 300_000, b"b") is None
     return captured
 
 
-def test_our_signed_requests_verify_with_wove2(wove2_python: Path, secret_env: str) -> None:
-    captured = run(_capture_signed_request(secret_env))
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_our_signed_requests_verify_with_wove2(wove2_python: Path, secret_env: str, binary: bool) -> None:
+    """The signature covers the exact body, JSON or binary frames (checked by Wove 2.0.3's verifier)."""
+    captured = run(_capture_signed_request(secret_env, binary))
+    assert captured.pop("binary") is binary
     assert captured["target"] == "/wove/signed"
     result = subprocess.run([str(wove2_python), "-c", WOVE2_VERIFY, SECRET], input=json.dumps(captured),
                             capture_output=True, text=True, timeout=60)

@@ -71,7 +71,7 @@ async def test_without_a_client_certificate_the_worker_refuses(tls_worker: str, 
 
 @pytest.mark.parametrize(("config", "message"), [
     ({"conect_timeout": 5}, r"^Environment 'e': executor_config key 'conect_timeout' \(did you mean "
-                            r"'connect_timeout'\?\) is not a http executor option\. Known keys: ca_file, cert_file, "),
+                            r"'connect_timeout'\?\) is not a http executor option\. Known keys: binary_frames, ca_file, cert_file, "),
     ({"max_workers": 4}, r"key 'max_workers' is not a http executor option"),
     ({"root_certificate": "x"}, r"'root_certificate' \(did you mean 'root_certificates', an older spelling of 'ca_file'\?\)"),
     ({"tls": True}, r"tls is True but the URL scheme says TLS is off; the URL decides: use a https:// or wss:// URL"),

@@ -8,6 +8,16 @@ one JSON body, which is cheaper for both sides (``executor_config.stream``: ``"a
 true to always stream, false never). A plain JSON answer (one event, a list, or
 ``{"events": [...]}``) from a Wove 2.x worker works either way.
 
+Binary frames (docs/wire.md): with a worker whose answers (or ``GET <url>/health``, asked
+once before the first run when nothing is known yet) carry ``X-Wove-Capabilities:
+binary_frames``, and ``executor_config.binary_frames`` true (the default), a ``run_task`` is
+POSTed as one binary frame with ``Content-Type: application/x-wove-frames`` and ``Accept:
+application/x-wove-frames, ...``; the worker then answers binary frames back to back (one
+body, or as they happen for a streamed run), which the client splits incrementally with
+:func:`wove.protocol.binary_frame_size`. Large buffers are written from the caller's memory
+(the body is a sequence of parts) unless the request is signed (the signature hashes the
+joined body). A Wove 2.x worker announces nothing and gets today's JSON frames.
+
 The client is httpx's async API. By default its transport is ``httpx-aiohttp``'s
 :class:`AiohttpTransport` (aiohttp's connection pool under the httpx API), which
 measured ~2-4x faster than httpx's own pool at 256 concurrent requests (see the README);
@@ -34,6 +44,7 @@ import logging
 import socket
 import ssl
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +53,7 @@ from wove.options import (
     ANY,
     BOOL,
     DICT,
+    PAYLOAD_OPTIONS,
     POSITIVE_INT,
     POSITIVE_SECONDS,
     REDELIVERY_OPTIONS,
@@ -50,7 +62,17 @@ from wove.options import (
     OptionSpec,
     one_of,
 )
-from wove.protocol import TERMINAL_EVENTS, decode_events, encode_frame
+from wove.protocol import (
+    BINARY_MAGIC,
+    BINARY_PREFIX_BYTES,
+    CAPABILITY_BINARY_FRAMES,
+    CAPABILITY_TASK_YIELD,
+    TERMINAL_EVENTS,
+    binary_frame_size,
+    decode_events,
+    encode_binary_parts,
+    encode_frame,
+)
 from wove.registry import install_hint
 from wove.security import (
     NetworkExecutorSecurity,
@@ -61,14 +83,28 @@ from wove.security import (
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
 from wove.transport import FrameExecutor
 
-__all__ = ["FAILURES", "HTTP_OPTIONS", "HttpEnvironmentExecutor", "TransportFailure", "describe_failure"]
+__all__ = [
+    "FAILURES", "FRAMES", "HTTP_OPTIONS", "EventStreamSplitter", "HttpEnvironmentExecutor", "TransportFailure",
+    "describe_failure",
+]
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = f"Install it with: {install_hint('wove-executor-http')}"
 ACCEPT = "application/x-ndjson, application/json"
-_ACCEPT_STREAM = (b"Accept", ACCEPT.encode())
-_ACCEPT_JSON = (b"Accept", b"application/json")
+#: The media type of binary frames back to back (request and response bodies).
+FRAMES = "application/x-wove-frames"
+# (binary body, streamed) -> Accept: binary requests say they read binary answers
+_ACCEPT = {
+    (False, False): (b"Accept", b"application/json"),
+    (False, True): (b"Accept", ACCEPT.encode()),
+    (True, False): (b"Accept", f"{FRAMES}, application/json".encode()),
+    (True, True): (b"Accept", f"{FRAMES}, {ACCEPT}".encode()),
+}
+_CONTENT_TYPE = {False: (b"Content-Type", b"application/json"), True: (b"Content-Type", FRAMES.encode())}
+#: a binary body of at most this many bytes is joined (one write); larger ones are sent as
+#: their parts, the large buffers straight from the caller's memory
+_JOIN_BELOW = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
 TRANSPORTS = ("aiohttp", "httpx")
@@ -92,6 +128,7 @@ HTTP_OPTIONS = OptionSpec("http", [
     Option("stream", one_of("auto", True, False), "auto",
            "NDJSON events as they happen: 'auto' (runs with a heartbeat window), true, false"),
     REDELIVERY_OPTIONS,
+    PAYLOAD_OPTIONS,
 ])
 #: The same keys, named ``https`` in messages.
 HTTPS_OPTIONS = HTTP_OPTIONS.extend("https", [])
@@ -127,6 +164,10 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._side: set[asyncio.Task[None]] = set()
         #: a response has told what the worker announces (``X-Wove-Capabilities``)
         self._announced = False
+        #: the one ``GET <url>/health`` in flight (or done), shared by the runs that wait for it
+        self._probe: asyncio.Task[None] | None = None
+        self._binary_frames = True  # executor_config.binary_frames
+        self._binary = False  # ... and the worker announced binary_frames
 
     def __repr__(self) -> str:
         return f"HttpEnvironmentExecutor(name={self.executor_name!r}, url={self._url!r})"
@@ -206,13 +247,20 @@ class HttpEnvironmentExecutor(FrameExecutor):
         self._target = canonical_http_target(url)
         self._security = security
         self._stream = config["stream"]
-        self._headers = [(b"Host", self._url_object.netloc), (b"Content-Type", b"application/json"),
+        self._binary_frames = bool(config["binary_frames"])
+        self._binary = False
+        self._announced = False
+        self._probe = None
+        self.capabilities = frozenset()
+        self._headers = [(b"Host", self._url_object.netloc),
                          *((str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items())]
         logger.debug("%s executor for environment %s: %s via %s", self.executor_name, environment_name, url, transport_name)
 
     async def stop(self) -> None:
         """Abort outstanding requests and close the connection pool."""
         tasks = [*self._requests.values(), *self._side]
+        if self._probe is not None and not self._probe.done():
+            tasks.append(self._probe)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -237,12 +285,13 @@ class HttpEnvironmentExecutor(FrameExecutor):
             raise RuntimeError(f"{self.executor_name} executor for environment '{self._environment}' is not started.")
         frame_type = frame.get("type")
         if frame_type == "run_task":
-            body = encode_frame(frame)
-            self._track(frame, len(body))
+            body = _Body.of(frame, binary=await self._use_binary())
+            self._check_payload(frame, body.size)
+            self._track(frame, body.size)
             run_id = frame["run_id"]
             self._requests[run_id] = asyncio.ensure_future(self._deliver(frame, body))
         elif frame_type == "cancel_task" or frame_type == "stream_credit":  # credit: only once task_yield was announced
-            task = asyncio.ensure_future(self._cancel(frame, encode_frame(frame)))
+            task = asyncio.ensure_future(self._cancel(frame, _Body.of(frame, binary=False)))
             self._side.add(task)
             task.add_done_callback(self._side.discard)
         elif frame_type == "shutdown":
@@ -258,33 +307,66 @@ class HttpEnvironmentExecutor(FrameExecutor):
         if self._side:
             await asyncio.wait(list(self._side), timeout=2.0)
 
-    def _request(self, body: bytes, *, stream: bool = False) -> Any:
+    def _request(self, body: _Body, *, stream: bool = False) -> Any:
         """An httpx.Request for one command: prebuilt URL and headers, signed over ``body``.
 
         ``stream`` asks for the NDJSON extension (events as they happen); otherwise the
-        answer is one JSON body, which costs both sides less per request.
+        answer is one JSON body, which costs both sides less per request. A binary body
+        asks for binary frames back (one body, or as they happen).
         """
-        accept = _ACCEPT_STREAM if stream else _ACCEPT_JSON
-        headers = [*self._headers, accept, (b"Content-Length", str(len(body)).encode())]
-        if self._security.mode != "none":
-            signed = self._security.headers_for(transport="http", target=self._target, body=body)
+        headers = [*self._headers, _CONTENT_TYPE[body.binary], _ACCEPT[body.binary, stream],
+                   (b"Content-Length", str(body.size).encode())]
+        content: Any
+        if self._security.mode == "signed":  # the signature hashes the body: it is one buffer
+            content = body.joined()
+            signed = self._security.headers_for(transport="http", target=self._target, body=content)
             headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items())
-        return self._httpx.Request("POST", self._url_object, headers=headers, content=body,
+        else:
+            if self._security.mode != "none":  # bearer: the body is not part of it
+                signed = self._security.headers_for(transport="http", target=self._target, body=b"")
+                headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items())
+            content = body.content()
+        return self._httpx.Request("POST", self._url_object, headers=headers, content=content,
                                    extensions=self._extensions)
 
     def _learn(self, response: Any) -> None:
         """Read the worker's ``X-Wove-Capabilities`` from a response (absent: a Wove 2.x worker).
-        Streamed runs need NDJSON answers, so ``executor_config.stream = false`` announces none."""
+        Streamed runs need NDJSON answers, so ``executor_config.stream = false`` announces no
+        ``task_yield``; ``binary_frames = false`` announces no ``binary_frames`` (JSON only)."""
         header = next((value for name, value in response.headers.raw if name.lower() == b"x-wove-capabilities"), b"")
         self._announced = True
         announced = frozenset(p.strip() for p in header.decode("latin-1").split(",") if p.strip())
-        self.capabilities = announced if self._stream is not False else frozenset()
+        if self._stream is False:
+            announced -= {CAPABILITY_TASK_YIELD}
+        if not self._binary_frames:
+            announced -= {CAPABILITY_BINARY_FRAMES}
+        self.capabilities = announced
+        self._binary = CAPABILITY_BINARY_FRAMES in announced
+
+    async def _use_binary(self) -> bool:
+        """Whether a run_task goes as a binary frame: ``binary_frames`` is on and the worker
+        announced it. Before any answer told, the first run asks ``GET <url>/health`` once
+        (concurrent runs wait for the same probe); when that fails, runs go as JSON until an
+        answer tells."""
+        if not self._binary_frames:
+            return False
+        if not self._announced and (self._probe is None or not self._probe.done()):
+            await self.negotiate_capabilities()
+        return self._binary
 
     async def negotiate_capabilities(self) -> frozenset[str]:
         """What the worker announces: learnt from its answers, or, before the first one,
-        from ``GET <url>/health`` (every answer of a Wove 3 worker carries ``X-Wove-Capabilities``)."""
+        from ``GET <url>/health`` (every answer of a Wove 3 worker carries ``X-Wove-Capabilities``).
+        Concurrent callers share one probe; a probe that failed is tried again by the next call."""
         if self._announced or self._transport is None:
             return self.capabilities
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._ask_health())
+        # shielded: a caller that is cancelled does not cancel the probe the others wait for
+        await asyncio.shield(self._probe)
+        return self.capabilities
+
+    async def _ask_health(self) -> None:
         url = self._url_object.copy_with(path=self._url_object.path.rstrip("/") + "/health", query=None)
         request = self._httpx.Request("GET", url, headers=[(b"Host", self._url_object.netloc)],
                                       extensions=self._extensions)
@@ -295,11 +377,10 @@ class HttpEnvironmentExecutor(FrameExecutor):
             finally:
                 await response.aclose()
             self._learn(response)
-        except Exception as exc:  # unreachable: the stream's run_task fails the usual way, or says so
+        except Exception as exc:  # unreachable: the run_task fails the usual way, or says so
             logger.debug("%s: capability probe failed: %r", self._url, exc)
-        return self.capabilities
 
-    async def _cancel(self, frame: dict[str, Any], body: bytes) -> None:
+    async def _cancel(self, frame: dict[str, Any], body: _Body) -> None:
         try:
             response = await self._transport.handle_async_request(self._request(body))
             self._learn(response)
@@ -315,7 +396,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
         except Exception as exc:
             logger.warning("%s: cancel_task for run %s could not be sent: %r", self._url, frame.get("run_id"), exc)
 
-    async def _deliver(self, frame: dict[str, Any], body: bytes) -> None:
+    async def _deliver(self, frame: dict[str, Any], body: _Body) -> None:
         run_id = frame["run_id"]
         loop = asyncio.get_running_loop()
         outage: float | None = None  # loop time the worker became unreachable
@@ -350,7 +431,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
             if self._requests.get(run_id) is asyncio.current_task():
                 del self._requests[run_id]
 
-    async def _post_run(self, frame: dict[str, Any], body: bytes) -> _Outcome | None:
+    async def _post_run(self, frame: dict[str, Any], body: _Body) -> _Outcome | None:
         """POST one run_task and emit its events. Returns None when a terminal event came,
         else what went wrong."""
         httpx = self._httpx
@@ -371,44 +452,38 @@ class HttpEnvironmentExecutor(FrameExecutor):
                 status = response.status_code
                 if status != 200:
                     text = (await response.aread())[:_ERROR_PREVIEW].decode("utf-8", "replace")
-                    hint = {401: " Configure executor_config.security to match the worker's --security.",
-                            403: " Check that executor_config.security uses the worker's secret and that clocks agree.",
-                            408: " The worker timed out reading the request (its --body-timeout).",
-                            413: " Start the worker with a larger --max-body-bytes or send smaller arguments.",
-                            404: " Check the URL path (the worker's --path, default /wove)."}.get(status, "")
-                    # the worker may answer later (overloaded, restarting); a 4xx will not change
-                    retry = status >= 500 or status in (408, 429)
-                    return _Outcome(f"{where} answered HTTP {status} for run {run_id}: {text.strip()}.{hint}",
-                                    None, redeliverable=retry, kind=f"HTTP{status}")
+                    return _refused(where, status, run_id, text.strip())
                 # Raw headers and the raw byte stream: the worker sends no content-encoding,
                 # and httpx's decoded views cost more than the rest of a no-op request.
                 content_type = next((value for name, value in response.headers.raw
                                      if name.lower() == b"content-type"), b"")
-                if b"ndjson" in content_type:
-                    parts: list[bytes] = []  # the unfinished line, in pieces (results may be large)
+                if b"ndjson" in content_type or b"x-wove-frames" in content_type:
+                    # NDJSON lines and binary frames, in any mix, each delivered as it completes
+                    splitter = EventStreamSplitter()
                     async for chunk in response.stream:
-                        if b"\n" not in chunk:
-                            parts.append(chunk)
-                            continue
-                        parts.append(chunk)
-                        *lines, rest = b"".join(parts).split(b"\n")
-                        parts = [rest] if rest else []
-                        for line in lines:
-                            if line.strip():
-                                terminal = self._deliver_events(line, run_id) or terminal
-                    rest = b"".join(parts)
-                    if rest.strip():
-                        terminal = self._deliver_events(rest, run_id) or terminal
+                        for message in splitter.feed(chunk):
+                            terminal = self._deliver_events(message, frame) or terminal
+                    try:
+                        rest = splitter.close()
+                    except ValueError as exc:
+                        raise _WrongAnswer(str(exc)) from exc
+                    if rest is not None:
+                        terminal = self._deliver_events(rest, frame) or terminal
                 else:
-                    data = b"".join([chunk async for chunk in response.stream])
+                    chunks = [chunk async for chunk in response.stream]
+                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                     if data.strip():
-                        terminal = self._deliver_events(data, run_id)
+                        terminal = self._deliver_events(data, frame)
             finally:
                 await response.aclose()
         except _WrongAnswer as exc:
             return _Outcome(f"{where} sent an invalid answer for run {run_id} (HTTP {status}): {exc}", exc.__cause__,
                             redeliverable=False)
         except (httpx.HTTPError, OSError) as exc:
+            if status is not None and status != 200:
+                # the worker answered (413 for a large body, ...) and closed the connection
+                # while the body was still being sent: the reset may cut its message off
+                return _refused(where, status, run_id, f"(its message was cut off: {type(exc).__name__})")
             failure = describe_failure(exc, self._url, connect_timeout=self._connect_timeout,
                                        timeout=self._read_timeout)
             status_text = f" (after HTTP {status})" if status is not None else ""
@@ -421,11 +496,17 @@ class HttpEnvironmentExecutor(FrameExecutor):
         return _Outcome(f"{where} ended the response (HTTP {status}) without a terminal event for run {run_id}; "
                         "the worker may have shut down.", None)
 
-    def _deliver_events(self, data: bytes, run_id: str) -> bool:
+    def _deliver_events(self, data: bytes | memoryview, frame: dict[str, Any]) -> bool:
+        """Decode one message (a JSON body or line, or binary frames) and emit its events;
+        True when one was terminal."""
+        run_id = frame["run_id"]
         try:
             events = decode_events(data)
         except Exception as exc:
-            raise _WrongAnswer(f"{exc}; received {data[:120]!r}") from exc
+            raise _WrongAnswer(f"{exc}; received {bytes(data[:120])!r}") from exc
+        warning = self._payload.warning_bytes
+        if warning is not None and len(data) > warning:  # cheap check first: only large messages warn
+            self._payload.warn(frame, len(data), environment=self._environment, what="result")
         terminal = False
         for event in events:
             if event.get("type") != "log" and event.get("run_id") != run_id:
@@ -436,8 +517,178 @@ class HttpEnvironmentExecutor(FrameExecutor):
         return terminal
 
 
+_STATUS_HINTS = {
+    401: " Configure executor_config.security to match the worker's --security.",
+    403: " Check that executor_config.security uses the worker's secret and that clocks agree.",
+    408: " The worker timed out reading the request (its --body-timeout).",
+    413: " Start the worker with a larger --max-body-bytes or send smaller arguments.",
+    404: " Check the URL path (the worker's --path, default /wove).",
+}
+
+
+def _refused(where: str, status: int, run_id: str, text: str) -> _Outcome:
+    """A run the worker answered with an error status."""
+    # the worker may answer later (overloaded, restarting); a 4xx will not change
+    retry = status >= 500 or status in (408, 429)
+    return _Outcome(f"{where} answered HTTP {status} for run {run_id}: {text}.{_STATUS_HINTS.get(status, '')}",
+                    None, redeliverable=retry, kind=f"HTTP{status}")
+
+
 class _WrongAnswer(Exception):
     """The worker's answer is not a valid event stream for the run."""
+
+
+class _Body:
+    """An encoded command: one buffer (JSON, or a small binary frame), or a binary frame's
+    parts (its large buffers are views of the caller's data, written without joining)."""
+
+    __slots__ = ("binary", "parts", "size")
+
+    def __init__(self, parts: list[bytes | memoryview], size: int, binary: bool) -> None:
+        self.parts = parts
+        self.size = size
+        self.binary = binary
+
+    @classmethod
+    def of(cls, frame: dict[str, Any], *, binary: bool) -> _Body:
+        """Encode ``frame`` (raises DispatchError as the encoders do)."""
+        if not binary:
+            data = encode_frame(frame)
+            return cls([data], len(data), False)
+        parts = encode_binary_parts(frame)
+        size = sum(len(part) for part in parts)
+        if size <= _JOIN_BELOW:
+            return cls([b"".join(parts)], size, True)
+        return cls(parts, size, True)
+
+    def joined(self) -> bytes:
+        """The body as one buffer (joined once and kept: a re-delivery sends it again)."""
+        if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
+            self.parts = [b"".join(self.parts)]
+        data = self.parts[0]
+        assert isinstance(data, bytes)
+        return data
+
+    def content(self) -> Any:
+        """httpx request content: the bytes, or an async iterator over the parts (the
+        request has an explicit Content-Length, so the body is not chunked)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return _iterate(self.parts)
+
+
+async def _iterate(parts: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    for part in parts:
+        yield part
+
+
+_NUL = BINARY_MAGIC[0]
+_BLANK = frozenset(b" \t\r\n")
+
+
+class EventStreamSplitter:
+    """Splits a response byte stream into messages: NDJSON lines and binary frames, in
+    any mix (a binary frame starts with a NUL byte, which never starts a JSON text; its
+    size comes from :func:`wove.protocol.binary_frame_size`).
+
+    :meth:`feed` takes each chunk as it arrives and returns the messages it completed
+    (``bytes`` or ``memoryview``, for :func:`wove.protocol.decode_events`); a message within
+    one chunk is a view of it, a larger one is joined from its chunks once. Blank lines are
+    skipped. :meth:`close` returns a last line that had no newline.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[bytes, int]] = []  # chunks and where their unread bytes start
+        self._size = 0  # unread bytes
+        self._need = 0  # size of the binary frame in progress (0: not known yet)
+        # a JSON line in progress: its first chunks hold no newline (this many, of these bytes)
+        self._scanned_parts = 0
+        self._scanned = 0
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
+        """The messages completed by ``chunk``.
+
+        Raises:
+            ProtocolError: a binary frame's prefix is invalid.
+        """
+        if not chunk:
+            return []
+        self._parts.append((chunk if isinstance(chunk, bytes) else bytes(chunk), 0))
+        self._size += len(chunk)
+        messages: list[bytes | memoryview] = []
+        while self._size:
+            data, start = self._parts[0]
+            first = data[start]
+            if first == _NUL:
+                if not self._need:
+                    if self._size < BINARY_PREFIX_BYTES:
+                        break
+                    self._need = binary_frame_size(self._peek(BINARY_PREFIX_BYTES))
+                if self._size < self._need:
+                    break
+                messages.append(self._take(self._need))
+                self._need = 0
+            elif first in _BLANK:
+                self._take(1)  # between messages
+            else:
+                end = self._find_newline()
+                if end < 0:
+                    break
+                messages.append(self._take(end + 1))
+        return messages
+
+    def close(self) -> bytes | memoryview | None:
+        """What is left at the end of the stream: a last line without a newline, or None.
+
+        Raises:
+            ValueError: the stream ended inside a binary frame.
+        """
+        if not self._size:
+            return None
+        need, size = self._need, self._size
+        rest = self._take(self._size)
+        if rest[0] == _NUL:
+            raise ValueError(f"the answer ended inside a binary frame: {size} bytes arrived"
+                             + (f" of its {need}" if need else ""))
+        return rest
+
+    def _peek(self, count: int) -> bytes:
+        out = b""
+        for data, start in self._parts:
+            out += data[start:start + count - len(out)]
+            if len(out) >= count:
+                break
+        return out
+
+    def _find_newline(self) -> int:
+        """Offset of the first newline among the unread bytes, or -1 (each chunk is scanned once)."""
+        offset = self._scanned
+        for index in range(self._scanned_parts, len(self._parts)):
+            data, start = self._parts[index]
+            found = data.find(b"\n", start)
+            if found >= 0:
+                return offset + found - start
+            offset += len(data) - start
+        self._scanned_parts, self._scanned = len(self._parts), offset
+        return -1
+
+    def _take(self, count: int) -> bytes | memoryview:
+        """Remove and return the first ``count`` unread bytes."""
+        data, start = self._parts[0]
+        if len(data) - start < count:
+            data = b"".join([memoryview(d)[s:] for d, s in self._parts])
+            start = 0
+            self._parts = [(data, 0)]
+        end = start + count
+        if end < len(data):
+            self._parts[0] = (data, end)
+        else:
+            del self._parts[0]
+        self._size -= count
+        self._scanned_parts = self._scanned = 0  # a message was taken: the next one is not scanned yet
+        if start == 0 and end == len(data):
+            return data
+        return memoryview(data)[start:end]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,14 @@ A ``run_task`` answers with its events: NDJSON, one event per line as it happens
 ``application/x-ndjson``; otherwise one JSON body ``{"events": [...]}`` ending with the
 terminal event (what Wove 2.x clients read). ``cancel_task`` answers at once with
 ``{"events": []}``; the cancelled run's own response ends with ``task_cancelled``.
+
+Binary frames (docs/wire.md): a request whose body is binary frames (``Content-Type:
+application/x-wove-frames``; the body is recognised by its first bytes) and whose ``Accept``
+names ``application/x-wove-frames`` is answered with ``Content-Type:
+application/x-wove-frames``: the events as binary frames back to back, in one body, or, when
+``Accept`` also names ``application/x-ndjson``, written as they happen. A JSON request (every
+Wove 2.x client) is answered exactly as before. The body limit (``max_body_bytes``, 256 MiB by
+default) is the same for both.
 Probes and metrics, without credentials and without task data (``GET`` or ``HEAD``;
 paths relative to where the app is mounted):
 
@@ -67,7 +75,7 @@ from wove.worker import WorkerEngine
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_KEEPALIVE_TIMEOUT", "DEFAULT_MAX_BODY_BYTES",
-    "DEFAULT_PATH", "WorkerApp", "bind_socket", "create_app", "make_server", "start_server", "url_for",
+    "DEFAULT_PATH", "FRAMES", "WorkerApp", "bind_socket", "create_app", "make_server", "start_server", "url_for",
     "uvicorn_config",
 ]
 
@@ -83,6 +91,8 @@ DEFAULT_HEADER_TIMEOUT = 30.0
 #: ``keepalive_expiry``, so the client, not the server, closes idle connections).
 DEFAULT_KEEPALIVE_TIMEOUT = 35.0
 NDJSON = "application/x-ndjson"
+#: binary frames back to back (docs/wire.md, "Binary frames")
+FRAMES = "application/x-wove-frames"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -93,6 +103,8 @@ Send = Callable[[Message], Awaitable[None]]
 _CAPABILITIES = (b"x-wove-capabilities", ", ".join(sorted(SERVICE_CAPABILITIES)).encode())
 _JSON_HEADERS = [(b"content-type", b"application/json"), _CAPABILITIES]
 _NDJSON_HEADERS = [(b"content-type", NDJSON.encode()), (b"cache-control", b"no-store"), _CAPABILITIES]
+_FRAMES_HEADERS = [(b"content-type", FRAMES.encode()), _CAPABILITIES]
+_FRAMES_STREAM_HEADERS = [(b"content-type", FRAMES.encode()), (b"cache-control", b"no-store"), _CAPABILITIES]
 _CLOSE = (b"connection", b"close")
 
 
@@ -283,8 +295,12 @@ class WorkerApp:
                 await self._refuse(send, exc, close=False)
                 return
             # a request that started runs (or answered one) gets NDJSON when it asked for it;
-            # cancel_task and shutdown always answer {"events": []}
-            ndjson = (session.active or session.events_pending) and NDJSON in headers.get("accept", "")
+            # cancel_task and shutdown always answer {"events": []} (binary: no frames).
+            # A binary request is answered in binary frames when it says it reads them.
+            accept = headers.get("accept", "")
+            if session.binary and FRAMES not in accept:
+                session.binary = False
+            ndjson = (session.active or session.events_pending) and NDJSON in accept
             await self._answer(session, receive, send, ndjson=bool(ndjson))
         finally:
             session.connection_lost()  # the request is over: the one disconnect rule for what is left
@@ -297,6 +313,8 @@ class WorkerApp:
         watcher: asyncio.Task[None] | None = None
         started = False
         collected: list[dict[str, Any]] = []
+        binary = session.binary
+        stream_headers = _FRAMES_STREAM_HEADERS if binary else _NDJSON_HEADERS
         try:
             while True:
                 done = not session.active or session.ended
@@ -307,17 +325,20 @@ class WorkerApp:
                     chunk = data[0] if data else b""
                     if not started:
                         if done:  # the whole answer is known: one plain response
-                            await _respond_raw(send, 200, chunk, _NDJSON_HEADERS)
+                            await _respond_raw(send, 200, chunk, stream_headers)
                             return
                         if chunk:
-                            await send({"type": "http.response.start", "status": 200, "headers": _NDJSON_HEADERS})
+                            await send({"type": "http.response.start", "status": 200, "headers": stream_headers})
                             started = True
                     if chunk or done:
                         await send({"type": "http.response.body", "body": chunk, "more_body": not done})
                 else:
                     collected.extend(session.take_events(heartbeats=False, superseded=True))
                     if done:
-                        await _respond_raw(send, 200, encode_events(collected))
+                        if binary:
+                            await _respond_raw(send, 200, encode_events(collected, binary=True), _FRAMES_HEADERS)
+                        else:
+                            await _respond_raw(send, 200, encode_events(collected))
                 if done:
                     return
                 if watcher is None:
