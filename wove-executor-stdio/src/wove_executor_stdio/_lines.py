@@ -228,7 +228,10 @@ class FrameSplitter:
                 self._skip_line = False
                 position = newline + 1
                 continue
-            if self._line[:1] == BINARY_START or (not self._line and data[position] == 0):
+            if not self._line and data[position] == 0:
+                position = self._start_binary(view, position)
+                continue
+            if self._line[:1] == BINARY_START:
                 position = self._prefix(view, position)
                 continue
             newline = data.find(b"\n", position)
@@ -243,6 +246,21 @@ class FrameSplitter:
                 line = data[position:newline]
             position = newline + 1
             self._on_frame(line)
+
+    def _start_binary(self, view: memoryview, position: int) -> int:
+        """A binary frame starts at ``position``: take it whole when it is all here."""
+        if len(view) - position < BINARY_PREFIX_BYTES:
+            return self._prefix(view, position)
+        try:
+            size = binary_frame_size(view[position:position + BINARY_PREFIX_BYTES])
+        except ProtocolError:
+            return self._prefix(view, position)  # reports it
+        if position + size <= len(view):
+            self._on_frame(bytearray(view[position:position + size]))
+            return position + size
+        self._binary = bytearray(size)
+        self._filled = 0
+        return self._fill(view, position)
 
     def _prefix(self, view: memoryview, position: int) -> int:
         need = BINARY_PREFIX_BYTES - len(self._line)

@@ -69,8 +69,10 @@ class FrameWriter:
     the iteration. A lone request/response therefore pays no extra loop iteration, and a
     burst costs two writes. A frame given in parts (a binary frame: its large buffers are
     views of a value's memory) keeps them apart: small neighbours are joined into one write,
-    large parts are written as they are (:func:`._lines.write_parts`), and queued bytes past
-    :data:`FLUSH_BYTES` are written at once rather than held to the end of the iteration.
+    large parts are written as they are (:func:`._lines.write_parts`). Such a frame, and
+    queued bytes past :data:`FLUSH_BYTES`, are written at once rather than held to the end
+    of the iteration: the pipe transport copies what the pipe does not take at once, so a
+    value changed after it was sent does not change the frame.
 
     Args:
         loop: the running loop.
@@ -89,16 +91,18 @@ class FrameWriter:
     def write(self, data: bytes | Sequence[Part], *, urgent: bool = False) -> None:
         """Queue ``data`` (bytes, or a frame's parts in order); write it now when ``urgent``
         and nothing was written this iteration, or when much is queued."""
+        views = False
         if isinstance(data, bytes):
             self._parts.append(data)
             self._queued += len(data)
         else:
             self._parts.extend(data)
             self._queued += sum(nbytes(part) for part in data)
+            views = any(isinstance(part, memoryview) for part in data)
         if urgent and not self._wrote:
             self._wrote = True
             self._send()
-        elif self._queued >= FLUSH_BYTES:
+        elif views or self._queued >= FLUSH_BYTES:
             self._send()
         if not self._scheduled:
             self._scheduled = True
