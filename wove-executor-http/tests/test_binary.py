@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -55,11 +56,13 @@ def _buffers() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("mode", ["plain", "streamed", "signed"])
+@pytest.mark.parametrize("mode", ["plain", "streamed", "signed", "httpx-transport"])
 async def test_buffers_round_trip(mode: str, worker: Worker, signed_worker: Worker, secret_env: str) -> None:
     value = _buffers()
     if mode == "signed":
         definition = _env(signed_worker.url, security=f"env:{secret_env}")
+    elif mode == "httpx-transport":
+        definition = _env(worker.url, transport="httpx")
     else:
         definition = _env(worker.url)
     async with ExecutorRuntime(definition, {}) as runtime:
@@ -313,3 +316,22 @@ async def test_payload_warning_bytes_warns_once_naming_task_and_size(worker: Wor
     assert "task 'record'" in sent[0] and re.search(r"moves arguments of 19\d\.\d KiB \(\d+ bytes\)", sent[0])
     assert len(received) == 1, received
     assert "task 'blob'" in received[0] and re.search(r"moves result of 29\d\.\d KiB \(\d+ bytes\)", received[0])
+
+
+async def test_a_health_check_that_never_answers_does_not_hold_the_runs() -> None:
+    """The probe before the first run waits connect_timeout at most; then the run goes as JSON."""
+    app = create_app()
+    silent = asyncio.Event()
+
+    async def no_health(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Message]],
+                        send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            await silent.wait()  # never answers
+            return
+        await app(scope, receive, send)
+
+    async with spied(no_health) as (url, spy), ExecutorRuntime(_env(url, connect_timeout=0.5)) as runtime:
+        assert await runtime.call("w", tasks.add, 1, 2) == 3
+        assert await runtime.call("w", tasks.echo, b"z" * 20_000) == b"z" * 20_000  # learnt from the answer
+        silent.set()
+    assert [post["content_type"] for post in spy.posts] == ["application/json", FRAMES]

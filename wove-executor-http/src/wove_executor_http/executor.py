@@ -367,9 +367,13 @@ class HttpEnvironmentExecutor(FrameExecutor):
         return self.capabilities
 
     async def _ask_health(self) -> None:
+        """``GET <url>/health``; its answer is immediate, so it may take connect_timeout
+        to arrive at most (runs wait for it: a silent worker must not hold them)."""
         url = self._url_object.copy_with(path=self._url_object.path.rstrip("/") + "/health", query=None)
-        request = self._httpx.Request("GET", url, headers=[(b"Host", self._url_object.netloc)],
-                                      extensions=self._extensions)
+        bound = self._connect_timeout
+        read = bound if self._read_timeout is None else min(bound, self._read_timeout)
+        extensions = {**self._extensions, "timeout": {**self._extensions["timeout"], "read": read, "write": read}}
+        request = self._httpx.Request("GET", url, headers=[(b"Host", self._url_object.netloc)], extensions=extensions)
         try:
             response = await self._transport.handle_async_request(request)
             try:
