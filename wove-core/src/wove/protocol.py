@@ -14,7 +14,7 @@ import logging
 import os
 import struct
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal, TypedDict, TypeVar
 
 from . import dispatch
@@ -93,6 +93,9 @@ _PICKLED = {
     "error": "error_pickle",
 }
 _WIRE_FIELDS = frozenset(_PICKLED.values())
+_FIELD_OF = {wire_field: field for field, wire_field in _PICKLED.items()}
+#: fields decode in this order (the callable first: its errors name the run best)
+_FIELD_ORDER = {wire_field: index for index, wire_field in enumerate(_PICKLED.values())}
 
 
 class ErrorPayload(TypedDict, total=False):
@@ -300,19 +303,16 @@ def encode_frame(frame: dict[str, Any], *, binary: bool = False) -> bytes:
     return text.encode("utf-8")
 
 
-def _pickle_field(field: str, value: Any, task: str) -> tuple[bytes, list[memoryview]]:
-    if field == "callable":
-        raw = _CALLABLES.encode_raw(value)
-        if raw is not None:
-            return raw, []
-    else:
-        packed = fast_pickle(value)
-        if packed is not None:
-            return packed
+def _pickled_slowly(field: str, value: Any, frame: dict[str, Any]) -> tuple[bytes, list[memoryview]]:
     try:
         return dispatch.dumps_out_of_band(value, what=field)
     except DispatchError as exc:
+        task = frame.get("task_id") or frame.get("run_id") or "?"
         raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
+
+
+_VALUE_FIELDS = ("callable", "args", "result", "item")
+_header_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def encode_binary_parts(frame: dict[str, Any]) -> list[bytes | memoryview]:
@@ -326,36 +326,57 @@ def encode_binary_parts(frame: dict[str, Any]) -> list[bytes | memoryview]:
         DispatchError: as :func:`pack_frame`.
     """
     wire = dict(frame)
-    task = str(frame.get("task_id") or frame.get("run_id") or "?")
     segments: dict[str, list[int]] = {}
-    body: list[bytes | memoryview] = []
-
-    def add(wire_field: str, packed: tuple[bytes, list[memoryview]]) -> None:
-        data, buffers = packed
-        segments[wire_field] = [len(data), *(len(buffer) for buffer in buffers)]
-        body.append(data)
-        body.extend(buffers)
-
-    for field in ("callable", "args", "result", "item"):
-        if field in wire:
-            add(_PICKLED[field], _pickle_field(field, wire.pop(field), task))
-    if "exception" in wire:
-        exception = wire.pop("exception")
+    head: list[bytes | memoryview] = [b""]
+    size = 0
+    for field in _VALUE_FIELDS:
+        if field not in wire:
+            continue
+        value = wire.pop(field)
+        packed: tuple[bytes, list[memoryview]] | None
+        if field == "callable":
+            raw = _CALLABLES.encode_raw(value)
+            packed = None if raw is None else (raw, [])
+        else:
+            packed = fast_pickle(value)
+        data, buffers = packed if packed is not None else _pickled_slowly(field, value, frame)
+        size += len(data)
+        head.append(data)
+        if buffers:
+            lengths = [len(data)]
+            for buffer in buffers:
+                lengths.append(len(buffer))
+                size += len(buffer)
+            head.extend(buffers)
+            segments[_PICKLED[field]] = lengths
+        else:
+            segments[_PICKLED[field]] = [len(data)]
+    for field, wire_field in (("exception", "exception_pickle"), ("error", "error_pickle")):
+        if field not in wire or (field == "error" and _is_json_error(wire["error"])):
+            continue
+        value = wire.pop(field)
         try:
-            add("exception_pickle", dispatch.dumps_out_of_band(exception, what="exception"))
+            data, buffers = dispatch.dumps_out_of_band(value, what=field)
         except DispatchError:
-            pass  # the normalized error payload still says kind, message and traceback
-    if "error" in wire and not _is_json_error(wire["error"]):
-        add("error_pickle", dispatch.dumps_out_of_band(wire.pop("error"), what="error"))
+            if field == "error":
+                raise
+            continue  # the normalized error payload still says kind, message and traceback
+        head.append(data)
+        head.extend(buffers)
+        segments[wire_field] = [len(data), *map(len, buffers)]
+        size += sum(segments[wire_field])
     if segments:
         wire["pickles"] = segments
-    header = json.dumps(wire, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    size = sum(len(part) for part in body)
-    return [_PREFIX.pack(BINARY_MAGIC, len(header), size) + header, *body]
+    header = _header_json(wire).encode("utf-8")
+    head[0] = _PREFIX.pack(BINARY_MAGIC, len(header), size) + header
+    return head
 
 
 def is_binary(data: Any) -> bool:
     """True when ``data`` (bytes) starts with a binary frame rather than JSON."""
+    kind = type(data)
+    if kind is bytes or kind is bytearray:
+        return data.startswith(BINARY_MAGIC)  # type: ignore[no-any-return]
     return isinstance(data, (bytes, bytearray, memoryview)) and data[:4] == BINARY_MAGIC
 
 
@@ -369,12 +390,20 @@ def binary_frame_size(prefix: bytes | bytearray | memoryview) -> int:
     """
     if len(prefix) < BINARY_PREFIX_BYTES:
         raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {len(prefix)}")
-    magic, header, body = _PREFIX.unpack_from(prefix)
+    return _frame_size(prefix, 0)[0]
+
+
+def _frame_size(data: bytes | bytearray | memoryview, offset: int) -> tuple[int, int]:
+    """(whole size, header size) of the binary frame at ``offset`` (16 bytes are there)."""
+    magic, header, body = _PREFIX.unpack_from(data, offset)
     if magic != BINARY_MAGIC:
         raise ProtocolError(f"Not a binary frame: it starts {bytes(magic)!r}, expected {BINARY_MAGIC!r}")
     if header > _MAX_HEADER:
         raise ProtocolError(f"Binary frame header of {header} bytes is over the limit of {_MAX_HEADER}")
-    return BINARY_PREFIX_BYTES + int(header) + int(body)
+    return BINARY_PREFIX_BYTES + header + body, header
+
+
+_NO_BUFFERS: list[memoryview] = []  # shared, never changed
 
 
 class _Segment:
@@ -387,50 +416,52 @@ class _Segment:
         self.buffers = buffers
 
 
+def _bad_lengths(wire_field: Any, lengths: Any) -> ProtocolError:
+    if wire_field not in _WIRE_FIELDS:
+        return ProtocolError(f"Binary frame names an unknown pickled field {wire_field!r:.60}")
+    return ProtocolError(f"Binary frame lengths of {wire_field!r} must be a list of non-negative integers, "
+                         f"got {lengths!r:.80}")
+
+
 def _segments_of(header: dict[str, Any], view: memoryview, start: int, end: int) -> None:
     """Replace the header's ``pickles`` table by :class:`_Segment` values under their
     wire fields (``args_pickle``...), checking the lengths against the body."""
     table = header.pop("pickles", None)
     position = start
     if table is not None:
-        if not isinstance(table, dict):
+        if type(table) is not dict:
             raise ProtocolError(f"Binary frame 'pickles' must be an object, got {type(table).__name__}")
         for wire_field, lengths in table.items():
-            if wire_field not in _WIRE_FIELDS:
-                raise ProtocolError(f"Binary frame names an unknown pickled field {wire_field!r:.60}")
-            if (not isinstance(lengths, list) or not lengths
-                    or not all(type(n) is int and n >= 0 for n in lengths)):
-                raise ProtocolError(f"Binary frame lengths of {wire_field!r} must be a list of "
-                                    f"non-negative integers, got {lengths!r:.80}")
+            if wire_field not in _WIRE_FIELDS or type(lengths) is not list or not lengths:
+                raise _bad_lengths(wire_field, lengths)
             pieces = []
             for length in lengths:
+                if type(length) is not int or length < 0:
+                    raise _bad_lengths(wire_field, lengths)
                 pieces.append(view[position:position + length])
                 position += length
             if position > end:
                 break
-            header[wire_field] = _Segment(pieces[0], pieces[1:])
+            header[wire_field] = _Segment(pieces[0], pieces[1:] if len(pieces) > 1 else _NO_BUFFERS)
     if position != end:
         raise ProtocolError(f"Binary frame segments add up to {position - start} bytes, "
                             f"but its body is {end - start} bytes")
 
 
-def _binary_frames(data: bytes | bytearray | memoryview) -> Iterator[dict[str, Any]]:
-    view = memoryview(data)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    offset = 0
-    while offset < len(view):
-        size = binary_frame_size(view[offset:offset + BINARY_PREFIX_BYTES])
-        if offset + size > len(view):
-            raise ProtocolError(f"Binary frame of {size} bytes is truncated: {len(view) - offset} bytes arrived")
-        _magic, header_size, _body = _PREFIX.unpack_from(view, offset)
-        start = offset + BINARY_PREFIX_BYTES + header_size
-        header = parse_json(view[offset + BINARY_PREFIX_BYTES:start])
-        if not isinstance(header, dict):
-            raise ProtocolError(f"A binary frame's header must be a JSON object, got {type(header).__name__}")
-        _segments_of(header, view, start, offset + size)
-        yield header
-        offset += size
+def _binary_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int]:
+    """The header (with :class:`_Segment` values) of the frame at ``offset``, and its end."""
+    available = len(view) - offset
+    if available < BINARY_PREFIX_BYTES:
+        raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {available}")
+    size, header_size = _frame_size(view, offset)
+    if size > available:
+        raise ProtocolError(f"Binary frame of {size} bytes is truncated: {available} bytes arrived")
+    start = offset + BINARY_PREFIX_BYTES + header_size
+    header = parse_json(view[offset + BINARY_PREFIX_BYTES:start])
+    if type(header) is not dict:
+        raise ProtocolError(f"A binary frame's header must be a JSON object, got {type(header).__name__}")
+    _segments_of(header, view, start, offset + size)
+    return header, offset + size
 
 
 def parse_frames(data: bytes | bytearray | memoryview | str) -> Any:
@@ -443,16 +474,43 @@ def parse_frames(data: bytes | bytearray | memoryview | str) -> Any:
     """
     if not is_binary(data):
         return parse_json(data)
-    frames = list(_binary_frames(data))  # type: ignore[arg-type]
-    return frames[0] if len(frames) == 1 else frames
+    view = memoryview(data)  # type: ignore[arg-type]
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    header, end = _binary_frame(view, 0)
+    if end == len(view):
+        return header
+    frames = [header]
+    while end < len(view):
+        header, end = _binary_frame(view, end)
+        frames.append(header)
+    return frames
+
+
+_json_decode = json.JSONDecoder().decode
+_json_scan = json.JSONDecoder().scan_once
+
+
+def _decode_text(text: str) -> Any:
+    """``json.loads`` of a str, without its whitespace scans when the text has none."""
+    try:
+        value, end = _json_scan(text, 0)
+    except StopIteration:  # leading whitespace, or not JSON: the full decoder says which
+        return _json_decode(text)
+    if end != len(text) and text[end:].strip():
+        return _json_decode(text)  # raises "Extra data"
+    return value
 
 
 def parse_json(data: bytes | bytearray | memoryview | str) -> Any:
     """Parse JSON bytes, raising :class:`ProtocolError` (never anything else) on bad input."""
     try:
-        if isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
-        return json.loads(data)
+        if type(data) is str:
+            return _decode_text(data)
+        try:  # UTF-8, as every peer sends: skips json.loads' encoding detection
+            return _decode_text(str(data, "utf-8"))
+        except ValueError:  # a BOM, UTF-16/32 (json.loads reads them), or not JSON: its own error
+            return json.loads(bytes(data))
     except (ValueError, TypeError, RecursionError) as exc:
         preview = data[:80] if isinstance(data, (bytes, str)) else type(data).__name__
         raise ProtocolError(f"Frame is not valid JSON ({exc}); received {preview!r}") from exc
@@ -465,9 +523,8 @@ def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
         ProtocolError: a pickled field is not a string, not base64, or does not unpickle.
     """
     frame = dict(wire)
-    for field, wire_field in _PICKLED.items():
-        if wire_field not in frame:
-            continue
+    for wire_field in sorted(_WIRE_FIELDS.intersection(wire), key=_FIELD_ORDER.__getitem__):
+        field = _FIELD_OF[wire_field]
         text = frame.pop(wire_field)
         if isinstance(text, _Segment):
             frame[field] = _load_segment(field, wire_field, text)
