@@ -488,7 +488,7 @@ def parse_frames(data: bytes | bytearray | memoryview | str) -> Any:
 
 
 _json_decode = json.JSONDecoder().decode
-_json_scan = json.JSONDecoder().scan_once
+_json_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _decode_text(text: str) -> Any:
@@ -505,7 +505,7 @@ def _decode_text(text: str) -> Any:
 def parse_json(data: bytes | bytearray | memoryview | str) -> Any:
     """Parse JSON bytes, raising :class:`ProtocolError` (never anything else) on bad input."""
     try:
-        if type(data) is str:
+        if isinstance(data, str):
             return _decode_text(data)
         try:  # UTF-8, as every peer sends: skips json.loads' encoding detection
             return _decode_text(str(data, "utf-8"))
