@@ -588,7 +588,7 @@ def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
             ``exc.run_id`` and ``exc.task_id`` are set so a worker can answer with a
             ``task_error`` for that run.
     """
-    obj = data if isinstance(data, dict) else parse_frames(data)
+    obj = parse_frames(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else data
     if not isinstance(obj, dict):
         raise ProtocolError(f"A command must be a JSON object, got {type(obj).__name__}")
     frame_type = obj.get("type")
