@@ -59,6 +59,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ProtocolError
+from .framing import worth_binary
 from .options import DEFAULT_MAX_MESSAGE_BYTES
 from .protocol import (
     CAPABILITY_BINARY_FRAMES,
@@ -597,27 +598,77 @@ class WorkerSession:
         be encoded is a ``task_error`` naming its task (never a lost terminal event).
 
         ``list`` framing splits into messages of at most ``max_events_per_message`` events
-        and, past the first event, ``max_message_bytes``.
+        and, past the first event, ``max_message_bytes``. In a :attr:`binary` session, see
+        :meth:`parts_to_send` for which events go as binary frames; each message is joined
+        once.
+        """
+        return [parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)  # type: ignore[misc]
+                for _binary, parts in self.parts_to_send(
+                    framing, heartbeats=heartbeats, superseded=superseded, max_message_bytes=max_message_bytes,
+                    max_events_per_message=max_events_per_message)]
+
+    def parts_to_send(self, framing: Framing = "list", *, heartbeats: bool = True, superseded: bool = False,
+                      max_message_bytes: int | None = None,
+                      max_events_per_message: int = 64) -> list[tuple[bool, list[bytes | memoryview]]]:
+        """:meth:`data_to_send`, each message as ``(binary, parts)``: whether it is binary
+        frames, and its bytes in parts to write in order without joining (a large result's
+        buffers are views of it, not copies).
+
+        A :attr:`binary` session sends as binary frames only the events worth it
+        (:func:`wove.framing.worth_binary`: a bulky result, item or exception), and the
+        others as JSON, which costs less for them; ``list`` framing groups consecutive
+        events of one kind into a message (JSON lists, or frames back to back), ``lines``
+        puts both kinds in one stream (a reader tells them apart by their first byte), and
+        ``envelope`` makes the whole body binary frames when any event is worth it.
         """
         events = self.take_events(heartbeats=heartbeats, superseded=superseded)
         if not events:
             return []
-        if framing in ("envelope", "lines"):
-            return [encode_events(events, framing, binary=self.binary)]
-        if self.binary:  # each message is joined once from its frames' parts
-            parts = [encode_event_parts(e) for e in events]
+        if not self.binary:
+            if framing in ("envelope", "lines"):
+                return [(False, [encode_events(events, framing)])]
+            encoded = [encode_event(e) for e in events]
             if framing == "each":
-                return [b"".join(p) for p in parts]
-            sizes = [sum(len(part) for part in p) for p in parts]
-            return [b"".join([part for p in parts[start:end] for part in p])
-                    for start, end in self._batches(sizes, max_message_bytes, max_events_per_message)]
-        encoded = [encode_event(e) for e in events]
+                return [(False, [item]) for item in encoded]
+            return [(False, [encoded[start] if end - start == 1
+                             else b"[" + b",".join(encoded[start:end]) + b"]"])
+                    for start, end in self._batches([len(item) for item in encoded], max_message_bytes,
+                                                    max_events_per_message)]
+        kinds = [worth_binary(e) for e in events]
+        if framing == "envelope":
+            if not any(kinds):
+                return [(False, [encode_events(events, "envelope")])]
+            return [(True, [part for e in events for part in encode_event_parts(e)])]
+        if framing == "lines":
+            parts: list[bytes | memoryview] = []
+            for event, binary in zip(events, kinds):
+                if binary:
+                    parts.extend(encode_event_parts(event))
+                else:
+                    parts.append(encode_event(event) + b"\n")
+            return [(any(kinds), parts)]
         if framing == "each":
-            return encoded
-        return [batch[0] if end - start == 1 else b"[" + b",".join(batch) + b"]"
-                for start, end in self._batches([len(item) for item in encoded], max_message_bytes,
-                                                max_events_per_message)
-                for batch in (encoded[start:end],)]
+            return [(True, encode_event_parts(e)) if binary else (False, [encode_event(e)])
+                    for e, binary in zip(events, kinds)]
+        messages: list[tuple[bool, list[bytes | memoryview]]] = []
+        start = 0
+        while start < len(events):  # runs of one kind, each batched as its kind is
+            binary = kinds[start]
+            end = start + 1
+            while end < len(events) and kinds[end] is binary:
+                end += 1
+            if binary:
+                framed = [encode_event_parts(e) for e in events[start:end]]
+                sizes = [sum(len(part) for part in frame) for frame in framed]
+                messages.extend((True, [part for frame in framed[a:b] for part in frame])
+                                for a, b in self._batches(sizes, max_message_bytes, max_events_per_message))
+            else:
+                encoded = [encode_event(e) for e in events[start:end]]
+                messages.extend((False, [encoded[a] if b - a == 1 else b"[" + b",".join(encoded[a:b]) + b"]"])
+                                for a, b in self._batches([len(item) for item in encoded], max_message_bytes,
+                                                          max_events_per_message))
+            start = end
+        return messages
 
     @staticmethod
     def _batches(sizes: list[int], max_bytes: int | None, max_count: int) -> Iterator[tuple[int, int]]:
