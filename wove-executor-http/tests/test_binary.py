@@ -16,8 +16,10 @@ import pytest
 
 from wove.environment import ExecutorRuntime
 from wove.errors import EnvironmentExecutionError, PayloadTooLargeError
+from wove.framing import FrameSplitter
 from wove.options import DEFAULT_MAX_MESSAGE_BYTES
 from wove.protocol import (
+    BINARY_MAGIC,
     CAPABILITY_BINARY_FRAMES,
     decode_command,
     decode_events,
@@ -27,7 +29,7 @@ from wove.protocol import (
 )
 from wove.testing import tasks
 from wove_executor_http import HttpEnvironmentExecutor
-from wove_executor_http.executor import FRAMES, HTTP_OPTIONS, EventStreamSplitter
+from wove_executor_http.executor import FRAMES, HTTP_OPTIONS
 from wove_executor_http.plugin import serve_in_background
 from wove_executor_http.server import DEFAULT_MAX_BODY_BYTES, create_app
 
@@ -145,8 +147,10 @@ async def test_the_wire_carries_binary_frames_between_ours_and_json_when_off(bin
     [post] = spy.posts
     if binary_frames:
         assert post["content_type"] == FRAMES and FRAMES in post["accept"]
-        assert is_binary(post["body"]) and post["answer_type"] == FRAMES and is_binary(post["answer"])
-        assert value in post["body"]  # the buffer travels as it is, not base64
+        assert is_binary(post["body"]) and post["answer_type"] == FRAMES
+        # the bulky result is a binary frame (streamed: after the task_started JSON line)
+        assert is_binary(post["answer"]) if not streamed else b"\n" + BINARY_MAGIC in post["answer"]
+        assert value in post["body"] and value in post["answer"]  # the buffer travels as it is, not base64
     else:
         assert post["content_type"] == "application/json" and FRAMES not in post["accept"]
         assert post["body"].startswith(b"{") and post["answer_type"] != FRAMES
@@ -159,9 +163,11 @@ def _events(answer: bytes) -> list[dict[str, Any]]:
     """The events of a whole answer: one body, NDJSON lines or binary frames."""
     if not answer.startswith(b"{\"type\"") and not is_binary(answer):
         return decode_events(answer)
-    splitter = EventStreamSplitter()
-    messages = [*splitter.feed(answer), splitter.close()]
-    return [event for message in messages if message is not None for event in decode_events(message)]
+    messages: list[bytes | bytearray] = []
+    splitter = FrameSplitter(messages.append, pytest.fail)
+    splitter.feed(answer)
+    splitter.close()
+    return [event for message in messages if message.strip() for event in decode_events(message)]
 
 
 async def test_a_wove2_style_worker_gets_json_frames() -> None:
@@ -202,7 +208,8 @@ def _run_frame(value: Any, **delivery: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("body", "accept", "answer"), [
     ("binary", f"{FRAMES}, application/json", FRAMES),
     ("binary", "application/json", "application/json"),  # it does not say it reads them: JSON
-    ("json", f"{FRAMES}, application/json", "application/json"),  # a JSON request: JSON, as ever
+    ("json", f"{FRAMES}, application/json", FRAMES),  # it reads them: a bulky result comes in frames
+    ("json", "application/json", "application/json"),  # a JSON request that reads JSON: JSON, as ever
 ])
 async def test_the_worker_answers_a_hand_made_binary_frame_in_binary(worker: Worker, body: str, accept: str,
                                                                      answer: str) -> None:
@@ -220,45 +227,23 @@ async def test_the_worker_answers_a_hand_made_binary_frame_in_binary(worker: Wor
     assert event["type"] == "task_result" and event["result"] == value
 
 
-async def test_a_streamed_binary_answer_is_frames_as_they_happen(worker: Worker) -> None:
+async def test_a_streamed_answer_to_a_frames_reader_comes_as_it_happens(worker: Worker) -> None:
+    """Content type x-wove-frames: small events stay JSON lines (worth_binary), in order."""
     frame = {"type": "run_task", "run_id": "sleep:raw2", "task_id": "sleep", "callable": tasks.sleep,
              "args": {"seconds": 0.6}, "delivery": {"delivery_heartbeat_seconds": 0.3}}
-    splitter = EventStreamSplitter()
     messages: list[Any] = []
+    splitter = FrameSplitter(messages.append, pytest.fail)
     headers = {"Content-Type": FRAMES, "Accept": f"{FRAMES}, application/x-ndjson"}
     async with httpx.AsyncClient(timeout=20) as client, client.stream(
             "POST", worker.url, content=encode_frame(frame, binary=True), headers=headers) as response:
         assert response.headers["content-type"] == FRAMES
         async for chunk in response.aiter_raw():
-            messages.extend(splitter.feed(chunk))
-    assert splitter.close() is None
-    assert messages and all(is_binary(message) for message in messages)
-    events = [event for message in messages for event in decode_events(message)]
+            splitter.feed(chunk)
+    splitter.close()
+    assert messages and not any(is_binary(message) for message in messages)
+    events = [event for message in messages if message.strip() for event in decode_events(message)]
     assert events[0]["type"] == "task_started" and events[-1]["type"] == "task_result"
     assert events[-1]["result"] == "slept"
-
-
-@pytest.mark.parametrize("size", [1, 7, 4096, 1 << 20])
-def test_the_splitter_reads_lines_and_frames_in_any_mix(size: int) -> None:
-    big = {"type": "task_result", "run_id": "r:1", "task_id": "r", "result": b"\n" * 40_000}
-    started = {"type": "task_started", "run_id": "r:1", "task_id": "r"}
-    stream = (encode_event(started) + b"\n" + encode_event(big, binary=True) + b"\r\n\n"
-              + encode_event(started, binary=True) + encode_event(big) + b"\n" + encode_event(started))
-    splitter = EventStreamSplitter()
-    messages: list[Any] = []
-    for offset in range(0, len(stream), size):
-        messages.extend(splitter.feed(stream[offset:offset + size]))
-    last = splitter.close()
-    assert last is not None
-    messages.append(last)
-    events = [event for message in messages for event in decode_events(message)]
-    assert [event["type"] for event in events] == ["task_started", "task_result", "task_started", "task_result",
-                                                   "task_started"]
-    assert events[1]["result"] == events[3]["result"] == big["result"]
-    truncated = EventStreamSplitter()
-    assert truncated.feed(encode_event(big, binary=True)[:-1]) == []
-    with pytest.raises(ValueError, match="ended inside a binary frame"):
-        truncated.close()
 
 
 @pytest.mark.timeout(120)

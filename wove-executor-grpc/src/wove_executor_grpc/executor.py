@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from wove.errors import DispatchError, ProtocolError
+from wove.framing import worth_binary
 from wove.options import (
     ANY,
     INVALID,
@@ -55,6 +56,9 @@ from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_local_grpc_target
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
 from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight, PayloadPolicy
+
+#: the metadata that tells a worker this client reads binary frames (docs/wire.md)
+_READS_BINARY = ("wove-capabilities", CAPABILITY_BINARY_FRAMES)
 
 __all__ = ["DEFAULT_CHANNEL_OPTIONS", "ERROR_TABLE", "GRPC_OPTIONS", "GrpcEnvironmentExecutor", "describe_rpc_error"]
 
@@ -364,7 +368,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             raise RuntimeError(f"grpc executor for environment '{self._environment}' is stopped.")
         kind = frame.get("type")
         if kind == "run_task":
-            binary = await self._use_binary()  # the first run waits for the worker's answer
+            # bulky: a binary frame once the worker said it reads them (the first bulky run
+            # waits for its answer); small: JSON, which costs less (wove.framing.worth_binary)
+            binary = worth_binary(frame) and await self._use_binary()
             if self._channel is None:
                 raise RuntimeError(f"grpc executor for environment '{self._environment}' is stopped.")
             body = encode_frame(frame, binary=binary)  # DispatchError names the task and the path
@@ -377,12 +383,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         elif kind == "stream_credit":  # a streamed run: on the Session that carries it (task_yield announced)
             session = self._session
             if session is not None and frame.get("run_id") in session.bodies:
-                session.put(frame, encode_frame(frame, binary=self._peer_binary()))
+                session.put(frame, encode_frame(frame))
         elif kind == "cancel_task":
             session = self._session
             if session is not None and frame.get("run_id") in session.bodies:
                 # the worker answers task_cancelled on the session
-                session.put(frame, encode_frame(frame, binary=self._peer_binary()))
+                session.put(frame, encode_frame(frame))
             else:
                 self._spawn(self._cancel(frame))
         elif kind == "shutdown":
@@ -517,9 +523,15 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         task.add_done_callback(self._background.discard)
 
     def _call_metadata(self, method: str, body: bytes) -> tuple[tuple[str, str], ...] | None:
+        """The call's metadata: the configured ``metadata``, the signature, and (to a worker
+        known to read binary frames, and on every Session) ``wove-capabilities:
+        binary_frames``, so the worker answers a bulky result of a small command in binary."""
+        metadata = self._metadata
+        if self._binary_frames and (self._binary is True or method == self._session_method):
+            metadata = (*metadata, _READS_BINARY)
         if self._security.mode == "none":
-            return self._metadata or None
-        return (*self._metadata, *self._security.metadata_for(transport="grpc", target=method, body=body))
+            return metadata or None
+        return (*metadata, *self._security.metadata_for(transport="grpc", target=method, body=body))
 
     def _wants_stream(self, frame: dict[str, Any]) -> bool:
         if self._streaming is True:
@@ -589,37 +601,44 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 await session.wake.wait()
                 session.wake.clear()
                 while session.pending:
-                    batch = self._batch(session, binary, limit)
+                    kind, batch = self._batch(session, binary, limit)
                     if batch:  # binary frames say their own length: back to back; JSON: a list
                         await session.call.write(batch[0] if len(batch) == 1 else
-                                                 b"".join(batch) if binary else b"[" + b",".join(batch) + b"]")
+                                                 b"".join(batch) if kind else b"[" + b",".join(batch) + b"]")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the reader reports the call's failure
             logger.debug("environment=%s: session write failed: %r", self._environment, exc)
 
-    def _batch(self, session: _Session, binary: bool, limit: int) -> list[bytes]:
+    def _batch(self, session: _Session, binary: bool, limit: int) -> tuple[bool, list[bytes]]:
         """Take the next commands to write as one message (at most ``limit`` bytes past the
-        first), each encoded as this session's worker reads them."""
+        first), all of one kind: ``(binary, bodies)``. A binary body for a worker that does
+        not read them (encoded before this session's worker answered) is encoded again as
+        JSON; JSON every worker reads."""
         batch: list[bytes] = []
+        kind = False
         size = taken = 0
         for frame, body in session.pending:
-            if batch and size + len(body) > limit:
-                break
-            taken += 1
-            if is_binary(body) != binary:  # encoded before this session's worker answered
+            if not binary and is_binary(body):
                 run_id = str(frame.get("run_id"))
-                fresh = self._reencode(frame, binary)
+                fresh = self._reencode(frame, False)
                 if fresh is None:
                     session.bodies.pop(run_id, None)
+                    taken += 1
                     continue
                 if frame.get("type") == "run_task" and run_id in session.bodies:
                     session.bodies[run_id] = fresh
+                session.pending[taken] = (frame, fresh)
                 body = fresh
+            this = is_binary(body)
+            if batch and (this is not kind or size + len(body) > limit):
+                break
+            kind = this
+            taken += 1
             batch.append(body)
             size += len(body)
         del session.pending[:taken]
-        return batch
+        return kind, batch
 
     async def _session_reader(self, session: _Session) -> None:
         grpc = self._grpc
@@ -687,8 +706,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 stream = self._wants_stream(entry.frame)
                 method = self._stream_method if stream else self._method
                 received = False
-                if is_binary(body) != self._peer_binary():  # the worker's answer changed what it reads
-                    fresh = self._reencode(entry.frame, self._peer_binary())
+                if is_binary(body) and not self._peer_binary():  # the worker's answer changed what it reads
+                    fresh = self._reencode(entry.frame, False)
                     if fresh is None:
                         return
                     body = fresh
@@ -767,7 +786,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         call = self._calls.pop(run_id, None)
         if call is not None:
             call.cancel()
-        body = encode_frame(frame, binary=self._peer_binary())
+        body = encode_frame(frame)
         failure: BaseException | None = None
         try:
             reply = await self._unary(body, metadata=self._call_metadata(self._method, body),

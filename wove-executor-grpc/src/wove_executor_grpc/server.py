@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from wove.protocol import encode_events
+from wove.framing import worth_binary
+from wove.protocol import CAPABILITY_BINARY_FRAMES, encode_events
 from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
@@ -276,16 +277,21 @@ class GrpcWorkerService:
     # -- calls ------------------------------------------------------------------
     async def _open(self, context: grpc.aio.ServicerContext, method: str, request: bytes) -> WorkerSession:
         """Verify the call (metadata, size), then start its session."""
+        metadata = tuple(context.invocation_metadata() or ())
         try:
-            self.worker.authenticate(tuple(context.invocation_metadata() or ()), transport="grpc", target=method,
-                                     body=request)
+            self.worker.authenticate(metadata, transport="grpc", target=method, body=request)
         except Rejected as exc:
             await _refuse(context, exc)
         task = asyncio.current_task()
         if task is not None:
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
-        return self.worker.session(str(context.peer()))
+        session = self.worker.session(str(context.peer()))
+        # a client that says it reads binary frames gets them for bulky events (as one that
+        # sent a binary frame does); a Wove 2.x client never says so
+        session.binary = any(key == "wove-capabilities" and CAPABILITY_BINARY_FRAMES in str(value)
+                             for key, value in metadata)
+        return session
 
     async def _send(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         session = await self._open(context, self.send_method, request)
@@ -297,8 +303,9 @@ class GrpcWorkerService:
             events: list[dict[str, Any]] = []
             while True:
                 events += session.take_events(heartbeats=False, superseded=True)  # Wove 2.x replies carry task_started
-                if not session.active:  # a client that sent a binary frame gets binary frames back
-                    return encode_events(events, "envelope", binary=session.binary)
+                if not session.active:  # a binary client gets binary frames when a result is bulky
+                    return encode_events(events, "envelope",
+                                         binary=session.binary and any(map(worth_binary, events)))
                 if session.ended:
                     await _unavailable(context, session)
                 await session.wait()

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wove.errors import ConfigError, exception_chain
+from wove.framing import FrameSplitter, worth_binary
 from wove.options import (
     ANY,
     BOOL,
@@ -64,11 +65,9 @@ from wove.options import (
 )
 from wove.protocol import (
     BINARY_MAGIC,
-    BINARY_PREFIX_BYTES,
     CAPABILITY_BINARY_FRAMES,
     CAPABILITY_TASK_YIELD,
     TERMINAL_EVENTS,
-    binary_frame_size,
     decode_events,
     encode_binary_parts,
     encode_frame,
@@ -84,7 +83,7 @@ from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_setti
 from wove.transport import FrameExecutor
 
 __all__ = [
-    "FAILURES", "FRAMES", "HTTP_OPTIONS", "EventStreamSplitter", "HttpEnvironmentExecutor", "TransportFailure",
+    "FAILURES", "FRAMES", "HTTP_OPTIONS", "HttpEnvironmentExecutor", "TransportFailure",
     "describe_failure",
 ]
 
@@ -94,7 +93,7 @@ INSTALL_HINT = f"Install it with: {install_hint('wove-executor-http')}"
 ACCEPT = "application/x-ndjson, application/json"
 #: The media type of binary frames back to back (request and response bodies).
 FRAMES = "application/x-wove-frames"
-# (binary body, streamed) -> Accept: binary requests say they read binary answers
+# (reads binary frames, streamed) -> Accept
 _ACCEPT = {
     (False, False): (b"Accept", b"application/json"),
     (False, True): (b"Accept", ACCEPT.encode()),
@@ -285,7 +284,9 @@ class HttpEnvironmentExecutor(FrameExecutor):
             raise RuntimeError(f"{self.executor_name} executor for environment '{self._environment}' is not started.")
         frame_type = frame.get("type")
         if frame_type == "run_task":
-            body = _Body.of(frame, binary=await self._use_binary())
+            # bulky: a binary frame once the worker said it reads them; small: JSON, which
+            # costs less (wove.framing.worth_binary)
+            body = _Body.of(frame, binary=worth_binary(frame) and await self._use_binary())
             self._check_payload(frame, body.size)
             self._track(frame, body.size)
             run_id = frame["run_id"]
@@ -311,10 +312,11 @@ class HttpEnvironmentExecutor(FrameExecutor):
         """An httpx.Request for one command: prebuilt URL and headers, signed over ``body``.
 
         ``stream`` asks for the NDJSON extension (events as they happen); otherwise the
-        answer is one JSON body, which costs both sides less per request. A binary body
-        asks for binary frames back (one body, or as they happen).
+        answer is one JSON body, which costs both sides less per request. With a worker
+        that reads binary frames, it says it reads them too (the worker then answers a
+        bulky result in binary frames, one body or as they happen).
         """
-        headers = [*self._headers, _CONTENT_TYPE[body.binary], _ACCEPT[body.binary, stream],
+        headers = [*self._headers, _CONTENT_TYPE[body.binary], _ACCEPT[body.binary or self._binary, stream],
                    (b"Content-Length", str(body.size).encode())]
         content: Any
         if self._security.mode == "signed":  # the signature hashes the body: it is one buffer
@@ -463,16 +465,23 @@ class HttpEnvironmentExecutor(FrameExecutor):
                                      if name.lower() == b"content-type"), b"")
                 if b"ndjson" in content_type or b"x-wove-frames" in content_type:
                     # NDJSON lines and binary frames, in any mix, each delivered as it completes
-                    splitter = EventStreamSplitter()
+                    messages: list[bytes | bytearray] = []
+                    problems: list[str] = []
+                    splitter = FrameSplitter(messages.append, problems.append)
                     async for chunk in response.stream:
-                        for message in splitter.feed(chunk):
+                        splitter.feed(chunk)
+                        if problems:
+                            raise _WrongAnswer(problems[0])
+                        for message in messages:
+                            if message.strip():
+                                terminal = self._deliver_events(message, frame) or terminal
+                        messages.clear()
+                    splitter.close()
+                    if problems:
+                        raise _WrongAnswer(problems[0])
+                    for message in messages:
+                        if message.strip():
                             terminal = self._deliver_events(message, frame) or terminal
-                    try:
-                        rest = splitter.close()
-                    except ValueError as exc:
-                        raise _WrongAnswer(str(exc)) from exc
-                    if rest is not None:
-                        terminal = self._deliver_events(rest, frame) or terminal
                 else:
                     chunks = [chunk async for chunk in response.stream]
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -500,7 +509,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
         return _Outcome(f"{where} ended the response (HTTP {status}) without a terminal event for run {run_id}; "
                         "the worker may have shut down.", None)
 
-    def _deliver_events(self, data: bytes | memoryview, frame: dict[str, Any]) -> bool:
+    def _deliver_events(self, data: bytes | bytearray | memoryview, frame: dict[str, Any]) -> bool:
         """Decode one message (a JSON body or line, or binary frames) and emit its events;
         True when one was terminal."""
         run_id = frame["run_id"]
@@ -588,111 +597,6 @@ async def _iterate(parts: list[bytes | memoryview]) -> AsyncIterator[bytes | mem
 
 _NUL = BINARY_MAGIC[0]
 _BLANK = frozenset(b" \t\r\n")
-
-
-class EventStreamSplitter:
-    """Splits a response byte stream into messages: NDJSON lines and binary frames, in
-    any mix (a binary frame starts with a NUL byte, which never starts a JSON text; its
-    size comes from :func:`wove.protocol.binary_frame_size`).
-
-    :meth:`feed` takes each chunk as it arrives and returns the messages it completed
-    (``bytes`` or ``memoryview``, for :func:`wove.protocol.decode_events`); a message within
-    one chunk is a view of it, a larger one is joined from its chunks once. Blank lines are
-    skipped. :meth:`close` returns a last line that had no newline.
-    """
-
-    def __init__(self) -> None:
-        self._parts: list[tuple[bytes, int]] = []  # chunks and where their unread bytes start
-        self._size = 0  # unread bytes
-        self._need = 0  # size of the binary frame in progress (0: not known yet)
-        # a JSON line in progress: its first chunks hold no newline (this many, of these bytes)
-        self._scanned_parts = 0
-        self._scanned = 0
-
-    def feed(self, chunk: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
-        """The messages completed by ``chunk``.
-
-        Raises:
-            ProtocolError: a binary frame's prefix is invalid.
-        """
-        if not chunk:
-            return []
-        self._parts.append((chunk if isinstance(chunk, bytes) else bytes(chunk), 0))
-        self._size += len(chunk)
-        messages: list[bytes | memoryview] = []
-        while self._size:
-            data, start = self._parts[0]
-            first = data[start]
-            if first == _NUL:
-                if not self._need:
-                    if self._size < BINARY_PREFIX_BYTES:
-                        break
-                    self._need = binary_frame_size(self._peek(BINARY_PREFIX_BYTES))
-                if self._size < self._need:
-                    break
-                messages.append(self._take(self._need))
-                self._need = 0
-            elif first in _BLANK:
-                self._take(1)  # between messages
-            else:
-                end = self._find_newline()
-                if end < 0:
-                    break
-                messages.append(self._take(end + 1))
-        return messages
-
-    def close(self) -> bytes | memoryview | None:
-        """What is left at the end of the stream: a last line without a newline, or None.
-
-        Raises:
-            ValueError: the stream ended inside a binary frame.
-        """
-        if not self._size:
-            return None
-        need, size = self._need, self._size
-        rest = self._take(self._size)
-        if rest[0] == _NUL:
-            raise ValueError(f"the answer ended inside a binary frame: {size} bytes arrived"
-                             + (f" of its {need}" if need else ""))
-        return rest
-
-    def _peek(self, count: int) -> bytes:
-        out = b""
-        for data, start in self._parts:
-            out += data[start:start + count - len(out)]
-            if len(out) >= count:
-                break
-        return out
-
-    def _find_newline(self) -> int:
-        """Offset of the first newline among the unread bytes, or -1 (each chunk is scanned once)."""
-        offset = self._scanned
-        for index in range(self._scanned_parts, len(self._parts)):
-            data, start = self._parts[index]
-            found = data.find(b"\n", start)
-            if found >= 0:
-                return offset + found - start
-            offset += len(data) - start
-        self._scanned_parts, self._scanned = len(self._parts), offset
-        return -1
-
-    def _take(self, count: int) -> bytes | memoryview:
-        """Remove and return the first ``count`` unread bytes."""
-        data, start = self._parts[0]
-        if len(data) - start < count:
-            data = b"".join([memoryview(d)[s:] for d, s in self._parts])
-            start = 0
-            self._parts = [(data, 0)]
-        end = start + count
-        if end < len(data):
-            self._parts[0] = (data, end)
-        else:
-            del self._parts[0]
-        self._size -= count
-        self._scanned_parts = self._scanned = 0  # a message was taken: the next one is not scanned yet
-        if start == 0 and end == len(data):
-            return data
-        return memoryview(data)[start:end]
 
 
 @dataclass(frozen=True)

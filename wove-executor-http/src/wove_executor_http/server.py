@@ -62,6 +62,7 @@ import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from wove.framing import worth_binary
 from wove.protocol import encode_events
 from wove.serve import bind_socket
 from wove.session import (
@@ -296,10 +297,10 @@ class WorkerApp:
                 return
             # a request that started runs (or answered one) gets NDJSON when it asked for it;
             # cancel_task and shutdown always answer {"events": []} (binary: no frames).
-            # A binary request is answered in binary frames when it says it reads them.
+            # A client that says it reads binary frames gets them for bulky events (a Wove 2.x
+            # client never says so, and gets JSON).
             accept = headers.get("accept", "")
-            if session.binary and FRAMES not in accept:
-                session.binary = False
+            session.binary = FRAMES in accept
             ndjson = (session.active or session.events_pending) and NDJSON in accept
             await self._answer(session, receive, send, ndjson=bool(ndjson))
         finally:
@@ -335,7 +336,7 @@ class WorkerApp:
                 else:
                     collected.extend(session.take_events(heartbeats=False, superseded=True))
                     if done:
-                        if binary:
+                        if binary and any(map(worth_binary, collected)):
                             await _respond_raw(send, 200, encode_events(collected, binary=True), _FRAMES_HEADERS)
                         else:
                             await _respond_raw(send, 200, encode_events(collected))

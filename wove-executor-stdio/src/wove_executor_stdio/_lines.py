@@ -21,12 +21,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from wove.errors import ProtocolError
+from wove.framing import BINARY_START, FrameSplitter
 from wove.protocol import BINARY_PREFIX_BYTES, binary_frame_size
 
 __all__ = [
     "BINARY_START",
     "DIRECT_WRITE_BYTES",
     "READY_KEY",
+    "READ_BINARY_ENV",
     "STREAM_LIMIT",
     "FrameSplitter",
     "Oversized",
@@ -39,15 +41,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Set to ``1`` in a worker's environment by an executor that reads binary frames: the worker
+#: then sends bulky events as binary frames from the start (a Wove 2.x worker ignores it).
+READ_BINARY_ENV = "WOVE_STDIO_BINARY_FRAMES"
 #: Field of the worker's first ``log`` event that tells the executor the worker is ready.
 READY_KEY = "wove_stdio_ready"
 
 #: StreamReader limit: a line longer than this is assembled in pieces; reading pauses
 #: at twice this much unread data.
 STREAM_LIMIT = 1 << 20
-
-#: The first byte of a binary frame (JSON never starts with it).
-BINARY_START = b"\x00"
 
 #: Parts of a frame at least this large are handed to the pipe as they are (no join).
 DIRECT_WRITE_BYTES = 64 * 1024
@@ -187,131 +189,3 @@ async def _skip(reader: asyncio.StreamReader, prefix: bytes, size: int) -> Overs
             return None
         position += len(chunk)
     return Oversized(size, header)
-
-
-class FrameSplitter:
-    """Splits bytes as they arrive from a pipe into frames, JSON lines and binary frames
-    mixed (for a protocol's ``data_received``; no reader task).
-
-    Args:
-        on_frame: called with each complete frame: a JSON line (bytes without ``\\n``)
-            or a binary frame (a bytearray of exactly its size).
-        on_error: called with a description when bytes start like a binary frame but
-            are not one; they are dropped up to the next newline.
-    """
-
-    def __init__(self, on_frame: Callable[[bytes | bytearray], None], on_error: Callable[[str], None]) -> None:
-        self._on_frame = on_frame
-        self._on_error = on_error
-        self._line = bytearray()  # the start of a JSON line (or of a binary prefix)
-        self._binary: bytearray | None = None  # the binary frame being filled
-        self._filled = 0
-        self._skip_line = False  # dropping bytes up to the next newline
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished frame held."""
-        return self._filled if self._binary is not None else len(self._line)
-
-    def feed(self, data: bytes) -> None:
-        """Take the next bytes of the stream; complete frames go to ``on_frame``."""
-        view = memoryview(data)
-        position, end = 0, len(data)
-        while position < end:
-            if self._binary is not None:
-                position = self._fill(view, position)
-                continue
-            if self._skip_line:
-                newline = data.find(b"\n", position)
-                if newline < 0:
-                    return
-                self._skip_line = False
-                position = newline + 1
-                continue
-            if not self._line and data[position] == 0:
-                position = self._start_binary(view, position)
-                continue
-            if self._line[:1] == BINARY_START:
-                position = self._prefix(view, position)
-                continue
-            newline = data.find(b"\n", position)
-            if newline < 0:
-                self._line += view[position:]
-                return
-            if self._line:
-                self._line += view[position:newline]
-                line = bytes(self._line)
-                self._line.clear()
-            else:
-                line = data[position:newline]
-            position = newline + 1
-            self._on_frame(line)
-
-    def _start_binary(self, view: memoryview, position: int) -> int:
-        """A binary frame starts at ``position``: take it whole when it is all here."""
-        if len(view) - position < BINARY_PREFIX_BYTES:
-            return self._prefix(view, position)
-        try:
-            size = binary_frame_size(view[position:position + BINARY_PREFIX_BYTES])
-        except ProtocolError:
-            return self._prefix(view, position)  # reports it
-        if position + size <= len(view):
-            self._on_frame(bytearray(view[position:position + size]))
-            return position + size
-        self._binary = bytearray(size)
-        self._filled = 0
-        return self._fill(view, position)
-
-    def _prefix(self, view: memoryview, position: int) -> int:
-        need = BINARY_PREFIX_BYTES - len(self._line)
-        taken = view[position:position + need]
-        self._line += taken
-        position += len(taken)
-        if len(self._line) < BINARY_PREFIX_BYTES:
-            return position
-        prefix = bytes(self._line)
-        self._line.clear()
-        try:
-            size = binary_frame_size(prefix)
-        except ProtocolError as exc:
-            self._on_error(f"{exc}; skipped to the next line")
-            newline = prefix.find(b"\n")
-            if newline < 0:
-                self._skip_line = True
-            else:  # the next line started inside these bytes
-                self.feed(prefix[newline + 1:])
-            return position
-        self._binary = bytearray(size)
-        self._binary[:BINARY_PREFIX_BYTES] = prefix
-        self._filled = BINARY_PREFIX_BYTES
-        return self._complete(position)
-
-    def _fill(self, view: memoryview, position: int) -> int:
-        assert self._binary is not None
-        taken = view[position:position + len(self._binary) - self._filled]
-        self._binary[self._filled:self._filled + len(taken)] = taken
-        self._filled += len(taken)
-        return self._complete(position + len(taken))
-
-    def _complete(self, position: int) -> int:
-        frame = self._binary
-        if frame is not None and self._filled == len(frame):
-            self._binary = None
-            self._filled = 0
-            self._on_frame(frame)
-        return position
-
-    def close(self) -> None:
-        """The stream ended: a last line without its newline is a frame; an unfinished
-        binary frame is reported to ``on_error`` and dropped."""
-        if self._binary is not None:
-            self._on_error(f"the stream ended inside a binary frame: {self._filled} of its "
-                           f"{len(self._binary)} bytes arrived")
-            self._binary = None
-        elif self._line[:1] == BINARY_START:
-            self._on_error(f"the stream ended inside a binary frame's prefix ({len(self._line)} bytes arrived)")
-        elif self._line and not self._skip_line:
-            self._on_frame(bytes(self._line))
-        self._line.clear()
-        self._filled = 0
-

@@ -30,6 +30,7 @@ from typing import Any
 
 from wove.dispatch import require_dispatch
 from wove.errors import ProtocolError
+from wove.framing import worth_binary
 from wove.options import (
     BOOL,
     INVALID,
@@ -52,7 +53,7 @@ from wove.protocol import (
 )
 from wove.transport import FrameExecutor, PayloadPolicy
 
-from ._lines import BINARY_START, READY_KEY, Part, nbytes
+from ._lines import BINARY_START, READ_BINARY_ENV, READY_KEY, Part, nbytes
 from ._process import Pipes, Worker
 
 __all__ = ["STDIO_OPTIONS", "StdioEnvironmentExecutor"]
@@ -173,6 +174,8 @@ class StdioEnvironmentExecutor(FrameExecutor):
             ready_line = any("wove_executor_stdio" in part for part in self._command)
         self._ready_line = ready_line
         self._binary_frames = options["binary_frames"]
+        if self._binary_frames:  # our worker answers bulky events in binary frames from the start
+            self._env = {**(self._env if self._env is not None else os.environ), READ_BINARY_ENV: "1"}
         self._options = options
 
     # -- lifecycle -------------------------------------------------------------
@@ -308,7 +311,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
     def _encode(worker: Worker, frame: dict[str, Any]) -> tuple[bytes | Sequence[Part], int]:
         """A run_task for ``worker``: a binary frame's parts when it speaks them, else a
         JSON line; and its size in bytes."""
-        if worker.binary:
+        if worker.binary and worth_binary(frame):  # bulky: a binary frame; small: JSON costs less
             parts = encode_binary_parts(frame)
             return parts, sum(nbytes(part) for part in parts)
         data = encode_frame(frame) + b"\n"

@@ -39,17 +39,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from wove.errors import ProtocolError
+from wove.framing import worth_binary
 from wove.protocol import (
     TERMINAL_EVENTS,
-    encode_binary_parts,
     encode_event,
+    encode_event_parts,
     error_event,
     parse_json,
 )
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine, release_large_buffers
 
-from ._lines import READY_KEY, STREAM_LIMIT, Oversized, Part, nbytes, read_frame, write_parts
+from ._lines import (
+    READ_BINARY_ENV,
+    READY_KEY,
+    STREAM_LIMIT,
+    Oversized,
+    Part,
+    nbytes,
+    read_frame,
+    write_parts,
+)
 
 __all__ = ["READY_KEY", "FrameWriter", "main", "serve"]
 
@@ -125,15 +135,6 @@ class FrameWriter:
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.broken = True
             logger.warning("stdio worker: the event stream is closed (%s); events are dropped", exc)
-
-
-def event_parts(event: dict[str, Any]) -> Sequence[Part]:
-    """One event as a binary frame, in parts (never raises: as :func:`~wove.protocol.encode_event`,
-    an event that cannot be encoded becomes a ``task_error`` or ``log`` saying why)."""
-    try:
-        return encode_binary_parts(event)
-    except Exception:
-        return [encode_event(event, binary=True)]
 
 
 class _OutputProtocol(asyncio.streams.FlowControlMixin):
@@ -228,16 +229,19 @@ async def serve(
     # One client owns this worker: it obeys that client's shutdown command.
     service = WorkerService(engine, name=f"stdio:{pid}", exclusive=True, grace=grace,
                             max_command_bytes=max_body_bytes)
-    binary = False  # the client sent a binary frame: answer in binary frames
+    # the client reads binary frames (it said so in our environment, or it sent one):
+    # bulky events go as binary frames
+    binary = os.environ.get(READ_BINARY_ENV) == "1"
 
     def emit(event: dict[str, Any]) -> None:
         urgent = event.get("type") in TERMINAL_EVENTS
-        if binary:
-            out.write(event_parts(event), urgent=urgent)
+        if binary and worth_binary(event):  # bulky: a binary frame; small: JSON costs less
+            out.write(encode_event_parts(event), urgent=urgent)
         else:
             out.write(encode_event(event) + b"\n", urgent=urgent)
 
     session = service.session("stdin", emit=emit)
+    session.binary = binary
 
     async def read_commands() -> str:
         nonlocal binary

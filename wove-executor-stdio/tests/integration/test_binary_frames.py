@@ -185,14 +185,18 @@ async def test_our_worker_announces_binary_frames_and_answers_a_binary_command_i
         proc.stdin.write(encode_frame(_run("add:1", lambda a, b: a + b, a=2, b=3)) + b"\n")
         raw, event = await _answer(proc)
         assert raw.startswith(b"{") and event["result"] == 5
-        # a hand-made binary command: a binary answer, and from then on every answer is binary
+        # a hand-made binary command: the bulky answer is binary, and from then on every bulky
+        # answer is (small ones stay JSON, which costs less: wove.framing.worth_binary)
         data = bytearray(b"q" * (50 * KIB))
         proc.stdin.write(encode_frame(_run("echo:1", lambda value: value, value=data), binary=True))
         raw, event = await _answer(proc)
         assert raw.startswith(BINARY_MAGIC) and event["result"] == data
         proc.stdin.write(encode_frame(_run("add:2", lambda a, b: a + b, a=4, b=5)) + b"\n")
         raw, event = await _answer(proc)
-        assert raw.startswith(BINARY_MAGIC) and event["result"] == 9
+        assert raw.startswith(b"{") and event["result"] == 9
+        proc.stdin.write(encode_frame(_run("big:2", lambda n: b"b" * n, n=50 * KIB)) + b"\n")
+        raw, event = await _answer(proc)
+        assert raw.startswith(BINARY_MAGIC) and event["result"] == b"b" * 50 * KIB
 
 
 async def test_our_worker_refuses_a_binary_command_over_max_body_bytes_and_reads_on() -> None:
@@ -201,7 +205,7 @@ async def test_our_worker_refuses_a_binary_command_over_max_body_bytes_and_reads
         proc.stdin.write(encode_frame(_run("big:1", lambda obj: len(obj), obj=b"z" * 200_000), binary=True))
         proc.stdin.write(encode_frame(_run("small:1", lambda obj: len(obj), obj=b"z" * 10), binary=True))
         raw, event = await _answer(proc)
-        assert raw.startswith(BINARY_MAGIC)
+        assert raw.startswith(b"{")  # a small event: JSON, to a client that sent binary too
         assert event["type"] == "task_error" and event["run_id"] == "big:1"
         assert event["error"]["kind"] == "CommandTooLarge" and "--max-body-bytes" in event["error"]["message"]
         _raw, event = await _answer(proc)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
 from wove.errors import ConfigError, ProtocolError, exception_chain
+from wove.framing import worth_binary
 from wove.options import (
     DICT,
     NON_NEGATIVE_SECONDS,
@@ -58,7 +59,7 @@ from wove.security import (
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
 from wove.transport import FrameExecutor
 
-from ._frames import FRAGMENT_BYTES, bulky_command, fragments
+from ._frames import FRAGMENT_BYTES, fragments
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -328,7 +329,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         """Encode a run_task for ``connection`` (None: the next one) and check its size.
 
         JSON unless the worker speaks binary frames and the command carries bulky data
-        (:func:`~wove_executor_ws._frames.bulky_command`): small commands are cheaper as JSON.
+        (:func:`wove.framing.worth_binary`): small commands are cheaper as JSON.
 
         Raises:
             PayloadTooLargeError: over ``max_message_bytes``.
@@ -336,7 +337,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         """
         binary = connection.binary if connection is not None else self._binary_wanted and \
             CAPABILITY_BINARY_FRAMES in self.capabilities
-        if binary and bulky_command(frame):
+        if binary and worth_binary(frame):
             parts = encode_binary_parts(frame)
             size = sum(map(len, parts))
             self._check_payload(frame, size)

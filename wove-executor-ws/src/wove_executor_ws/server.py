@@ -40,12 +40,12 @@ import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
-from wove.protocol import CAPABILITY_BINARY_FRAMES, encode_binary_parts, encode_event
+from wove.protocol import CAPABILITY_BINARY_FRAMES
 from wove.security import canonical_http_target
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
-from ._frames import FRAGMENT_BYTES, bulky_event, fragments
+from ._frames import FRAGMENT_BYTES, fragments
 
 __all__ = ["DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
 
@@ -59,55 +59,21 @@ PIPELINE_BATCH = 64
 
 
 async def _write(session: WorkerSession, ws: Any) -> None:
-    """Send the session's events until it ends and nothing is left."""
+    """Send the session's events until it ends and nothing is left: JSON lists as text
+    messages; in a binary session, bulky events as binary messages (a large one in
+    fragments, its buffers unjoined)."""
     while True:
         await session.wait()
-        if session.binary:
-            await _write_mixed(session, ws)
-        else:
-            for message in session.data_to_send("list", max_message_bytes=COALESCE_LIMIT,
-                                                max_events_per_message=PIPELINE_BATCH):
-                await ws.send(message, text=True)
+        for binary, parts in session.parts_to_send("list", max_message_bytes=COALESCE_LIMIT,
+                                                   max_events_per_message=PIPELINE_BATCH):
+            if not binary:
+                await ws.send(parts[0], text=True)
+            elif sum(map(len, parts)) < FRAGMENT_BYTES:
+                await ws.send(parts[0] if len(parts) == 1 else b"".join(parts))
+            else:
+                await ws.send(fragments(parts))
         if session.ended and not session.events_pending:
             return
-
-
-async def _write_mixed(session: WorkerSession, ws: Any) -> None:
-    """The ready events of a binary session: bulky ones as binary messages (one each, a
-    large one in fragments), the others coalesced into JSON lists as for any client."""
-    batch: list[bytes] = []
-    size = 0
-    for event in session.take_events():
-        if bulky_event(event):
-            if batch:
-                await _send_json(ws, batch)
-                batch, size = [], 0
-            await ws.send(_binary_message(event))
-            continue
-        item = encode_event(event)
-        if batch and (len(batch) >= PIPELINE_BATCH or size + len(item) > COALESCE_LIMIT):
-            await _send_json(ws, batch)
-            batch, size = [], 0
-        batch.append(item)
-        size += len(item) + 1
-    if batch:
-        await _send_json(ws, batch)
-
-
-async def _send_json(ws: Any, batch: list[bytes]) -> None:
-    await ws.send(batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]", text=True)
-
-
-def _binary_message(event: dict[str, Any]) -> bytes | list[bytes | memoryview]:
-    """One event as a binary frame: joined when small, else its fragments (the buffers
-    unjoined; ``websockets`` sends an iterable as a fragmented message)."""
-    try:
-        parts = encode_binary_parts(event)
-    except Exception:  # encode_event turns what cannot be encoded into a task_error
-        return encode_event(event, binary=True)
-    if sum(map(len, parts)) < FRAGMENT_BYTES:
-        return b"".join(parts)
-    return fragments(parts)
 
 
 async def _read(session: WorkerSession, ws: Any) -> None:
