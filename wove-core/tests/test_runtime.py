@@ -275,7 +275,8 @@ async def test_caller_cancellation_sends_cancel_task_and_local_task_is_cancelled
         await asyncio.wait_for(cancelled.wait(), 2)
 
 
-async def test_blocking_sync_tasks_do_not_stall_the_loop() -> None:
+@pytest.mark.parametrize("burst", [0, 5000], ids=["fresh", "after-a-burst-of-quick-calls"])
+async def test_blocking_sync_tasks_do_not_stall_the_loop(burst: int) -> None:
     running = 0
     most = 0
     lock = threading.Lock()
@@ -291,6 +292,13 @@ async def test_blocking_sync_tasks_do_not_stall_the_loop() -> None:
             running -= 1
 
     async with ExecutorRuntime({"a": {"executor": "local", "max_workers": 32}}, {}) as runtime:
+        # quick calls, many in flight: a few threads serve them all, and whatever they leave
+        # behind must not keep the pool from starting a thread for each blocking call
+        async def lane(count: int) -> None:
+            for _ in range(count):
+                await runtime.call("a", abs, -1)
+
+        await asyncio.gather(*(lane(burst // 256) for _ in range(256)))
         calls = asyncio.gather(*(runtime.call("a", blocking) for _ in range(32)))
         for _ in range(1000):  # the loop keeps turning while 32 sync calls block their threads
             await asyncio.sleep(0.005)

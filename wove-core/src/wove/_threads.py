@@ -83,7 +83,12 @@ class DaemonThreadPool(Executor):
         )
         self._lock = threading.Lock()
         self._threads = 0
+        # Every queued call is claimed by one thread: an idle one (``_idle`` counts the
+        # threads that will take a call without a new one starting), a thread started for
+        # it, or none yet (``_unclaimed``: it waits for a busy thread to finish, or for the
+        # injector to start one).
         self._idle = 0
+        self._unclaimed = 0
         self._shutdown = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = collections.deque()
@@ -115,7 +120,10 @@ class DaemonThreadPool(Executor):
                 self._idle -= 1  # that thread takes this item
             elif self._threads < self._eager:
                 self._start_thread()
-            elif self._threads < self._max and not self._backlog.is_set():
+            else:
+                self._unclaimed += 1
+                if self._threads >= self._max or self._backlog.is_set():
+                    return
                 self._backlog.set()
                 if self._injector is None:
                     self._injector = threading.Thread(target=self._inject, name=f"{self._name}-injector", daemon=True)
@@ -136,13 +144,14 @@ class DaemonThreadPool(Executor):
             with self._lock:
                 if self._shutdown:
                     return
-                waiting = self._work.qsize() - self._idle
+                waiting = self._unclaimed
                 if waiting <= 0 or self._threads >= self._max:
                     self._backlog.clear()  # the next call that finds no idle thread sets it again
                     continue
                 if self._started == started:
                     for _ in range(min(INJECT_BATCH, waiting, self._max - self._threads)):
                         self._start_thread()
+                        self._unclaimed -= 1  # the new thread takes one of them
 
     def _worker(self) -> None:
         work = self._work
@@ -177,7 +186,10 @@ class DaemonThreadPool(Executor):
                 del outcome
             del item, future, fn, args, kwargs  # drop references to the call before waiting
             with self._lock:
-                self._idle += 1
+                if self._unclaimed > 0:
+                    self._unclaimed -= 1  # this thread takes a call that waits for one
+                else:
+                    self._idle += 1
 
     def _deliver(self) -> None:
         """On the loop: resolve the futures whose call finished since the last wake-up, at
