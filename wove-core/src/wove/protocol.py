@@ -93,6 +93,8 @@ _PICKLED = {
     "error": "error_pickle",
 }
 _WIRE_FIELDS = frozenset(_PICKLED.values())
+#: compact JSON, built once (``json.dumps`` with arguments builds an encoder per call)
+_header_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _FIELD_OF = {wire_field: field for field, wire_field in _PICKLED.items()}
 #: fields decode in this order (the callable first: its errors name the run best)
 _FIELD_ORDER = {wire_field: index for index, wire_field in enumerate(_PICKLED.values())}
@@ -293,7 +295,7 @@ def encode_frame(frame: dict[str, Any], *, binary: bool = False) -> bytes:
     if binary:
         return b"".join(encode_binary_parts(frame))
     wire, pickles = _pack(frame)
-    text = json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
+    text = _header_json(wire)
     if pickles and text != "{}":
         # base64 needs no JSON escaping: append the (long) pickled fields verbatim instead
         # of having the encoder scan them character by character
@@ -312,7 +314,6 @@ def _pickled_slowly(field: str, value: Any, frame: dict[str, Any]) -> tuple[byte
 
 
 _VALUE_FIELDS = ("callable", "args", "result", "item")
-_header_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def encode_binary_parts(frame: dict[str, Any]) -> list[bytes | memoryview]:
@@ -523,7 +524,8 @@ def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
         ProtocolError: a pickled field is not a string, not base64, or does not unpickle.
     """
     frame = dict(wire)
-    for wire_field in sorted(_WIRE_FIELDS.intersection(wire), key=_FIELD_ORDER.__getitem__):
+    present = _WIRE_FIELDS.intersection(wire)
+    for wire_field in present if len(present) < 2 else sorted(present, key=_FIELD_ORDER.__getitem__):
         field = _FIELD_OF[wire_field]
         text = frame.pop(wire_field)
         if isinstance(text, _Segment):
