@@ -386,6 +386,7 @@ async def _read(session: WorkerSession, requests: AsyncIterator[bytes]) -> None:
             except StopAsyncIteration:
                 break
             await session.receive(message)
+            del message  # decoded: a large command is not held while its run executes
     except BaseException:
         session.connection_lost()  # ends the session: the writer sends what is left, the call fails
         raise

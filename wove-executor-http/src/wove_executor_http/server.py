@@ -292,6 +292,7 @@ class WorkerApp:
         try:
             try:
                 await session.receive(body, strict=True)
+                del body  # decoded: a large command is not held while its run executes
             except Rejected as exc:
                 await self._refuse(send, exc, close=False)
                 return

@@ -257,6 +257,7 @@ async def serve(
                 await session.receive(frame)
             elif frame.strip():
                 await session.receive(frame)
+            del frame  # decoded: a large command is not held while its run executes
         return "shutdown command"
 
     # SIGTERM drains, as on every worker service: runs finish within the grace period,

@@ -89,6 +89,7 @@ async def _read(session: WorkerSession, ws: Any) -> None:
             # on: client and worker then overlap instead of taking turns in big waves.
             await asyncio.sleep(0)
         await session.receive(data)
+        del data  # decoded: a large command is not held while its run executes
 
 
 class WebSocketWorkerServer:
