@@ -1,13 +1,12 @@
-"""The stdio framing: JSON lines and binary frames mixed on one stream, read both ways."""
+"""The stdio framing: JSON lines and binary frames mixed on one stream, read by the worker
+(``read_frame``; the executor's ``FrameSplitter`` is wove.framing's, tested in wove-core)."""
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from wove.protocol import decode_events, encode_frame
-from wove_executor_stdio import STREAM_LIMIT, FrameSplitter, Oversized, read_frame
+from wove_executor_stdio import STREAM_LIMIT, Oversized, read_frame
 
 BIG = bytes(range(256)) * 400  # 100 KiB: travels out of band in a binary frame
 
@@ -26,35 +25,6 @@ def _stream() -> tuple[bytes, list[dict[str, object]]]:
             + encode_frame(events[2], binary=True) + b"\n" + encode_frame(events[3]) + b"\n"
             + encode_frame(events[4], binary=True) + encode_frame(events[5]) + b"\n")
     return data, events
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 16, 4096, 1 << 30])
-def test_splitter_yields_every_frame_whatever_the_chunks(chunk: int) -> None:
-    data, expected = _stream()
-    frames: list[bytes | bytearray] = []
-    problems: list[str] = []
-    splitter = FrameSplitter(frames.append, problems.append)
-    for start in range(0, len(data), chunk):
-        splitter.feed(data[start:start + chunk])
-    splitter.close()
-    assert problems == []
-    events = [event for frame in frames if frame.strip() for event in decode_events(frame)]
-    assert events == expected
-    assert [isinstance(frame, bytearray) for frame in frames if frame.strip()] == [
-        False, True, True, False, True, False]
-
-
-def test_splitter_skips_bytes_that_only_look_binary_and_reports_a_cut_frame() -> None:
-    frames: list[bytes | bytearray] = []
-    problems: list[str] = []
-    splitter = FrameSplitter(frames.append, problems.append)
-    good = encode_frame({"type": "log", "message": "after"})
-    splitter.feed(b"\x00not a binary frame at all\n" + good + b"\n")
-    assert frames == [good] and len(problems) == 1 and "Not a binary frame" in problems[0]
-    cut = encode_frame({"type": "log", "message": "x"}, binary=True)
-    splitter.feed(cut[:-3])
-    splitter.close()
-    assert frames == [good] and "ended inside a binary frame" in problems[1]
 
 
 async def test_read_frame_reads_lines_and_binary_frames_and_skips_oversized_ones() -> None:
