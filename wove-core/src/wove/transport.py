@@ -278,6 +278,21 @@ class FrameExecutor(EnvironmentExecutor):
         """
         self._payload.check(frame, size, environment=self._environment, executor=self.executor_name)
 
+    def _warn_received(self, events: list[dict[str, Any]], size: int) -> None:
+        """After a message of ``size`` bytes arrived: one warning when it is above
+        ``payload_warning_bytes``, naming the run whose result or streamed item it carries
+        (else its terminal event's, else any run's). Cheap for small messages."""
+        limit = self._payload.warning_bytes
+        if limit is None or size <= limit:
+            return
+        named = [event for event in events if "run_id" in event]
+        if not named:
+            return
+        event = next((e for e in named if "result" in e or "item" in e), None) or next(
+            (e for e in named if e.get("type") in TERMINAL_EVENTS), named[0])
+        self._payload.warn(event, size, environment=self._environment,
+                           what="a streamed item" if "item" in event else "result")
+
     def _emit(self, event: dict[str, Any]) -> None:
         """Pass an event to the runtime; a terminal event ends the run's tracking."""
         if self._events is None:

@@ -509,14 +509,6 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 self._emit(transport_error_event(frame, str(exc), exc, retryable=False))
             return None
 
-    def _warn_large(self, data: bytes, events: list[dict[str, Any]]) -> None:
-        """One warning for a received message above payload_warning_bytes."""
-        limit = self._payload.warning_bytes
-        if limit is None or len(data) <= limit or not events:
-            return
-        event = next((e for e in events if e.get("type") in ("task_result", "task_yield", "task_error")), events[0])
-        self._payload.warn(event, len(data), environment=self._environment, what="result")
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -647,7 +639,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             async for message in session.call:
                 session.received = session.confirmed = True
                 events = decode_events(message)  # JSON or binary frames, whatever the worker sent
-                self._warn_large(message, events)
+                self._warn_received(events, len(message))
                 for event in events:
                     if event.get("type") in ("task_result", "task_error", "task_cancelled"):
                         session.bodies.pop(str(event.get("run_id")), None)
@@ -759,7 +751,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         if not data:
             raise _BadResponse("empty message")
         events = decode_events(data)  # JSON or binary frames
-        self._warn_large(data, events)
+        self._warn_received(events, len(data))
         for event in events:
             self._emit(event)
 

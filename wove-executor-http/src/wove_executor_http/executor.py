@@ -517,9 +517,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
             events = decode_events(data)
         except Exception as exc:
             raise _WrongAnswer(f"{exc}; received {bytes(data[:120])!r}") from exc
-        warning = self._payload.warning_bytes
-        if warning is not None and len(data) > warning:  # cheap check first: only large messages warn
-            self._payload.warn(frame, len(data), environment=self._environment, what="result")
+        self._warn_received(events, len(data))
         terminal = False
         for event in events:
             if event.get("type") != "log" and event.get("run_id") != run_id:

@@ -504,9 +504,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
             logger.warning("stdio worker %d (pid %d) wrote a line that is not a valid frame (ignored): %s",
                            worker.id, worker.pid, exc)
             return
-        warning = self._payload.warning_bytes
-        if warning is not None and len(data) > warning:
-            self._large_result(events, len(data))
+        self._warn_received(events, len(data))
         for event in events:
             event_type = event.get("type")
             if event_type == "log":
@@ -527,13 +525,6 @@ class StdioEnvironmentExecutor(FrameExecutor):
                 if self._owner.get(run_id) is worker:
                     del self._owner[run_id]
             self._emit(event)
-
-    def _large_result(self, events: list[dict[str, Any]], size: int) -> None:
-        """One warning for a message above ``payload_warning_bytes``, naming its run."""
-        named = [event for event in events if "run_id" in event]
-        if named:
-            terminal = [event for event in named if event.get("type") in TERMINAL_EVENTS]
-            self._payload.warn((terminal or named)[0], size, environment=self._environment, what="result")
 
     def _bad_output(self, worker: Worker, problem: str) -> None:
         logger.warning("stdio worker %d (pid %d) wrote bytes that are not a frame (ignored): %s",

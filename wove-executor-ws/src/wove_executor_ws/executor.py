@@ -483,21 +483,13 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         except ProtocolError as exc:
             logger.warning("websocket: ignoring a malformed message from %s: %s", self._url, exc)
             return
-        warn_above = self._payload.warning_bytes
-        if warn_above is not None and len(data) > warn_above and events:
-            self._warn_large(events, len(data))
+        self._warn_received(events, len(data))
         sent = connection.sent
         emit = self._emit
         for event in events:
             if event.get("type") in TERMINAL_EVENTS:
                 sent.discard(event.get("run_id"))  # type: ignore[arg-type]
             emit(event)
-
-    def _warn_large(self, events: list[dict[str, Any]], size: int) -> None:
-        """One warning for a large message, naming the run whose result (or item) it carries."""
-        event = next((e for e in events if "result" in e or "item" in e), events[0])
-        self._payload.warn(event, size, environment=self._environment,
-                           what="a streamed item" if "item" in event else "result")
 
     def _connection_lost(self, connection: _Connection, error: BaseException | None) -> None:
         if connection.closed or self._stopping:
