@@ -15,7 +15,8 @@ falls back to ``Stream`` for runs with heartbeats and ``Send`` for the rest.
 
 Binary frames (``wove.protocol``, docs/wire.md): the Session confirmation metadata
 ``wove-capabilities`` names ``binary_frames``; from then (and with ``executor_config.binary_frames``
-true, the default) commands are binary frames, several back to back in one message. Runs
+true, the default) commands with bulky data are binary frames (:func:`wove.framing.worth_binary`;
+small ones stay JSON), several back to back in one message. Runs
 over ``Send``/``Stream`` learn the capabilities from a Session call too: before the first
 run the executor opens one, reads its confirmation and closes it without writing; a server
 without Session (Wove 2.x) answers ``UNIMPLEMENTED`` and keeps getting JSON. Events of either

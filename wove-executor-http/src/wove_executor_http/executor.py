@@ -9,12 +9,13 @@ true to always stream, false never). A plain JSON answer (one event, a list, or
 ``{"events": [...]}``) from a Wove 2.x worker works either way.
 
 Binary frames (docs/wire.md): with a worker whose answers (or ``GET <url>/health``, asked
-once before the first run when nothing is known yet) carry ``X-Wove-Capabilities:
-binary_frames``, and ``executor_config.binary_frames`` true (the default), a ``run_task`` is
-POSTed as one binary frame with ``Content-Type: application/x-wove-frames`` and ``Accept:
-application/x-wove-frames, ...``; the worker then answers binary frames back to back (one
-body, or as they happen for a streamed run), which the client splits incrementally with
-:func:`wove.protocol.binary_frame_size`. Large buffers are written from the caller's memory
+once before the first bulky run when nothing is known yet) carry ``X-Wove-Capabilities:
+binary_frames``, and ``executor_config.binary_frames`` true (the default), a ``run_task``
+with bulky data (:func:`wove.framing.worth_binary`) is POSTed as one binary frame with
+``Content-Type: application/x-wove-frames``, and every request says ``Accept:
+application/x-wove-frames, ...``; the worker then answers bulky events in binary frames (one
+body, or as they happen for a streamed run, mixed with JSON lines), which the client splits
+incrementally with :class:`wove.framing.FrameSplitter`. Large buffers are written from the caller's memory
 (the body is a sequence of parts) unless the request is signed (the signature hashes the
 joined body). A Wove 2.x worker announces nothing and gets today's JSON frames.
 

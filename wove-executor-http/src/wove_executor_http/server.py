@@ -28,12 +28,13 @@ A ``run_task`` answers with its events: NDJSON, one event per line as it happens
 terminal event (what Wove 2.x clients read). ``cancel_task`` answers at once with
 ``{"events": []}``; the cancelled run's own response ends with ``task_cancelled``.
 
-Binary frames (docs/wire.md): a request whose body is binary frames (``Content-Type:
-application/x-wove-frames``; the body is recognised by its first bytes) and whose ``Accept``
-names ``application/x-wove-frames`` is answered with ``Content-Type:
-application/x-wove-frames``: the events as binary frames back to back, in one body, or, when
-``Accept`` also names ``application/x-ndjson``, written as they happen. A JSON request (every
-Wove 2.x client) is answered exactly as before. The body limit (``max_body_bytes``, 256 MiB by
+Binary frames (docs/wire.md): a request body may be binary frames (``Content-Type:
+application/x-wove-frames``; the body is recognised by its first bytes). A request whose
+``Accept`` names ``application/x-wove-frames`` is answered with that content type when an
+event carries bulky data: the events as binary frames back to back, in one body, or, when
+``Accept`` also names ``application/x-ndjson``, written as they happen (small events as JSON
+lines). A request that does not accept frames (every Wove 2.x client) is answered exactly as
+before. The body limit (``max_body_bytes``, 256 MiB by
 default) is the same for both.
 Probes and metrics, without credentials and without task data (``GET`` or ``HEAD``;
 paths relative to where the app is mounted):

@@ -3,10 +3,10 @@
 Each worker reads one command frame per line on stdin and writes one event frame per
 line on stdout (the Wove 2.x stdio wire format); its stderr is its log. With a worker
 whose ready line announced ``binary_frames`` (and ``executor_config.binary_frames``
-true, the default), ``run_task`` commands go as binary frames instead (docs/wire.md:
-self-delimiting, starting with a NUL byte; their large buffers are written without
-copies into a joined message), and the worker answers in binary frames; both kinds of
-frame are read at any time. ``run_task``
+true, the default), ``run_task`` commands with bulky data go as binary frames instead
+(:func:`wove.framing.worth_binary`; docs/wire.md: self-delimiting, starting with a NUL
+byte; their large buffers are written without copies into a joined message), and the
+worker answers bulky events in binary frames; both kinds of frame are read at any time. ``run_task``
 goes to the least-loaded live worker, ``cancel_task`` to the worker holding the run.
 When a worker dies, a replacement is started and each run it held is delivered again
 (orphan policy ``requeue``, bounded by ``max_deliveries``) or ends with a ``task_error``

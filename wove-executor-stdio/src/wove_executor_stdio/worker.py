@@ -7,8 +7,10 @@ stdio wire format, so a Wove 2.x ``StdioEnvironmentExecutor`` can use it as its
 
 Binary frames (docs/wire.md) mix with the lines at any time: a frame that starts with a
 NUL byte is a binary frame that says its own length (no newline after it). The ready line
-announces the ``binary_frames`` capability; once the client sent a binary frame, every
-event goes back as a binary frame (a Wove 2.x client never sends one, so it gets JSON).
+announces the ``binary_frames`` capability; once the client sent a binary frame, or said
+it reads them (``WOVE_STDIO_BINARY_FRAMES=1`` in the environment), every event with bulky
+data goes back as a binary frame and small ones as JSON lines (a Wove 2.x client does
+neither, so it gets JSON).
 A command larger than ``--max-body-bytes`` (default 256 MiB) is refused: its run gets a
 ``task_error`` (``CommandTooLarge``) and nothing runs.
 
