@@ -44,7 +44,9 @@ def run_payload(payload: dict[str, Any]) -> Any:
 
         return run(payload)
     loop = _PROCESS.get("loop")
-    if loop is None or loop.is_closed():
+    if loop is None or loop.is_closed() or loop.is_running():
+        # running here means broken: an interrupt (ray.cancel's simulated SIGINT) escaped a
+        # previous run at a point that left the loop marked running; a fresh loop serves on
         loop = _PROCESS["loop"] = asyncio.new_event_loop()
     threads = _PROCESS.get("threads")
     if threads is None:
@@ -58,6 +60,8 @@ def run_payload(payload: dict[str, Any]) -> Any:
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel what a run left on the shared loop (a heartbeat still being posted; everything,
     when an interrupt escaped), as ``asyncio.run`` would: nothing of it resumes in the next run."""
+    if loop.is_running():  # left marked running by an escaped interrupt: the next run replaces it
+        return
     leftovers = [task for task in asyncio.all_tasks(loop) if not task.done()]
     if not leftovers:
         return
