@@ -587,7 +587,19 @@ async def start_server(app: WorkerApp, sock: socket.socket, config: Any, *,
     server.capture_signals = contextlib.nullcontext
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     waiting = asyncio.ensure_future(ready.wait())
-    await asyncio.wait({waiting, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({waiting, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # Cancelled while starting (Ctrl-C during startup): stop the server the orderly
+        # way, so its lifespan gets a shutdown message rather than a cancellation that
+        # uvicorn would log as an error with a traceback.
+        waiting.cancel()
+        server.should_exit = True
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        if not task.done():
+            task.cancel()
+        raise
     waiting.cancel()
     if not server.started:
         if task.done():
