@@ -30,6 +30,7 @@ __all__ = [
     "BINARY_PREFIX_BYTES",
     "CANCEL_MODES",
     "CAPABILITY_BINARY_FRAMES",
+    "CAPABILITY_COMMAND_LISTS",
     "CAPABILITY_TASK_YIELD",
     "COMMAND_TYPES",
     "EVENT_TYPES",
@@ -64,6 +65,10 @@ CAPABILITY_TASK_YIELD = "task_yield"
 #: The capability of a peer that reads and writes binary frames (:func:`encode_binary_parts`):
 #: pickles as raw bytes with protocol-5 out-of-band buffers instead of base64 in JSON.
 CAPABILITY_BINARY_FRAMES = "binary_frames"
+#: The capability of a WebSocket worker that takes a JSON list of commands in one text
+#: message (Wove 2.x takes one command per message): a client then sends the commands
+#: queued together as one message, which halves the per-message cost on both sides.
+CAPABILITY_COMMAND_LISTS = "command_lists"
 #: The first bytes of a binary frame (a NUL never starts a JSON text, so a reader tells the
 #: two apart from the first byte), then the format version.
 BINARY_MAGIC = b"\x00WV\x01"
