@@ -5,6 +5,7 @@ announce ``binary_frames``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,7 @@ import pytest
 from wove.errors import PayloadTooLargeError
 from wove.protocol import (
     CAPABILITY_BINARY_FRAMES,
+    CAPABILITY_COMMAND_LISTS,
     decode_command,
     decode_events,
     encode_frame,
@@ -24,6 +26,7 @@ from wove.protocol import (
 from wove.runtime import ExecutorRuntime
 from wove.testing import tasks
 from wove_executor_ws import WebSocketEnvironmentExecutor
+from wove_executor_ws.executor import LIST_COMMANDS
 from wove_executor_ws.server import WebSocketWorkerServer
 
 HEADER = "X-Wove-Capabilities"
@@ -161,11 +164,14 @@ class StubWorker:
     """A minimal worker that echoes ``args['value']`` back, recording what it received;
     ``announce`` puts ``binary_frames`` in its handshake answer (a Wove 2.x worker does not)."""
 
-    def __init__(self, announce: bool) -> None:
+    def __init__(self, announce: bool, *, lists: bool = False) -> None:
         self.announce = announce
+        self.lists = lists
         self.asked: list[str] = []
         self.binary_messages = 0
         self.text_messages = 0
+        #: run_task commands per message, in arrival order
+        self.commands_per_message: list[int] = []
         self.url = ""
         self._server: Any = None
 
@@ -174,8 +180,10 @@ class StubWorker:
 
         def process_response(connection: Any, request: Any, response: Any) -> None:
             self.asked.append(request.headers.get(HEADER, ""))
-            if self.announce:
-                response.headers[HEADER] = CAPABILITY_BINARY_FRAMES
+            offered = ([CAPABILITY_BINARY_FRAMES] if self.announce else []) + \
+                ([CAPABILITY_COMMAND_LISTS] if self.lists else [])
+            if offered:
+                response.headers[HEADER] = ", ".join(offered)
 
         self._server = await serve(self._handle, "127.0.0.1", 0, process_response=process_response, max_size=None)
         self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/wove"
@@ -192,12 +200,16 @@ class StubWorker:
                 self.binary_messages += 1
             else:
                 self.text_messages += 1
-            command = decode_command(message)
-            if command["type"] != "run_task":
-                continue
-            event = {"type": "task_result", "run_id": command["run_id"], "task_id": command["task_id"],
-                     "result": command["args"]["value"]}
-            await ws.send(encode_frame(event, binary=binary), text=not binary)
+            parsed = json.loads(message) if not binary and message.startswith("[") else [message]
+            assert self.lists or len(parsed) == 1, "a list sent to a worker that did not offer command_lists"
+            commands = [decode_command(json.dumps(item) if isinstance(item, dict) else item) for item in parsed]
+            self.commands_per_message.append(sum(command["type"] == "run_task" for command in commands))
+            for command in commands:
+                if command["type"] != "run_task":
+                    continue
+                event = {"type": "task_result", "run_id": command["run_id"], "task_id": command["task_id"],
+                         "result": command["args"]["value"]}
+                await ws.send(encode_frame(event, binary=binary), text=not binary)
 
 
 @pytest.mark.parametrize(("announce", "binary_frames", "expect_binary"), [
@@ -214,6 +226,50 @@ async def test_binary_only_to_a_worker_that_offers_it_and_only_when_on(
     # the large command is binary when negotiated; the small one (and the shutdown) stay JSON
     assert stub.binary_messages == (1 if expect_binary else 0)
     assert stub.text_messages >= (1 if expect_binary else 2)
+
+
+@pytest.mark.parametrize("lists", [True, False], ids=["command-lists-offered", "wove2-worker"])
+async def test_commands_queued_together_go_as_one_list_only_to_a_worker_that_offers_it(lists: bool) -> None:
+    blob = b"c" * BIG
+    async with StubWorker(True, lists=lists) as stub, runtime_for(stub.url) as runtime:
+        values = await asyncio.wait_for(asyncio.gather(*(runtime.call("ws", tasks.echo, i) for i in range(300))), 20)
+        assert values == list(range(300))
+        # a bulky command between small ones goes alone, as a binary message, in order
+        mixed = await asyncio.wait_for(asyncio.gather(
+            runtime.call("ws", tasks.echo, "a"), runtime.call("ws", tasks.echo, blob),
+            runtime.call("ws", tasks.echo, "b")), 20)
+        assert mixed == ["a", blob, "b"]
+    runs = [count for count in stub.commands_per_message if count]
+    assert sum(runs) == 303 and stub.binary_messages == 1
+    if lists:
+        assert len(runs) < 300 / 4 and max(runs) <= LIST_COMMANDS
+    else:
+        assert max(runs) == 1
+
+
+async def offered(url: str) -> frozenset[str]:
+    executor = WebSocketEnvironmentExecutor()
+    await executor.start(environment_name="ws", environment_config={"url": url}, run_config={})
+    try:
+        return executor.capabilities
+    finally:
+        await executor.stop()
+
+
+async def test_our_worker_offers_command_lists_and_reads_them(server: WebSocketWorkerServer) -> None:
+    assert CAPABILITY_COMMAND_LISTS in await offered(server.url)
+    async with runtime_for(server.url) as runtime:
+        values = await asyncio.wait_for(asyncio.gather(*(runtime.call("ws", tasks.add, i, 1) for i in range(500))), 30)
+    assert values == [i + 1 for i in range(500)]
+
+
+async def test_a_worker_with_a_small_message_limit_does_not_offer_command_lists() -> None:
+    async with WebSocketWorkerServer(port=0, max_size=64 * 1024) as small:
+        capabilities = await offered(small.url)
+        assert CAPABILITY_COMMAND_LISTS not in capabilities and CAPABILITY_BINARY_FRAMES in capabilities
+        async with runtime_for(small.url) as runtime:
+            values = await asyncio.wait_for(asyncio.gather(*(runtime.call("ws", tasks.add, i, 1) for i in range(300))), 30)
+        assert values == [i + 1 for i in range(300)]
 
 
 # -- limits --------------------------------------------------------------------------------

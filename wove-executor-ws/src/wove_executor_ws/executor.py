@@ -44,6 +44,7 @@ from wove.options import (
 )
 from wove.protocol import (
     CAPABILITY_BINARY_FRAMES,
+    CAPABILITY_COMMAND_LISTS,
     TERMINAL_EVENTS,
     decode_events,
     encode_binary_parts,
@@ -65,6 +66,9 @@ from ._frames import FRAGMENT_BYTES, fragments
 __all__ = [
     "DEFAULT_MAX_SIZE",
     "FAILURES",
+    "LIST_BYTES",
+    "LIST_COMMANDS",
+    "LIST_ITEM_BYTES",
     "WEBSOCKET_OPTIONS",
     "FailureRule",
     "TransportFailure",
@@ -107,6 +111,21 @@ WEBSOCKET_OPTIONS = OptionSpec("websocket", [
     PAYLOAD_OPTIONS,
 ])
 
+#: The most commands, and bytes, in one list message to a ``command_lists`` worker: the
+#: worker reads a message as a whole before it starts the runs in it, so a list stays
+#: short enough that client and worker keep overlapping.
+LIST_COMMANDS = 64
+LIST_BYTES = 256 * 1024
+#: A command larger than this goes as its own message (so it alone meets the worker's
+#: message limit); a worker announces ``command_lists`` only while it takes 1 MiB messages.
+LIST_ITEM_BYTES = 16 * 1024
+
+
+def _as_list(texts: list[bytes]) -> bytes:
+    """JSON commands as one message: a JSON list (a single command as itself)."""
+    return texts[0] if len(texts) == 1 else b"[" + b",".join(texts) + b"]"
+
+
 # What ``_Connection.outbox`` and ``_Waiting`` hold: one encoded message. ``bytes`` is a
 # JSON text (it starts with ``{``) or one joined binary message (it starts with a NUL);
 # a list is a large binary message as its fragments (:func:`fragments`).
@@ -125,6 +144,8 @@ class _Connection:
     outbox: list[tuple[str | None, _Message]] = field(default_factory=list)
     #: the worker announced binary frames and ``binary_frames`` is on
     binary: bool = False
+    #: the worker takes a JSON list of commands in one text message (``command_lists``)
+    lists: bool = False
     flush_scheduled: bool = False
 
 
@@ -370,9 +391,13 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
     def _queue(self, connection: _Connection, run_id: str | None, data: _Message) -> None:
         """Queue one message; every message queued in this loop tick is written at once.
 
-        Each command stays its own WebSocket message; batching only saves the per-message
-        write path and system call (the frames go out in one ``transport.write``; a batch
-        holding a fragmented binary message writes its frames one by one, unjoined).
+        To a worker that announced ``command_lists``, the small JSON commands queued
+        together go as one text message, a JSON list (at most :data:`LIST_COMMANDS`
+        commands and :data:`LIST_BYTES` bytes each; one over :data:`LIST_ITEM_BYTES` goes
+        alone); to any other (Wove 2.x), each command is its own
+        message and batching only saves the per-message write path and system call. The
+        frames go out in one ``transport.write``; a batch holding a fragmented binary
+        message writes its frames one by one, unjoined.
         """
         connection.outbox.append((run_id, data))
         if run_id is not None:
@@ -392,18 +417,33 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         batch, connection.outbox = connection.outbox, []
         try:
             large = False
+            texts: list[bytes] = []  # JSON commands waiting to go as one list message
+            size = 0
+            lists = connection.lists
             for _run_id, data in batch:
-                if type(data) is bytes:
-                    if data[0]:  # JSON starts with "{"; a binary frame with a NUL
+                if type(data) is bytes and data[0]:  # JSON starts with "{"; a binary frame with a NUL
+                    if not lists or len(data) > LIST_ITEM_BYTES:
                         protocol.send_text(data)
-                    else:
-                        protocol.send_binary(data)
+                        continue
+                    if texts and (len(texts) >= LIST_COMMANDS or size + len(data) > LIST_BYTES):
+                        protocol.send_text(_as_list(texts))
+                        texts, size = [], 0
+                    texts.append(data)
+                    size += len(data) + 1
+                    continue
+                if texts:  # keep the order: the commands queued before this binary message go first
+                    protocol.send_text(_as_list(texts))
+                    texts, size = [], 0
+                if type(data) is bytes:
+                    protocol.send_binary(data)
                 else:  # a large binary message: one WebSocket fragment per large buffer
                     large = True
                     last = len(data) - 1
                     protocol.send_binary(data[0], fin=last == 0)
                     for index in range(1, last + 1):
                         protocol.send_continuation(data[index], fin=index == last)
+            if texts:
+                protocol.send_text(_as_list(texts))
             chunks = [chunk for chunk in protocol.data_to_send() if chunk]
             if large:  # no join: asyncio sends or buffers each chunk (3.12+: without a copy)
                 for chunk in chunks:
@@ -454,6 +494,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         header = response.headers.get(CAPABILITIES_HEADER, "") if response is not None else ""
         self.capabilities = frozenset(part.strip() for part in str(header).split(",") if part.strip())
         connection.binary = self._binary_wanted and CAPABILITY_BINARY_FRAMES in self.capabilities
+        connection.lists = CAPABILITY_COMMAND_LISTS in self.capabilities
         self._last_error = ""
         connection.reader = asyncio.get_running_loop().create_task(
             self._read(connection), name=f"wove-websocket-reader:{self._environment}"

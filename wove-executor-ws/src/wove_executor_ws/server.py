@@ -7,6 +7,11 @@ more binary frames; the events of a run go back on the connection that submitted
 they happen, the ones ready together coalesced into one message (a JSON list, which Wove
 2.x clients read too).
 
+Command lists: the handshake answer announces ``command_lists`` (when messages up to
+:data:`COMMAND_LISTS_MIN_BYTES` are accepted), so our clients send the small commands they
+queue together as one JSON list per text message (a Wove 2.x client sends one command per
+message, which is read the same way).
+
 Binary frames: the handshake answer announces ``binary_frames`` (``X-Wove-Capabilities``).
 A client that asks for them (the same header in its request) or sends a binary frame gets
 the events that carry bulky data (a large result, streamed item or exception object) as
@@ -40,20 +45,24 @@ import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
-from wove.protocol import CAPABILITY_BINARY_FRAMES
+from wove.protocol import CAPABILITY_BINARY_FRAMES, CAPABILITY_COMMAND_LISTS
 from wove.security import canonical_http_target
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
 from ._frames import FRAGMENT_BYTES, fragments
 
-__all__ = ["DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
+__all__ = ["COMMAND_LISTS_MIN_BYTES", "DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SIZE = DEFAULT_MAX_COMMAND_BYTES
 #: Coalesced event messages stay below this (Wove 2.x clients accept 1 MiB messages).
 COALESCE_LIMIT = 512 * 1024
+#: ``command_lists`` is announced only while every message up to this size is accepted:
+#: a client's list message stays far below it (``LIST_BYTES`` in the executor), so
+#: batching never turns commands that fit one by one into a message that does not.
+COMMAND_LISTS_MIN_BYTES = 1024 * 1024
 #: Commands read, and events coalesced into one message, before the other side gets a turn.
 PIPELINE_BATCH = 64
 
@@ -249,7 +258,10 @@ class WebSocketWorkerServer:
     def _process_response(self, connection: Any, request: Any, response: Any) -> None:
         """The handshake answer names what this worker speaks beyond Wove 2.x (``X-Wove-Capabilities``)."""
         if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
-            response.headers["X-Wove-Capabilities"] = self.service.capabilities_header()
+            capabilities = self.service.capabilities
+            if self.service.max_command_bytes >= COMMAND_LISTS_MIN_BYTES:
+                capabilities = capabilities | {CAPABILITY_COMMAND_LISTS}
+            response.headers["X-Wove-Capabilities"] = ", ".join(sorted(capabilities))
 
     # -- connections ---------------------------------------------------------------
     async def _handle(self, ws: Any) -> None:
