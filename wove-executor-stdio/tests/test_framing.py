@@ -1,12 +1,16 @@
 """The stdio framing: JSON lines and binary frames mixed on one stream, read by the worker
-(``read_frame``; the executor's ``FrameSplitter`` is wove.framing's, tested in wove-core)."""
+(``PipeReader`` / ``FrameReader``, or ``read_frame`` off a regular file; the executor's
+``FrameSplitter`` is wove.framing's, tested in wove-core)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from wove.protocol import decode_events, encode_frame
-from wove_executor_stdio import STREAM_LIMIT, Oversized, read_frame
+from wove_executor_stdio import STREAM_LIMIT, FrameReader, Oversized, PipeReader, read_frame
+
+SCRATCH = 64 * 1024  # what a FrameReader reads at once outside binary frames
 
 BIG = bytes(range(256)) * 400  # 100 KiB: travels out of band in a binary frame
 
@@ -43,3 +47,110 @@ async def test_read_frame_reads_lines_and_binary_frames_and_skips_oversized_ones
     events = [event for frame in frames[:-2] if not isinstance(frame, Oversized) and frame.strip()
               for event in decode_events(frame)]
     assert events == expected
+
+
+def _read_in_chunks(data: bytes, sizes: list[int], *, max_binary_bytes: int | None = None,
+                    ) -> list[bytes | bytearray | Oversized]:
+    """Drive a FrameReader as a pipe would: each read fills at most ``sizes[i]`` bytes of
+    the buffer it hands out (cycling through ``sizes``)."""
+    frames: list[bytes | bytearray | Oversized] = []
+    reader = FrameReader(frames.append, max_binary_bytes=max_binary_bytes)
+    _drive(reader, data, sizes)
+    assert reader.close()
+    return frames
+
+
+def _drive(reader: FrameReader, data: bytes, sizes: list[int]) -> None:
+    position, turn = 0, 0
+    while position < len(data):
+        buffer = reader.get_buffer()
+        count = min(len(buffer), sizes[turn % len(sizes)], len(data) - position)
+        buffer[:count] = data[position:position + count]
+        buffer.release()
+        reader.buffer_updated(count)
+        position += count
+        turn += 1
+
+
+def _events(frames: list[bytes | bytearray | Oversized]) -> list[dict[str, object]]:
+    return [event for frame in frames if not isinstance(frame, Oversized) and frame.strip()
+            for event in decode_events(bytes(frame))]
+
+
+def test_frame_reader_splits_lines_and_binary_frames_at_every_chunk_boundary() -> None:
+    data, expected = _stream()
+    assert _events(_read_in_chunks(data, [len(data)])) == expected
+    for size in (1, 2, 3, 7, 15, 16, 17, 4096):
+        assert _events(_read_in_chunks(data, [size])) == expected, size
+    for cut in range(1, 200):  # every boundary in the head of the stream, then large reads
+        assert _events(_read_in_chunks(data, [cut, 1 << 20])) == expected, cut
+    frames: list[bytes | bytearray | Oversized] = []
+    reader = FrameReader(frames.append)
+    for start in range(0, len(data), 333):  # bytes read elsewhere, fed in
+        reader.feed(data[start:start + 333])
+    assert reader.close() and _events(frames) == expected
+
+
+def test_frame_reader_skips_oversized_frames_and_passes_malformed_ones_on_as_lines() -> None:
+    oversized = encode_frame({"type": "run_task", "run_id": "big:1", "task_id": "big", "callable": len,
+                              "args": {"data": b"z" * (3 * STREAM_LIMIT)}}, binary=True)
+    bogus = b"\x00WV\x09" + b"not a frame at all\n"
+    data, expected = _stream()
+    for sizes in ([1 << 20], [5], [SCRATCH, 100]):
+        frames = _read_in_chunks(data + oversized + bogus + data + b"tail", sizes,
+                                 max_binary_bytes=2 * STREAM_LIMIT)
+        skipped = [frame for frame in frames if isinstance(frame, Oversized)]
+        assert len(skipped) == 1 and skipped[0].size == len(oversized)
+        assert b'"run_id":"big:1"' in skipped[0].header
+        assert frames[-1] == b"tail"
+        assert bogus[:-1] in frames
+        assert _events([f for f in frames[:-1] if f != bogus[:-1]]) == expected + expected
+
+
+def test_frame_reader_reads_a_100_mib_frame_into_one_buffer_and_reuses_only_free_buffers() -> None:
+    big = os.urandom(100 << 20)
+    event = {"type": "task_result", "run_id": "a:1", "task_id": "a", "result": big}
+    frames = _read_in_chunks(encode_frame(event, binary=True) + b'{"type":"log","message":"x"}\n', [1 << 20])
+    assert isinstance(frames[0], bytearray) and decode_events(frames[0])[0]["result"] == big
+    assert frames[1] == b'{"type":"log","message":"x"}'
+    del frames
+    # small frames: a buffer still held (or viewed) by its consumer is never written over
+    one = encode_frame({"type": "task_result", "run_id": "b:1", "task_id": "b", "result": BIG}, binary=True)
+    two = encode_frame({"type": "task_result", "run_id": "c:1", "task_id": "c", "result": BIG[::-1]}, binary=True)
+    held: list[bytes | bytearray | Oversized] = []
+    reader = FrameReader(held.append)
+    for data in (one, two, one):
+        _drive(reader, data, [1 << 20])
+    assert [decode_events(bytes(f))[0]["run_id"] for f in held if not isinstance(f, Oversized)] == ["b:1", "c:1", "b:1"]
+    seen: list[str] = []
+
+    def decode_and_drop(frame: bytes | bytearray | Oversized) -> None:
+        assert isinstance(frame, bytearray)
+        seen.append(decode_events(frame)[0]["run_id"])
+
+    reader = FrameReader(decode_and_drop)
+    for data in (one, two, one, two):  # the dropped buffer is used again: still right
+        _drive(reader, data, [1 << 20])
+        reader.feed(data)
+    assert seen == ["b:1", "b:1", "c:1", "c:1", "b:1", "b:1", "c:1", "c:1"]
+
+
+async def test_pipe_reader_reads_a_pipe_until_its_end() -> None:
+    data, expected = _stream()
+    read_end, write_end = os.pipe()
+    try:
+        reader = PipeReader(read_end)
+
+        def write() -> None:
+            for start in range(0, len(data), 50_000):
+                os.write(write_end, data[start:start + 50_000])
+            os.close(write_end)
+
+        writing = asyncio.get_running_loop().run_in_executor(None, write)
+        frames = []
+        while (frame := await asyncio.wait_for(reader.next(), 10)) is not None:
+            frames.append(frame)
+        await writing
+        assert _events(frames) == expected
+    finally:
+        os.close(read_end)

@@ -2,13 +2,24 @@
 (and binary frames, with a worker that announces them).
 
 ``StdioEnvironmentExecutor`` is registered as the ``stdio`` executor; the worker is
-``python -m wove_executor_stdio``. :func:`read_line`, :func:`read_frame` and
-:class:`FrameSplitter` read the stdio framing (JSON lines and binary frames mixed).
+``python -m wove_executor_stdio``. :func:`read_line`, :func:`read_frame`,
+:class:`FrameSplitter`, :class:`FrameReader` and :class:`PipeReader` read the stdio framing
+(JSON lines and binary frames mixed); the last two read a binary frame's body straight into
+its own buffer.
 """
 
 from __future__ import annotations
 
-from ._lines import STREAM_LIMIT, FrameSplitter, Oversized, read_frame, read_line
+from ._lines import (
+           STREAM_LIMIT,
+           FrameReader,
+           FrameSplitter,
+           Oversized,
+           PipeReader,
+           read_frame,
+           read_line,
+)
 from .executor import StdioEnvironmentExecutor
 
-__all__ = ["STREAM_LIMIT", "FrameSplitter", "Oversized", "StdioEnvironmentExecutor", "read_frame", "read_line"]
+__all__ = ["STREAM_LIMIT", "FrameReader", "FrameSplitter", "Oversized", "PipeReader", "StdioEnvironmentExecutor",
+           "read_frame", "read_line"]

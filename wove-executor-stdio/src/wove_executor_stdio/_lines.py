@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,9 +33,11 @@ __all__ = [
     "READY_KEY",
     "READ_BINARY_ENV",
     "STREAM_LIMIT",
+    "FrameReader",
     "FrameSplitter",
     "Oversized",
     "Part",
+    "PipeReader",
     "nbytes",
     "read_frame",
     "read_line",
@@ -189,3 +194,259 @@ async def _skip(reader: asyncio.StreamReader, prefix: bytes, size: int) -> Overs
             return None
         position += len(chunk)
     return Oversized(size, header)
+
+
+#: Bytes a :class:`FrameReader` reads at once outside a binary frame (JSON lines, prefixes).
+SCRATCH_BYTES = 64 * 1024
+#: Largest binary frame whose buffer a :class:`FrameReader` keeps for the next frame.
+REUSE_BYTES = 8 << 20
+
+_refcount: Callable[[object], int] | None = getattr(sys, "getrefcount", None)
+
+
+class FrameReader:
+    """Splits a byte stream into frames, like :func:`read_frame`, reading each binary
+    frame's body straight into one buffer of the frame's size: ``get_buffer()`` says where
+    the next bytes go, ``buffer_updated(n)`` takes the ``n`` bytes read there (the shape of
+    :class:`asyncio.BufferedProtocol`, for ``os.readv`` on a pipe). A binary frame thus
+    costs one copy (the kernel's, into the frame) instead of one per layer of buffering.
+
+    Frames go to ``on_frame``: a JSON line as bytes without ``\\n`` (possibly blank), a
+    binary frame as a bytearray of exactly its size, a binary frame over
+    ``max_binary_bytes`` as :class:`Oversized` (read past without being kept). Bytes that
+    start like a binary frame but are not one are passed on up to the next newline as a
+    (malformed) line. The buffer of a frame up to :data:`REUSE_BYTES` is used again for
+    a later frame once nothing refers to it any more (no fresh allocation, and page
+    faults, per frame).
+    """
+
+    def __init__(self, on_frame: Callable[[bytes | bytearray | Oversized], None], *,
+                 max_binary_bytes: int | None = None) -> None:
+        self._on_frame = on_frame
+        self._max = max_binary_bytes
+        self._scratch = bytearray(SCRATCH_BYTES)
+        self._line = bytearray()  # the start of a line, or of a binary prefix
+        self._prefix = False  # ``_line`` holds the start of a binary prefix
+        self._frame: bytearray | None = None  # the binary frame being filled
+        self._filled = 0
+        self._direct = False  # the last buffer handed out was the frame's
+        self._skip = 0  # bytes of an oversized frame still to read past
+        self._header = bytearray()  # its header, kept to name its run
+        self._header_left = 0
+        self._oversized = 0
+        self._spare: bytearray | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished frame held."""
+        return self._filled if self._frame is not None else len(self._line)
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes of the stream are to be read (release it before
+        :meth:`buffer_updated`)."""
+        if self._frame is not None:
+            self._direct = True
+            return memoryview(self._frame)[self._filled:]
+        self._direct = False
+        if self._skip:
+            return memoryview(self._scratch)[:min(self._skip, SCRATCH_BYTES)]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` bytes were read into the last buffer of :meth:`get_buffer`."""
+        if self._direct:
+            self._direct = False
+            self._filled += nbytes
+            self._complete()
+        else:
+            self._consume(self._scratch, 0, nbytes)
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Take bytes that were read elsewhere (a copy into the frame buffer)."""
+        self._consume(data, 0, len(data))
+
+    def close(self) -> bool:
+        """The stream ended: a last line without its newline is a frame. Returns False
+        when it ended inside a binary frame (which is dropped, with a warning)."""
+        if self._frame is not None or self._skip or self._prefix:
+            logger.warning("stdio stream ended inside a binary frame: %d bytes of it arrived",
+                           self._filled if self._frame is not None else len(self._line))
+            self._frame = None
+            return False
+        if self._line:
+            line = bytes(self._line)
+            self._line.clear()
+            self._on_frame(line)
+        return True
+
+    def _consume(self, data: bytes | bytearray, position: int, end: int) -> None:
+        view = memoryview(data)
+        try:
+            while position < end:
+                if self._frame is not None:  # part of a frame's body read with what came before it
+                    taken = min(end - position, len(self._frame) - self._filled)
+                    self._frame[self._filled:self._filled + taken] = view[position:position + taken]
+                    self._filled += taken
+                    position += taken
+                    self._complete()
+                elif self._skip:
+                    taken = min(end - position, self._skip)
+                    if self._header_left:
+                        keep = min(taken, self._header_left)
+                        self._header += view[position:position + keep]
+                        self._header_left -= keep
+                    self._skip -= taken
+                    position += taken
+                    if not self._skip:
+                        header, self._header = bytes(self._header), bytearray()
+                        self._on_frame(Oversized(self._oversized, header))
+                elif self._prefix or (not self._line and data[position] == 0):
+                    position = self._take_prefix(view, position, end)
+                else:
+                    newline = data.find(b"\n", position, end)
+                    if newline < 0:
+                        self._line += view[position:end]
+                        return
+                    if self._line:
+                        self._line += view[position:newline]
+                        line = bytes(self._line)
+                        self._line.clear()
+                    else:
+                        line = bytes(view[position:newline])
+                    position = newline + 1
+                    self._on_frame(line)
+        finally:
+            view.release()
+
+    def _take_prefix(self, view: memoryview, position: int, end: int) -> int:
+        self._prefix = True
+        taken = min(end - position, BINARY_PREFIX_BYTES - len(self._line))
+        self._line += view[position:position + taken]
+        position += taken
+        if len(self._line) < BINARY_PREFIX_BYTES:
+            return position
+        self._prefix = False
+        try:
+            size = binary_frame_size(self._line)
+        except ProtocolError:
+            return position  # not a binary frame: ``_line`` goes on as a (malformed) line
+        prefix = bytes(self._line)
+        self._line.clear()
+        if self._max is not None and size > self._max:
+            self._oversized = size
+            self._skip = size - BINARY_PREFIX_BYTES
+            header_size = int.from_bytes(prefix[4:8], "big")
+            self._header_left = header_size if header_size <= _OVERSIZED_HEADER else 0
+            if not self._skip:
+                self._on_frame(Oversized(size, b""))
+            return position
+        frame = self._buffer(size)
+        frame[:BINARY_PREFIX_BYTES] = prefix
+        self._frame = frame
+        self._filled = BINARY_PREFIX_BYTES
+        self._complete()
+        return position
+
+    def _buffer(self, size: int) -> bytearray:
+        """A bytearray of ``size`` bytes: the last frame's when nothing else holds it."""
+        spare, self._spare = self._spare, None
+        # two references: ``spare`` and getrefcount's argument (a memoryview of it holds one)
+        if spare is not None and _refcount is not None and _refcount(spare) == 2:
+            if size < len(spare):
+                del spare[size:]
+            elif size > len(spare):
+                spare.extend(bytes(size - len(spare)))
+            return spare
+        return bytearray(size)
+
+    def _complete(self) -> None:
+        frame = self._frame
+        if frame is not None and self._filled == len(frame):
+            self._frame = None
+            self._filled = 0
+            if len(frame) <= REUSE_BYTES:
+                self._spare = frame
+            self._on_frame(frame)
+
+
+#: Queued bytes (or frames) at which a :class:`PipeReader` stops reading until they are taken.
+QUEUE_BYTES = 2 * STREAM_LIMIT
+QUEUE_FRAMES = 1024
+
+
+class PipeReader:
+    """Reads frames from a pipe's file descriptor as they arrive (``loop.add_reader`` and
+    ``os.readv`` straight into a :class:`FrameReader`'s buffers), for ``await next()``.
+
+    Reading pauses while :data:`QUEUE_BYTES` or :data:`QUEUE_FRAMES` wait to be taken, so
+    a slow consumer holds the writer back as a full pipe does.
+
+    Raises:
+        OSError, NotImplementedError, ValueError: at construction, where the loop cannot
+            watch the descriptor (a regular file, a Windows loop); the caller falls back to
+            a stream reader.
+    """
+
+    def __init__(self, fd: int, *, max_binary_bytes: int | None = None) -> None:
+        if not hasattr(os, "readv"):
+            raise NotImplementedError("os.readv is not available")
+        self._loop = asyncio.get_running_loop()
+        self._fd = fd
+        self._frames: deque[bytes | bytearray | Oversized] = deque()
+        self._queued = 0
+        self._frames_reader = FrameReader(self._arrived, max_binary_bytes=max_binary_bytes)
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused = False
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._ready)
+
+    def _arrived(self, frame: bytes | bytearray | Oversized) -> None:
+        self._frames.append(frame)
+        self._queued += frame.size if isinstance(frame, Oversized) else len(frame)
+
+    def _ready(self) -> None:
+        buffer = self._frames_reader.get_buffer()
+        try:
+            count = os.readv(self._fd, [buffer])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.warning("stdio: reading the stream failed (%s); it counts as ended", exc)
+            count = 0
+        finally:
+            buffer.release()
+        if count:
+            self._frames_reader.buffer_updated(count)
+        else:
+            self._loop.remove_reader(self._fd)
+            self._frames_reader.close()
+            self._eof = True
+        if not self._eof and (self._queued >= QUEUE_BYTES or len(self._frames) >= QUEUE_FRAMES):
+            self._paused = True
+            self._loop.remove_reader(self._fd)
+        if (self._frames or self._eof) and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> bytes | bytearray | Oversized | None:
+        """The next frame (as :func:`read_frame` returns it), or None at the end of the stream."""
+        while not self._frames:
+            if self._eof:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frame = self._frames.popleft()
+        self._queued -= frame.size if isinstance(frame, Oversized) else len(frame)
+        if self._paused and self._queued < QUEUE_BYTES and len(self._frames) < QUEUE_FRAMES:
+            self._paused = False
+            self._loop.add_reader(self._fd, self._ready)
+        return frame
+
+    def close(self) -> None:
+        """Stop watching the descriptor (it stays open)."""
+        if not self._eof and not self._paused:
+            self._loop.remove_reader(self._fd)
+        self._eof = True

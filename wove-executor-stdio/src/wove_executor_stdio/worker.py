@@ -32,12 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from wove.errors import ProtocolError
@@ -58,6 +59,7 @@ from ._lines import (
     STREAM_LIMIT,
     Oversized,
     Part,
+    PipeReader,
     nbytes,
     read_frame,
     write_parts,
@@ -171,6 +173,17 @@ async def _open_input(fd: int) -> asyncio.StreamReader:
     return reader
 
 
+async def _open_frames(fd: int, max_binary_bytes: int,
+                       ) -> Callable[[], Awaitable[bytes | bytearray | Oversized | None]]:
+    """Return the reader of the command frames on ``fd``: a :class:`._lines.PipeReader`
+    on a pipe (binary frames are read straight into their buffers), else a stream reader."""
+    try:
+        return PipeReader(fd, max_binary_bytes=max_binary_bytes).next
+    except (OSError, NotImplementedError, ValueError):  # a regular file, or a loop without add_reader
+        reader = await _open_input(fd)
+        return functools.partial(read_frame, reader, max_binary_bytes=max_binary_bytes)
+
+
 async def _open_output(fd: int) -> tuple[Callable[[Part], None], Callable[[], Any]]:
     """Return ``(write, close)`` for the frame output fd."""
     loop = asyncio.get_running_loop()
@@ -223,7 +236,7 @@ async def serve(
         The exit status (0).
     """
     loop = asyncio.get_running_loop()
-    reader = await _open_input(input_fd)
+    next_frame = await _open_frames(input_fd, max_body_bytes)
     write, close = await _open_output(output_fd)
     out = FrameWriter(loop, write)
     pid = os.getpid()
@@ -248,7 +261,7 @@ async def serve(
     async def read_commands() -> str:
         nonlocal binary
         while not session.ended:
-            frame = await read_frame(reader, max_binary_bytes=max_body_bytes)
+            frame = await next_frame()
             if frame is None:
                 return "end of input"
             if isinstance(frame, Oversized):
