@@ -11,11 +11,12 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ._lines import FrameSplitter, Part
+from ._lines import FrameReader, FrameSplitter, Oversized, Part
 from .worker import FLUSH_BYTES, FrameWriter
 
 __all__ = ["FLUSH_BYTES", "STDERR_LINES", "Pipes", "Worker"]
@@ -32,6 +33,12 @@ class Pipes(asyncio.SubprocessProtocol):
     """Splits the worker's stdout into frames (JSON lines and binary frames, see
     :mod:`._lines`) and its stderr into lines as data arrives (no reader tasks).
 
+    Where the loop can watch a pipe (:meth:`read_stdout`), the executor gives the worker a
+    stdout pipe of its own, read with ``os.readv`` straight into a :class:`._lines.FrameReader`'s
+    buffers: a binary frame's body lands in one buffer of its size, reused for later frames
+    up to 8 MiB. Otherwise stdout is the subprocess transport's pipe, split by a
+    :class:`~wove.framing.FrameSplitter`.
+
     Args:
         on_stdout: called with each frame (a JSON line as bytes, a binary frame as a
             bytearray).
@@ -43,7 +50,12 @@ class Pipes(asyncio.SubprocessProtocol):
                  on_bad_stdout: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
         self._handlers: dict[int, Callable[[bytes], None]] = {2: on_stderr}
-        self._frames = FrameSplitter(self._guarded(on_stdout), on_bad_stdout)
+        self._loop = loop
+        self._on_stdout = self._guarded(on_stdout)
+        self._on_bad_stdout = on_bad_stdout
+        self._frames = FrameSplitter(self._on_stdout, on_bad_stdout)
+        self._reader: FrameReader | None = None
+        self._stdout_fd: int | None = None
         self._partial: dict[int, bytearray] = {2: bytearray()}
         self.closed = {1: loop.create_future(), 2: loop.create_future()}
         self.exited = loop.create_future()
@@ -59,6 +71,53 @@ class Pipes(asyncio.SubprocessProtocol):
                 logger.exception("stdio executor: handling a frame of the worker's stdout failed")
 
         return guarded
+
+    def read_stdout(self, fd: int) -> None:
+        """Read the worker's stdout from ``fd`` (the read end of a pipe this object now owns)
+        with ``loop.add_reader`` and ``os.readv``.
+
+        Raises:
+            OSError, NotImplementedError, ValueError: the loop cannot watch ``fd``.
+        """
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._stdout_ready)
+        self._stdout_fd = fd
+        self._reader = FrameReader(self._direct_frame)
+
+    def _direct_frame(self, frame: bytes | bytearray | Oversized) -> None:
+        if not isinstance(frame, Oversized):  # no size limit is set: never one
+            self._on_stdout(frame)
+
+    def _stdout_ready(self) -> None:
+        reader, fd = self._reader, self._stdout_fd
+        if reader is None or fd is None:
+            return
+        buffer = reader.get_buffer()
+        try:
+            count = os.readv(fd, [buffer])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.warning("stdio executor: reading a worker's stdout failed (%s); it counts as closed", exc)
+            count = 0
+        finally:
+            buffer.release()
+        if count:
+            reader.buffer_updated(count)
+            return
+        if not reader.close():
+            self._on_bad_stdout("the stream ended inside a binary frame")
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading a stdout pipe of our own and close it (stdout counts as closed)."""
+        fd, self._stdout_fd = self._stdout_fd, None
+        if fd is None:
+            return
+        self._reader = None
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        self.pipe_connection_lost(1, None)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
@@ -120,16 +179,21 @@ class Pipes(asyncio.SubprocessProtocol):
 PIPE_BYTES = 1 << 20
 
 
-def grow_pipe(pipe_transport: asyncio.BaseTransport | None) -> None:
-    """Ask for :data:`PIPE_BYTES` of capacity on a worker pipe where the system allows it
-    (Linux; an unprivileged process gets at most ``/proc/sys/fs/pipe-max-size``, 1 MiB by
-    default); elsewhere, or when refused, the pipe keeps its size."""
+def grow_pipe(pipe_transport: asyncio.BaseTransport | int | None) -> None:
+    """Ask for :data:`PIPE_BYTES` of capacity on a worker pipe (its transport or file
+    descriptor) where the system allows it (Linux; an unprivileged process gets at most
+    ``/proc/sys/fs/pipe-max-size``, 1 MiB by default); elsewhere, or when refused, the pipe
+    keeps its size."""
     setting = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
-    pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
-    if setting is None or pipe is None:
+    if isinstance(pipe_transport, int):
+        fd: int | None = pipe_transport
+    else:
+        pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
+        fd = pipe.fileno() if pipe is not None else None
+    if setting is None or fd is None:
         return
     try:
-        fcntl.fcntl(pipe.fileno(), setting, PIPE_BYTES)
+        fcntl.fcntl(fd, setting, PIPE_BYTES)
     except (OSError, ValueError):
         pass
 
@@ -171,6 +235,11 @@ class Worker:
         parts are views of the caller's data; they are not joined). Queued bytes past
         :data:`FLUSH_BYTES` are written at once."""
         self.out.write(data, urgent=True)
+
+    def close(self) -> None:
+        """Close the process's transport and the stdout pipe read directly."""
+        self.transport.close()
+        self.pipes.close()
 
     def signal(self, kill: bool) -> None:
         if self.returncode is None:

@@ -54,7 +54,7 @@ from wove.protocol import (
 from wove.transport import FrameExecutor, PayloadPolicy
 
 from ._lines import BINARY_START, READ_BINARY_ENV, READY_KEY, Part, nbytes
-from ._process import Pipes, Worker
+from ._process import Pipes, Worker, grow_pipe
 
 __all__ = ["STDIO_OPTIONS", "StdioEnvironmentExecutor"]
 
@@ -66,6 +66,9 @@ STARTUP_GRACE = 0.5
 SHUTDOWN_GRACE = 2.0
 #: Pipe buffer size above which ``send`` waits for the worker to read.
 HIGH_WATER = 4 * 1024 * 1024
+#: Read the workers' stdout from pipes of our own with ``os.readv`` (:meth:`Pipes.read_stdout`)
+#: where the platform has it; elsewhere through the subprocess transport.
+_DIRECT_STDOUT = hasattr(os, "readv") and sys.platform != "win32"
 #: Workers dying this soon after they started count as a crash loop.
 RAPID_DEATH_SECONDS = 2.0
 #: Consecutive rapid deaths after which dead workers are replaced on demand only.
@@ -252,7 +255,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         for worker in workers:
-            worker.transport.close()
+            worker.close()
         self._workers.clear()
         self._owner.clear()
         self._background.clear()
@@ -405,17 +408,29 @@ class StdioEnvironmentExecutor(FrameExecutor):
         pipes = Pipes(lambda frame: self._handle_frame(holder[0], frame),
                        lambda line: self._stderr_line(holder[0], line),
                        lambda problem: self._bad_output(holder[0], problem))
+        stdout: int = subprocess.PIPE
+        direct: int | None = None  # the read end of a stdout pipe read straight into frame buffers
+        if _DIRECT_STDOUT:
+            direct, stdout = os.pipe()
+            grow_pipe(direct)
+            try:
+                pipes.read_stdout(direct)
+            except (OSError, NotImplementedError, ValueError):  # a loop that cannot watch pipes
+                os.close(direct)
+                os.close(stdout)
+                direct, stdout = None, subprocess.PIPE
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: pipes,
                 *self._command,
                 stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
+                stdout=stdout,
                 stderr=subprocess.PIPE,
                 env=self._env,
                 cwd=self._cwd,
             )
         except FileNotFoundError as exc:
+            pipes.close()
             raise FileNotFoundError(
                 f"Environment '{self._environment}': cannot start the stdio worker: the program "
                 f"{self._command[0]!r} of executor_config.command ({shown}) was not found. Give an "
@@ -423,10 +438,17 @@ class StdioEnvironmentExecutor(FrameExecutor):
                 f"[sys.executable, '-m', 'wove_executor_stdio']."
             ) from exc
         except OSError as exc:
+            pipes.close()
             raise type(exc)(
                 f"Environment '{self._environment}': cannot start the stdio worker ({shown}): "
                 f"{exc.strerror or exc}. Check executor_config.command and executor_config.cwd."
             ) from exc
+        except BaseException:
+            pipes.close()
+            raise
+        finally:
+            if direct is not None:
+                os.close(stdout)  # the worker's end; ours sees end of file when the worker's closes
         worker = Worker(worker_id, transport, pipes)  # type: ignore[arg-type]
         holder.append(worker)
         worker.watcher = asyncio.ensure_future(self._watch(worker))
@@ -478,7 +500,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
             worker.stdin.close()
         if worker.watcher is not None and not worker.started:
             await asyncio.wait([worker.watcher], timeout=1.0)
-        worker.transport.close()
+        worker.close()
 
     # -- receiving -------------------------------------------------------------
     async def _watch(self, worker: Worker) -> None:
@@ -555,7 +577,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
             self._workers.remove(worker)
         returncode = await self._reap(worker, timeout=2.0)
         await self._drain_stderr(worker)
-        worker.transport.close()
+        worker.close()
         lifetime = time.monotonic() - worker.started_at
         head = (f"The stdio worker {worker.id} (pid {worker.pid}) of environment '{self._environment}' "
                 f"{_exit_text(returncode)}")
