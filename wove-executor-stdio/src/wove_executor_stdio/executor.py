@@ -54,7 +54,7 @@ from wove.protocol import (
 from wove.transport import FrameExecutor, PayloadPolicy
 
 from ._lines import BINARY_START, READ_BINARY_ENV, READY_KEY, Part, nbytes
-from ._process import Pipes, Worker, grow_pipe
+from ._process import Pipes, PipeWriter, Worker, grow_pipe
 
 __all__ = ["STDIO_OPTIONS", "StdioEnvironmentExecutor"]
 
@@ -409,6 +409,7 @@ class StdioEnvironmentExecutor(FrameExecutor):
                        lambda line: self._stderr_line(holder[0], line),
                        lambda problem: self._bad_output(holder[0], problem))
         stdout: int = subprocess.PIPE
+        stdin: int = subprocess.PIPE
         direct: int | None = None  # the read end of a stdout pipe read straight into frame buffers
         if _DIRECT_STDOUT:
             direct, stdout = os.pipe()
@@ -419,11 +420,15 @@ class StdioEnvironmentExecutor(FrameExecutor):
                 os.close(direct)
                 os.close(stdout)
                 direct, stdout = None, subprocess.PIPE
+            else:
+                stdin, to_worker = os.pipe()
+                grow_pipe(to_worker)
+                pipes.stdin_writer = PipeWriter(to_worker, pipes)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: pipes,
                 *self._command,
-                stdin=subprocess.PIPE,
+                stdin=stdin,
                 stdout=stdout,
                 stderr=subprocess.PIPE,
                 env=self._env,
@@ -448,7 +453,8 @@ class StdioEnvironmentExecutor(FrameExecutor):
             raise
         finally:
             if direct is not None:
-                os.close(stdout)  # the worker's end; ours sees end of file when the worker's closes
+                os.close(stdout)  # the worker's ends; ours see end of file when the worker's close
+                os.close(stdin)
         worker = Worker(worker_id, transport, pipes)  # type: ignore[arg-type]
         holder.append(worker)
         worker.watcher = asyncio.ensure_future(self._watch(worker))

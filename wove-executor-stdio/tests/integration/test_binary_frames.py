@@ -210,3 +210,42 @@ async def test_our_worker_refuses_a_binary_command_over_max_body_bytes_and_reads
         assert event["error"]["kind"] == "CommandTooLarge" and "--max-body-bytes" in event["error"]["message"]
         _raw, event = await _answer(proc)
         assert event["run_id"] == "small:1" and event["result"] == 10
+
+
+async def test_large_and_small_calls_mixed_on_the_pipes_come_back_whole() -> None:
+    """Binary frames read straight into their buffers (and buffers reused) interleaved with
+    JSON lines, many in flight: every answer is its own call's, and a bytearray changed while
+    the calls are being sent arrives as it was when its call was sent (all old or all new
+    bytes, never a mix: what the pipe does not take at once is copied, not viewed)."""
+    big = bytes(range(256)) * (12 * KIB)  # 3 MiB: more than a pipe holds
+    mutable = bytearray(b"q" * (5 * STREAM_LIMIT))
+    async with ExecutorRuntime({"w": {"executor": "stdio"}}) as runtime:
+        calls = []
+        for index in range(24):
+            if index % 3 == 0:
+                calls.append(runtime.call("w", lambda value, i: (i, value[::-1]), big, index))
+            elif index % 3 == 1:
+                calls.append(runtime.call("w", lambda i: (i, b"s" * i), index))
+            else:
+                calls.append(runtime.call("w", lambda value, i: (i, bytes(value)), mutable, index))
+        sending = asyncio.gather(*calls)
+        await asyncio.sleep(0)
+        mutable[:] = b"z" * len(mutable)  # after the calls were sent: they carry the old bytes
+        answers = await asyncio.wait_for(sending, 60)
+    for index, (answer_index, value) in enumerate(answers):
+        assert answer_index == index
+        if index % 3 == 0:
+            assert value == big[::-1]
+        elif index % 3 == 1:
+            assert value == b"s" * index
+        else:
+            assert value in (b"q" * len(mutable), b"z" * len(mutable)), value.count(b"q")
+
+
+async def test_a_100_mib_argument_and_result_cross_the_pipes() -> None:
+    data = bytes(range(256)) * (400 * KIB)  # 100 MiB
+    async with ExecutorRuntime({"w": {"executor": "stdio",
+                                      "executor_config": {"payload_warning_bytes": False}}}) as runtime:
+        result = await asyncio.wait_for(runtime.call("w", lambda value: value, data), 120)
+        assert result == data
+        assert await runtime.call("w", lambda: "small after big") == "small after big"
