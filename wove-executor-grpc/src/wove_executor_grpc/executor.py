@@ -49,6 +49,7 @@ from wove.options import (
 from wove.protocol import (
     CAPABILITY_BINARY_FRAMES,
     decode_events,
+    encode_binary_parts,
     encode_frame,
     is_binary,
     transport_error_event,
@@ -58,8 +59,14 @@ from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_loca
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
 from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight, PayloadPolicy
 
+from .chunking import CAPABILITY_CHUNKED_FRAMES, CHUNKED_ABOVE, Parts, Reassembler, chunks
+
 #: the metadata that tells a worker this client reads binary frames (docs/wire.md)
 _READS_BINARY = ("wove-capabilities", CAPABILITY_BINARY_FRAMES)
+#: on a Session: binary frames, and large ones in chunks (``chunked_frames``)
+_READS_CHUNKS = ("wove-capabilities", f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_CHUNKED_FRAMES}")
+#: an encoded command: bytes, or a large binary frame kept in parts (for a Session that reads chunks)
+_Body = bytes | Parts
 
 __all__ = ["DEFAULT_CHANNEL_OPTIONS", "ERROR_TABLE", "GRPC_OPTIONS", "GrpcEnvironmentExecutor", "describe_rpc_error"]
 
@@ -190,8 +197,8 @@ class _Session:
 
     def __init__(self, call: Any) -> None:
         self.call = call
-        self.bodies: dict[str, bytes] = {}  # run_id -> encoded run_task, until its terminal event
-        self.pending: list[tuple[dict[str, Any], bytes]] = []  # (frame, encoded frame) to write
+        self.bodies: dict[str, _Body] = {}  # run_id -> encoded run_task, until its terminal event
+        self.pending: list[tuple[dict[str, Any], _Body]] = []  # (frame, encoded frame) to write
         self.wake = asyncio.Event()
         self.received = False
         #: the server confirmed it serves Session (SESSION_CONFIRMATION metadata or a message)
@@ -204,7 +211,11 @@ class _Session:
         if not self.answered.done():
             self.answered.set_result(capabilities)
 
-    def put(self, frame: dict[str, Any], body: bytes) -> None:
+    def chunked(self) -> bool:
+        """The worker announced ``chunked_frames`` (it reads a large binary frame in chunks)."""
+        return self.answered.done() and CAPABILITY_CHUNKED_FRAMES in self.answered.result()
+
+    def put(self, frame: dict[str, Any], body: _Body) -> None:
         self.pending.append((frame, body))
         self.wake.set()
 
@@ -251,6 +262,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         #: the worker announced binary_frames (True), did not (False), not known yet (None)
         self._binary: bool | None = None
         self._probe: asyncio.Task[None] | None = None
+        #: largest message (and chunked frame) accepted from the worker; None: no limit
+        self._receive_limit: int | None = _MAX_MESSAGE
 
     # -- lifecycle --------------------------------------------------------------
     async def start(
@@ -297,6 +310,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             if name not in named:  # both directions follow max_message_bytes (grpc takes an int32)
                 merged[name] = min(max_bytes, _GRPC_MAX_LENGTH)
         options = list(merged.items())
+        receive = merged.get(_RECEIVE_LIMIT)
+        self._receive_limit = receive if isinstance(receive, int) and receive >= 0 else None
         if tls.server_hostname:
             options.append(("grpc.ssl_target_name_override", tls.server_hostname))
         self._open_events(environment_name, environment_config)
@@ -374,7 +389,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             binary = worth_binary(frame) and await self._use_binary()
             if self._channel is None:
                 raise RuntimeError(f"grpc executor for environment '{self._environment}' is stopped.")
-            body = encode_frame(frame, binary=binary)  # DispatchError names the task and the path
+            body = self._encode_command(frame, binary)  # DispatchError names the task and the path
             self._check_payload(frame, len(body))  # PayloadTooLargeError before anything is sent
             entry = self._track(frame, len(body))
             if self._uses_session():
@@ -420,6 +435,23 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         except asyncio.TimeoutError:
             return self.capabilities
         return self.capabilities
+
+    def _encode_command(self, frame: dict[str, Any], binary: bool) -> _Body:
+        """The run_task encoded: a binary frame over CHUNKED_ABOVE for a Session whose worker
+        reads chunks stays in parts (views of the value's buffers, never joined)."""
+        if not binary:
+            return encode_frame(frame)
+        session = self._session
+        if session is not None and self._uses_session() and session.chunked():
+            parts = Parts(encode_binary_parts(frame))
+            return parts if len(parts) > CHUNKED_ABOVE else parts.join()
+        return encode_frame(frame, binary=True)
+
+    def _check_received(self, size: int) -> None:
+        """A chunked frame from the worker must fit the receive limit (as one message must)."""
+        if self._receive_limit is not None and size > self._receive_limit:
+            raise ProtocolError(f"A chunked frame of {size} bytes exceeds the receive limit of {self._receive_limit} "
+                                "bytes (executor_config.max_message_bytes)")
 
     def _uses_session(self) -> bool:
         return self._streaming == "session" or (self._streaming == "auto" and self._timeout is None)
@@ -518,9 +550,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     def _call_metadata(self, method: str, body: bytes) -> tuple[tuple[str, str], ...] | None:
         """The call's metadata: the configured ``metadata``, the signature, and (to a worker
         known to read binary frames, and on every Session) ``wove-capabilities:
-        binary_frames``, so the worker answers a bulky result of a small command in binary."""
+        binary_frames``, so the worker answers a bulky result of a small command in binary
+        (on a Session also ``chunked_frames``: a large one in chunks)."""
         metadata = self._metadata
-        if self._binary_frames and (self._binary is True or method == self._session_method):
+        if self._binary_frames and method == self._session_method:
+            metadata = (*metadata, _READS_CHUNKS)
+        elif self._binary_frames and self._binary is True:
             metadata = (*metadata, _READS_BINARY)
         if self._security.mode == "none":
             return metadata or None
@@ -534,7 +569,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         return False
 
     # -- Session extension ------------------------------------------------------------
-    def _session_send(self, run_id: str, frame: dict[str, Any], body: bytes) -> None:
+    def _session_send(self, run_id: str, frame: dict[str, Any], body: _Body) -> None:
         session = self._session
         if session is None:
             session = self._session = self._open_session()
@@ -589,30 +624,50 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             if not await self._session_confirmed(session):
                 return  # the call ended before anything was written: the reader reports why
             binary = self._binary_frames and CAPABILITY_BINARY_FRAMES in session.answered.result()
+            chunked = binary and session.chunked()
             limit = min(_BATCH_BYTES, self._payload.max_bytes)
             while True:
                 await session.wake.wait()
                 session.wake.clear()
                 while session.pending:
-                    kind, batch = self._batch(session, binary, limit)
-                    if batch:  # binary frames say their own length: back to back; JSON: a list
-                        await session.call.write(batch[0] if len(batch) == 1 else
-                                                 b"".join(batch) if kind else b"[" + b",".join(batch) + b"]")
+                    kind, batch = self._batch(session, binary, chunked, limit)
+                    first = batch[0] if batch else None
+                    if isinstance(first, Parts):  # a large frame alone, in chunks
+                        for chunk in chunks(first.parts):
+                            await session.call.write(chunk)
+                    elif batch:  # binary frames say their own length: back to back; JSON: a list
+                        bodies: list[bytes] = batch  # type: ignore[assignment]
+                        await session.call.write(bodies[0] if len(bodies) == 1 else
+                                                 b"".join(bodies) if kind else b"[" + b",".join(bodies) + b"]")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the reader reports the call's failure
             logger.debug("environment=%s: session write failed: %r", self._environment, exc)
 
-    def _batch(self, session: _Session, binary: bool, limit: int) -> tuple[bool, list[bytes]]:
+    def _batch(self, session: _Session, binary: bool, chunked: bool, limit: int) -> tuple[bool, list[_Body]]:
         """Take the next commands to write as one message (at most ``limit`` bytes past the
         first), all of one kind: ``(binary, bodies)``. A binary body for a worker that does
         not read them (encoded before this session's worker answered) is encoded again as
-        JSON; JSON every worker reads."""
-        batch: list[bytes] = []
+        JSON; JSON every worker reads. A frame kept in parts goes alone (written in chunks),
+        or joined for a worker that does not read chunks."""
+        batch: list[_Body] = []
         kind = False
         size = taken = 0
         for frame, body in session.pending:
-            if not binary and is_binary(body):
+            if isinstance(body, Parts) and binary and not chunked:
+                body = body.join()
+                run_id = str(frame.get("run_id"))
+                if frame.get("type") == "run_task" and run_id in session.bodies:
+                    session.bodies[run_id] = body
+                session.pending[taken] = (frame, body)
+            if isinstance(body, Parts) and binary:
+                if batch:
+                    break
+                taken += 1
+                batch.append(body)
+                kind = True
+                break
+            if not binary and (isinstance(body, Parts) or is_binary(body)):
                 run_id = str(frame.get("run_id"))
                 fresh = self._reencode(frame, False)
                 if fresh is None:
@@ -636,11 +691,17 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     async def _session_reader(self, session: _Session) -> None:
         grpc = self._grpc
         failure: BaseException | None = None
+        reassembler = Reassembler(self._check_received)  # a large binary frame may come in chunks
         try:
             async for message in session.call:
                 session.received = session.confirmed = True
-                events = decode_events(message)  # JSON or binary frames, whatever the worker sent
-                self._warn_received(events, len(message))
+                data = reassembler.feed(message)
+                del message
+                if data is None:
+                    continue  # a chunk: the frame is not whole yet
+                events = decode_events(data)  # JSON or binary frames, whatever the worker sent
+                self._warn_received(events, len(data))
+                del data
                 for event in events:
                     if event.get("type") in ("task_result", "task_error", "task_cancelled"):
                         session.bodies.pop(str(event.get("run_id")), None)
@@ -690,10 +751,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 self._track(entry.frame)
                 self._session_send(run_id, entry.frame, body)
 
-    async def _deliver(self, entry: InFlight, body: bytes) -> None:
+    async def _deliver(self, entry: InFlight, body: _Body) -> None:
         """Run one delivery after another until the run ends or is given up."""
         grpc = self._grpc
         run_id = entry.run_id
+        if isinstance(body, Parts):  # meant for a Session that reads chunks: one message per call
+            body = body.join()
         try:
             while True:
                 stream = self._wants_stream(entry.frame)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from wove.errors import ProtocolError
 from wove.framing import worth_binary
 from wove.protocol import CAPABILITY_BINARY_FRAMES, encode_events
 from wove.registry import install_hint
@@ -54,6 +55,7 @@ from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, Wor
 from wove.worker import WorkerEngine
 
 from ._pem import read_pem
+from .chunking import CAPABILITY_CHUNKED_FRAMES, CHUNKED_ABOVE, Reassembler, chunks, names
 
 if TYPE_CHECKING:
     import argparse
@@ -343,19 +345,28 @@ class GrpcWorkerService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "The worker service is shutting down; "
                                 "deliver the runs to another worker.")
         session = await self._open(context, self.session_method, b"")
-        # the confirmation also names what this worker speaks beyond Wove 2.x (wove-capabilities)
-        await context.send_initial_metadata((*SESSION_CONFIRMATION,
-                                             ("wove-capabilities", self.worker.capabilities_header())))
-        reader = asyncio.get_running_loop().create_task(_read(session, requests))
+        # the confirmation also names what this worker speaks beyond Wove 2.x (wove-capabilities),
+        # chunked_frames included (a Session-only capability of this shell)
+        offered = ", ".join(sorted(self.worker.capabilities | {CAPABILITY_CHUNKED_FRAMES}))
+        await context.send_initial_metadata((*SESSION_CONFIRMATION, ("wove-capabilities", offered)))
+        # a client that asked for chunked_frames gets a binary frame over CHUNKED_ABOVE in chunks
+        chunked = any(key == "wove-capabilities" and CAPABILITY_CHUNKED_FRAMES in names(value)
+                      for key, value in context.invocation_metadata() or ())
+        reader = asyncio.get_running_loop().create_task(_read(session, requests, self.worker.check_size))
         try:
             while True:
                 await session.wait()
-                # JSON: one {"events": [...]} per message; binary (the client wrote binary
-                # frames): frames back to back, a large result alone in its message (no copy)
-                messages = (session.data_to_send("list", max_message_bytes=_BINARY_BATCH_BYTES) if session.binary
-                            else session.data_to_send("envelope"))
-                for message in messages:
-                    yield message
+                if not session.binary:  # JSON: one {"events": [...]} per message
+                    for message in session.data_to_send("envelope"):
+                        yield message
+                else:  # binary frames back to back, a large result alone in its message (no copy)
+                    for binary, parts in session.parts_to_send("list", max_message_bytes=_BINARY_BATCH_BYTES):
+                        if chunked and binary and sum(memoryview(part).nbytes for part in parts) > CHUNKED_ABOVE:
+                            for chunk in chunks(parts):
+                                yield chunk
+                        else:
+                            yield parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+                    parts = []  # a large result's buffers are not held while the session waits
                 if session.events_pending:
                     continue  # events that came while that message was written go first
                 if session.ended or (reader.done() and not session.active):
@@ -374,10 +385,13 @@ class GrpcWorkerService:
 _BINARY_BATCH_BYTES = 4 * 1024 * 1024
 
 
-async def _read(session: WorkerSession, requests: AsyncIterator[bytes]) -> None:
-    """Hand each Session message to the session; pause while the client does not read its
-    events. The client finished writing and nothing runs: the conversation is over."""
+async def _read(session: WorkerSession, requests: AsyncIterator[bytes], check_size: Any) -> None:
+    """Hand each Session message (or chunked binary frame, once whole) to the session; pause
+    while the client does not read its events. The client finished writing and nothing runs:
+    the conversation is over. A chunked frame over the size limit ends the call
+    (``RESOURCE_EXHAUSTED``, as gRPC's own limit ends it for one message)."""
     messages = requests.__aiter__()
+    reassembler = Reassembler(check_size)
     try:
         while not session.ended:
             await session.wait_readable()
@@ -385,8 +399,15 @@ async def _read(session: WorkerSession, requests: AsyncIterator[bytes]) -> None:
                 message = await messages.__anext__()
             except StopAsyncIteration:
                 break
-            await session.receive(message)
-            del message  # decoded: a large command is not held while its run executes
+            try:
+                data = reassembler.feed(message)
+            except ProtocolError as exc:
+                raise Rejected("bad_request", f"Not a Wove command: {exc}") from exc
+            del message
+            if data is None:
+                continue  # a chunk: the frame is not whole yet
+            await session.receive(data)
+            del data  # decoded: a large command is not held while its run executes
     except BaseException:
         session.connection_lost()  # ends the session: the writer sends what is left, the call fails
         raise
