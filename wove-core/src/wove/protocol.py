@@ -29,6 +29,7 @@ __all__ = [
     "BINARY_MAGIC",
     "BINARY_PREFIX_BYTES",
     "CANCEL_MODES",
+    "CAPABILITY_BINARY_CHUNKS",
     "CAPABILITY_BINARY_FRAMES",
     "CAPABILITY_COMMAND_LISTS",
     "CAPABILITY_TASK_YIELD",
@@ -69,6 +70,10 @@ CAPABILITY_BINARY_FRAMES = "binary_frames"
 #: message (Wove 2.x takes one command per message): a client then sends the commands
 #: queued together as one message, which halves the per-message cost on both sides.
 CAPABILITY_COMMAND_LISTS = "command_lists"
+#: The capability of a peer that reads a large binary frame sent as consecutive messages
+#: (chunks), assembling it into one buffer of the size its prefix declares, so neither
+#: side holds the whole message twice (docs/wire.md, "Binary chunks").
+CAPABILITY_BINARY_CHUNKS = "binary_chunks"
 #: The first bytes of a binary frame (a NUL never starts a JSON text, so a reader tells the
 #: two apart from the first byte), then the format version.
 BINARY_MAGIC = b"\x00WV\x01"
