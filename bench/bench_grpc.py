@@ -7,19 +7,33 @@ subprocess built the same way. No-op async tasks, 256 in flight.
 
     uv run --no-sync python bench/bench_grpc.py [--tasks 5000] [--rounds 3]
     uv run --no-sync python bench/bench_grpc.py --fallback   # 15 scenarios against a Send-only server
+    uv run --no-sync python bench/bench_grpc.py --unary-variants  # client CPU per unary Send call
 
 Targets: ours >= 1.5x wove 2.0.3, and within 2x of the raw echo.
+
+``--unary-variants`` (issue 16): the client's own CPU (user + system, all threads) per unary
+``Send`` call with 256 in flight against a Send-only server, for each way grpcio offers to
+make the calls: ``grpc.aio`` (what the executor uses), ``grpc.aio`` with a minimal channel
+(``grpc.minimal_stack``, no retries, no BDP probe, no channelz), 4 ``grpc.aio`` channels
+round-robin (local subchannel pools), the sync API's ``.future()`` (C-core completion queue,
+callbacks on grpc's thread, handed to the loop in batches, one ``call_soon_threadsafe`` per
+batch) on 1 and 4 channels. Alternating rounds; medians and the ratio to ``grpc.aio``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import itertools
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -215,15 +229,133 @@ def wove2(target: str, tasks: int, rounds: int) -> list[float]:
     return [float(rate) for rate in json.loads(result.stdout.strip().splitlines()[-1])]
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Batched:
+    """Sync-API futures resolved on the loop: one call_soon_threadsafe per batch of completions."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.done: collections.deque[tuple[Any, asyncio.Future[Any]]] = collections.deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def complete(self, call: Any, future: asyncio.Future[Any]) -> None:  # on grpc's thread
+        with self.lock:
+            self.done.append((call, future))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        with self.lock:
+            items = list(self.done)
+            self.done.clear()
+            self.scheduled = False
+        for call, future in items:
+            if not future.done():
+                error = call.exception()
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(call.result())
+
+
+_MINIMAL = [("grpc.minimal_stack", 1), ("grpc.enable_retries", 0), ("grpc.http2.bdp_probe", 0),
+            ("grpc.enable_channelz", 0)]
+UNARY_VARIANTS = ("grpc.aio", "grpc.aio minimal", "grpc.aio x4", "sync future", "sync future x4")
+
+
+async def unary_variant(target: str, variant: str, calls: int) -> float:
+    """Client CPU µs per unary Send call of ``variant`` (256 in flight)."""
+    import grpc
+    import grpc.aio
+
+    from wove.protocol import encode_frame
+
+    method = "/wove.network_executor.WorkerService/Send"
+    bodies = iter([encode_frame({"type": "run_task", "run_id": f"noop:{variant}:{i}", "task_id": "noop",
+                                 "callable": noop, "args": {}, "delivery": {"delivery_orphan_policy": "cancel"}})
+                   for i in range(calls + 300)])
+    channels = 4 if variant.endswith("x4") else 1
+    options = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
+    if variant.endswith("minimal"):
+        options += _MINIMAL
+    turn = itertools.count()
+    loop = asyncio.get_running_loop()
+    closers: list[Any] = []
+    call_one: Any
+    if variant.startswith("grpc.aio"):
+        aio = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+        closers = [channel.close for channel in aio]
+        stubs = [channel.unary_unary(method) for channel in aio]
+
+        def call_one() -> Any:
+            return stubs[next(turn) % channels](next(bodies))
+    else:
+        sync = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
+        closers = [channel.close for channel in sync]
+        stubs = [channel.unary_unary(method) for channel in sync]
+        batched = _Batched(loop)
+
+        def call_one() -> Any:
+            future = loop.create_future()
+            stubs[next(turn) % channels].future(next(bodies)).add_done_callback(
+                lambda call: batched.complete(call, future))
+            return future
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one() -> None:
+        async with gate:
+            await call_one()
+
+    try:
+        await asyncio.gather(*(one() for _ in range(300)))  # warm: connection, first calls
+        before = _cpu()
+        await asyncio.gather(*(one() for _ in range(calls)))
+        return (_cpu() - before) / calls * 1e6
+    finally:
+        for close in closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+def unary_variants(calls: int, rounds: int) -> int:
+    server, target = start([sys.executable, "-c", SEND_ONLY_SERVER])
+    figures: dict[str, list[float]] = {name: [] for name in UNARY_VARIANTS}
+    try:
+        for _ in range(rounds):
+            for name in UNARY_VARIANTS:
+                figures[name].append(asyncio.run(unary_variant(target, name, calls)))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    base = statistics.median(figures["grpc.aio"])
+    print(f"\nclient CPU per unary Send call, {IN_FLIGHT} in flight, {calls} calls x {rounds} rounds")
+    for name, values in figures.items():
+        print(f"{name:<18} {statistics.median(values):7.0f} µs  {statistics.median(values) / base:5.2f}x  "
+              f"({', '.join(f'{v:.0f}' for v in values)})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fallback", action="store_true",
                         help="instead: 15 scenarios against a Send-only (Wove 2.x-style) server")
+    parser.add_argument("--unary-variants", action="store_true",
+                        help="instead: client CPU per unary Send call for each way grpcio makes the calls")
     args = parser.parse_args()
     if args.fallback:
         return fallback()
+    if args.unary_variants:
+        return unary_variants(args.tasks, args.rounds)
     worker, target = start([sys.executable, "-m", "wove.cli", "worker", "grpc", "--port", "0",
                             "--max-concurrency", str(IN_FLIGHT)])
     echo, echo_target = start([sys.executable, "-c", ECHO_SERVER])
