@@ -1,8 +1,8 @@
-"""Chunked binary frames on the gRPC ``Session`` stream (capability ``chunked_frames``).
+"""Chunked binary frames on the gRPC ``Session`` stream (capability ``binary_chunks``).
 
 gRPC holds each message whole, in its core and again as a Python ``bytes``; a 100 MiB
 binary frame sent as one message is therefore held twice on each side. Between peers that
-negotiated ``chunked_frames`` (the worker announces it in the Session confirmation's
+negotiated ``binary_chunks`` (the worker announces it in the Session confirmation's
 ``wove-capabilities``, the client asks for it in the Session call's ``wove-capabilities``
 metadata), a binary frame larger than :data:`CHUNKED_ABOVE` travels alone, split into
 consecutive messages of :data:`CHUNK_BYTES` each (the last one may be shorter). The first one starts with the
@@ -17,12 +17,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from wove.errors import ProtocolError
-from wove.protocol import BINARY_MAGIC, BINARY_PREFIX_BYTES, binary_frame_size
+from wove.protocol import (
+    BINARY_MAGIC,
+    BINARY_PREFIX_BYTES,
+    CAPABILITY_BINARY_CHUNKS,
+    binary_frame_size,
+)
 
 __all__ = ["CAPABILITY_CHUNKED_FRAMES", "CHUNKED_ABOVE", "CHUNK_BYTES", "Parts", "Reassembler", "chunks", "names"]
 
-#: The capability of a gRPC peer that reads binary frames split over several Session messages.
-CAPABILITY_CHUNKED_FRAMES = "chunked_frames"
+#: The capability of a gRPC peer that reads binary frames split over several Session messages
+#: (:data:`wove.protocol.CAPABILITY_BINARY_CHUNKS`, ``binary_chunks``).
+CAPABILITY_CHUNKED_FRAMES = CAPABILITY_BINARY_CHUNKS
 #: Binary frames larger than this are chunked (when negotiated); smaller ones go whole.
 CHUNKED_ABOVE = 4 * 1024 * 1024
 #: Size of each chunk message (the last one of a frame may be shorter).

@@ -63,7 +63,7 @@ from .chunking import CAPABILITY_CHUNKED_FRAMES, CHUNKED_ABOVE, Parts, Reassembl
 
 #: the metadata that tells a worker this client reads binary frames (docs/wire.md)
 _READS_BINARY = ("wove-capabilities", CAPABILITY_BINARY_FRAMES)
-#: on a Session: binary frames, and large ones in chunks (``chunked_frames``)
+#: on a Session: binary frames, and large ones in chunks (``binary_chunks``)
 _READS_CHUNKS = ("wove-capabilities", f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_CHUNKED_FRAMES}")
 #: an encoded command: bytes, or a large binary frame kept in parts (for a Session that reads chunks)
 _Body = bytes | Parts
@@ -212,7 +212,7 @@ class _Session:
             self.answered.set_result(capabilities)
 
     def chunked(self) -> bool:
-        """The worker announced ``chunked_frames`` (it reads a large binary frame in chunks)."""
+        """The worker announced ``binary_chunks`` (it reads a large binary frame in chunks)."""
         return self.answered.done() and CAPABILITY_CHUNKED_FRAMES in self.answered.result()
 
     def put(self, frame: dict[str, Any], body: _Body) -> None:
@@ -551,7 +551,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         """The call's metadata: the configured ``metadata``, the signature, and (to a worker
         known to read binary frames, and on every Session) ``wove-capabilities:
         binary_frames``, so the worker answers a bulky result of a small command in binary
-        (on a Session also ``chunked_frames``: a large one in chunks)."""
+        (on a Session also ``binary_chunks``: a large one in chunks)."""
         metadata = self._metadata
         if self._binary_frames and method == self._session_method:
             metadata = (*metadata, _READS_CHUNKS)

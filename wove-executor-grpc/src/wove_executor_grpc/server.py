@@ -346,10 +346,10 @@ class GrpcWorkerService:
                                 "deliver the runs to another worker.")
         session = await self._open(context, self.session_method, b"")
         # the confirmation also names what this worker speaks beyond Wove 2.x (wove-capabilities),
-        # chunked_frames included (a Session-only capability of this shell)
+        # binary_chunks included (a Session-only capability of this shell)
         offered = ", ".join(sorted(self.worker.capabilities | {CAPABILITY_CHUNKED_FRAMES}))
         await context.send_initial_metadata((*SESSION_CONFIRMATION, ("wove-capabilities", offered)))
-        # a client that asked for chunked_frames gets a binary frame over CHUNKED_ABOVE in chunks
+        # a client that asked for binary_chunks gets a binary frame over CHUNKED_ABOVE in chunks
         chunked = any(key == "wove-capabilities" and CAPABILITY_CHUNKED_FRAMES in names(value)
                       for key, value in context.invocation_metadata() or ())
         reader = asyncio.get_running_loop().create_task(_read(session, requests, self.worker.check_size))

@@ -1,4 +1,4 @@
-"""Chunked binary frames on the Session stream (``chunked_frames``), against real servers.
+"""Chunked binary frames on the Session stream (``binary_chunks``), against real servers.
 
 A recording proxy (raw-bytes generic handlers forwarding every message unchanged) sits
 between our executor and our server; it can also hide the capability from either side, as
@@ -44,7 +44,7 @@ class Wire:
     """The Session messages that crossed the proxy, by size; what to hide."""
 
     target: str = ""
-    hide: str = ""  # "offer": the worker's chunked_frames; "ask": the client's
+    hide: str = ""  # "offer": the worker's binary_chunks; "ask": the client's
     requests: list[bytes] = field(default_factory=list)
     replies: list[bytes] = field(default_factory=list)
     asked: str = ""  # the wove-capabilities the client's Session call carried
@@ -143,7 +143,7 @@ async def test_frames_up_to_the_threshold_are_not_chunked(proxy: tuple[Wire, Grp
 
 @pytest.mark.parametrize("proxy", ["offer", "ask"], indirect=True)
 async def test_a_peer_without_the_capability_gets_whole_frames(proxy: tuple[Wire, GrpcWorkerServer]) -> None:
-    # "offer": a worker that does not announce chunked_frames gets each command whole;
+    # "offer": a worker that does not announce binary_chunks gets each command whole;
     # "ask": a client that does not ask for them gets each result whole
     wire, _ = proxy
     data = os.urandom(12 * MIB)
