@@ -16,10 +16,12 @@ import pytest
 
 from wove.errors import PayloadTooLargeError
 from wove.protocol import (
+    CAPABILITY_BINARY_CHUNKS,
     CAPABILITY_BINARY_FRAMES,
     CAPABILITY_COMMAND_LISTS,
     decode_command,
     decode_events,
+    encode_binary_parts,
     encode_frame,
     is_binary,
 )
@@ -27,6 +29,7 @@ from wove.runtime import ExecutorRuntime
 from wove.testing import tasks
 from wove_executor_ws import WebSocketEnvironmentExecutor
 from wove_executor_ws.executor import LIST_COMMANDS
+from wove_executor_ws.frames import CHUNK_BYTES, ChunkAssembler, chunks
 from wove_executor_ws.server import WebSocketWorkerServer
 
 HEADER = "X-Wove-Capabilities"
@@ -159,14 +162,87 @@ async def test_a_json_client_gets_only_json(server: WebSocketWorkerServer) -> No
     assert seen[-1][1]["result"] == b"j" * BIG
 
 
+# -- binary chunks ---------------------------------------------------------------------
+CHUNKED = 3 * 1024 * 1024 + 5  # more than CHUNK_BYTES: three full chunks and a short one
+
+
+async def test_a_chunked_command_is_assembled_and_answered_in_chunks_to_a_client_that_reads_them(
+    server: WebSocketWorkerServer,
+) -> None:
+    from websockets.asyncio.client import connect
+
+    blob = bytes(range(256)) * (CHUNKED // 256) + b"tail!"
+    frame = run_task(blob)
+    pieces = chunks(encode_binary_parts(frame))
+    assert len(pieces) == 4 and max(map(len, pieces)) == CHUNK_BYTES
+    asked = f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_BINARY_CHUNKS}"
+    async with connect(server.url, proxy=None, max_size=None, additional_headers={HEADER: asked}) as ws:
+        assert CAPABILITY_BINARY_CHUNKS in ws.response.headers[HEADER]
+        for piece in pieces:
+            await ws.send(bytes(piece))
+        assembler = ChunkAssembler()
+        messages = 0
+        while True:
+            message = await asyncio.wait_for(ws.recv(), 20)
+            messages += 1
+            whole = assembler.take(message)
+            if whole is None:
+                assert isinstance(message, bytes) and len(message) == CHUNK_BYTES
+                continue
+            events = [event for event in decode_events(whole) if event["run_id"] == frame["run_id"]]
+            if any(event["type"] == "task_result" for event in events):
+                break
+    assert events[-1]["result"] == blob
+    assert messages >= 4  # the result came in chunks too
+
+
+async def test_a_client_that_does_not_read_chunks_gets_one_message(server: WebSocketWorkerServer) -> None:
+    from websockets.asyncio.client import connect
+
+    blob = b"w" * CHUNKED
+    async with connect(server.url, proxy=None, max_size=None,
+                       additional_headers={HEADER: CAPABILITY_BINARY_FRAMES}) as ws:
+        frame = run_task(blob)
+        await ws.send(encode_frame(frame, binary=True))  # one message, as before chunks
+        seen = await answers(ws, frame["run_id"])
+    assert seen[-1] == (True, seen[-1][1]) and seen[-1][1]["result"] == blob
+
+
+async def test_a_chunked_frame_over_the_limit_is_refused_before_it_is_assembled(tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    marker = tmp_path / "marker"
+    frame = {**run_task(b"x" * CHUNKED), "callable": marking_echo(marker)}
+    first = bytes(chunks(encode_binary_parts(frame))[0])
+    async with WebSocketWorkerServer(port=0, max_size=2 * 1024 * 1024) as small:
+        async with connect(small.url, proxy=None, max_size=None) as ws:
+            await ws.send(first)  # declares a frame over 2 MiB in its prefix
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        assert "limit" in info.value.rcvd.reason
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("announce_chunks", [True, False], ids=["chunks-offered", "no-chunks"])
+async def test_our_executor_chunks_large_commands_only_for_a_worker_that_reads_them(announce_chunks: bool) -> None:
+    blob = b"k" * CHUNKED
+    async with StubWorker(True, chunks=announce_chunks) as stub, runtime_for(stub.url) as runtime:
+        assert await asyncio.wait_for(runtime.call("ws", tasks.echo, blob), 20) == blob
+    assert stub.binary_messages == (4 if announce_chunks else 1)
+
+
 # -- our executor against stub workers ---------------------------------------------------
 class StubWorker:
     """A minimal worker that echoes ``args['value']`` back, recording what it received;
     ``announce`` puts ``binary_frames`` in its handshake answer (a Wove 2.x worker does not)."""
 
-    def __init__(self, announce: bool, *, lists: bool = False) -> None:
+    def __init__(self, announce: bool, *, lists: bool = False, chunks: bool = False) -> None:
         self.announce = announce
         self.lists = lists
+        self.chunks = chunks
+        self.assembler = ChunkAssembler()
         self.asked: list[str] = []
         self.binary_messages = 0
         self.text_messages = 0
@@ -181,7 +257,7 @@ class StubWorker:
         def process_response(connection: Any, request: Any, response: Any) -> None:
             self.asked.append(request.headers.get(HEADER, ""))
             offered = ([CAPABILITY_BINARY_FRAMES] if self.announce else []) + \
-                ([CAPABILITY_COMMAND_LISTS] if self.lists else [])
+                ([CAPABILITY_COMMAND_LISTS] if self.lists else []) + ([CAPABILITY_BINARY_CHUNKS] if self.chunks else [])
             if offered:
                 response.headers[HEADER] = ", ".join(offered)
 
@@ -200,6 +276,11 @@ class StubWorker:
                 self.binary_messages += 1
             else:
                 self.text_messages += 1
+            if binary and self.chunks:
+                whole = self.assembler.take(message)
+                if whole is None:
+                    continue
+                message = bytes(whole)
             parsed = json.loads(message) if not binary and message.startswith("[") else [message]
             assert self.lists or len(parsed) == 1, "a list sent to a worker that did not offer command_lists"
             commands = [decode_command(json.dumps(item) if isinstance(item, dict) else item) for item in parsed]
@@ -222,7 +303,7 @@ async def test_binary_only_to_a_worker_that_offers_it_and_only_when_on(
     async with StubWorker(announce) as stub, runtime_for(stub.url, binary_frames=binary_frames) as runtime:
         assert await asyncio.wait_for(runtime.call("ws", tasks.echo, blob), 10) == blob
         assert await asyncio.wait_for(runtime.call("ws", tasks.echo, 5), 10) == 5
-    assert stub.asked == [CAPABILITY_BINARY_FRAMES if binary_frames else ""]
+    assert stub.asked == [f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_BINARY_CHUNKS}" if binary_frames else ""]
     # the large command is binary when negotiated; the small one (and the shutdown) stay JSON
     assert stub.binary_messages == (1 if expect_binary else 0)
     assert stub.text_messages >= (1 if expect_binary else 2)

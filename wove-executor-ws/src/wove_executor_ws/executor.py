@@ -43,6 +43,7 @@ from wove.options import (
     one_of,
 )
 from wove.protocol import (
+    CAPABILITY_BINARY_CHUNKS,
     CAPABILITY_BINARY_FRAMES,
     CAPABILITY_COMMAND_LISTS,
     TERMINAL_EVENTS,
@@ -61,7 +62,7 @@ from wove.security import (
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
 from wove.transport import FrameExecutor
 
-from ._frames import FRAGMENT_BYTES, fragments
+from .frames import CHUNK_BYTES, FRAGMENT_BYTES, ChunkAssembler, chunks, fragments
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -126,9 +127,14 @@ def _as_list(texts: list[bytes]) -> bytes:
     return texts[0] if len(texts) == 1 else b"[" + b",".join(texts) + b"]"
 
 
+class _Chunks(list):  # type: ignore[type-arg]
+    """A large binary frame as chunk messages (:func:`chunks`), for a ``binary_chunks`` worker."""
+
+
 # What ``_Connection.outbox`` and ``_Waiting`` hold: one encoded message. ``bytes`` is a
 # JSON text (it starts with ``{``) or one joined binary message (it starts with a NUL);
-# a list is a large binary message as its fragments (:func:`fragments`).
+# a list is a large binary message as its fragments (:func:`fragments`), a ``_Chunks``
+# one binary frame as several messages.
 _Message: TypeAlias = "bytes | list[bytes | memoryview]"
 
 
@@ -146,6 +152,12 @@ class _Connection:
     binary: bool = False
     #: the worker takes a JSON list of commands in one text message (``command_lists``)
     lists: bool = False
+    #: binary frames are on and the worker assembles chunked ones (``binary_chunks``)
+    chunks: bool = False
+    #: assembles the worker's chunked binary frames
+    assembler: ChunkAssembler | None = None
+    #: writing a chunked command, a chunk per drain (later messages wait in ``outbox``)
+    writer: asyncio.Task[None] | None = None
     flush_scheduled: bool = False
 
 
@@ -365,6 +377,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             parts = encode_binary_parts(frame)
             size = sum(map(len, parts))
             self._check_payload(frame, size)
+            if size > CHUNK_BYTES and (connection.chunks if connection is not None
+                                       else CAPABILITY_BINARY_CHUNKS in self.capabilities):
+                return _Chunks(chunks(parts)), size
             return (fragments(parts) if size >= FRAGMENT_BYTES else b"".join(parts)), size
         data = encode_frame(frame)
         self._check_payload(frame, len(data))
@@ -408,8 +423,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
 
     def _flush(self, connection: _Connection) -> None:
         connection.flush_scheduled = False
-        if connection.closed or not connection.outbox:
-            return
+        if connection.closed or not connection.outbox or connection.writer is not None:
+            return  # (a chunked command is being written: its writer flushes the rest)
         ws = connection.ws
         protocol = ws.protocol
         if protocol.state is not self._open_state:
@@ -420,7 +435,12 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             texts: list[bytes] = []  # JSON commands waiting to go as one list message
             size = 0
             lists = connection.lists
-            for _run_id, data in batch:
+            for index, (_run_id, data) in enumerate(batch):
+                if type(data) is _Chunks:  # written a chunk at a time, the rest after it
+                    connection.outbox = batch[index:] + connection.outbox
+                    connection.writer = asyncio.get_running_loop().create_task(
+                        self._write_chunks(connection), name=f"wove-websocket-chunks:{self._environment}")
+                    break
                 if type(data) is bytes and data[0]:  # JSON starts with "{"; a binary frame with a NUL
                     if not lists or len(data) > LIST_ITEM_BYTES:
                         protocol.send_text(data)
@@ -444,15 +464,43 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                         protocol.send_continuation(data[index], fin=index == last)
             if texts:
                 protocol.send_text(_as_list(texts))
-            chunks = [chunk for chunk in protocol.data_to_send() if chunk]
-            if large:  # no join: asyncio sends or buffers each chunk (3.12+: without a copy)
-                for chunk in chunks:
-                    ws.transport.write(chunk)
-            else:
-                ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            pieces = [piece for piece in protocol.data_to_send() if piece]
+            if large:  # no join: asyncio sends or buffers each piece (3.12+: without a copy)
+                for piece in pieces:
+                    ws.transport.write(piece)
+            elif pieces:
+                ws.transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         except Exception as exc:
             logger.warning("websocket: writing to %s failed: %r", self._url, exc)
             ws.transport.abort()  # the reader sees the loss; these runs may not have gone out
+
+    async def _write_chunks(self, connection: _Connection) -> None:
+        """Write the chunked command at the head of the outbox, one chunk per drain of the
+        socket (the command is never held again in the socket's buffer), then flush what
+        queued meanwhile."""
+        ws = connection.ws
+        protocol = ws.protocol
+        try:
+            _run_id, data = connection.outbox.pop(0)
+            assert isinstance(data, _Chunks)
+            while data:
+                if connection.closed or protocol.state is not self._open_state:
+                    return  # the reader reports the loss and re-queues the runs
+                protocol.send_binary(data.pop(0))
+                for piece in protocol.data_to_send():
+                    if piece:
+                        ws.transport.write(piece)
+                if ws.paused:
+                    await ws.drain()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("websocket: writing to %s failed: %r", self._url, exc)
+            ws.transport.abort()
+        finally:
+            connection.writer = None
+            if connection.outbox and not connection.closed:
+                self._flush(connection)
 
     def _wait_for_connection(self, frame: dict[str, Any], data: _Message | None) -> None:
         run_id = str(frame["run_id"])
@@ -480,8 +528,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         assert self._connect is not None
         headers = dict(self._headers)
         if self._binary_wanted and not any(key.lower() == CAPABILITIES_HEADER.lower() for key in headers):
-            # lets our worker answer in binary frames from the first event (a Wove 2.x worker ignores it)
-            headers[CAPABILITIES_HEADER] = CAPABILITY_BINARY_FRAMES
+            # lets our worker answer in binary frames (a large one in chunks) from the first
+            # event (a Wove 2.x worker ignores it)
+            headers[CAPABILITIES_HEADER] = f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_BINARY_CHUNKS}"
         headers.update(self._security.headers_for(transport="websocket", target=self._target, body=b""))
         ws = await self._connect(self._url, additional_headers=headers or None,
                                  create_connection=self._connection_class, **self._connect_kwargs)
@@ -495,6 +544,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self.capabilities = frozenset(part.strip() for part in str(header).split(",") if part.strip())
         connection.binary = self._binary_wanted and CAPABILITY_BINARY_FRAMES in self.capabilities
         connection.lists = CAPABILITY_COMMAND_LISTS in self.capabilities
+        connection.chunks = connection.binary and CAPABILITY_BINARY_CHUNKS in self.capabilities
+        max_size = self._connect_kwargs.get("max_size")
+        connection.assembler = ChunkAssembler(max_size if max_size else None)
         self._last_error = ""
         connection.reader = asyncio.get_running_loop().create_task(
             self._read(connection), name=f"wove-websocket-reader:{self._environment}"
@@ -518,7 +570,19 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
 
     def _received(self, connection: _Connection, data: bytes | bytearray | memoryview) -> None:
         """One message from the worker: its events go to the runtime (never raises: a
-        message that does not decode is logged and dropped, the connection stays up)."""
+        message that does not decode is logged and dropped, the connection stays up; a
+        chunked frame waits for its last chunk)."""
+        assembler = connection.assembler
+        if assembler is not None and (assembler.pending or data[:1] == b"\x00"):
+            try:
+                whole = assembler.take(data)
+            except ProtocolError as exc:  # its runs cannot be answered: end the connection
+                logger.warning("websocket: dropping the connection to %s: %s", self._url, exc)
+                connection.ws.transport.abort()
+                return
+            if whole is None:
+                return
+            data = whole
         try:
             events = decode_events(data)
         except ProtocolError as exc:
@@ -606,8 +670,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             if waiting.timer is not None:
                 waiting.timer.cancel()
             data = waiting.data
-            if data is None or (not connection.binary and (type(data) is not bytes or not data[0])):
-                # never encoded, or binary for a worker that no longer speaks it: encode for this one
+            if data is None or (not connection.binary and (type(data) is not bytes or not data[0])) or (
+                    type(data) is _Chunks and not connection.chunks):
+                # never encoded, or binary (chunked) for a worker that no longer reads it: encode for this one
                 try:
                     data = self._encode(waiting.frame, connection)[0]
                 except Exception as exc:  # over the limit as JSON: fail this run, not the connection

@@ -12,6 +12,11 @@ Command lists: the handshake answer announces ``command_lists`` (when messages u
 queue together as one JSON list per text message (a Wove 2.x client sends one command per
 message, which is read the same way).
 
+Binary chunks: the handshake answer announces ``binary_chunks``: a large binary frame may
+come as consecutive chunk messages, assembled into one buffer of the size the frame
+declares (refused, closing with 1009, when that is over ``max_size``); to a client that
+names ``binary_chunks`` in its handshake request, a large event goes as chunks too.
+
 Binary frames: the handshake answer announces ``binary_frames`` (``X-Wove-Capabilities``).
 A client that asks for them (the same header in its request) or sends a binary frame gets
 the events that carry bulky data (a large result, streamed item or exception object) as
@@ -45,12 +50,17 @@ import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
-from wove.protocol import CAPABILITY_BINARY_FRAMES, CAPABILITY_COMMAND_LISTS
+from wove.errors import ProtocolError
+from wove.protocol import (
+    CAPABILITY_BINARY_CHUNKS,
+    CAPABILITY_BINARY_FRAMES,
+    CAPABILITY_COMMAND_LISTS,
+)
 from wove.security import canonical_http_target
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
-from ._frames import FRAGMENT_BYTES, fragments
+from .frames import CHUNK_BYTES, FRAGMENT_BYTES, ChunkAssembler, chunks, fragments
 
 __all__ = ["COMMAND_LISTS_MIN_BYTES", "DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
 
@@ -67,31 +77,54 @@ COMMAND_LISTS_MIN_BYTES = 1024 * 1024
 PIPELINE_BATCH = 64
 
 
-async def _write(session: WorkerSession, ws: Any) -> None:
+async def _write(session: WorkerSession, ws: Any, chunked: bool = False) -> None:
     """Send the session's events until it ends and nothing is left: JSON lists as text
     messages; in a binary session, bulky events as binary messages (a large one in
-    fragments, its buffers unjoined)."""
+    fragments, its buffers unjoined; to a client that reads ``binary_chunks``, one over
+    :data:`CHUNK_BYTES` as chunk messages, each sent when the socket takes it)."""
     while True:
         await session.wait()
         for binary, parts in session.parts_to_send("list", max_message_bytes=COALESCE_LIMIT,
                                                    max_events_per_message=PIPELINE_BATCH):
             if not binary:
                 await ws.send(parts[0], text=True)
-            elif sum(map(len, parts)) < FRAGMENT_BYTES:
+                continue
+            size = sum(map(len, parts))
+            if size < FRAGMENT_BYTES:
                 await ws.send(parts[0] if len(parts) == 1 else b"".join(parts))
+            elif chunked and size > CHUNK_BYTES:
+                for chunk in chunks(parts):
+                    await ws.send(chunk)
             else:
                 await ws.send(fragments(parts))
+            del parts  # a large result is not held while the next events go out
         if session.ended and not session.events_pending:
             return
 
 
 async def _read(session: WorkerSession, ws: Any) -> None:
-    """Hand each message to the session; pause while the client does not read its events."""
+    """Hand each message to the session (a chunked binary frame once it is whole); pause
+    while the client does not read its events."""
     recv = ws.recv
     received = 0
+    assembler = ChunkAssembler(session.service.max_command_bytes)
     while not session.ended:
         await session.wait_readable()
         data = await recv(decode=False)
+        if assembler.pending or data[:1] == b"\x00":
+            try:
+                whole = assembler.take(data)
+            except ProtocolError as exc:
+                too_large = "over the limit" in str(exc)
+                if too_large:
+                    session.service.record_rejection("too_large")
+                logger.warning("websocket worker: closing connection %s: %s", session.peer, exc)
+                await ws.close(1009 if too_large else 1002, str(exc)[:120])
+                return
+            del data
+            if whole is None:
+                continue
+            data = whole
         received += 1
         if received % PIPELINE_BATCH == 0:
             # Let the runs started so far execute and their events go out before reading
@@ -258,7 +291,7 @@ class WebSocketWorkerServer:
     def _process_response(self, connection: Any, request: Any, response: Any) -> None:
         """The handshake answer names what this worker speaks beyond Wove 2.x (``X-Wove-Capabilities``)."""
         if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
-            capabilities = self.service.capabilities
+            capabilities = self.service.capabilities | {CAPABILITY_BINARY_CHUNKS}
             if self.service.max_command_bytes >= COMMAND_LISTS_MIN_BYTES:
                 capabilities = capabilities | {CAPABILITY_COMMAND_LISTS}
             response.headers["X-Wove-Capabilities"] = ", ".join(sorted(capabilities))
@@ -278,10 +311,11 @@ class WebSocketWorkerServer:
     async def _converse(self, ws: Any) -> None:
         session = self.service.session(str(getattr(ws, "remote_address", "?")))
         request = getattr(ws, "request", None)
-        if request is not None:  # the client asked for binary frames in its handshake
-            asked = request.headers.get("X-Wove-Capabilities", "")
-            session.binary = CAPABILITY_BINARY_FRAMES in (part.strip() for part in str(asked).split(","))
-        writer = asyncio.get_running_loop().create_task(_write(session, ws))
+        asked: set[str] = set()
+        if request is not None:  # what the client said it reads, in its handshake
+            asked = {part.strip() for part in str(request.headers.get("X-Wove-Capabilities", "")).split(",")}
+            session.binary = CAPABILITY_BINARY_FRAMES in asked
+        writer = asyncio.get_running_loop().create_task(_write(session, ws, CAPABILITY_BINARY_CHUNKS in asked))
         reader = asyncio.get_running_loop().create_task(_read(session, ws))
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
