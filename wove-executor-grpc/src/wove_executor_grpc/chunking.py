@@ -32,7 +32,7 @@ CAPABILITY_CHUNKED_FRAMES = CAPABILITY_BINARY_CHUNKS
 #: Binary frames larger than this are chunked (when negotiated); smaller ones go whole.
 CHUNKED_ABOVE = 4 * 1024 * 1024
 #: Size of each chunk message (the last one of a frame may be shorter).
-CHUNK_BYTES = 512 * 1024
+CHUNK_BYTES = 256 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
