@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ._lines import FrameReader, FrameSplitter, Oversized, Part
+from ._lines import FrameReader, FrameSplitter, Oversized, Part, PipeWriter
 from .worker import FLUSH_BYTES, FrameWriter
 
 __all__ = ["FLUSH_BYTES", "STDERR_LINES", "Pipes", "Worker"]
@@ -177,132 +177,6 @@ class Pipes(asyncio.SubprocessProtocol):
 
     def resume_writing(self) -> None:
         self.writable.set()
-
-
-#: Queued bytes at which a :class:`PipeWriter` tells its protocol to pause writing.
-WRITER_HIGH_WATER = 64 * 1024
-#: Buffers handed to one ``os.writev``.
-_WRITEV_PARTS = 64
-
-
-class PipeWriter:
-    """The executor's end of a worker's stdin pipe (where the loop can watch pipes): each part
-    goes to the pipe as it is, and what the pipe does not take at once waits as a view when
-    it is immutable (``bytes``, such as a large ``bytes`` argument travelling out of band),
-    as a copy otherwise, so a mutable value changed after it was sent does not change the
-    frame. asyncio's pipe transport copies every unwritten rest into one growing buffer: a
-    100 MiB argument meant a 99 MiB copy, and its shrinking left heap the process kept.
-
-    The methods used of a write transport: ``write``, ``close``, ``is_closing``,
-    ``get_write_buffer_size``; ``protocol.pause_writing`` / ``resume_writing`` and
-    ``pipe_connection_lost(0, ...)`` are called as the transport would.
-    """
-
-    def __init__(self, fd: int, protocol: Pipes) -> None:
-        os.set_blocking(fd, False)
-        self._loop = asyncio.get_running_loop()
-        self._fd: int | None = fd
-        self._protocol = protocol
-        self._queue: deque[memoryview] = deque()
-        self._queued = 0
-        self._closing = False
-        self._watching = False
-        self._paused = False
-
-    def is_closing(self) -> bool:
-        return self._closing or self._fd is None
-
-    def get_write_buffer_size(self) -> int:
-        return self._queued
-
-    def write(self, data: Part) -> None:
-        fd = self._fd
-        if fd is None or self._closing:
-            return
-        view = memoryview(data)
-        if view.ndim != 1 or view.format != "B":
-            view = view.cast("B")
-        if not view:
-            return
-        if not self._queue:
-            try:
-                written = os.write(fd, view)
-            except (BlockingIOError, InterruptedError):
-                written = 0
-            except OSError as exc:
-                self._lost(exc)
-                return
-            if written == len(view):
-                return
-            view = view[written:]
-        if not (view.readonly and type(view.obj) is bytes):
-            view = memoryview(bytes(view))  # a mutable buffer: later changes must not reach the frame
-        self._queue.append(view)
-        self._queued += len(view)
-        if not self._watching:
-            self._watching = True
-            self._loop.add_writer(fd, self._writable)
-        if not self._paused and self._queued > WRITER_HIGH_WATER:
-            self._paused = True
-            self._protocol.pause_writing()
-
-    def _writable(self) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        queue = self._queue
-        try:
-            written = os.writev(fd, [queue[i] for i in range(min(len(queue), _WRITEV_PARTS))])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(exc)
-            return
-        self._queued -= written
-        while written:
-            head = queue[0]
-            if written >= len(head):
-                written -= len(head)
-                queue.popleft()
-            else:
-                queue[0] = head[written:]
-                written = 0
-        if queue:
-            return
-        self._watching = False
-        self._loop.remove_writer(fd)
-        if self._paused:
-            self._paused = False
-            self._protocol.resume_writing()
-        if self._closing:
-            self._close_fd(None)
-
-    def close(self) -> None:
-        """Close the pipe once everything queued is written."""
-        self._closing = True
-        if not self._queue:
-            self._close_fd(None)
-
-    def abort(self) -> None:
-        """Close the pipe now, dropping what is queued."""
-        self._close_fd(None)
-
-    def _lost(self, exc: Exception) -> None:
-        logger.debug("stdio executor: writing to a worker's stdin failed: %s", exc)
-        self._close_fd(exc)
-
-    def _close_fd(self, exc: Exception | None) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        self._closing = True
-        self._queue.clear()
-        self._queued = 0
-        if self._watching:
-            self._watching = False
-            self._loop.remove_writer(fd)
-        os.close(fd)
-        self._protocol.pipe_connection_lost(0, exc)
 
 
 #: Pipe capacity asked for (Linux ``F_SETPIPE_SZ``; the default is 64 KiB): a 1 MiB frame

@@ -581,9 +581,11 @@ class StdioEnvironmentExecutor(FrameExecutor):
         worker.alive = False
         if worker in self._workers:
             self._workers.remove(worker)
-        returncode = await self._reap(worker, timeout=2.0)
-        await self._drain_stderr(worker)
-        worker.close()
+        try:
+            returncode = await self._reap(worker, timeout=2.0)
+            await self._drain_stderr(worker)
+        finally:  # also when stop() gives up waiting: the process's pipes never outlive the loop
+            worker.close()
         lifetime = time.monotonic() - worker.started_at
         head = (f"The stdio worker {worker.id} (pid {worker.pid}) of environment '{self._environment}' "
                 f"{_exit_text(returncode)}")

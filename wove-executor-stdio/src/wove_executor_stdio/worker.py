@@ -36,6 +36,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -60,6 +61,7 @@ from ._lines import (
     Oversized,
     Part,
     PipeReader,
+    PipeWriter,
     nbytes,
     read_frame,
     write_parts,
@@ -154,6 +156,25 @@ class _OutputProtocol(asyncio.streams.FlowControlMixin):
             self.closed.set_result(None)
 
 
+class _OutputEvents:
+    """What the :class:`._lines.PipeWriter` of the event stream reports."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pause_writing(self) -> None:
+        pass  # the FrameWriter writes as events come; the pipe's reader sets the pace
+
+    def resume_writing(self) -> None:
+        pass
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if exc is not None:
+            logger.warning("stdio worker: the event stream is closed (%s); events are dropped", exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 async def _open_input(fd: int) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=STREAM_LIMIT)
@@ -185,8 +206,22 @@ async def _open_frames(fd: int, max_binary_bytes: int,
 
 
 async def _open_output(fd: int) -> tuple[Callable[[Part], None], Callable[[], Any]]:
-    """Return ``(write, close)`` for the frame output fd."""
+    """Return ``(write, close)`` for the frame output fd: on a pipe, a
+    :class:`._lines.PipeWriter` (what the pipe does not take at once waits as a view of
+    immutable data, such as a large ``bytes`` result, instead of being copied)."""
     loop = asyncio.get_running_loop()
+    if hasattr(os, "writev") and sys.platform != "win32" and stat.S_ISFIFO(os.fstat(fd).st_mode):
+        events = _OutputEvents()
+        writer = PipeWriter(fd, events)
+
+        async def close_writer() -> None:
+            writer.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(events.closed), 5.0)
+            except asyncio.TimeoutError:
+                writer.abort()
+
+        return writer.write, close_writer
     pipe = os.fdopen(fd, "wb", buffering=0, closefd=False)
     try:
         transport, protocol = await loop.connect_write_pipe(_OutputProtocol, pipe)
