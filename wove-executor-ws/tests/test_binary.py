@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from wove.errors import PayloadTooLargeError
+from wove.framing import ChunkAssembler, chunks
 from wove.protocol import (
     CAPABILITY_BINARY_CHUNKS,
     CAPABILITY_BINARY_FRAMES,
@@ -29,7 +30,7 @@ from wove.runtime import ExecutorRuntime
 from wove.testing import tasks
 from wove_executor_ws import WebSocketEnvironmentExecutor
 from wove_executor_ws.executor import LIST_COMMANDS
-from wove_executor_ws.frames import CHUNK_BYTES, ChunkAssembler, chunks
+from wove_executor_ws.frames import CHUNK_BYTES
 from wove_executor_ws.server import WebSocketWorkerServer
 
 HEADER = "X-Wove-Capabilities"
@@ -173,7 +174,7 @@ async def test_a_chunked_command_is_assembled_and_answered_in_chunks_to_a_client
 
     blob = bytes(range(256)) * (CHUNKED // 256) + b"tail!"
     frame = run_task(blob)
-    pieces = chunks(encode_binary_parts(frame))
+    pieces = list(chunks(encode_binary_parts(frame), CHUNK_BYTES))
     assert len(pieces) == 4 and max(map(len, pieces)) == CHUNK_BYTES
     asked = f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_BINARY_CHUNKS}"
     async with connect(server.url, proxy=None, max_size=None, additional_headers={HEADER: asked}) as ws:
@@ -185,7 +186,7 @@ async def test_a_chunked_command_is_assembled_and_answered_in_chunks_to_a_client
         while True:
             message = await asyncio.wait_for(ws.recv(), 20)
             messages += 1
-            whole = assembler.take(message)
+            whole = assembler.feed(message)
             if whole is None:
                 assert isinstance(message, bytes) and len(message) == CHUNK_BYTES
                 continue
@@ -214,7 +215,7 @@ async def test_a_chunked_frame_over_the_limit_is_refused_before_it_is_assembled(
 
     marker = tmp_path / "marker"
     frame = {**run_task(b"x" * CHUNKED), "callable": marking_echo(marker)}
-    first = bytes(chunks(encode_binary_parts(frame))[0])
+    first = next(chunks(encode_binary_parts(frame), CHUNK_BYTES))
     async with WebSocketWorkerServer(port=0, max_size=2 * 1024 * 1024) as small:
         async with connect(small.url, proxy=None, max_size=None) as ws:
             await ws.send(first)  # declares a frame over 2 MiB in its prefix
@@ -277,7 +278,7 @@ class StubWorker:
             else:
                 self.text_messages += 1
             if binary and self.chunks:
-                whole = self.assembler.take(message)
+                whole = self.assembler.feed(message)
                 if whole is None:
                     continue
                 message = bytes(whole)

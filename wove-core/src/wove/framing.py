@@ -6,6 +6,11 @@ Sans-I/O helpers for the transports (docs/wire.md, "Binary frames"):
   JSON frames (one per line, ending in ``\n``) and binary frames (starting with a NUL
   byte, which never starts JSON, and saying their own length in their first
   :data:`~wove.protocol.BINARY_PREFIX_BYTES` bytes) follow each other in any mix.
+* :func:`chunks` and :class:`ChunkAssembler` carry a large binary frame as consecutive
+  messages (the ``binary_chunks`` extension of message transports: WebSocket, the gRPC
+  ``Session``), so that neither side holds the whole frame twice.
+* :func:`capability_names` reads a comma-separated capability list (a header or metadata
+  value).
 * :func:`worth_binary` says whether a frame is worth a binary frame once the peer offered
   them: a frame with bulky data saves base64, JSON escaping and copies; a small one (the
   no-op command, a scalar result) costs a little less as JSON, so it stays JSON. Every
@@ -15,13 +20,14 @@ Sans-I/O helpers for the transports (docs/wire.md, "Binary frames"):
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import ProtocolError
-from .protocol import BINARY_PREFIX_BYTES, binary_frame_size
+from .protocol import BINARY_MAGIC, BINARY_PREFIX_BYTES, binary_frame_size
 
-__all__ = ["BINARY_START", "BULKY_BYTES", "FrameSplitter", "bulky", "worth_binary"]
+__all__ = ["BINARY_START", "BULKY_BYTES", "ChunkAssembler", "FrameSplitter", "bulky", "capability_names",
+           "chunks", "worth_binary"]
 
 #: The first byte of a binary frame (``wove.protocol.BINARY_MAGIC[:1]``).
 BINARY_START = b"\x00"
@@ -247,3 +253,117 @@ def worth_binary(frame: Mapping[str, Any]) -> bool:
     if frame.get("type") == "run_task":
         return _bulky_command(frame)
     return _bulky_event(frame)
+
+
+def capability_names(value: object) -> frozenset[str]:
+    """The names in a comma-separated capability list (``X-Wove-Capabilities``, gRPC
+    ``wove-capabilities`` metadata; ``bytes`` read as Latin-1); empty for None."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    return frozenset(part.strip() for part in str(value or "").split(",") if part.strip())
+
+
+def _byte_view(part: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def chunks(parts: Iterable[bytes | bytearray | memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of one binary frame, given as its parts (prefix and header, pickles,
+    views of large buffers), as chunk messages of ``size`` bytes (the last may be
+    shorter), for a peer that reads ``binary_chunks``. Produced one at a time: only the
+    chunk being sent is ever copied."""
+    if size < BINARY_PREFIX_BYTES:
+        raise ValueError(f"a chunk holds at least the {BINARY_PREFIX_BYTES}-byte prefix; got size={size}")
+    pending: list[memoryview] = []
+    filled = 0
+    for part in parts:
+        view = _byte_view(part)
+        position, end = 0, view.nbytes
+        while position < end:
+            take = min(end - position, size - filled)
+            pending.append(view[position:position + take])
+            filled += take
+            position += take
+            if filled == size:
+                yield b"".join(pending)
+                pending, filled = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+class ChunkAssembler:
+    """Turns the messages of a ``binary_chunks`` peer back into whole messages: a message
+    that starts a binary frame larger than itself begins a chunked frame, and the messages
+    after it fill one buffer of the size the frame's prefix declares (nothing may come
+    between them); every other message passes unchanged.
+
+    Args:
+        check: called with the declared size of a chunked frame before its buffer is
+            allocated; it raises to refuse the frame (a size limit).
+        drop_refused: what a refusal does. False (the default): ``feed`` raises at once.
+            True: the refused frame's remaining chunks are read and dropped and ``feed``
+            raises with its last chunk (for a transport whose call should end only once
+            the sender is done writing, such as a gRPC stream).
+    """
+
+    def __init__(self, check: Callable[[int], None] | None = None, *, drop_refused: bool = False) -> None:
+        self._check = check
+        self._drop_refused = drop_refused
+        self._frame: bytearray | None = None
+        self._filled = 0
+        self._skipping = 0  # bytes of a refused frame still to drop
+        self._refusal: BaseException | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished chunked frame held (or being dropped)."""
+        if self._refusal is not None:
+            return 1
+        return self._filled if self._frame is not None else 0
+
+    def feed(self, message: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview | None:
+        """The data to decode: ``message`` itself, the chunked frame its last chunk
+        completed (a bytearray), or None while a chunked frame is unfinished.
+
+        Raises:
+            ProtocolError: a chunk runs past the end of its frame, or a bad prefix.
+            Exception: what ``check`` raised for a refused frame.
+        """
+        if self._refusal is not None:
+            self._skipping -= len(message)
+            if self._skipping > 0:
+                return None
+            refusal, self._refusal = self._refusal, None
+            raise refusal
+        frame = self._frame
+        if frame is not None:
+            end = self._filled + len(message)
+            if end > len(frame):
+                left = len(frame) - self._filled
+                self._frame, self._filled = None, 0
+                raise ProtocolError(f"A chunk of {len(message)} bytes runs past the end of its binary frame "
+                                    f"({left} bytes were left)")
+            frame[self._filled:end] = message
+            self._filled = end
+            if end < len(frame):
+                return None
+            self._frame, self._filled = None, 0
+            return frame
+        if len(message) < BINARY_PREFIX_BYTES or message[:len(BINARY_MAGIC)] != BINARY_MAGIC:
+            return message
+        total = binary_frame_size(memoryview(message)[:BINARY_PREFIX_BYTES])
+        if total <= len(message):
+            return message  # whole frames (the parser checks the rest)
+        if self._check is not None:
+            try:
+                self._check(total)
+            except Exception as exc:
+                if not self._drop_refused:
+                    raise
+                self._refusal, self._skipping = exc, total - len(message)
+                return None
+        frame = self._frame = bytearray(total)
+        frame[:len(message)] = message
+        self._filled = len(message)
+        return None

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from wove.errors import DispatchError, ProtocolError
-from wove.framing import worth_binary
+from wove.framing import ChunkAssembler, capability_names, chunks, worth_binary
 from wove.options import (
     ANY,
     INVALID,
@@ -47,6 +47,7 @@ from wove.options import (
     one_of,
 )
 from wove.protocol import (
+    CAPABILITY_BINARY_CHUNKS,
     CAPABILITY_BINARY_FRAMES,
     decode_events,
     encode_binary_parts,
@@ -59,12 +60,12 @@ from wove.security import NetworkExecutorSecurity, ensure_secure_target, is_loca
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
 from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight, PayloadPolicy
 
-from .chunking import CAPABILITY_CHUNKED_FRAMES, CHUNKED_ABOVE, Parts, Reassembler, chunks
+from .chunking import CHUNK_BYTES, CHUNKED_ABOVE, Parts
 
 #: the metadata that tells a worker this client reads binary frames (docs/wire.md)
 _READS_BINARY = ("wove-capabilities", CAPABILITY_BINARY_FRAMES)
 #: on a Session: binary frames, and large ones in chunks (``binary_chunks``)
-_READS_CHUNKS = ("wove-capabilities", f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_CHUNKED_FRAMES}")
+_READS_CHUNKS = ("wove-capabilities", f"{CAPABILITY_BINARY_FRAMES}, {CAPABILITY_BINARY_CHUNKS}")
 #: an encoded command: bytes, or a large binary frame kept in parts (for a Session that reads chunks)
 _Body = bytes | Parts
 
@@ -144,10 +145,7 @@ def _option_items(value: Any) -> dict[str, Any]:
 
 def _announced(metadata: Any) -> frozenset[str]:
     """The capabilities in a Session confirmation (``wove-capabilities``, comma-separated)."""
-    announced = metadata.get(CAPABILITIES_KEY)
-    if isinstance(announced, bytes):
-        announced = announced.decode("latin-1")
-    return frozenset(part.strip() for part in str(announced or "").split(",") if part.strip())
+    return capability_names(metadata.get(CAPABILITIES_KEY))
 
 
 def _channel_options(value: Any) -> Any:
@@ -213,7 +211,7 @@ class _Session:
 
     def chunked(self) -> bool:
         """The worker announced ``binary_chunks`` (it reads a large binary frame in chunks)."""
-        return self.answered.done() and CAPABILITY_CHUNKED_FRAMES in self.answered.result()
+        return self.answered.done() and CAPABILITY_BINARY_CHUNKS in self.answered.result()
 
     def put(self, frame: dict[str, Any], body: _Body) -> None:
         self.pending.append((frame, body))
@@ -633,7 +631,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                     kind, batch = self._batch(session, binary, chunked, limit)
                     first = batch[0] if batch else None
                     if isinstance(first, Parts):  # a large frame alone, in chunks
-                        for chunk in chunks(first.parts):
+                        for chunk in chunks(first.parts, CHUNK_BYTES):
                             await session.call.write(chunk)
                     elif batch:  # binary frames say their own length: back to back; JSON: a list
                         bodies: list[bytes] = batch  # type: ignore[assignment]
@@ -691,7 +689,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     async def _session_reader(self, session: _Session) -> None:
         grpc = self._grpc
         failure: BaseException | None = None
-        reassembler = Reassembler(self._check_received)  # a large binary frame may come in chunks
+        reassembler = ChunkAssembler(self._check_received, drop_refused=True)  # a large binary frame may come in chunks
         try:
             async for message in session.call:
                 session.received = session.confirmed = True

@@ -47,15 +47,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from wove.errors import ProtocolError
-from wove.framing import worth_binary
-from wove.protocol import CAPABILITY_BINARY_FRAMES, encode_events
+from wove.framing import ChunkAssembler, capability_names, chunks, worth_binary
+from wove.protocol import CAPABILITY_BINARY_CHUNKS, CAPABILITY_BINARY_FRAMES, encode_events
 from wove.registry import install_hint
 from wove.security import NetworkExecutorSecurity
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
 from ._pem import read_pem
-from .chunking import CAPABILITY_CHUNKED_FRAMES, CHUNKED_ABOVE, Reassembler, chunks, names
+from .chunking import CHUNK_BYTES, CHUNKED_ABOVE
 
 if TYPE_CHECKING:
     import argparse
@@ -347,10 +347,10 @@ class GrpcWorkerService:
         session = await self._open(context, self.session_method, b"")
         # the confirmation also names what this worker speaks beyond Wove 2.x (wove-capabilities),
         # binary_chunks included (a Session-only capability of this shell)
-        offered = ", ".join(sorted(self.worker.capabilities | {CAPABILITY_CHUNKED_FRAMES}))
+        offered = ", ".join(sorted(self.worker.capabilities | {CAPABILITY_BINARY_CHUNKS}))
         await context.send_initial_metadata((*SESSION_CONFIRMATION, ("wove-capabilities", offered)))
         # a client that asked for binary_chunks gets a binary frame over CHUNKED_ABOVE in chunks
-        chunked = any(key == "wove-capabilities" and CAPABILITY_CHUNKED_FRAMES in names(value)
+        chunked = any(key == "wove-capabilities" and CAPABILITY_BINARY_CHUNKS in capability_names(value)
                       for key, value in context.invocation_metadata() or ())
         reader = asyncio.get_running_loop().create_task(_read(session, requests, self.worker.check_size))
         try:
@@ -362,7 +362,7 @@ class GrpcWorkerService:
                 else:  # binary frames back to back, a large result alone in its message (no copy)
                     for binary, parts in session.parts_to_send("list", max_message_bytes=_BINARY_BATCH_BYTES):
                         if chunked and binary and sum(memoryview(part).nbytes for part in parts) > CHUNKED_ABOVE:
-                            for chunk in chunks(parts):
+                            for chunk in chunks(parts, CHUNK_BYTES):
                                 yield chunk
                         else:
                             yield parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
@@ -391,7 +391,7 @@ async def _read(session: WorkerSession, requests: AsyncIterator[bytes], check_si
     the conversation is over. A chunked frame over the size limit ends the call
     (``RESOURCE_EXHAUSTED``, as gRPC's own limit ends it for one message)."""
     messages = requests.__aiter__()
-    reassembler = Reassembler(check_size)
+    reassembler = ChunkAssembler(check_size, drop_refused=True)
     try:
         while not session.ended:
             await session.wait_readable()

@@ -19,18 +19,17 @@ import grpc.aio
 import pytest
 
 from wove.errors import EnvironmentExecutionError
-from wove.protocol import BINARY_MAGIC, binary_frame_size, encode_binary_parts, encode_frame
+from wove.framing import ChunkAssembler, capability_names, chunks
+from wove.protocol import (
+    BINARY_MAGIC,
+    CAPABILITY_BINARY_CHUNKS,
+    binary_frame_size,
+    encode_binary_parts,
+    encode_frame,
+)
 from wove.runtime import ExecutorRuntime
 from wove.testing import tasks
-from wove_executor_grpc.chunking import (
-    CAPABILITY_CHUNKED_FRAMES,
-    CHUNK_BYTES,
-    CHUNKED_ABOVE,
-    Parts,
-    Reassembler,
-    chunks,
-    names,
-)
+from wove_executor_grpc.chunking import CHUNK_BYTES, CHUNKED_ABOVE, Parts
 from wove_executor_grpc.server import SERVICE, SESSION_METHOD, GrpcWorkerServer, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -51,7 +50,7 @@ class Wire:
 
 
 def _without_chunks(value: Any) -> str:
-    return ", ".join(sorted(names(value) - {CAPABILITY_CHUNKED_FRAMES}))
+    return ", ".join(sorted(capability_names(value) - {CAPABILITY_BINARY_CHUNKS}))
 
 
 @pytest.fixture
@@ -125,7 +124,7 @@ async def test_a_large_frame_travels_in_chunks_both_ways(proxy: tuple[Wire, Grpc
         result = await runtime.call("w", tasks.echo, data)
         assert result == data and type(result) is bytes
         assert await runtime.call("w", tasks.echo, b"small") == b"small"  # the stream goes on after chunks
-    assert CAPABILITY_CHUNKED_FRAMES in names(wire.asked)
+    assert CAPABILITY_BINARY_CHUNKS in capability_names(wire.asked)
     for book in (wire.requests, wire.replies):
         frame, sizes = _big_messages(book, 100 * MIB)
         count = -(-frame // CHUNK_BYTES)  # the frame's chunks: all CHUNK_BYTES but the last
@@ -172,10 +171,10 @@ def test_chunks_reassemble_into_the_frame() -> None:
     parts = Parts(encode_binary_parts(frame))
     joined = parts.join()
     assert joined == encode_frame(frame, binary=True) and len(parts) == len(joined)
-    messages = list(chunks(parts.parts))
+    messages = list(chunks(parts.parts, CHUNK_BYTES))
     assert [len(m) for m in messages[:-1]] == [CHUNK_BYTES] * (len(messages) - 1)
     seen: list[int] = []
-    reassembler = Reassembler(seen.append)
+    reassembler = ChunkAssembler(seen.append, drop_refused=True)
     out = [reassembler.feed(m) for m in messages]
     assert out[:-1] == [None] * (len(messages) - 1) and out[-1] == joined and seen == [len(joined)]
     assert reassembler.feed(b'{"type":"x"}') == b'{"type":"x"}'  # anything else passes as it is
@@ -184,12 +183,12 @@ def test_chunks_reassemble_into_the_frame() -> None:
 def test_a_refused_chunked_frame_is_dropped_whole_then_reported() -> None:
     frame = {"type": "run_task", "run_id": "r", "task_id": "t", "callable": tasks.echo,
              "args": {"data": os.urandom(2 * CHUNK_BYTES + 5)}}
-    messages = list(chunks(encode_binary_parts(frame)))
+    messages = list(chunks(encode_binary_parts(frame), CHUNK_BYTES))
 
     def refuse(size: int) -> None:
         raise ValueError(f"{size} is too large")
 
-    reassembler = Reassembler(refuse)
+    reassembler = ChunkAssembler(refuse, drop_refused=True)
     assert [reassembler.feed(m) for m in messages[:-1]] == [None] * (len(messages) - 1)
     with pytest.raises(ValueError, match="too large"):
         reassembler.feed(messages[-1])

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wove.errors import ConfigError, exception_chain
-from wove.framing import FrameSplitter, worth_binary
+from wove.framing import FrameSplitter, capability_names, worth_binary
 from wove.options import (
     ANY,
     BOOL,
@@ -338,7 +338,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
         ``task_yield``; ``binary_frames = false`` announces no ``binary_frames`` (JSON only)."""
         header = next((value for name, value in response.headers.raw if name.lower() == b"x-wove-capabilities"), b"")
         self._announced = True
-        announced = frozenset(p.strip() for p in header.decode("latin-1").split(",") if p.strip())
+        announced = capability_names(header)
         if self._stream is False:
             announced -= {CAPABILITY_TASK_YIELD}
         if not self._binary_frames:

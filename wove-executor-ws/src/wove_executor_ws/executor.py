@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
 from wove.errors import ConfigError, ProtocolError, exception_chain
-from wove.framing import worth_binary
+from wove.framing import ChunkAssembler, capability_names, chunks, worth_binary
 from wove.options import (
     DICT,
     NON_NEGATIVE_SECONDS,
@@ -62,7 +62,7 @@ from wove.security import (
 from wove.tls import INSECURE_OPTION, TLS_OPTIONS, client_ssl_context, tls_settings
 from wove.transport import FrameExecutor
 
-from .frames import CHUNK_BYTES, FRAGMENT_BYTES, ChunkAssembler, chunks, fragments
+from .frames import CHUNK_BYTES, FRAGMENT_BYTES, fragments
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -379,11 +379,18 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             self._check_payload(frame, size)
             if size > CHUNK_BYTES and (connection.chunks if connection is not None
                                        else CAPABILITY_BINARY_CHUNKS in self.capabilities):
-                return _Chunks(chunks(parts)), size
+                return _Chunks(chunks(parts, CHUNK_BYTES)), size
             return (fragments(parts) if size >= FRAGMENT_BYTES else b"".join(parts)), size
         data = encode_frame(frame)
         self._check_payload(frame, len(data))
         return data, len(data)
+
+    def _check_received(self, size: int) -> None:
+        """A chunked event from the worker must fit ``max_size``, as one message must."""
+        limit = self._connect_kwargs.get("max_size")
+        if limit and size > limit:
+            raise ProtocolError(f"A chunked frame of {size} bytes from the worker exceeds max_size={limit} "
+                                "(executor_config.max_size)")
 
     async def _send_control(self, frame: dict[str, Any]) -> None:
         connection = self._conn
@@ -541,12 +548,11 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         # the handshake answer's X-Wove-Capabilities (a Wove 2.x worker sends none)
         response = getattr(connection.ws, "response", None)
         header = response.headers.get(CAPABILITIES_HEADER, "") if response is not None else ""
-        self.capabilities = frozenset(part.strip() for part in str(header).split(",") if part.strip())
+        self.capabilities = capability_names(header)
         connection.binary = self._binary_wanted and CAPABILITY_BINARY_FRAMES in self.capabilities
         connection.lists = CAPABILITY_COMMAND_LISTS in self.capabilities
         connection.chunks = connection.binary and CAPABILITY_BINARY_CHUNKS in self.capabilities
-        max_size = self._connect_kwargs.get("max_size")
-        connection.assembler = ChunkAssembler(max_size if max_size else None)
+        connection.assembler = ChunkAssembler(self._check_received)
         self._last_error = ""
         connection.reader = asyncio.get_running_loop().create_task(
             self._read(connection), name=f"wove-websocket-reader:{self._environment}"
@@ -575,7 +581,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         assembler = connection.assembler
         if assembler is not None and (assembler.pending or data[:1] == b"\x00"):
             try:
-                whole = assembler.take(data)
+                whole = assembler.feed(data)
             except ProtocolError as exc:  # its runs cannot be answered: end the connection
                 logger.warning("websocket: dropping the connection to %s: %s", self._url, exc)
                 connection.ws.transport.abort()

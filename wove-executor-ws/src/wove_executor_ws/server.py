@@ -51,6 +51,7 @@ from http import HTTPStatus
 from typing import Any
 
 from wove.errors import ProtocolError
+from wove.framing import ChunkAssembler, capability_names, chunks
 from wove.protocol import (
     CAPABILITY_BINARY_CHUNKS,
     CAPABILITY_BINARY_FRAMES,
@@ -60,7 +61,7 @@ from wove.security import canonical_http_target
 from wove.session import DEFAULT_MAX_COMMAND_BYTES, Rejected, WorkerService, WorkerSession
 from wove.worker import WorkerEngine
 
-from .frames import CHUNK_BYTES, FRAGMENT_BYTES, ChunkAssembler, chunks, fragments
+from .frames import CHUNK_BYTES, FRAGMENT_BYTES, fragments
 
 __all__ = ["COMMAND_LISTS_MIN_BYTES", "DEFAULT_MAX_SIZE", "WebSocketWorkerServer", "run"]
 
@@ -93,7 +94,7 @@ async def _write(session: WorkerSession, ws: Any, chunked: bool = False) -> None
             if size < FRAGMENT_BYTES:
                 await ws.send(parts[0] if len(parts) == 1 else b"".join(parts))
             elif chunked and size > CHUNK_BYTES:
-                for chunk in chunks(parts):
+                for chunk in chunks(parts, CHUNK_BYTES):
                     await ws.send(chunk)
             else:
                 await ws.send(fragments(parts))
@@ -107,19 +108,16 @@ async def _read(session: WorkerSession, ws: Any) -> None:
     while the client does not read its events."""
     recv = ws.recv
     received = 0
-    assembler = ChunkAssembler(session.service.max_command_bytes)
+    assembler = ChunkAssembler(session.service.check_size)
     while not session.ended:
         await session.wait_readable()
         data = await recv(decode=False)
         if assembler.pending or data[:1] == b"\x00":
             try:
-                whole = assembler.take(data)
-            except ProtocolError as exc:
-                too_large = "over the limit" in str(exc)
-                if too_large:
-                    session.service.record_rejection("too_large")
+                whole = assembler.feed(data)
+            except (Rejected, ProtocolError) as exc:  # over the limit (refused before allocating), or malformed
                 logger.warning("websocket worker: closing connection %s: %s", session.peer, exc)
-                await ws.close(1009 if too_large else 1002, str(exc)[:120])
+                await ws.close(1009 if isinstance(exc, Rejected) else 1002, str(exc)[:120])
                 return
             del data
             if whole is None:
@@ -311,9 +309,9 @@ class WebSocketWorkerServer:
     async def _converse(self, ws: Any) -> None:
         session = self.service.session(str(getattr(ws, "remote_address", "?")))
         request = getattr(ws, "request", None)
-        asked: set[str] = set()
+        asked: frozenset[str] = frozenset()
         if request is not None:  # what the client said it reads, in its handshake
-            asked = {part.strip() for part in str(request.headers.get("X-Wove-Capabilities", "")).split(",")}
+            asked = capability_names(request.headers.get("X-Wove-Capabilities", ""))
             session.binary = CAPABILITY_BINARY_FRAMES in asked
         writer = asyncio.get_running_loop().create_task(_write(session, ws, CAPABILITY_BINARY_CHUNKS in asked))
         reader = asyncio.get_running_loop().create_task(_read(session, ws))
