@@ -377,6 +377,25 @@ QUEUE_BYTES = 2 * STREAM_LIMIT
 QUEUE_FRAMES = 1024
 
 
+def read_available(reader: FrameReader, fd: int, what: str) -> int | None:
+    """Read what the non-blocking ``fd`` has straight into ``reader``'s buffer
+    (``os.readv``) and hand it over: the byte count, 0 at the end of the stream (a read
+    error counts as the end, logged naming ``what``), or None when nothing was ready."""
+    buffer = reader.get_buffer()
+    try:
+        count = os.readv(fd, [buffer])
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        logger.warning("stdio: reading %s failed (%s); it counts as ended", what, exc)
+        return 0
+    finally:
+        buffer.release()
+    if count:
+        reader.buffer_updated(count)
+    return count
+
+
 class PipeReader:
     """Reads frames from a pipe's file descriptor as they arrive (``loop.add_reader`` and
     ``os.readv`` straight into a :class:`FrameReader`'s buffers), for ``await next()``.
@@ -409,19 +428,10 @@ class PipeReader:
         self._queued += frame.size if isinstance(frame, Oversized) else len(frame)
 
     def _ready(self) -> None:
-        buffer = self._frames_reader.get_buffer()
-        try:
-            count = os.readv(self._fd, [buffer])
-        except (BlockingIOError, InterruptedError):
+        count = read_available(self._frames_reader, self._fd, "the command stream")
+        if count is None:
             return
-        except OSError as exc:
-            logger.warning("stdio: reading the stream failed (%s); it counts as ended", exc)
-            count = 0
-        finally:
-            buffer.release()
-        if count:
-            self._frames_reader.buffer_updated(count)
-        else:
+        if not count:
             self._loop.remove_reader(self._fd)
             self._frames_reader.close()
             self._eof = True

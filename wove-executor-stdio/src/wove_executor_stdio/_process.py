@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ._lines import FrameReader, FrameSplitter, Oversized, Part, PipeWriter
+from ._lines import FrameReader, FrameSplitter, Oversized, Part, PipeWriter, read_available
 from .worker import FLUSH_BYTES, FrameWriter
 
 __all__ = ["FLUSH_BYTES", "STDERR_LINES", "Pipes", "Worker"]
@@ -94,18 +94,8 @@ class Pipes(asyncio.SubprocessProtocol):
         reader, fd = self._reader, self._stdout_fd
         if reader is None or fd is None:
             return
-        buffer = reader.get_buffer()
-        try:
-            count = os.readv(fd, [buffer])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            logger.warning("stdio executor: reading a worker's stdout failed (%s); it counts as closed", exc)
-            count = 0
-        finally:
-            buffer.release()
-        if count:
-            reader.buffer_updated(count)
+        count = read_available(reader, fd, "a worker's stdout")
+        if count is None or count:
             return
         if not reader.close():
             self._on_bad_stdout("the stream ended inside a binary frame")
