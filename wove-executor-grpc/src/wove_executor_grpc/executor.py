@@ -448,8 +448,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     def _check_received(self, size: int) -> None:
         """A chunked frame from the worker must fit the receive limit (as one message must)."""
         if self._receive_limit is not None and size > self._receive_limit:
-            raise ProtocolError(f"A chunked frame of {size} bytes exceeds the receive limit of {self._receive_limit} "
-                                "bytes (executor_config.max_message_bytes)")
+            raise ProtocolError(f"A chunked frame of {size} bytes from the worker exceeds this client's receive limit "
+                                f"of {self._receive_limit} bytes; raise executor_config.max_message_bytes to accept it")
 
     def _uses_session(self) -> bool:
         return self._streaming == "session" or (self._streaming == "auto" and self._timeout is None)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -385,7 +385,7 @@ class GrpcWorkerService:
 _BINARY_BATCH_BYTES = 4 * 1024 * 1024
 
 
-async def _read(session: WorkerSession, requests: AsyncIterator[bytes], check_size: Any) -> None:
+async def _read(session: WorkerSession, requests: AsyncIterator[bytes], check_size: Callable[[int], None]) -> None:
     """Hand each Session message (or chunked binary frame, once whole) to the session; pause
     while the client does not read its events. The client finished writing and nothing runs:
     the conversation is over. A chunked frame over the size limit ends the call

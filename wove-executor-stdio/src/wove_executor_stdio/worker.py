@@ -205,6 +205,20 @@ async def _open_frames(fd: int, max_binary_bytes: int,
         return functools.partial(read_frame, reader, max_binary_bytes=max_binary_bytes)
 
 
+def _closer(close: Callable[[], None], closed: asyncio.Future[None],
+            abort: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    """The close of an output pipe: close it, wait (up to 5 s) until it is, else abort."""
+
+    async def close_output() -> None:
+        close()
+        try:
+            await asyncio.wait_for(asyncio.shield(closed), 5.0)
+        except asyncio.TimeoutError:
+            abort()
+
+    return close_output
+
+
 async def _open_output(fd: int) -> tuple[Callable[[Part], None], Callable[[], Any]]:
     """Return ``(write, close)`` for the frame output fd: on a pipe, a
     :class:`._lines.PipeWriter` (what the pipe does not take at once waits as a view of
@@ -213,15 +227,7 @@ async def _open_output(fd: int) -> tuple[Callable[[Part], None], Callable[[], An
     if hasattr(os, "writev") and sys.platform != "win32" and stat.S_ISFIFO(os.fstat(fd).st_mode):
         events = _OutputEvents()
         writer = PipeWriter(fd, events)
-
-        async def close_writer() -> None:
-            writer.close()
-            try:
-                await asyncio.wait_for(asyncio.shield(events.closed), 5.0)
-            except asyncio.TimeoutError:
-                writer.abort()
-
-        return writer.write, close_writer
+        return writer.write, _closer(writer.close, events.closed, writer.abort)
     pipe = os.fdopen(fd, "wb", buffering=0, closefd=False)
     try:
         transport, protocol = await loop.connect_write_pipe(_OutputProtocol, pipe)
@@ -236,14 +242,7 @@ async def _open_output(fd: int) -> tuple[Callable[[Part], None], Callable[[], An
 
         return write_all, noop
 
-    async def close() -> None:
-        transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(protocol.closed), 5.0)
-        except asyncio.TimeoutError:
-            transport.abort()
-
-    return transport.write, close
+    return transport.write, _closer(transport.close, protocol.closed, transport.abort)
 
 
 async def serve(

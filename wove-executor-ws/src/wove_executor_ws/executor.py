@@ -389,8 +389,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         """A chunked event from the worker must fit ``max_size``, as one message must."""
         limit = self._connect_kwargs.get("max_size")
         if limit and size > limit:
-            raise ProtocolError(f"A chunked frame of {size} bytes from the worker exceeds max_size={limit} "
-                                "(executor_config.max_size)")
+            raise ProtocolError(f"A chunked frame of {size} bytes from the worker exceeds this client's "
+                                f"max_size={limit}; raise executor_config.max_size to accept it")
 
     async def _send_control(self, frame: dict[str, Any]) -> None:
         connection = self._conn
