@@ -322,9 +322,9 @@ class MapIterator(AsyncIterator[T_co]):
                 queue = self._queue
                 if queue and (not self._ordered or queue[0].done()):
                     future = queue.popleft()
-                    # done, though its done callback may not have run yet: it is no longer in
-                    # flight once the slot it frees is refilled
-                    self._in_flight.discard(future)
+                    # done, though its done callback may not have run yet: counted now (once),
+                    # so the progress reported when the map ends includes it
+                    self._settle(future)
                     self._outstanding -= 1
                     if self._space is not None and not self._space.done():
                         self._space.set_result(None)
@@ -430,14 +430,24 @@ class MapIterator(AsyncIterator[T_co]):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _on_done(self, future: asyncio.Future[Any]) -> None:
+    def _settle(self, future: asyncio.Future[Any]) -> bool:
+        """Count a finished run once: from its done callback, or when the consumer takes it
+        first. False when it was counted already."""
+        if future not in self._in_flight:
+            return False
         self._in_flight.discard(future)
-        if self._closed:
-            return
         if future.cancelled() or future.exception() is not None:
             self._failed += 1
         else:
             self._done += 1
+        return True
+
+    def _on_done(self, future: asyncio.Future[Any]) -> None:
+        if self._closed:
+            self._in_flight.discard(future)
+            return
+        if not self._settle(future):
+            return  # taken by the consumer before this callback ran
         if not self._ordered:
             self._queue.append(future)
             self._wake()
