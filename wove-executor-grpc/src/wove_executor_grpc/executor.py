@@ -31,9 +31,9 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from wove.errors import DispatchError, ProtocolError
+from wove.errors import ConfigError, DispatchError, ProtocolError
 from wove.framing import ChunkAssembler, capability_names, chunks, worth_binary
 from wove.options import (
     ANY,
@@ -61,6 +61,9 @@ from wove.tls import INSECURE_OPTION, TLS_OPTIONS, pem_credentials, tls_settings
 from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight, PayloadPolicy
 
 from .chunking import CHUNK_BYTES, CHUNKED_ABOVE, Parts
+
+if TYPE_CHECKING:
+    from ._h2 import NativeUnaryClient
 
 #: the metadata that tells a worker this client reads binary frames (docs/wire.md)
 _READS_BINARY = ("wove-capabilities", CAPABILITY_BINARY_FRAMES)
@@ -178,6 +181,10 @@ GRPC_OPTIONS = OptionSpec("grpc", [
     Option("security", ANY, doc="request signing: 'env:VAR', {'type': 'signed'|'bearer', ...} or 'none'"),
     Option("timeout", POSITIVE_SECONDS, doc="deadline of each call in seconds (default: none)"),
     INSECURE_OPTION,
+    Option("unary_client", one_of("auto", "native", "grpcio"), "auto",
+           "client of the unary Send calls: 'auto' (the native HTTP/2 client for a plaintext host:port "
+           "target without user channel options, else grpcio), 'native' (always; an error where it cannot "
+           "be used), 'grpcio'"),
     Option("options", Kind("a dict or (name, value) pairs of gRPC channel options", _channel_options),
            DEFAULT_CHANNEL_OPTIONS, "gRPC channel options, over DEFAULT_CHANNEL_OPTIONS"),
     TLS_OPTIONS,
@@ -239,6 +246,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._grpc: Any = None
         self._channel: Any = None
         self._unary: Any = None
+        self._native: NativeUnaryClient | None = None
         self._stream: Any = None
         self._target = ""
         self._method = DEFAULT_SEND_METHOD
@@ -336,6 +344,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         else:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         self._unary = self._channel.unary_unary(self._method)
+        self._native = self._native_client(config, environment_name, named, merged.get(_SEND_LIMIT))
+        if self._native is not None:
+            self._unary = self._native
         self._stream = self._channel.unary_stream(self._stream_method)
         self._session_rpc = self._channel.stream_stream(self._session_method)
         self._session = None
@@ -364,7 +375,31 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         if self._channel is not None:
             channel, self._channel = self._channel, None
             await channel.close(grace=None)
+        if self._native is not None:
+            native, self._native = self._native, None
+            await native.close()
         self._unary = self._stream = self._session_rpc = None
+
+    def _native_client(self, config: dict[str, Any], environment: str, named: dict[str, Any],
+                       send_limit: Any) -> NativeUnaryClient | None:
+        """The native HTTP/2 client of the Send calls (executor_config.unary_client), or None."""
+        choice = config["unary_client"]
+        if choice == "grpcio":
+            return None
+        address = _host_port(self._target)
+        reason = ("TLS" if self._tls else "executor_config.options" if named
+                  else None if address else f"the target {self._target!r} (not host:port)")
+        if reason is not None:
+            if choice == "native":
+                raise ConfigError(f"environment {environment!r}: executor_config.unary_client 'native' cannot "
+                                  f"serve {reason}; set unary_client to 'auto' or 'grpcio'")
+            return None
+        assert address is not None
+        from ._h2 import NativeUnaryClient  # imports grpc (as start does)
+
+        return NativeUnaryClient(address[0], address[1], self._method,
+                                 max_send=send_limit if isinstance(send_limit, int) else None,
+                                 max_receive=self._receive_limit)
 
     # -- commands ----------------------------------------------------------------
     async def send(self, frame: dict[str, Any]) -> None:
@@ -951,6 +986,18 @@ def describe_rpc_error(exc: Any, *, method: str, target: str, tls: bool) -> str:
     text = details if rule is None or rule.label is None else f"{rule.label} ({details})"
     message = f"gRPC call {method} to {target} failed with {name}: {text}."
     return f"{message} {rule.hint}" if rule is not None else message
+
+
+def _host_port(target: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port``, ``dns:///host:port``) of a target, or None."""
+    if target.startswith("dns:///"):
+        target = target[len("dns:///"):]
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([A-Za-z0-9.\-_]+):(\d+)", target)
+    if match is None:
+        return None
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    return (host, port) if 0 < port < 65536 else None
 
 
 def _no_session(grpc: Any, code: Any, session: _Session) -> bool:
