@@ -19,10 +19,13 @@ incrementally with :class:`wove.framing.FrameSplitter`. Large buffers are writte
 (the body is a sequence of parts) unless the request is signed (the signature hashes the
 joined body). A Wove 2.x worker announces nothing and gets today's JSON frames.
 
-The client is httpx's async API. By default its transport is ``httpx-aiohttp``'s
-:class:`AiohttpTransport` (aiohttp's connection pool under the httpx API), which
-measured ~2-4x faster than httpx's own pool at 256 concurrent requests (see the README);
-``executor_config.transport = "httpx"`` selects httpx's native transport instead.
+The client is, by default, :class:`wove_executor_http._native.NativePool`: HTTP/1.1
+keep-alive connections on asyncio Protocols, with no httpx Request/Response objects, which
+costs about half the CPU of httpx-aiohttp's ``AiohttpTransport`` per request at 256 in
+flight (see the README). ``executor_config.transport`` selects ``"aiohttp"`` (httpx's
+transport API over aiohttp's pool) or ``"httpx"`` (httpx's own pool; the one that speaks
+HTTP/2). Both kinds of client answer the same small response shape (status, raw headers,
+body), so one code path reads every answer.
 
 Failures in transit become a ``task_error`` with ``source="transport"`` naming the URL,
 the status and what was wrong: one table (:data:`FAILURES`, in the style of httpx's
@@ -47,7 +50,7 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from wove.errors import ConfigError, exception_chain
 from wove.framing import FrameSplitter, capability_names, worth_binary
@@ -107,7 +110,7 @@ _CONTENT_TYPE = {False: (b"Content-Type", b"application/json"), True: (b"Content
 _JOIN_BELOW = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
-TRANSPORTS = ("aiohttp", "httpx")
+TRANSPORTS = ("native", "aiohttp", "httpx")
 
 #: The http/https executor's ``executor_config`` keys (see :mod:`wove.options`; the TLS
 #: keys are :data:`wove.tls.TLS_OPTIONS`, shared with grpc and websocket).
@@ -124,7 +127,9 @@ HTTP_OPTIONS = OptionSpec("http", [
     Option("max_keepalive_connections", POSITIVE_INT, doc="idle connections kept (default: max_connections)"),
     Option("keepalive_expiry", POSITIVE_SECONDS, 30.0, "seconds an idle connection is kept"),
     Option("http2", BOOL, False, "speak HTTP/2 (needs transport='httpx' and the h2 package)"),
-    Option("transport", one_of(*TRANSPORTS), doc="connection pool: 'aiohttp' (default) or 'httpx' (default with http2)"),
+    Option("transport", one_of(*TRANSPORTS),
+           doc="HTTP client: 'native' (default; HTTP/1.1 on asyncio), 'aiohttp' (httpx-aiohttp) or 'httpx' "
+               "(default with http2)"),
     Option("stream", one_of("auto", True, False), "auto",
            "NDJSON events as they happen: 'auto' (runs with a heartbeat window), true, false"),
     REDELIVERY_OPTIONS,
@@ -150,10 +155,10 @@ class HttpEnvironmentExecutor(FrameExecutor):
         super().__init__()
         self._require_https = require_https
         self.executor_name = "https" if require_https else "http"
-        self._transport: Any = None
+        self._transport: Any = None  # the client: _native.NativePool or _HttpxClient
         self._url_object: Any = None
-        self._extensions: dict[str, Any] = {}
         self._httpx: Any = None
+        self._health_target = b"/health"
         self._url = ""
         self._target = "/"
         self._headers: list[tuple[bytes, bytes]] = []
@@ -212,9 +217,9 @@ class HttpEnvironmentExecutor(FrameExecutor):
         keepalive = config["max_keepalive_connections"] or max_connections
         expiry = float(config["keepalive_expiry"])
         http2 = config["http2"]
-        transport_name = config["transport"] or ("httpx" if http2 else "aiohttp")
+        transport_name = config["transport"] or ("httpx" if http2 else "native")
         if http2 and transport_name != "httpx":
-            raise ConfigError(f"{where}: http2=true needs transport='httpx' (aiohttp speaks HTTP/1.1 only).")
+            raise ConfigError(f"{where}: http2=true needs transport='httpx' ({transport_name} speaks HTTP/1.1 only).")
 
         try:
             import httpx
@@ -222,29 +227,47 @@ class HttpEnvironmentExecutor(FrameExecutor):
             raise RuntimeError(f"{self.executor_name} executor needs httpx, which is not installed. {INSTALL_HINT}") from exc
         self._httpx = httpx
         self._open_events(environment_name, environment_config)
-        ssl_verify: Any = client_ssl_context(tls) if tls.enabled else True
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive,
-                              keepalive_expiry=expiry)
-        if transport_name == "aiohttp":
-            try:
-                from httpx_aiohttp import AiohttpTransport
-            except ImportError as exc:  # pragma: no cover - a dependency
-                raise RuntimeError(f"{self.executor_name} executor transport 'aiohttp' needs httpx-aiohttp, which is "
-                                   f"not installed. {INSTALL_HINT}, or set executor_config.transport='httpx'.") from exc
-            transport: httpx.AsyncBaseTransport = AiohttpTransport(verify=ssl_verify, limits=limits, trust_env=False)
+        context = client_ssl_context(tls) if tls.enabled else None
+        url_object = httpx.URL(url)
+        transport: Any
+        if transport_name == "native":
+            from ._native import NativePool
+
+            transport = NativePool(url_object.host, url_object.port or (443 if parsed.scheme == "https" else 80),
+                                   ssl_context=context, server_hostname=tls.server_hostname,
+                                   max_connections=max_connections, max_keepalive=keepalive,
+                                   keepalive_expiry=expiry, connect_timeout=connect_timeout)
         else:
-            try:
-                transport = httpx.AsyncHTTPTransport(verify=ssl_verify, limits=limits, http2=http2, trust_env=False)
-            except ImportError as exc:
-                raise RuntimeError(f"{where}: http2=true needs the h2 package: pip install 'httpx[http2]'.") from exc
+            ssl_verify: Any = context if context is not None else True
+            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive,
+                                  keepalive_expiry=expiry)
+            pool: httpx.AsyncBaseTransport
+            if transport_name == "aiohttp":
+                try:
+                    from httpx_aiohttp import AiohttpTransport
+                except ImportError as exc:  # pragma: no cover - a dependency
+                    raise RuntimeError(f"{self.executor_name} executor transport 'aiohttp' needs httpx-aiohttp, which "
+                                       f"is not installed. {INSTALL_HINT}, or set executor_config.transport='native'."
+                                       ) from exc
+                pool = AiohttpTransport(verify=ssl_verify, limits=limits, trust_env=False)
+            else:
+                try:
+                    pool = httpx.AsyncHTTPTransport(verify=ssl_verify, limits=limits, http2=http2, trust_env=False)
+                except ImportError as exc:
+                    raise RuntimeError(f"{where}: http2=true needs the h2 package: pip install 'httpx[http2]'."
+                                       ) from exc
+            extensions: dict[str, Any] = {
+                "timeout": {"connect": connect_timeout, "read": timeout, "write": timeout, "pool": None}}
+            if tls.server_hostname:
+                extensions["sni_hostname"] = tls.server_hostname  # both transports honour it
+            transport = _HttpxClient(httpx, pool, url_object, extensions)
         self._transport = transport
-        self._url_object = httpx.URL(url)
-        self._extensions = {"timeout": {"connect": connect_timeout, "read": timeout, "write": timeout, "pool": None}}
-        if tls.server_hostname:
-            self._extensions["sni_hostname"] = tls.server_hostname  # both transports honour it
+        self._url_object = url_object
         self._connect_timeout, self._read_timeout = connect_timeout, timeout
         self._url = url
         self._target = canonical_http_target(url)
+        self._target_bytes = url_object.raw_path  # percent-encoded, as httpx sends it
+        self._health_target = url_object.copy_with(path=url_object.path.rstrip("/") + "/health", query=None).raw_path
         self._security = security
         self._stream = config["stream"]
         self._binary_frames = bool(config["binary_frames"])
@@ -309,8 +332,9 @@ class HttpEnvironmentExecutor(FrameExecutor):
         if self._side:
             await asyncio.wait(list(self._side), timeout=2.0)
 
-    def _request(self, body: _Body, *, stream: bool = False) -> Any:
-        """An httpx.Request for one command: prebuilt URL and headers, signed over ``body``.
+    async def _request(self, body: _Body, *, stream: bool = False) -> _Response:
+        """POST one command: prebuilt target and headers, signed over ``body``; returns
+        once the response head arrived.
 
         ``stream`` asks for the NDJSON extension (events as they happen); otherwise the
         answer is one JSON body, which costs both sides less per request. With a worker
@@ -319,24 +343,26 @@ class HttpEnvironmentExecutor(FrameExecutor):
         """
         headers = [*self._headers, _CONTENT_TYPE[body.binary], _ACCEPT[body.binary or self._binary, stream],
                    (b"Content-Length", str(body.size).encode())]
-        content: Any
+        parts: list[bytes | memoryview]
         if self._security.mode == "signed":  # the signature hashes the body: it is one buffer
             content = body.joined()
+            parts = [content]
             signed = self._security.headers_for(transport="http", target=self._target, body=content)
             headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items())
         else:
             if self._security.mode != "none":  # bearer: the body is not part of it
                 signed = self._security.headers_for(transport="http", target=self._target, body=b"")
                 headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items())
-            content = body.content()
-        return self._httpx.Request("POST", self._url_object, headers=headers, content=content,
-                                   extensions=self._extensions)
+            parts = body.parts
+        response: _Response = await self._transport.request(b"POST", self._target_bytes, headers, parts,
+                                                             timeout=self._read_timeout)
+        return response
 
     def _learn(self, response: Any) -> None:
         """Read the worker's ``X-Wove-Capabilities`` from a response (absent: a Wove 2.x worker).
         Streamed runs need NDJSON answers, so ``executor_config.stream = false`` announces no
         ``task_yield``; ``binary_frames = false`` announces no ``binary_frames`` (JSON only)."""
-        header = next((value for name, value in response.headers.raw if name.lower() == b"x-wove-capabilities"), b"")
+        header = next((value for name, value in response.headers if name.lower() == b"x-wove-capabilities"), b"")
         self._announced = True
         announced = capability_names(header)
         if self._stream is False:
@@ -372,13 +398,11 @@ class HttpEnvironmentExecutor(FrameExecutor):
     async def _ask_health(self) -> None:
         """``GET <url>/health``; its answer is immediate, so it may take connect_timeout
         to arrive at most (runs wait for it: a silent worker must not hold them)."""
-        url = self._url_object.copy_with(path=self._url_object.path.rstrip("/") + "/health", query=None)
         bound = self._connect_timeout
         read = bound if self._read_timeout is None else min(bound, self._read_timeout)
-        extensions = {**self._extensions, "timeout": {**self._extensions["timeout"], "read": read, "write": read}}
-        request = self._httpx.Request("GET", url, headers=[(b"Host", self._url_object.netloc)], extensions=extensions)
         try:
-            response = await self._transport.handle_async_request(request)
+            response = await self._transport.request(b"GET", self._health_target, self._headers[:1], [],
+                                                     timeout=read)
             try:
                 await response.aread()
             finally:
@@ -389,15 +413,15 @@ class HttpEnvironmentExecutor(FrameExecutor):
 
     async def _cancel(self, frame: dict[str, Any], body: _Body) -> None:
         try:
-            response = await self._transport.handle_async_request(self._request(body))
+            response = await self._request(body)
             self._learn(response)
             try:
-                await response.aread()
+                text = await response.aread()
             finally:
                 await response.aclose()
-            if response.status_code != 200:
+            if response.status != 200:
                 logger.warning("%s: cancel_task for run %s answered HTTP %d: %s", self._url, frame.get("run_id"),
-                               response.status_code, response.text[:_ERROR_PREVIEW])
+                               response.status, text[:_ERROR_PREVIEW].decode("utf-8", "replace"))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -453,23 +477,21 @@ class HttpEnvironmentExecutor(FrameExecutor):
             delivery = frame.get("delivery") or {}
             stream = self._stream if self._stream != "auto" else bool(
                 delivery.get("delivery_heartbeat_seconds") or delivery.get("delivery_stream_window"))
-            response = await self._transport.handle_async_request(self._request(body, stream=stream))
+            response = await self._request(body, stream=stream)
             self._learn(response)
             try:
-                status = response.status_code
+                status = response.status
                 if status != 200:
                     text = (await response.aread())[:_ERROR_PREVIEW].decode("utf-8", "replace")
                     return _refused(where, status, run_id, text.strip())
-                # Raw headers and the raw byte stream: the worker sends no content-encoding,
-                # and httpx's decoded views cost more than the rest of a no-op request.
-                content_type = next((value for name, value in response.headers.raw
+                content_type = next((value for name, value in response.headers
                                      if name.lower() == b"content-type"), b"")
                 if b"ndjson" in content_type or b"x-wove-frames" in content_type:
                     # NDJSON lines and binary frames, in any mix, each delivered as it completes
                     messages: list[bytes | bytearray] = []
                     problems: list[str] = []
                     splitter = FrameSplitter(messages.append, problems.append)
-                    async for chunk in response.stream:
+                    async for chunk in response.chunks():
                         splitter.feed(chunk)
                         if problems:
                             raise _WrongAnswer(problems[0])
@@ -484,8 +506,7 @@ class HttpEnvironmentExecutor(FrameExecutor):
                         if message.strip():
                             terminal = self._deliver_events(message, frame) or terminal
                 else:
-                    chunks = [chunk async for chunk in response.stream]
-                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    data = await response.aread()
                     if data.strip():
                         terminal = self._deliver_events(data, frame)
             finally:
@@ -592,6 +613,70 @@ class _Body:
 async def _iterate(parts: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
     for part in parts:
         yield part
+
+
+class _Response(Protocol):
+    """What both clients answer: status, raw headers, the body (as it arrives, or whole)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxClient:
+    """An httpx transport (httpx's own pool or httpx-aiohttp's) behind the native client's
+    ``request`` (the transport API directly: AsyncClient's per-request machinery costs more
+    CPU than the request itself at high concurrency)."""
+
+    def __init__(self, httpx: Any, transport: Any, url: Any, extensions: dict[str, Any]) -> None:
+        self._httpx = httpx
+        self._transport = transport
+        self._url = url
+        self._urls: dict[bytes, Any] = {url.raw_path: url}
+        self._extensions = extensions
+
+    async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                      parts: list[bytes | memoryview], *, timeout: float | None) -> _HttpxResponse:
+        url = self._urls.get(target)
+        if url is None:
+            url = self._urls[target] = self._url.copy_with(raw_path=target)
+        extensions = self._extensions
+        if timeout != extensions["timeout"]["read"]:
+            extensions = {**extensions, "timeout": {**extensions["timeout"], "read": timeout, "write": timeout}}
+        content: Any = None if not parts else parts[0] if len(parts) == 1 else _iterate(parts)
+        request = self._httpx.Request(method.decode("ascii"), url, headers=headers, content=content,
+                                      extensions=extensions)
+        return _HttpxResponse(await self._transport.handle_async_request(request))
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+class _HttpxResponse:
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.status: int = response.status_code
+        # raw headers and the raw byte stream: the worker sends no content-encoding, and
+        # httpx's decoded views cost more than the rest of a no-op request
+        self.headers: list[tuple[bytes, bytes]] = response.headers.raw
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.stream:
+            yield chunk
+
+    async def aread(self) -> bytes:
+        chunks = [chunk async for chunk in self._response.stream]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 _NUL = BINARY_MAGIC[0]
