@@ -554,7 +554,8 @@ _STATUS_HINTS = {
     401: " Configure executor_config.security to match the worker's --security.",
     403: " Check that executor_config.security uses the worker's secret and that clocks agree.",
     408: " The worker timed out reading the request (its --body-timeout).",
-    413: " Start the worker with a larger --max-body-bytes or send smaller arguments.",
+    413: " The request was too large for the worker: start it with a larger --max-body-bytes or send smaller "
+         "arguments.",
     404: " Check the URL path (the worker's --path, default /wove).",
 }
 
