@@ -61,7 +61,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
 async def test_connection_refused_says_so_and_names_the_url(transport: str) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/wove"
@@ -178,7 +178,7 @@ async def test_worker_killed_mid_run_is_a_transport_error() -> None:
         service.stop()
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
 async def test_requeue_survives_a_worker_killed_mid_run_and_back_later(transport: str) -> None:
     """A requeue run without an idempotency key is delivered again to the restarted
     worker (same port, back after a few seconds); cancel and fail runs end with a
@@ -225,7 +225,7 @@ async def test_https_with_a_self_signed_certificate(tmp_path: Path, secret_env: 
             async with ExecutorRuntime(definition, {}) as runtime:
                 assert await runtime.call("w", tasks.add, 40, 2) == 42
         # without the CA the certificate is refused: a transport error that says so, not a hang
-        for transport in ("aiohttp", "httpx"):
+        for transport in ("native", "aiohttp", "httpx"):
             async with ExecutorRuntime(_env(service.url, security=security, transport=transport), {}) as runtime:
                 with pytest.raises(EnvironmentExecutionError) as info:
                     await runtime.call("w", tasks.add, 1, 1)
@@ -297,7 +297,7 @@ async def test_a_worker_that_never_answers_is_a_timeout() -> None:
 
     async with serve_asgi(silent) as port:
         url = f"http://127.0.0.1:{port}/wove"
-        for transport in ("aiohttp", "httpx"):
+        for transport in ("native", "aiohttp", "httpx"):
             async with ExecutorRuntime(_env(url, timeout=0.3, transport=transport), {}) as runtime:
                 with pytest.raises(EnvironmentExecutionError) as info:
                     await runtime.call("w", tasks.add, 1, 2)

@@ -40,7 +40,7 @@ def runtime_for(url: str, **config: Any) -> ExecutorRuntime:
     return ExecutorRuntime({"w": {"executor": "http", "executor_config": {"url": url, **config}}}, {})
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
 async def test_the_shared_tls_keys_reach_a_real_tls_worker(tls_worker: str, pki: dict[str, str],
                                                            transport: str) -> None:
     mutual = {**tls_config(pki), "cert_file": pki["client_cert"], "key_file": pki["client_key"],

@@ -30,6 +30,9 @@ __all__ = ["NativePool", "NativeResponse"]
 
 #: the head of a response may not be larger
 _MAX_HEAD = 64 * 1024
+#: a chunk size line (size and extensions) may not be longer
+_MAX_CHUNK_LINE = 1024
+_HEXDIGITS = b"0123456789abcdefABCDEF"
 #: a large body part is written in slices of this size (the transport copies what the
 #: socket does not take at once: slices bound that copy)
 _WRITE_SLICE = 1024 * 1024
@@ -128,9 +131,9 @@ class _Connection(asyncio.Protocol):
             state = self._state
             if state == _HEAD:
                 index = data.find(b"\r\n\r\n", pos)
+                if (end if index < 0 else index) - pos > _MAX_HEAD:  # arrived in one read or in many
+                    raise httpx.RemoteProtocolError(f"the response head is too large (over {_MAX_HEAD // 1024} KiB)")
                 if index < 0:
-                    if end - pos > _MAX_HEAD:
-                        raise httpx.RemoteProtocolError("the response head is too large")
                     self._buf = data[pos:]
                     return
                 head_end = index + 4
@@ -147,16 +150,16 @@ class _Connection(asyncio.Protocol):
                     self._finish()
             elif state == _CHUNK_SIZE:
                 index = data.find(b"\r\n", pos)
+                if (end if index < 0 else index) - pos > _MAX_CHUNK_LINE:
+                    raise httpx.RemoteProtocolError(f"invalid chunk size line (over {_MAX_CHUNK_LINE} bytes)")
                 if index < 0:
-                    if end - pos > 1024:
-                        raise httpx.RemoteProtocolError("invalid chunk size line")
                     self._buf = data[pos:]
                     return
-                line = data[pos:index].split(b";", 1)[0].strip()
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"invalid chunk size {line[:20]!r}") from None
+                line = data[pos:index].split(b";", 1)[0].strip(b" \t")
+                # 1*HEXDIG (RFC 9112): int(line, 16) alone would take "-1", "0x10" and "1_0"
+                if not 0 < len(line) <= 16 or line.strip(_HEXDIGITS):
+                    raise httpx.RemoteProtocolError(f"invalid chunk size {line[:20]!r}")
+                size = int(line, 16)
                 pos = index + 2
                 if size:
                     self._remaining = size
