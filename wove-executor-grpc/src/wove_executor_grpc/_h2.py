@@ -6,13 +6,16 @@ frame with the 5-byte gRPC message prefix, one write per event-loop turn for eve
 in it, frames parsed from one buffer, and response header blocks decoded once and then looked up
 by their bytes (grpc's C-core answers later calls with identical, table-neutral blocks).
 
-HTTP/2 as RFC 9113 asks of a client: the peer's SETTINGS (MAX_FRAME_SIZE,
-MAX_CONCURRENT_STREAMS: calls beyond it wait, INITIAL_WINDOW_SIZE) are honoured and acknowledged,
-sending respects the connection and stream flow-control windows, what is received is given back
-in WINDOW_UPDATEs (a large initial window is advertised), PING is answered, CONTINUATION is
-joined, RST_STREAM ends its call, GOAWAY ends the streams it did not process (UNAVAILABLE: not
-run, safe to deliver again) and sends new calls to a new connection. Response headers are decoded
-by a complete HPACK decoder (RFC 7541: dynamic table, Huffman).
+HTTP/2 as RFC 9113 asks of a client: no stream opens before the peer's first SETTINGS (as grpc
+waits for them; a connection without them for 20 s fails its calls UNAVAILABLE, as grpc's connect
+timeout does), which (MAX_FRAME_SIZE, MAX_CONCURRENT_STREAMS: calls beyond it wait,
+INITIAL_WINDOW_SIZE) are honoured and acknowledged, sending respects the connection and stream
+flow-control windows, what is received is given back in WINDOW_UPDATEs (a large initial window
+is advertised), PING is answered, CONTINUATION is joined, RST_STREAM ends its call, GOAWAY sends
+new calls to a new connection, and the streams it did not process go once more on a new
+connection, as grpc's transparent retry does (a second refusal fails them UNAVAILABLE: not run,
+safe to deliver again). Response headers are decoded by a complete HPACK decoder (RFC 7541:
+dynamic table, Huffman).
 
 A failed call raises ``grpc.aio.AioRpcError`` with the status code and details grpc would
 report, so the executor has one way to describe and re-deliver failures.
@@ -41,6 +44,9 @@ _WINDOW_SIZE = 1 << 30
 _MAX_FRAME = (1 << 24) - 1
 #: cached decoded header blocks (blocks without table changes)
 _CACHE_SIZE = 512
+#: seconds a new connection has to bring the server's first SETTINGS (grpc's minimum connect
+#: timeout); then its calls fail UNAVAILABLE, as grpc's do
+_SETTINGS_TIMEOUT = 20.0
 
 # -- HPACK (RFC 7541) -------------------------------------------------------------------------
 _STATIC: tuple[tuple[str, str], ...] = (
@@ -263,7 +269,7 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 # -- streams and the connection -----------------------------------------------------------------
 class _Stream:
-    __slots__ = ("data", "future", "headers", "id", "out", "received", "status", "window")
+    __slots__ = ("data", "future", "headers", "id", "out", "received", "status", "unprocessed", "window")
 
     def __init__(self, future: asyncio.Future[bytes], out: memoryview, window: int) -> None:
         self.id = 0
@@ -274,6 +280,7 @@ class _Stream:
         self.headers: list[tuple[str, str]] | None = None  # the response headers, once read
         self.received = 0  # bytes of DATA received, not yet given back by a WINDOW_UPDATE
         self.status: grpc.StatusCode | None = None
+        self.unprocessed = False  # failed before the server processed it (GOAWAY): safe to send again
 
 
 class _Connection(asyncio.Protocol):
@@ -305,6 +312,7 @@ class _Connection(asyncio.Protocol):
         self.settled = False  # the server's first SETTINGS arrived
         self._writable: asyncio.Future[None] | None = None
         self.lost: asyncio.Future[None] = self._loop.create_future()
+        self._settings_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -315,9 +323,23 @@ class _Connection(asyncio.Protocol):
         self._out += _PREFACE + self._frame(_SETTINGS, 0, 0, settings)
         self._out += self._frame(_WINDOW, 0, 0, _U32.pack(_WINDOW_SIZE - 65535))
         self._flush()
+        self._settings_timer = self._loop.call_later(_SETTINGS_TIMEOUT, self._settings_overdue)
+
+    def _settings_overdue(self) -> None:
+        """No SETTINGS in time (a port that accepts but does not speak HTTP/2, a wedged
+        server): the calls waiting for them fail, and later calls take a new connection."""
+        if self.settled or self.closed or self.transport is None:
+            return
+        self.draining = True
+        self._client._forget(self)
+        self._fail_all(grpc.StatusCode.UNAVAILABLE, f"failed to connect to all addresses; last error: UNKNOWN: "
+                       f"{self._client.target}: connection attempt timed out before receiving SETTINGS frame")
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._settings_timer is not None:
+            self._settings_timer.cancel()
         detail = f"Connection lost: {exc}" if exc else "Socket closed"
         if not self.settled:  # as grpc says it of a connection that closed during its setup
             detail = f"failed to connect to all addresses; last error: UNAVAILABLE: {self._client.target}: {detail}"
@@ -382,6 +404,8 @@ class _Connection(asyncio.Protocol):
                 self._on_headers()
         elif kind == _SETTINGS:
             if not flags & _ACK:
+                if not self.settled and self._settings_timer is not None:
+                    self._settings_timer.cancel()
                 self.settled = True
                 self._on_settings(payload)
         elif kind == _WINDOW:
@@ -439,9 +463,12 @@ class _Connection(asyncio.Protocol):
         for stream_id in [i for i in self._streams if i > last]:
             stream = self._streams.pop(stream_id)
             self._blocked.pop(stream_id, None)
+            stream.unprocessed = True
             self._finish(stream, rpc_error(grpc.StatusCode.UNAVAILABLE, text))
         while self._waiting:
-            self._finish(self._waiting.popleft(), rpc_error(grpc.StatusCode.UNAVAILABLE, text))
+            stream = self._waiting.popleft()
+            stream.unprocessed = True
+            self._finish(stream, rpc_error(grpc.StatusCode.UNAVAILABLE, text))
         if not self._streams and self.transport is not None:
             self._flush()
             self.transport.close()
@@ -543,8 +570,15 @@ class _Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
 
     def start(self, stream: _Stream, block: bytes) -> None:
-        """Send (or queue, beyond MAX_CONCURRENT_STREAMS) a call's HEADERS and DATA."""
-        if len(self._streams) >= self._max_streams:
+        """Send (or queue: before the server's first SETTINGS, as grpc waits for them, or beyond
+        MAX_CONCURRENT_STREAMS) a call's HEADERS and DATA. A stream opened before SETTINGS may
+        exceed a limit the client does not know yet, and grpc's server refuses it."""
+        if self.closed or self.draining:  # lost, or GOAWAY, since the caller took this connection
+            stream.unprocessed = True
+            self._finish(stream, rpc_error(grpc.StatusCode.UNAVAILABLE, "the connection was closing; "
+                                           "the call was not processed"))
+            return
+        if not self.settled or len(self._streams) >= self._max_streams:
             stream.headers = None
             self._waiting.append(stream)
             stream.data = bytearray(block)  # the header block waits with it
@@ -600,7 +634,7 @@ class _Connection(asyncio.Protocol):
         self._start_waiting()
 
     def _start_waiting(self) -> None:
-        while self._waiting and len(self._streams) < self._max_streams and not self.draining:
+        while self._waiting and self.settled and len(self._streams) < self._max_streams and not self.draining:
             stream = self._waiting.popleft()
             if stream.future.done():
                 continue
@@ -725,34 +759,45 @@ class NativeUnaryClient:
                             f"Sent message larger than max ({len(body)} vs. {self.max_send})")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        connection = self._connection
-        if connection is None or connection.closed or connection.draining:
-            connect = self._connect()
-            try:
-                connection = await (connect if timeout is None else asyncio.wait_for(connect, timeout))
-            except asyncio.TimeoutError:
-                raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         block = self._block
         if metadata:
             block += b"".join(_literal(k.lower(), v) for k, v in metadata)
-        if deadline is not None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            block += _timeout_header(remaining)
-        future: asyncio.Future[bytes] = loop.create_future()
-        stream = _Stream(future, memoryview(_PREFIX.pack(0, len(body)) + body), 0)
-        connection.start(stream, block)
-        timer = None if deadline is None else loop.call_at(deadline, self._expire, connection, stream)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if not future.done() or future.cancelled():
-                connection._reset(stream)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+        message = _PREFIX.pack(0, len(body)) + body
+        retried = False
+        while True:
+            connection = self._connection
+            if connection is None or connection.closed or connection.draining:
+                connect = self._connect()
+                try:
+                    connection = await (connect if deadline is None else
+                                        asyncio.wait_for(connect, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            headers = block
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                headers = block + _timeout_header(remaining)
+            future: asyncio.Future[bytes] = loop.create_future()
+            stream = _Stream(future, memoryview(message), 0)
+            connection.start(stream, headers)
+            timer = None if deadline is None else loop.call_at(deadline, self._expire, connection, stream)
+            try:
+                return await future
+            except grpc.aio.AioRpcError:
+                # as grpc does (a transparent retry): a call the server did not process goes
+                # once more, on a new connection
+                if not stream.unprocessed or retried or self._closed:
+                    raise
+                retried = True
+            except asyncio.CancelledError:
+                if not future.done() or future.cancelled():
+                    connection._reset(stream)
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     @staticmethod
     def _expire(connection: _Connection, stream: _Stream) -> None:
