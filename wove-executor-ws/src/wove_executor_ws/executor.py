@@ -21,6 +21,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import socket
 import ssl
 import urllib.parse
@@ -70,6 +71,7 @@ __all__ = [
     "LIST_BYTES",
     "LIST_COMMANDS",
     "LIST_ITEM_BYTES",
+    "OWN_FRAME_BYTES",
     "WEBSOCKET_OPTIONS",
     "FailureRule",
     "TransportFailure",
@@ -159,6 +161,9 @@ class _Connection:
     #: writing a chunked command, a chunk per drain (later messages wait in ``outbox``)
     writer: asyncio.Task[None] | None = None
     flush_scheduled: bool = False
+    #: builds one complete data frame (``first_byte``, payload): the client's own masked
+    #: frames, or ``websockets``' when an extension (permessage-deflate) is on
+    frame: Callable[[int, bytes], bytes] = field(default=lambda first_byte, payload: b"")
 
 
 @dataclass(eq=False)
@@ -198,6 +203,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._connection_class: Any = None
         self._connect_kwargs: dict[str, Any] = {}
         self._closed_errors: tuple[type[BaseException], ...] = ()
+        self._own_frame: Callable[[int, bytes], bytes] = _library_frame(None)
         self._open_state: Any = None
         self._conn: _Connection | None = None
         self._waiting: dict[str, _Waiting] = {}
@@ -233,6 +239,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
             import websockets.exceptions
             import websockets.protocol
             from websockets.asyncio.client import ClientConnection, connect
+            from websockets.frames import apply_mask
         except ImportError as exc:  # pragma: no cover - websockets is a dependency
             raise ImportError(
                 "websocket executor needs websockets, which is not installed. "
@@ -270,7 +277,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._headers = {str(k): str(v) for k, v in headers.items()}
         self._security = security
         self._connect = connect
-        self._connection_class = _direct_connection(ClientConnection)
+        self._connection_class = _direct_connection(
+            ClientConnection, own_frame_bytes=min(OWN_FRAME_BYTES, max_size or OWN_FRAME_BYTES))
+        self._own_frame = _frame_writer(apply_mask)
         self._closed_errors = (websockets.exceptions.ConnectionClosed,)
         self._open_state = websockets.protocol.State.OPEN
         self._connect_kwargs = {
@@ -437,8 +446,10 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         if protocol.state is not self._open_state:
             return  # closing: the reader reports the loss and re-queues the outbox
         batch, connection.outbox = connection.outbox, []
+        frame = connection.frame
         try:
             large = False
+            out = protocol.data_to_send()  # frames websockets has queued go first
             texts: list[bytes] = []  # JSON commands waiting to go as one list message
             size = 0
             lists = connection.lists
@@ -450,28 +461,29 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                     break
                 if type(data) is bytes and data[0]:  # JSON starts with "{"; a binary frame with a NUL
                     if not lists or len(data) > LIST_ITEM_BYTES:
-                        protocol.send_text(data)
+                        out.append(frame(_TEXT_FIN, data))
                         continue
                     if texts and (len(texts) >= LIST_COMMANDS or size + len(data) > LIST_BYTES):
-                        protocol.send_text(_as_list(texts))
+                        out.append(frame(_TEXT_FIN, _as_list(texts)))
                         texts, size = [], 0
                     texts.append(data)
                     size += len(data) + 1
                     continue
                 if texts:  # keep the order: the commands queued before this binary message go first
-                    protocol.send_text(_as_list(texts))
+                    out.append(frame(_TEXT_FIN, _as_list(texts)))
                     texts, size = [], 0
                 if type(data) is bytes:
-                    protocol.send_binary(data)
+                    out.append(frame(_BINARY_FIN, data))
                 else:  # a large binary message: one WebSocket fragment per large buffer
                     large = True
                     last = len(data) - 1
                     protocol.send_binary(data[0], fin=last == 0)
                     for index in range(1, last + 1):
                         protocol.send_continuation(data[index], fin=index == last)
+                    out.extend(protocol.data_to_send())
             if texts:
-                protocol.send_text(_as_list(texts))
-            pieces = [piece for piece in protocol.data_to_send() if piece]
+                out.append(frame(_TEXT_FIN, _as_list(texts)))
+            pieces = [piece for piece in out if piece]
             if large:  # no join: asyncio sends or buffers each piece (3.12+: without a copy)
                 for piece in pieces:
                     ws.transport.write(piece)
@@ -553,16 +565,19 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         connection.lists = CAPABILITY_COMMAND_LISTS in self.capabilities
         connection.chunks = connection.binary and CAPABILITY_BINARY_CHUNKS in self.capabilities
         connection.assembler = ChunkAssembler(self._check_received)
+        protocol = connection.ws.protocol
+        connection.frame = self._own_frame if not protocol.extensions else _library_frame(protocol)
+        # messages reach _received as they are parsed (no recv() per message)
+        connection.ws.on_message = functools.partial(self._received, connection)
         self._last_error = ""
         connection.reader = asyncio.get_running_loop().create_task(
             self._read(connection), name=f"wove-websocket-reader:{self._environment}"
         )
 
     async def _read(self, connection: _Connection) -> None:
-        """Until the connection ends: its messages reach :meth:`_received` as they are
-        parsed (no ``recv()`` per message); then the loss is handled."""
+        """Until the connection ends (its messages reach :meth:`_received` as they are
+        parsed, see :meth:`_install`); then the loss is handled."""
         ws = connection.ws
-        ws.on_message = functools.partial(self._received, connection)
         error: BaseException | None = None
         try:
             await ws.wait_closed()
@@ -846,20 +861,142 @@ def describe_failure(exc: BaseException, url: str, *, open_timeout: float | None
     return TransportFailure(type(root).__name__, f"the connection to {url} failed: {type(root).__name__}: {root}.")
 
 
-def _direct_connection(base: type) -> Any:
+#: the largest data frame the client's own parser hands over (larger ones, and every
+#: control or fragmented frame, go through ``websockets``, which enforces ``max_size``)
+OWN_FRAME_BYTES = 64 * 1024
+_TEXT_FIN, _BINARY_FIN = 0x81, 0x82
+
+
+def _frame_writer(apply_mask: Callable[[bytes, bytes], bytes]) -> Callable[[int, bytes], bytes]:
+    """What writes one complete client data frame (RFC 6455 5.2): ``first_byte`` is FIN
+    and the opcode (0x81 text, 0x82 binary); the mask is a fresh 4 bytes from
+    ``os.urandom``; ``apply_mask`` is ``websockets``' (its C speedup when built)."""
+    urandom = os.urandom
+
+    def frame(first_byte: int, payload: bytes) -> bytes:
+        size = len(payload)
+        mask = urandom(4)
+        if size < 126:
+            head = bytes((first_byte, 0x80 | size))
+        elif size < 65536:
+            head = bytes((first_byte, 0xFE)) + size.to_bytes(2, "big")
+        else:
+            head = bytes((first_byte, 0xFF)) + size.to_bytes(8, "big")
+        return head + mask + apply_mask(payload, mask)
+
+    return frame
+
+
+def _library_frame(protocol: Any) -> Callable[[int, bytes], bytes]:
+    """Frames written by ``websockets`` (for a connection with an extension: compressed)."""
+
+    def frame(first_byte: int, payload: bytes) -> bytes:
+        if first_byte == _TEXT_FIN:
+            protocol.send_text(payload)
+        else:
+            protocol.send_binary(payload)
+        return b"".join(protocol.data_to_send())
+
+    return frame
+
+
+def _direct_connection(base: type, *, own_frame_bytes: int = OWN_FRAME_BYTES) -> Any:
     """A ``websockets`` client connection that hands each complete data message to its
-    ``on_message`` callback as the frames are parsed, instead of queueing it for
-    ``recv()``: one coroutine resumption less per message (the client's CPU per no-op run
-    is a performance goal). Fragmented messages are joined first; control frames,
-    the handshake and closing go through ``websockets`` as before."""
+    ``on_message`` callback as it arrives, instead of queueing it for ``recv()``.
+
+    After the handshake (which ``websockets`` reads: the connection feeds it exactly the
+    bytes of the ``101`` response head) the connection splits the byte stream into frames
+    itself: an unfragmented, uncompressed text or binary frame of at most
+    ``own_frame_bytes`` goes to ``on_message`` from the received bytes (the client's CPU
+    per no-op run is a performance goal: ``websockets``' parser costs more than the rest
+    of receiving an event). Every other frame (control frames, fragments, compressed or
+    larger ones, anything after a close frame) is passed to ``websockets`` whole and at
+    a frame boundary, so its parser, limits, keepalive and closing handshake work as
+    always, and its fragmented messages are joined here before ``on_message``."""
     from websockets.frames import Frame, Opcode
+    from websockets.protocol import State
 
     data_opcodes = (Opcode.TEXT, Opcode.BINARY)
     continuation = Opcode.CONT
+    open_state, connecting = State.OPEN, State.CONNECTING
 
     class DirectConnection(base):  # type: ignore[misc, valid-type]
         on_message: Callable[[bytes | bytearray | memoryview], None] | None = None
         _fragments: list[bytes | bytearray | memoryview] | None = None
+        #: the handshake response received so far (None: websockets reads everything)
+        _head: bytes | None = b""
+        #: frames are split here (from the first byte after the 101 response head)
+        _own = False
+        #: the start of a frame that has not arrived in full
+        _partial = b""
+        #: bytes of the current frame still to pass to websockets
+        _through = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._own:
+                self._split(data)
+                return
+            head = self._head
+            if head is None or self.protocol.state is not connecting:
+                super().data_received(data)
+                return
+            seen = head + data
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self._head = seen if len(seen) <= 65536 else None
+                super().data_received(data)
+                return
+            self._head = None
+            cut = end + 4 - len(head)
+            super().data_received(data[:cut])
+            if seen.startswith(b"HTTP/1.1 101 ") and self.protocol.state is open_state:
+                self._own = True
+                if cut < len(data):
+                    self._split(data[cut:])
+            elif cut < len(data):
+                super().data_received(data[cut:])
+
+        def _split(self, data: bytes) -> None:
+            if self._partial:
+                data = self._partial + data
+                self._partial = b""
+            size = len(data)
+            position = 0
+            while position < size:
+                through = self._through
+                if through:  # the rest of a frame websockets reads
+                    end = min(size, position + through)
+                    self._through = through - (end - position)
+                    super().data_received(data[position:end] if position or end < size else data)
+                    position = end
+                    continue
+                if size - position < 2:
+                    break
+                first, second = data[position], data[position + 1]
+                length = second & 0x7F
+                head = 2
+                if length == 126:
+                    if size - position < 4:
+                        break
+                    length = int.from_bytes(data[position + 2:position + 4], "big")
+                    head = 4
+                elif length == 127:
+                    if size - position < 10:
+                        break
+                    length = int.from_bytes(data[position + 2:position + 10], "big")
+                    head = 10
+                sink = self.on_message
+                if (first in (_TEXT_FIN, _BINARY_FIN) and second < 0x80 and length <= own_frame_bytes
+                        and sink is not None and self._fragments is None and self.protocol.state is open_state):
+                    end = position + head + length
+                    if end > size:
+                        break
+                    sink(data[position + head:end])
+                    position = end
+                else:  # websockets reads this frame (a masked one, a protocol error, included)
+                    self._through = head + (4 if second & 0x80 else 0) + length
+            if position < size:
+                self._partial = data[position:]
 
         def process_event(self, event: Any) -> None:
             sink = self.on_message
