@@ -103,6 +103,9 @@ _PICKLED = {
     "error": "error_pickle",
 }
 _WIRE_FIELDS = frozenset(_PICKLED.values())
+_FIELD_OF = {wire_field: field for field, wire_field in _PICKLED.items()}
+#: fields decode in this order (the callable first: its errors name the run best)
+_FIELD_ORDER = {wire_field: index for index, wire_field in enumerate(_PICKLED.values())}
 #: compact JSON, built once (``json.dumps`` with arguments builds an encoder per call)
 _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -127,9 +130,6 @@ def _header_json(wire: dict[str, Any]) -> str:
         except RecursionError:
             pass
     return _json_encode(wire)
-_FIELD_OF = {wire_field: field for field, wire_field in _PICKLED.items()}
-#: fields decode in this order (the callable first: its errors name the run best)
-_FIELD_ORDER = {wire_field: index for index, wire_field in enumerate(_PICKLED.values())}
 
 
 class ErrorPayload(TypedDict, total=False):

@@ -145,6 +145,9 @@ class _Connection:
     """One open WebSocket and the runs transmitted on it."""
 
     ws: Any
+    #: builds one complete data frame (``first_byte``, payload): the client's own masked
+    #: frames, or ``websockets``' when an extension (permessage-deflate) is on
+    frame: Callable[[int, bytes], bytes]
     sent: set[str] = field(default_factory=set)
     closed: bool = False
     reader: asyncio.Task[None] | None = None
@@ -161,9 +164,6 @@ class _Connection:
     #: writing a chunked command, a chunk per drain (later messages wait in ``outbox``)
     writer: asyncio.Task[None] | None = None
     flush_scheduled: bool = False
-    #: builds one complete data frame (``first_byte``, payload): the client's own masked
-    #: frames, or ``websockets``' when an extension (permessage-deflate) is on
-    frame: Callable[[int, bytes], bytes] = field(default=lambda first_byte, payload: b"")
 
 
 @dataclass(eq=False)
@@ -203,7 +203,8 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         self._connection_class: Any = None
         self._connect_kwargs: dict[str, Any] = {}
         self._closed_errors: tuple[type[BaseException], ...] = ()
-        self._own_frame: Callable[[int, bytes], bytes] = _library_frame(None)
+        #: the client's own frame writer (built in start(), once websockets is imported)
+        self._own_frame: Callable[[int, bytes], bytes] | None = None
         self._open_state: Any = None
         self._conn: _Connection | None = None
         self._waiting: dict[str, _Waiting] = {}
@@ -553,7 +554,9 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         headers.update(self._security.headers_for(transport="websocket", target=self._target, body=b""))
         ws = await self._connect(self._url, additional_headers=headers or None,
                                  create_connection=self._connection_class, **self._connect_kwargs)
-        return _Connection(ws)
+        assert self._own_frame is not None  # start() built it
+        protocol = ws.protocol
+        return _Connection(ws, self._own_frame if not protocol.extensions else _library_frame(protocol))
 
     def _install(self, connection: _Connection) -> None:
         self._conn = connection
@@ -565,8 +568,6 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         connection.lists = CAPABILITY_COMMAND_LISTS in self.capabilities
         connection.chunks = connection.binary and CAPABILITY_BINARY_CHUNKS in self.capabilities
         connection.assembler = ChunkAssembler(self._check_received)
-        protocol = connection.ws.protocol
-        connection.frame = self._own_frame if not protocol.extensions else _library_frame(protocol)
         # messages reach _received as they are parsed (no recv() per message)
         connection.ws.on_message = functools.partial(self._received, connection)
         self._last_error = ""
