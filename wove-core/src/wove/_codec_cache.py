@@ -20,6 +20,7 @@ Values made only of builtin scalars and containers are pickled with the C pickle
 from __future__ import annotations
 
 import base64
+import binascii
 import dis
 import importlib
 import pickle
@@ -33,6 +34,10 @@ from . import dispatch
 __all__ = ["CallableCache", "DecodedCallables", "fast_b64", "fast_pickle"]
 
 _SCALARS = (int, float, str, bytes, bool, type(None), complex)
+#: the types a flat argument dict may hold for the one-pass check of :func:`fast_b64`
+_FLAT = frozenset({int, float, str, bool, type(None)})
+#: flat dicts up to this many keys take that check (larger ones the bounded walk)
+_FLAT_KEYS = 16
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 _MISSING = object()
 # Opcodes are numbered differently in each Python version (3.13 renumbered them all):
@@ -277,12 +282,19 @@ def fast_b64(value: Any) -> str | None:
     byte-identical to cloudpickle for them), or None for anything else."""
     if value is None:
         return _NONE_B64
-    if type(value) is dict and not value:
-        return _EMPTY_DICT_B64
+    if type(value) is dict:
+        if not value:
+            return _EMPTY_DICT_B64
+        if len(value) <= _FLAT_KEYS:  # the usual arguments: str keys, scalar values
+            for key, item in value.items():
+                if type(key) is not str or type(item) not in _FLAT:
+                    break
+            else:
+                return binascii.b2a_base64(pickle.dumps(value, protocol=5), newline=False).decode("ascii")
     try:
         if not _simple(value, [_NODE_BUDGET, 0]):
             return None
-        return base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")
+        return binascii.b2a_base64(pickle.dumps(value, protocol=5), newline=False).decode("ascii")
     except RecursionError:  # nested deeper than the stack: the regular path reports it
         return None
 
