@@ -160,3 +160,44 @@ def test_encoded_frames_are_the_json_of_the_packed_frame() -> None:
                   {"type": "task_started", "run_id": "t:1", "task_id": "t"}):
         encoded = encode_frame(frame)
         assert json.loads(encoded) == json.loads(json.dumps(pack_frame(frame)))
+
+
+delivery_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([1.0, 0.5, 2.5e-3]),
+                            st.text(max_size=8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=12), st.text(max_size=12),
+       st.dictionaries(st.sampled_from(["delivery_cancel_mode", "delivery_orphan_policy", "delivery_timeout",
+                                        "delivery_capture_output", "delivery_idempotency_key"]),
+                       delivery_values, max_size=5))
+def test_a_run_task_encodes_exactly_as_the_general_json_of_its_packed_frame(
+        run_id: str, task_id: str, delivery: dict[str, Any]) -> None:
+    # the usual run_task has its own encoder; its bytes must be the general encoder's,
+    # a second time too (the delivery's JSON is remembered), and True, 1 and 1.0 each
+    # keep their own JSON
+    for value in (True, 1, 1.0):
+        frame = run_frame(run_id=run_id, task_id=task_id, delivery={**delivery, "delivery_heartbeat_seconds": value})
+        general = json.dumps(pack_frame(frame), separators=(",", ":"), ensure_ascii=False).encode()
+        assert encode_frame(frame) == general
+        assert encode_frame(frame) == general
+        assert decode_command(encode_frame(frame))["delivery"] == frame["delivery"]
+
+
+def test_a_run_task_of_another_shape_takes_the_general_encoder() -> None:
+    odd = [run_frame(traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01"),  # a seventh field
+           run_frame(delivery={"delivery_timeout": [1, 2]}),  # an unhashable value
+           run_frame(delivery={"delivery_timeout": 3 + 4j}),  # not JSON: the general encoder says so
+           {"run_id": "t:1", "type": "run_task", "task_id": "t", "callable": len, "args": {}, "delivery": {}}]
+    for frame in odd[:2] + odd[3:]:
+        assert json.loads(encode_frame(frame)) == json.loads(json.dumps(pack_frame(frame)))
+    with pytest.raises(TypeError, match="complex is not JSON serializable"):
+        encode_frame(odd[2])
+
+
+def test_a_result_that_is_not_base64_becomes_a_task_error() -> None:
+    raw = {"type": "task_result", "run_id": "t:1", "task_id": "t", "result_pickle": "not base64!"}
+    [event] = decode_events(json.dumps(raw))
+    assert event["type"] == "task_error" and "not valid base64" in event["error"]["message"]
+    [event] = decode_events(json.dumps({**raw, "result_pickle": b64pickle({"x": [1]})}))
+    assert event == {"type": "task_result", "run_id": "t:1", "task_id": "t", "result": {"x": [1]}}

@@ -288,21 +288,33 @@ def pack_frame(frame: dict[str, Any]) -> dict[str, Any]:
     return wire
 
 
+#: the fields that carry Python values (pickled on the wire), in their wire order
+_VALUE_FIELDS = ("callable", "args", "result", "item")
+
+
+def _pickled_text(field: str, value: Any, frame: dict[str, Any]) -> str:
+    """The base64 pickle of a frame's ``callable``, ``args``, ``result`` or ``item``.
+
+    Raises:
+        DispatchError: ``value`` cannot be pickled (the message names the task).
+    """
+    text = _CALLABLES.encode(value) if field == "callable" else fast_b64(value)
+    if text is None:
+        try:
+            text = dispatch.dumps_b64(value, what=field)
+        except DispatchError as exc:
+            task = frame.get("task_id") or frame.get("run_id") or "?"
+            raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
+    return text
+
+
 def _pack(frame: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """``pack_frame`` in two parts: the plain fields, and the base64 ``*_pickle`` fields."""
     wire = dict(frame)
     pickles: dict[str, str] = {}
-    task = frame.get("task_id") or frame.get("run_id") or "?"
-    for field in ("callable", "args", "result", "item"):
+    for field in _VALUE_FIELDS:
         if field in wire:
-            value = wire.pop(field)
-            text = _CALLABLES.encode(value) if field == "callable" else fast_b64(value)
-            if text is None:
-                try:
-                    text = dispatch.dumps_b64(value, what=field)
-                except DispatchError as exc:
-                    raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
-            pickles[_PICKLED[field]] = text
+            pickles[_PICKLED[field]] = _pickled_text(field, wire.pop(field), frame)
     if "exception" in wire:
         exception = wire.pop("exception")
         try:
@@ -321,11 +333,49 @@ def _is_json_error(error: Any) -> bool:
     )
 
 
+#: a run_task as the runtime builds it, in its order: :func:`_run_task_json` encodes it
+_RUN_TASK_FIELDS = ("type", "run_id", "task_id", "callable", "args", "delivery")
+#: a JSON string literal, as the header encoder writes one
+_json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+#: the JSON of the delivery settings seen lately (an environment's runs mostly share one)
+_DELIVERY_JSON: dict[tuple[Any, ...], str] = {}
+_DELIVERY_JSON_SIZE = 64
+_DELIVERY_VALUES = frozenset({str, int, float, bool, type(None)})
+
+
+def _run_task_json(frame: dict[str, Any]) -> str | None:
+    """The JSON of a run_task in the runtime's own shape, built without the general
+    encoder (byte-identical to it), or None for any other frame."""
+    if len(frame) != 6 or tuple(frame) != _RUN_TASK_FIELDS or frame["type"] != "run_task":
+        return None
+    run_id, task_id, delivery = frame["run_id"], frame["task_id"], frame["delivery"]
+    if type(run_id) is not str or type(task_id) is not str or type(delivery) is not dict:
+        return None
+    try:  # the types are part of the key: True == 1 == 1.0, but their JSON differs
+        key = (*delivery.items(), *map(type, delivery.values()))
+        settings = _DELIVERY_JSON.get(key)
+    except TypeError:  # an unhashable value: the general encoder takes it
+        return None
+    if settings is None:
+        if not _DELIVERY_VALUES.issuperset(map(type, delivery.values())):
+            return None
+        if len(_DELIVERY_JSON) >= _DELIVERY_JSON_SIZE:
+            _DELIVERY_JSON.clear()
+        settings = _DELIVERY_JSON[key] = _header_json(delivery)
+    func = _pickled_text("callable", frame["callable"], frame)
+    args = _pickled_text("args", frame["args"], frame)
+    return (f'{{"type":"run_task","run_id":{_json_string(run_id)},"task_id":{_json_string(task_id)},'
+            f'"delivery":{settings},"callable_pickle":"{func}","args_pickle":"{args}"}}')
+
+
 def encode_frame(frame: dict[str, Any], *, binary: bool = False) -> bytes:
     """Encode one command or event frame as compact UTF-8 JSON (no trailing newline), or,
     with ``binary``, as one binary frame (:func:`encode_binary_parts`, joined)."""
     if binary:
         return b"".join(encode_binary_parts(frame))
+    command = _run_task_json(frame)
+    if command is not None:
+        return command.encode("utf-8")
     wire, pickles = _pack(frame)
     text = _header_json(wire)
     if pickles and text != "{}":
@@ -343,9 +393,6 @@ def _pickled_slowly(field: str, value: Any, frame: dict[str, Any]) -> tuple[byte
     except DispatchError as exc:
         task = frame.get("task_id") or frame.get("run_id") or "?"
         raise DispatchError(f"Task '{task}': {exc}") from exc.__cause__
-
-
-_VALUE_FIELDS = ("callable", "args", "result", "item")
 
 
 def encode_binary_parts(frame: dict[str, Any]) -> list[bytes | memoryview]:
@@ -709,9 +756,17 @@ def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
 
 
 def _unpack_event(raw: dict[str, Any], run_id: str, task_id: str) -> dict[str, Any]:
-    if not any(field in raw for field in _PICKLED.values()):
+    if _WIRE_FIELDS.isdisjoint(raw):
         event = dict(raw)
     else:
+        if len(raw) == 4 and raw["type"] == "task_result" and type(text := raw.get("result_pickle")) is str:
+            # the usual result (type, run_id, task_id, result_pickle) in one step; what
+            # fails here fails again in unpack_frame, which reports it as for any event
+            try:
+                return {"type": "task_result", "run_id": run_id, "task_id": task_id,
+                        "result": dispatch.loads_b64(text)}
+            except Exception:
+                pass
         try:
             event = unpack_frame(raw)
         except ProtocolError as exc:

@@ -602,6 +602,8 @@ class ExecutorRuntime:
         if (env.inline and delivery.max_in_flight is None and delivery.idempotency_key is None
                 and (env.inline_sync or is_async_callable(task_func)) and not _OBSERVERS):
             return await self._run_inline(env, task_name, task_func, task_args, delivery, run_id)
+        if not env.inline and delivery.max_in_flight is None and not _OBSERVERS:  # _execute's plain case
+            return await self._deliver(env, task_name, task_func, task_args, delivery, run_id)
         return await self._execute(env, task_name, task_func, task_args, delivery, run_id)
 
     async def _execute(
@@ -751,8 +753,12 @@ class ExecutorRuntime:
         pending = env.pending
         recv = env.executor.recv
         loop = asyncio.get_running_loop()
+        settled = 0
         try:
             while True:
+                if settled >= _SLICE:
+                    settled = 0
+                    await asyncio.sleep(0)
                 frame = await recv()
                 frame_type = frame.get("type")
                 if frame_type == "log":
@@ -781,6 +787,7 @@ class ExecutorRuntime:
                     logger.debug("environment=%s run_id=%s task_id=%s: %s",
                                  env.name, run.run_id, run.task_id, frame_type)
                 if frame_type in TERMINAL_EVENTS:
+                    settled += 1
                     if run.ack is not None and not run.ack.done():
                         run.ack.set_result(frame_type)
                     if frame_type == "task_result":
@@ -803,6 +810,12 @@ class ExecutorRuntime:
             for run in list(pending.values()):
                 run.settle(error=lost_error(run, env.name, executor_name, exc))
             raise
+
+
+#: runs an environment's receiver settles before it lets the loop run their callers: a
+#: batch of hundreds resumed in one iteration makes each ``asyncio.Semaphore`` release in
+#: those callers scan past every waiter woken before it (quadratic in the batch)
+_SLICE = 32
 
 
 def _check_max_workers(environment: str, definition: dict[str, Any], executor: EnvironmentExecutor) -> None:
