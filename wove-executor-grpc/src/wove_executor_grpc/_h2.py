@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import struct
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import grpc
@@ -268,12 +269,30 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 # -- streams and the connection -----------------------------------------------------------------
-class _Stream:
-    __slots__ = ("data", "future", "headers", "id", "out", "received", "status", "unprocessed", "window")
+#: what a call's stream is answered with: the response message, or the failure
+Answer = Callable[[bytes | BaseException], None]
 
-    def __init__(self, future: asyncio.Future[bytes], out: memoryview, window: int) -> None:
+
+def _settle(future: asyncio.Future[bytes]) -> Answer:
+    """An :data:`Answer` that ends ``future`` (unless it ended: a cancelled caller)."""
+    def answer(result: bytes | BaseException) -> None:
+        if not future.done():
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+    return answer
+
+
+class _Stream:
+    __slots__ = ("answer", "connection", "data", "done", "headers", "id", "out", "received", "status",
+                 "unprocessed", "window")
+
+    def __init__(self, answer: Answer, out: memoryview, window: int, connection: _Connection) -> None:
         self.id = 0
-        self.future = future
+        self.answer = answer
+        self.done = False  # answered (once), or given up by its caller
+        self.connection = connection
         self.out = out  # DATA still to send
         self.window = window  # the peer's window for this stream
         self.data = bytearray()
@@ -281,6 +300,12 @@ class _Stream:
         self.received = 0  # bytes of DATA received, not yet given back by a WINDOW_UPDATE
         self.status: grpc.StatusCode | None = None
         self.unprocessed = False  # failed before the server processed it (GOAWAY): safe to send again
+
+    def cancel(self) -> None:
+        """Give the call up (RST_STREAM CANCEL when it is open); it is not answered after this."""
+        if not self.done:
+            self.done = True
+            self.connection._reset(self)
 
 
 class _Connection(asyncio.Protocol):
@@ -636,7 +661,7 @@ class _Connection(asyncio.Protocol):
     def _start_waiting(self) -> None:
         while self._waiting and self.settled and len(self._streams) < self._max_streams and not self.draining:
             stream = self._waiting.popleft()
-            if stream.future.done():
+            if stream.done:
                 continue
             block = bytes(stream.data)
             stream.data = bytearray()
@@ -657,12 +682,9 @@ class _Connection(asyncio.Protocol):
             self._start_waiting()
 
     def _finish(self, stream: _Stream, result: bytes | BaseException) -> None:
-        future = stream.future
-        if not future.done():
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        if not stream.done:
+            stream.done = True
+            stream.answer(result)
 
     def _fail_all(self, code: grpc.StatusCode, detail: str) -> None:
         streams = [*self._streams.values(), *self._waiting]
@@ -780,7 +802,7 @@ class NativeUnaryClient:
                     raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
                 headers = block + _timeout_header(remaining)
             future: asyncio.Future[bytes] = loop.create_future()
-            stream = _Stream(future, memoryview(message), 0)
+            stream = _Stream(_settle(future), memoryview(message), 0, connection)
             connection.start(stream, headers)
             timer = None if deadline is None else loop.call_at(deadline, self._expire, connection, stream)
             try:
@@ -793,15 +815,34 @@ class NativeUnaryClient:
                 retried = True
             except asyncio.CancelledError:
                 if not future.done() or future.cancelled():
-                    connection._reset(stream)
+                    stream.cancel()
                 raise
             finally:
                 if timer is not None:
                     timer.cancel()
 
+    def start(self, body: bytes, answer: Answer, *, metadata: tuple[tuple[str, str], ...] | None = None
+              ) -> _Stream | None:
+        """Start a call without a deadline on the open connection; ``answer`` gets its response
+        or its failure (once, from the connection's callbacks: no task, no future). None, and
+        nothing sent, when there is no open connection (or the body is over ``max_send``):
+        ``await client(...)`` then connects (or raises) as usual. A failed stream says
+        whether the server left it unprocessed (``stream.unprocessed``: safe to send again);
+        ``stream.cancel()`` gives the call up."""
+        connection = self._connection
+        if (self._closed or connection is None or connection.closed or connection.draining
+                or (self.max_send is not None and len(body) > self.max_send)):
+            return None
+        block = self._block
+        if metadata:
+            block += b"".join(_literal(k.lower(), v) for k, v in metadata)
+        stream = _Stream(answer, memoryview(_PREFIX.pack(0, len(body)) + body), 0, connection)
+        connection.start(stream, block)
+        return stream
+
     @staticmethod
     def _expire(connection: _Connection, stream: _Stream) -> None:
-        if not stream.future.done():
+        if not stream.done:
             connection._reset(stream)
             connection._finish(stream, rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 

@@ -63,7 +63,7 @@ from wove.transport import DEFAULT_RECONNECT_TIMEOUT, FrameExecutor, InFlight, P
 from .chunking import CHUNK_BYTES, CHUNKED_ABOVE, Parts
 
 if TYPE_CHECKING:
-    from ._h2 import NativeUnaryClient
+    from ._h2 import NativeUnaryClient, _Stream
 
 #: the metadata that tells a worker this client reads binary frames (docs/wire.md)
 _READS_BINARY = ("wove-capabilities", CAPABILITY_BINARY_FRAMES)
@@ -260,7 +260,8 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._ready_timeout = DEFAULT_READY_TIMEOUT
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._security = NetworkExecutorSecurity()
-        self._calls: dict[str, asyncio.Task[None]] = {}
+        #: each run's call: its _deliver task, or a native call answered in a callback
+        self._calls: dict[str, asyncio.Task[None] | _NativeCall] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._ready_waiter: asyncio.Task[bool] | None = None
         #: executor_config.binary_frames
@@ -367,6 +368,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             self._probe = None
         for task in tasks:
             task.cancel()
+        tasks = [task for task in tasks if isinstance(task, asyncio.Future)]  # (a _NativeCall has ended)
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
         self._calls.clear()
@@ -427,7 +429,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             entry = self._track(frame, len(body))
             if self._uses_session():
                 self._session_send(entry.run_id, frame, body)
-            else:
+            elif not self._start_unary(entry, body):
                 self._calls[entry.run_id] = asyncio.get_running_loop().create_task(self._deliver(entry, body))
         elif kind == "stream_credit":  # a streamed run: on the Session that carries it (task_yield announced)
             session = self._session
@@ -784,8 +786,58 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                 self._track(entry.frame)
                 self._session_send(run_id, entry.frame, body)
 
-    async def _deliver(self, entry: InFlight, body: _Body) -> None:
-        """Run one delivery after another until the run ends or is given up."""
+    def _start_unary(self, entry: InFlight, body: _Body) -> bool:
+        """Start the run's Send call on the native client's open connection, answered in its
+        callback (:meth:`_answered`), with no task per run; False (nothing sent) where
+        :meth:`_deliver` must carry it: no native client or no open connection yet, a
+        deadline, a streamed call, a binary body the worker does not read."""
+        native = self._native
+        if (native is None or self._timeout is not None or type(body) is not bytes
+                or self._wants_stream(entry.frame) or (is_binary(body) and not self._peer_binary())):
+            return False
+        call = _NativeCall(self, entry, body)
+        stream = native.start(body, call.answered, metadata=self._call_metadata(self._method, body))
+        if stream is None:
+            return False
+        call.stream = stream
+        self._calls[entry.run_id] = call
+        return True
+
+    def _answered(self, call: _NativeCall, result: bytes | BaseException) -> None:
+        """A native Send call ended: its events go to the runtime; a failure (to retry, or
+        to report by the re-delivery policy) continues in :meth:`_deliver`, as it would
+        have there."""
+        run_id = call.entry.run_id
+        if self._calls.get(run_id) is call:
+            del self._calls[run_id]
+        if self._events is None:  # stopped
+            return
+        if isinstance(result, BaseException):
+            # a call the server did not process goes again at once (grpc's transparent retry)
+            failure = None if call.stream is not None and call.stream.unprocessed else result
+            self._calls[run_id] = asyncio.get_running_loop().create_task(self._deliver(call.entry, call.body, failure))
+            return
+        try:
+            self._emit_all(result)
+            if run_id in self._inflight:
+                raise _BadResponse("the response ended without a terminal event for the run")
+        except (_BadResponse, ProtocolError) as exc:
+            self._malformed(run_id, self._method, exc)
+        except Exception as exc:  # never lose a run silently
+            self._failed(run_id, exc)
+
+    def _malformed(self, run_id: str, method: str, exc: Exception) -> None:
+        self._lost(run_id, f"gRPC call {method} to {self._target} returned a malformed response: {exc}",
+                   exc, redeliverable=False)
+
+    def _failed(self, run_id: str, exc: Exception) -> None:
+        logger.exception("environment=%s: delivery of %s failed", self._environment, run_id)
+        self._lost(run_id, f"gRPC delivery to {self._target} failed: {type(exc).__name__}: {exc}", exc,
+                   redeliverable=False)
+
+    async def _deliver(self, entry: InFlight, body: _Body, failure: BaseException | None = None) -> None:
+        """Run one delivery after another until the run ends or is given up; ``failure``:
+        how the first delivery (a native call, :meth:`_start_unary`) ended."""
         grpc = self._grpc
         run_id = entry.run_id
         if isinstance(body, Parts):  # meant for a Session that reads chunks: one message per call
@@ -801,6 +853,9 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                         return
                     body = fresh
                 try:
+                    if failure is not None:  # the first delivery's failure, handled as this one's
+                        error, failure = failure, None
+                        raise error
                     if stream:
                         call = self._stream(body, metadata=self._call_metadata(method, body), timeout=self._timeout)
                         async for message in call:
@@ -831,15 +886,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                     await asyncio.sleep(self._redelivery_delay(run_id))  # the shared back-off (wove.transport)
                     self._track(entry.frame)
                 except (_BadResponse, ProtocolError) as exc:
-                    self._lost(run_id, f"gRPC call {method} to {self._target} returned a malformed response: {exc}",
-                               exc, redeliverable=False)
+                    self._malformed(run_id, method, exc)
                     return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never lose a run silently
-            logger.exception("environment=%s: delivery of %s failed", self._environment, run_id)
-            self._lost(run_id, f"gRPC delivery to {self._target} failed: {type(exc).__name__}: {exc}", exc,
-                       redeliverable=False)
+            self._failed(run_id, exc)
         finally:
             if self._calls.get(run_id) is asyncio.current_task():
                 del self._calls[run_id]
@@ -899,6 +951,26 @@ class GrpcEnvironmentExecutor(FrameExecutor):
             "cancelled, but the worker did not confirm and may still run it.",
             failure, retryable=False,
         ))
+
+
+class _NativeCall:
+    """A run's Send call on the native client, answered in the connection's callback."""
+
+    __slots__ = ("body", "entry", "executor", "stream")
+
+    def __init__(self, executor: GrpcEnvironmentExecutor, entry: InFlight, body: bytes) -> None:
+        self.executor = executor
+        self.entry = entry
+        self.body = body
+        self.stream: _Stream | None = None
+
+    def answered(self, result: bytes | BaseException) -> None:
+        self.executor._answered(self, result)
+
+    def cancel(self) -> None:
+        """Give the call up (it is not answered after this)."""
+        if self.stream is not None:
+            self.stream.cancel()
 
 
 class _ErrorRule(NamedTuple):

@@ -252,14 +252,20 @@ def is_transport_error(outcome: Any, target: str, code: str) -> bool:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("warm", [False, True], ids=["connecting", "open-connection"])
 @pytest.mark.parametrize("client", CLIENTS)
-async def test_the_worker_is_killed_with_calls_in_flight(worker_factory: Any, client: str, tmp_path: Path) -> None:
+async def test_the_worker_is_killed_with_calls_in_flight(worker_factory: Any, client: str, tmp_path: Path,
+                                                         warm: bool) -> None:
     """SIGKILL with runs in flight (docs/runtime.md, Re-delivery): ``requeue`` runs are delivered
     again to the worker restarted on the same port; ``cancel``, ``fail`` and ``detach`` runs
-    end at once with a transport error (UNAVAILABLE); later calls work."""
+    end at once with a transport error (UNAVAILABLE); later calls work. Runs sent while the
+    connection is being made wait in their own delivery; on an open connection (``warm``) the
+    native client answers them in its callbacks, and a failure goes on to the re-delivery."""
     release, never = str(tmp_path / "release"), str(tmp_path / "never")
     worker = worker_factory()
     async with runtime(worker.target, client, reconnect_timeout=30) as rt:
+        if warm:
+            assert await asyncio.wait_for(rt.call_with("w", echo, ("warm",)), 20) == "warm"
         requeue = [asyncio.ensure_future(rt.call_with("w", hold, (release, i), delivery_orphan_policy="requeue"))
                    for i in range(8)]
         others = [asyncio.ensure_future(rt.call_with("w", hold, (never, -1), delivery_orphan_policy=policy))
@@ -397,3 +403,22 @@ async def test_many_results_larger_than_the_windows(server: GrpcWorkerServer, cl
     async with runtime(server.target, client) as rt:
         results = await asyncio.wait_for(asyncio.gather(*(rt.call_with("w", echo, (v,)) for v in values)), 100)
     assert results == values
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_calls_on_an_open_connection(server: GrpcWorkerServer, client: str, tmp_path: Path) -> None:
+    """Once the connection is open, the native client answers each call in its callbacks (no
+    task per call): results, the worker's errors and a cancelled run read as on the first
+    call, and the connection stays usable."""
+    async with runtime(server.target, client, max_deliveries=1) as rt:
+        assert await asyncio.wait_for(rt.call_with("w", echo, (0,)), 20) == 0
+        results = await asyncio.wait_for(asyncio.gather(*(rt.call_with("w", echo, (i,)) for i in range(500))), 30)
+        assert results == list(range(500))
+        with pytest.raises(ValueError, match="from the worker"):
+            await asyncio.wait_for(rt.call_with("w", fail, ("from the worker",)), 20)
+        held = asyncio.ensure_future(rt.call_with("w", hold, (str(tmp_path / "never"), 1)))
+        assert await asyncio.wait_for(rt.call_with("w", echo, ("after",)), 20) == "after"  # held reached it
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert await asyncio.wait_for(rt.call_with("w", echo, ("still",)), 20) == "still"
