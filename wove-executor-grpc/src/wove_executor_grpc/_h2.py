@@ -284,6 +284,10 @@ def _settle(future: asyncio.Future[bytes]) -> Answer:
     return answer
 
 
+def _unanswered(result: bytes | BaseException) -> None:
+    """A stream's answer once it has been answered or given up."""
+
+
 class _Stream:
     __slots__ = ("answer", "connection", "data", "done", "headers", "id", "out", "received", "status",
                  "unprocessed", "window")
@@ -305,6 +309,7 @@ class _Stream:
         """Give the call up (RST_STREAM CANCEL when it is open); it is not answered after this."""
         if not self.done:
             self.done = True
+            self.answer = _unanswered  # no cycle keeps a large call alive
             self.connection._reset(self)
 
 
@@ -684,7 +689,8 @@ class _Connection(asyncio.Protocol):
     def _finish(self, stream: _Stream, result: bytes | BaseException) -> None:
         if not stream.done:
             stream.done = True
-            stream.answer(result)
+            answer, stream.answer = stream.answer, _unanswered  # no cycle keeps a large call alive
+            answer(result)
 
     def _fail_all(self, code: grpc.StatusCode, detail: str) -> None:
         streams = [*self._streams.values(), *self._waiting]
