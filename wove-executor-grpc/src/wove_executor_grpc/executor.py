@@ -810,7 +810,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         run_id = call.entry.run_id
         if self._calls.get(run_id) is call:
             del self._calls[run_id]
-        if self._events is None:  # stopped
+        if self._channel is None:  # stopped (its calls were given up: none is answered after)
             return
         if isinstance(result, BaseException):
             # a call the server did not process goes again at once (grpc's transparent retry)
