@@ -10,29 +10,36 @@ import numpy as np
 import pytest
 
 from wove.framing import BULKY_BYTES, FrameSplitter, worth_binary
-from wove.protocol import decode_events, encode_event
+from wove.protocol import SplitFrame, decode_events, encode_event
 from wove.testing import tasks
 
 
-def split(stream: bytes, size: int) -> tuple[list[bytes | bytearray], list[str]]:
-    frames: list[bytes | bytearray] = []
+def split(stream: bytes, size: int, *, by_segment: bool = False
+          ) -> tuple[list[bytes | bytearray | SplitFrame], list[str]]:
+    frames: list[bytes | bytearray | SplitFrame] = []
     problems: list[str] = []
-    splitter = FrameSplitter(frames.append, problems.append)
+    splitter = FrameSplitter(frames.append, problems.append, by_segment=by_segment)
     for offset in range(0, len(stream), size):
         splitter.feed(stream[offset:offset + size])
     splitter.close()
     return frames, problems
 
 
+@pytest.mark.parametrize("by_segment", [False, True], ids=["whole", "by-segment"])
 @pytest.mark.parametrize("size", [1, 7, 4096, 1 << 20])
-def test_the_splitter_reads_lines_and_frames_in_any_mix(size: int) -> None:
+def test_the_splitter_reads_lines_and_frames_in_any_mix(size: int, by_segment: bool) -> None:
     big = {"type": "task_result", "run_id": "r:1", "task_id": "r", "result": b"\n" * 40_000}
     started = {"type": "task_started", "run_id": "r:1", "task_id": "r"}
     stream = (encode_event(started) + b"\n" + encode_event(big, binary=True) + b"\n"
               + encode_event(started, binary=True) + encode_event(big) + b"\n" + encode_event(started))
-    frames, problems = split(stream, size)
+    frames, problems = split(stream, size, by_segment=by_segment)
     assert not problems
-    events = [event for frame in frames if frame.strip() for event in decode_events(frame)]
+    # by segment, a binary frame that spans reads whose first read holds its header comes
+    # as a SplitFrame (reads of 4096 bytes); a frame within one read, or one whose header
+    # came in pieces (reads of 1 or 7 bytes), as bytes
+    assert any(isinstance(frame, SplitFrame) for frame in frames) == (by_segment and size == 4096)
+    events = [event for frame in frames if isinstance(frame, SplitFrame) or frame.strip()
+              for event in decode_events(frame)]
     assert [event["type"] for event in events] == ["task_started", "task_result", "task_started", "task_result",
                                                    "task_started"]
     assert events[1]["result"] == events[3]["result"] == big["result"]

@@ -81,9 +81,10 @@ def _pickling_error(value: Any, what: str, exc: Exception) -> DispatchError:
     )
 
 
-def loads(data: bytes | memoryview, buffers: list[memoryview] | None = None) -> Any:
+def loads(data: bytes | memoryview, buffers: list[memoryview] | list[bytes] | None = None) -> Any:
     """Unpickle bytes produced by :func:`dumps`, or by :func:`dumps_out_of_band` with the
-    out-of-band ``buffers`` it returned (in order; they arrive as views of the frame)."""
+    out-of-band ``buffers`` it returned (in order; they arrive as views of the frame, or as
+    ``bytes`` of their own, which a ``bytes`` value then is, without a copy)."""
     if buffers:
         return _OutOfBandUnpickler(data, buffers).load()
     return require_dispatch(_REASON).loads(data)
@@ -143,7 +144,7 @@ class _Buffers:
 class _OutOfBandUnpickler(pickle.Unpickler):
     """Resolves the persistent ids of :class:`_Buffers` against the received buffers."""
 
-    def __init__(self, data: bytes | memoryview, buffers: list[memoryview]) -> None:
+    def __init__(self, data: bytes | memoryview, buffers: list[memoryview] | list[bytes]) -> None:
         super().__init__(io.BytesIO(data))
         self._buffers = buffers
 
@@ -152,7 +153,7 @@ class _OutOfBandUnpickler(pickle.Unpickler):
             kind, index = pid[0], pid[1]
             buffer = self._buffers[index]
             if kind == "b":
-                return bytes(buffer)
+                return bytes(buffer)  # a buffer that is bytes already is the value itself
             if kind == "a":
                 return bytearray(buffer)
             if kind == "p":

@@ -19,12 +19,20 @@ Sans-I/O helpers for the transports (docs/wire.md, "Binary frames"):
 
 from __future__ import annotations
 
+import io
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import ProtocolError
-from .protocol import BINARY_MAGIC, BINARY_PREFIX_BYTES, binary_frame_size
+from .protocol import (
+    BINARY_MAGIC,
+    BINARY_PREFIX_BYTES,
+    SplitFrame,
+    binary_frame_size,
+    chunked_layout,
+    split_frame,
+)
 
 __all__ = ["BINARY_START", "BULKY_BYTES", "ChunkAssembler", "FrameSplitter", "bulky", "capability_names",
            "chunks", "worth_binary"]
@@ -38,22 +46,76 @@ BULKY_BYTES = 4096
 _ITEM_BUDGET = 256
 
 
+class _Segments:
+    """A binary frame being received, kept as one ``bytes`` per segment (each pickle and
+    out-of-band buffer): it becomes a :class:`~wove.protocol.SplitFrame`, whose large
+    ``bytes`` values unpickle without a copy."""
+
+    __slots__ = ("_fields", "_head", "_header", "_lengths", "_piece", "_pieces", "size")
+
+    def __init__(self, head: bytes, header: dict[str, Any], fields: list[tuple[str, list[int]]], size: int) -> None:
+        self._head, self._header, self._fields, self.size = head, header, fields, size
+        self._lengths = [length for _, lengths in fields for length in lengths]
+        self._pieces: list[bytes] = []
+        self._piece = io.BytesIO()
+
+    @classmethod
+    def start(cls, first: memoryview, size: int) -> tuple[_Segments, int] | None:
+        """For the first bytes of a frame of ``size`` bytes: the frame's segments and how
+        many bytes of ``first`` (at most the frame) they took; None when ``first`` does not
+        hold the whole header, or it is not valid (then assemble the frame whole: the
+        parser says what is wrong)."""
+        layout = chunked_layout(first)
+        if layout is None:
+            return None
+        header, fields, start = layout
+        segments = cls(bytes(first[:start]), header, fields, size)
+        taken = min(len(first), size)
+        segments.write(first[start:taken])
+        return segments, taken
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data`` (the caller keeps within the frame's size); each segment done
+        becomes its ``bytes``."""
+        lengths, pieces = self._lengths, self._pieces
+        while True:
+            while len(pieces) < len(lengths) and self._piece.tell() == lengths[len(pieces)]:
+                pieces.append(self._piece.getvalue())  # the buffer itself, not a copy
+                self._piece = io.BytesIO()
+            if not data:
+                return
+            take = lengths[len(pieces)] - self._piece.tell()
+            self._piece.write(data[:take])
+            data = data[take:]
+
+    def frame(self) -> SplitFrame:
+        """The whole frame (every byte arrived)."""
+        self.write(memoryview(b""))  # segments of no bytes at the end
+        return split_frame(self._head, self._header, self._fields, self._pieces, self.size)
+
+
 class FrameSplitter:
     """Splits bytes as they arrive from a pipe into frames, JSON lines and binary frames
     mixed (for a protocol's ``data_received``; no reader task).
 
     Args:
         on_frame: called with each complete frame: a JSON line (bytes without ``\\n``)
-            or a binary frame (a bytearray of exactly its size).
+            or a binary frame (a bytearray of exactly its size, or see ``by_segment``).
         on_error: called with a description when bytes start like a binary frame but
             are not one; they are dropped up to the next newline.
+        by_segment: a binary frame that spans several reads goes to ``on_frame`` as a
+            :class:`~wove.protocol.SplitFrame` (one ``bytes`` per pickle and out-of-band
+            buffer, so a large ``bytes`` value unpickles without a copy) instead of a
+            bytearray.
     """
 
-    def __init__(self, on_frame: Callable[[bytes | bytearray], None], on_error: Callable[[str], None]) -> None:
+    def __init__(self, on_frame: Callable[[bytes | bytearray | SplitFrame], None],
+                 on_error: Callable[[str], None], *, by_segment: bool = False) -> None:
         self._on_frame = on_frame
+        self._by_segment = by_segment
         self._on_error = on_error
         self._line = bytearray()  # the start of a JSON line (or of a binary prefix)
-        self._binary: bytearray | None = None  # the binary frame being filled
+        self._binary: bytearray | _Segments | None = None  # the binary frame being filled
         self._filled = 0
         self._skip_line = False  # dropping bytes up to the next newline
 
@@ -107,6 +169,10 @@ class FrameSplitter:
         if position + size <= len(view):
             self._on_frame(bytearray(view[position:position + size]))
             return position + size
+        started = _Segments.start(view[position:], size) if self._by_segment else None
+        if started is not None:
+            self._binary, self._filled = started
+            return position + self._filled
         self._binary = bytearray(size)
         self._filled = 0
         return self._fill(view, position)
@@ -136,26 +202,31 @@ class FrameSplitter:
         return self._complete(position)
 
     def _fill(self, view: memoryview, position: int) -> int:
-        assert self._binary is not None
-        taken = view[position:position + len(self._binary) - self._filled]
-        self._binary[self._filled:self._filled + len(taken)] = taken
+        frame = self._binary
+        assert frame is not None
+        size = frame.size if isinstance(frame, _Segments) else len(frame)
+        taken = view[position:position + size - self._filled]
+        if isinstance(frame, _Segments):
+            frame.write(taken)
+        else:
+            frame[self._filled:self._filled + len(taken)] = taken
         self._filled += len(taken)
         return self._complete(position + len(taken))
 
     def _complete(self, position: int) -> int:
         frame = self._binary
-        if frame is not None and self._filled == len(frame):
+        if frame is not None and self._filled == (frame.size if isinstance(frame, _Segments) else len(frame)):
             self._binary = None
             self._filled = 0
-            self._on_frame(frame)
+            self._on_frame(frame.frame() if isinstance(frame, _Segments) else frame)
         return position
 
     def close(self) -> None:
         """The stream ended: a last line without its newline is a frame; an unfinished
         binary frame is reported to ``on_error`` and dropped."""
         if self._binary is not None:
-            self._on_error(f"the stream ended inside a binary frame: {self._filled} of its "
-                           f"{len(self._binary)} bytes arrived")
+            size = self._binary.size if isinstance(self._binary, _Segments) else len(self._binary)
+            self._on_error(f"the stream ended inside a binary frame: {self._filled} of its {size} bytes arrived")
             self._binary = None
         elif self._line[:1] == BINARY_START:
             self._on_error(f"the stream ended inside a binary frame's prefix ({len(self._line)} bytes arrived)")
@@ -295,22 +366,34 @@ def chunks(parts: Iterable[bytes | bytearray | memoryview], size: int) -> Iterat
 class ChunkAssembler:
     """Turns the messages of a ``binary_chunks`` peer back into whole messages: a message
     that starts a binary frame larger than itself begins a chunked frame, and the messages
-    after it fill one buffer of the size the frame's prefix declares (nothing may come
-    between them); every other message passes unchanged.
+    after it complete it (nothing may come between them); every other message passes
+    unchanged.
+
+    A chunked frame fills one buffer of the size its prefix declares; with ``by_segment``
+    it is kept as one ``bytes`` per segment instead, each pickle and each out-of-band
+    buffer (:class:`wove.protocol.SplitFrame`), so a large ``bytes`` value is its own
+    buffer and unpickles without a copy (a frame whose first chunk does not hold its whole
+    header, or whose header is not valid, still fills one buffer, and the parser reports
+    what is wrong with it).
 
     Args:
-        check: called with the declared size of a chunked frame before its buffer is
-            allocated; it raises to refuse the frame (a size limit).
+        check: called with the declared size of a chunked frame before anything is
+            allocated for it; it raises to refuse the frame (a size limit).
         drop_refused: what a refusal does. False (the default): ``feed`` raises at once.
             True: the refused frame's remaining chunks are read and dropped and ``feed``
             raises with its last chunk (for a transport whose call should end only once
             the sender is done writing, such as a gRPC stream).
+        by_segment: keep a chunked frame by segment (above).
     """
 
-    def __init__(self, check: Callable[[int], None] | None = None, *, drop_refused: bool = False) -> None:
+    def __init__(self, check: Callable[[int], None] | None = None, *, drop_refused: bool = False,
+                 by_segment: bool = False) -> None:
         self._check = check
         self._drop_refused = drop_refused
+        self._by_segment = by_segment
         self._frame: bytearray | None = None
+        self._segments: _Segments | None = None  # or the frame kept by segment
+        self._total = 0  # the size of the frame being assembled
         self._filled = 0
         self._skipping = 0  # bytes of a refused frame still to drop
         self._refusal: BaseException | None = None
@@ -320,11 +403,12 @@ class ChunkAssembler:
         """Bytes of an unfinished chunked frame held (or being dropped)."""
         if self._refusal is not None:
             return 1
-        return self._filled if self._frame is not None else 0
+        return self._filled if self._frame is not None or self._segments is not None else 0
 
-    def feed(self, message: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview | None:
+    def feed(self, message: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview | SplitFrame | None:
         """The data to decode: ``message`` itself, the chunked frame its last chunk
-        completed (a bytearray), or None while a chunked frame is unfinished.
+        completed (a bytearray, or with ``by_segment`` a :class:`~wove.protocol.SplitFrame`),
+        or None while a chunked frame is unfinished.
 
         Raises:
             ProtocolError: a chunk runs past the end of its frame, or a bad prefix.
@@ -336,20 +420,21 @@ class ChunkAssembler:
                 return None
             refusal, self._refusal = self._refusal, None
             raise refusal
-        frame = self._frame
-        if frame is not None:
+        if self._frame is not None or self._segments is not None:
             end = self._filled + len(message)
-            if end > len(frame):
-                left = len(frame) - self._filled
-                self._frame, self._filled = None, 0
+            if end > self._total:
+                left = self._total - self._filled
+                self._reset()
                 raise ProtocolError(f"A chunk of {len(message)} bytes runs past the end of its binary frame "
                                     f"({left} bytes were left)")
-            frame[self._filled:end] = message
+            if self._frame is not None:
+                self._frame[self._filled:end] = message
+            elif self._segments is not None:
+                self._segments.write(memoryview(message))
             self._filled = end
-            if end < len(frame):
+            if end < self._total:
                 return None
-            self._frame, self._filled = None, 0
-            return frame
+            return self._finish()
         if len(message) < BINARY_PREFIX_BYTES or message[:len(BINARY_MAGIC)] != BINARY_MAGIC:
             return message
         total = binary_frame_size(memoryview(message)[:BINARY_PREFIX_BYTES])
@@ -363,7 +448,22 @@ class ChunkAssembler:
                     raise
                 self._refusal, self._skipping = exc, total - len(message)
                 return None
+        self._total, self._filled = total, len(message)
+        started = _Segments.start(memoryview(message), total) if self._by_segment else None
+        if started is not None:
+            self._segments = started[0]
+            return None
         frame = self._frame = bytearray(total)
         frame[:len(message)] = message
-        self._filled = len(message)
         return None
+
+    def _finish(self) -> bytearray | SplitFrame:
+        frame, segments = self._frame, self._segments
+        self._reset()
+        if segments is not None:
+            return segments.frame()
+        assert frame is not None
+        return frame
+
+    def _reset(self) -> None:
+        self._frame, self._segments, self._filled, self._total = None, None, 0, 0

@@ -42,7 +42,9 @@ __all__ = [
     "EventFrame",
     "RunTaskFrame",
     "ShutdownFrame",
+    "SplitFrame",
     "binary_frame_size",
+    "chunked_layout",
     "decode_command",
     "decode_events",
     "encode_binary_parts",
@@ -56,6 +58,7 @@ __all__ = [
     "pack_frame",
     "parse_frames",
     "parse_json",
+    "split_frame",
     "transport_error_event",
     "unpack_frame",
 ]
@@ -453,10 +456,12 @@ def encode_binary_parts(frame: dict[str, Any]) -> list[bytes | memoryview]:
 
 
 def is_binary(data: Any) -> bool:
-    """True when ``data`` (bytes) starts with a binary frame rather than JSON."""
+    """True when ``data`` (bytes, or a :class:`SplitFrame`) starts with a binary frame rather than JSON."""
     kind = type(data)
     if kind is bytes or kind is bytearray:
         return data.startswith(BINARY_MAGIC)  # type: ignore[no-any-return]
+    if kind is SplitFrame:  # a binary frame that arrived in chunks
+        return True
     return isinstance(data, (bytes, bytearray, memoryview)) and data[:4] == BINARY_MAGIC
 
 
@@ -487,11 +492,12 @@ _NO_BUFFERS: list[memoryview] = []  # shared, never changed
 
 
 class _Segment:
-    """A pickled field of a binary frame: views of its pickle and out-of-band buffers."""
+    """A pickled field of a binary frame: views of its pickle and out-of-band buffers
+    (or, of a :class:`SplitFrame`, the buffers as ``bytes`` of their own)."""
 
     __slots__ = ("buffers", "data")
 
-    def __init__(self, data: memoryview, buffers: list[memoryview]) -> None:
+    def __init__(self, data: memoryview, buffers: list[memoryview] | list[bytes]) -> None:
         self.data = data
         self.buffers = buffers
 
@@ -544,14 +550,95 @@ def _binary_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int]:
     return header, offset + size
 
 
-def parse_frames(data: bytes | bytearray | memoryview | str) -> Any:
+class SplitFrame:
+    """A binary frame that arrived in chunks, kept as one ``bytes`` per segment (each
+    pickle and each out-of-band buffer) instead of one buffer for the whole frame
+    (:class:`wove.framing.ChunkAssembler` builds it with :func:`chunked_layout` and
+    :func:`split_frame`). A large ``bytes`` value is then its own buffer, and unpickling
+    takes it as it is: no copy, so a 100 MiB result costs 100 MiB on arrival, not 200.
+    :func:`decode_events` and :func:`decode_command` take it like bytes; ``len()`` is the
+    frame's size, and ``bytes()`` joins the frame again (a copy, for a reader of raw frames)."""
+
+    __slots__ = ("head", "header", "pieces", "size")
+
+    def __init__(self, head: bytes, header: dict[str, Any], pieces: list[bytes], size: int) -> None:
+        self.head = head  # the prefix and the JSON header, as they arrived
+        self.header = header  # the parsed header, pickled fields as their segments
+        self.pieces = pieces
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.head + b"".join(self.pieces)
+
+
+#: what the decoders parse (anything else is taken as already-parsed frames)
+_RECEIVED = (bytes, bytearray, memoryview, str, SplitFrame)
+
+
+def chunked_layout(first: bytes | bytearray | memoryview) -> tuple[dict[str, Any], list[tuple[str, list[int]]], int] | None:
+    """The layout of a binary frame from its first chunk ``first``: its header (without
+    the ``pickles`` table), each pickled field's segment lengths in frame order, and where
+    the body starts in ``first``. None when ``first`` does not hold the whole header or the
+    table is not valid: the frame is then assembled whole and the parser says what is wrong.
+
+    Raises:
+        ProtocolError: ``first`` does not start with a binary frame's prefix.
+    """
+    view = memoryview(first)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    size, header_size = _frame_size(view, 0)
+    start = BINARY_PREFIX_BYTES + header_size
+    if len(view) < start:
+        return None
+    try:
+        header = parse_json(view[BINARY_PREFIX_BYTES:start])
+    except ProtocolError:
+        return None
+    if type(header) is not dict:
+        return None
+    table = header.pop("pickles", None)
+    if table is not None and type(table) is not dict:
+        return None
+    fields: list[tuple[str, list[int]]] = []
+    body = 0
+    for wire_field, lengths in (table or {}).items():
+        if (wire_field not in _WIRE_FIELDS or type(lengths) is not list or not lengths
+                or any(type(length) is not int or length < 0 for length in lengths)):
+            return None
+        fields.append((wire_field, lengths))
+        body += sum(lengths)
+    if body != size - start:
+        return None
+    return header, fields, start
+
+
+def split_frame(head: bytes, header: dict[str, Any], fields: list[tuple[str, list[int]]], pieces: list[bytes],
+                size: int) -> SplitFrame:
+    """The :class:`SplitFrame` of a frame that starts with ``head`` (its prefix and header),
+    whose :func:`chunked_layout` was ``header`` and ``fields`` and whose segments arrived as
+    ``pieces`` (one ``bytes`` each, in order)."""
+    index = 0
+    for wire_field, lengths in fields:
+        data, buffers = pieces[index], pieces[index + 1:index + len(lengths)]
+        index += len(lengths)
+        header[wire_field] = _Segment(memoryview(data), buffers or _NO_BUFFERS)
+    return SplitFrame(head, header, pieces, size)
+
+
+def parse_frames(data: bytes | bytearray | memoryview | str | SplitFrame) -> Any:
     """Parse what arrived: JSON (an object or a list, as :func:`parse_json`) or binary
-    frames (one frame as its object, several as a list), whose pickled fields are decoded
-    by :func:`decode_command` / :func:`decode_events`.
+    frames (one frame as its object, several as a list; a :class:`SplitFrame` as its
+    header), whose pickled fields are decoded by :func:`decode_command` / :func:`decode_events`.
 
     Raises:
         ProtocolError: the bytes are neither valid JSON nor valid binary frames.
     """
+    if isinstance(data, SplitFrame):
+        return data.header
     if not is_binary(data):
         return parse_json(data)
     view = memoryview(data)  # type: ignore[arg-type]
@@ -661,7 +748,7 @@ def _require_str(obj: dict[str, Any], key: str, frame_type: str) -> str:
     return value
 
 
-def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
+def decode_command(data: bytes | str | SplitFrame | dict[str, Any]) -> dict[str, Any]:
     """Decode one command frame from the wire (already-verified bytes, or parsed JSON).
 
     Raises:
@@ -669,7 +756,7 @@ def decode_command(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
             ``exc.run_id`` and ``exc.task_id`` are set so a worker can answer with a
             ``task_error`` for that run.
     """
-    obj = parse_frames(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else data
+    obj = parse_frames(data) if isinstance(data, _RECEIVED) else data
     if not isinstance(obj, dict):
         raise ProtocolError(f"A command must be a JSON object, got {type(obj).__name__}")
     frame_type = obj.get("type")
@@ -734,7 +821,7 @@ def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
         ProtocolError: the data is not JSON, not an event shape, or an event lacks its
             ``type``, ``run_id`` or ``task_id``.
     """
-    obj = parse_frames(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else data
+    obj = parse_frames(data) if isinstance(data, _RECEIVED) else data
     events: list[dict[str, Any]] = []
     for raw in _event_list(obj):
         if not isinstance(raw, dict):

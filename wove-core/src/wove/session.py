@@ -66,6 +66,7 @@ from .protocol import (
     CAPABILITY_TASK_YIELD,
     ORPHAN_POLICIES,
     TERMINAL_EVENTS,
+    SplitFrame,
     decode_command,
     encode_event,
     encode_event_parts,
@@ -443,7 +444,7 @@ class WorkerSession:
         self._timing: dict[str, float | None] | None = {} if service.metrics is not None else None
 
     # -- in ------------------------------------------------------------------
-    async def receive(self, data: bytes | bytearray | memoryview | str, *, strict: bool = False,
+    async def receive(self, data: bytes | bytearray | memoryview | str | SplitFrame, *, strict: bool = False,
                       strict_runs: bool = False) -> None:
         """Take one message: a JSON command, a JSON list of commands, or binary frames
         (one or more, each one command; the session then answers in binary frames).
@@ -518,12 +519,16 @@ class WorkerSession:
                 self._metrics.run_accepted()  # type: ignore[union-attr]
         await service.engine.submit(frame, self._sink)
 
-    def _too_large(self, data: bytes | bytearray | memoryview | str) -> None:
+    def _too_large(self, data: bytes | bytearray | memoryview | str | SplitFrame) -> None:
         """Refuse an oversized command without decoding it; the run it names (read from the
         head of the JSON, where the codec writes ``run_id`` and ``task_id``) gets the error."""
         message = self.service._too_large_message(len(data))
-        head = bytes(data[:_HEAD]) if not isinstance(data, str) else data[:_HEAD].encode("utf-8", "replace")
-        run_id, task_id = (_field(head, name) for name in ("run_id", "task_id"))
+        if isinstance(data, SplitFrame):  # (its size was checked before its chunks were kept)
+            run_id, task_id = (value if isinstance(value := data.header.get(name), str) else None
+                               for name in ("run_id", "task_id"))
+        else:
+            head = bytes(data[:_HEAD]) if not isinstance(data, str) else data[:_HEAD].encode("utf-8", "replace")
+            run_id, task_id = (_field(head, name) for name in ("run_id", "task_id"))
         logger.warning("%s worker: refused a command from %s: %s", self.service.name, self.peer, message)
         self.service.record_rejection("too_large")
         if run_id is None:

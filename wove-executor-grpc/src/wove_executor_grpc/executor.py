@@ -726,7 +726,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
     async def _session_reader(self, session: _Session) -> None:
         grpc = self._grpc
         failure: BaseException | None = None
-        reassembler = ChunkAssembler(self._check_received, drop_refused=True)  # a large binary frame may come in chunks
+        reassembler = ChunkAssembler(self._check_received, drop_refused=True, by_segment=True)  # a large binary frame may come in chunks
         try:
             async for message in session.call:
                 session.received = session.confirmed = True

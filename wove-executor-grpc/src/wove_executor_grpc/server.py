@@ -391,7 +391,7 @@ async def _read(session: WorkerSession, requests: AsyncIterator[bytes], check_si
     the conversation is over. A chunked frame over the size limit ends the call
     (``RESOURCE_EXHAUSTED``, as gRPC's own limit ends it for one message)."""
     messages = requests.__aiter__()
-    reassembler = ChunkAssembler(check_size, drop_refused=True)
+    reassembler = ChunkAssembler(check_size, drop_refused=True, by_segment=True)
     try:
         while not session.ended:
             await session.wait_readable()

@@ -72,6 +72,7 @@ from wove.protocol import (
     CAPABILITY_BINARY_FRAMES,
     CAPABILITY_TASK_YIELD,
     TERMINAL_EVENTS,
+    SplitFrame,
     decode_events,
     encode_binary_parts,
     encode_frame,
@@ -488,22 +489,22 @@ class HttpEnvironmentExecutor(FrameExecutor):
                                      if name.lower() == b"content-type"), b"")
                 if b"ndjson" in content_type or b"x-wove-frames" in content_type:
                     # NDJSON lines and binary frames, in any mix, each delivered as it completes
-                    messages: list[bytes | bytearray] = []
+                    messages: list[bytes | bytearray | SplitFrame] = []
                     problems: list[str] = []
-                    splitter = FrameSplitter(messages.append, problems.append)
+                    splitter = FrameSplitter(messages.append, problems.append, by_segment=True)
                     async for chunk in response.chunks():
                         splitter.feed(chunk)
                         if problems:
                             raise _WrongAnswer(problems[0])
                         for message in messages:
-                            if message.strip():
+                            if isinstance(message, SplitFrame) or message.strip():
                                 terminal = self._deliver_events(message, frame) or terminal
                         messages.clear()
                     splitter.close()
                     if problems:
                         raise _WrongAnswer(problems[0])
                     for message in messages:
-                        if message.strip():
+                        if isinstance(message, SplitFrame) or message.strip():
                             terminal = self._deliver_events(message, frame) or terminal
                 else:
                     data = await response.aread()
@@ -531,14 +532,15 @@ class HttpEnvironmentExecutor(FrameExecutor):
         return _Outcome(f"{where} ended the response (HTTP {status}) without a terminal event for run {run_id}; "
                         "the worker may have shut down.", None)
 
-    def _deliver_events(self, data: bytes | bytearray | memoryview, frame: dict[str, Any]) -> bool:
+    def _deliver_events(self, data: bytes | bytearray | memoryview | SplitFrame, frame: dict[str, Any]) -> bool:
         """Decode one message (a JSON body or line, or binary frames) and emit its events;
         True when one was terminal."""
         run_id = frame["run_id"]
         try:
             events = decode_events(data)
         except Exception as exc:
-            raise _WrongAnswer(f"{exc}; received {bytes(data[:120])!r}") from exc
+            preview = data.head if isinstance(data, SplitFrame) else data
+            raise _WrongAnswer(f"{exc}; received {bytes(preview[:120])!r}") from exc
         self._warn_received(events, len(data))
         terminal = False
         for event in events:

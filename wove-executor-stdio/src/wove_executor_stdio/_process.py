@@ -16,6 +16,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from wove.protocol import SplitFrame
+
 from ._lines import FrameReader, FrameSplitter, Oversized, Part, PipeWriter, read_available
 from .worker import FLUSH_BYTES, FrameWriter
 
@@ -41,19 +43,19 @@ class Pipes(asyncio.SubprocessProtocol):
 
     Args:
         on_stdout: called with each frame (a JSON line as bytes, a binary frame as a
-            bytearray).
+            bytearray, or from the subprocess pipe a :class:`~wove.protocol.SplitFrame`).
         on_stderr: called with each stderr line.
         on_bad_stdout: called with a description of stdout bytes that are not a frame.
     """
 
-    def __init__(self, on_stdout: Callable[[bytes | bytearray], None], on_stderr: Callable[[bytes], None],
+    def __init__(self, on_stdout: Callable[[bytes | bytearray | SplitFrame], None], on_stderr: Callable[[bytes], None],
                  on_bad_stdout: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
         self._handlers: dict[int, Callable[[bytes], None]] = {2: on_stderr}
         self._loop = loop
         self._on_stdout = self._guarded(on_stdout)
         self._on_bad_stdout = on_bad_stdout
-        self._frames = FrameSplitter(self._on_stdout, on_bad_stdout)
+        self._frames = FrameSplitter(self._on_stdout, on_bad_stdout, by_segment=True)
         self._reader: FrameReader | None = None
         self._stdout_fd: int | None = None
         #: the worker's stdin when it is a pipe of the executor's own
@@ -65,8 +67,9 @@ class Pipes(asyncio.SubprocessProtocol):
         self.writable.set()
 
     @staticmethod
-    def _guarded(handler: Callable[[bytes | bytearray], None]) -> Callable[[bytes | bytearray], None]:
-        def guarded(frame: bytes | bytearray) -> None:
+    def _guarded(handler: Callable[[bytes | bytearray | SplitFrame], None]
+                 ) -> Callable[[bytes | bytearray | SplitFrame], None]:
+        def guarded(frame: bytes | bytearray | SplitFrame) -> None:
             try:
                 handler(frame)
             except Exception:

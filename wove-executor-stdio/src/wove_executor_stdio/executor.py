@@ -47,6 +47,7 @@ from wove.options import (
 from wove.protocol import (
     CAPABILITY_BINARY_FRAMES,
     TERMINAL_EVENTS,
+    SplitFrame,
     decode_events,
     encode_binary_parts,
     encode_frame,
@@ -516,9 +517,10 @@ class StdioEnvironmentExecutor(FrameExecutor):
         if worker.started:
             await self._worker_died(worker)
 
-    def _handle_frame(self, worker: Worker, data: bytes | bytearray) -> None:
-        """One frame of the worker's stdout: a JSON line, or a binary frame (a bytearray)."""
-        if data[:1] != BINARY_START:
+    def _handle_frame(self, worker: Worker, data: bytes | bytearray | SplitFrame) -> None:
+        """One frame of the worker's stdout: a JSON line, or a binary frame (a bytearray, or
+        a :class:`~wove.protocol.SplitFrame` when it spanned several reads)."""
+        if not isinstance(data, SplitFrame) and data[:1] != BINARY_START:
             data = data.strip()
             if not data:
                 return

@@ -48,6 +48,7 @@ from wove.protocol import (
     CAPABILITY_BINARY_FRAMES,
     CAPABILITY_COMMAND_LISTS,
     TERMINAL_EVENTS,
+    SplitFrame,
     decode_events,
     encode_binary_parts,
     encode_frame,
@@ -567,7 +568,7 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
         connection.binary = self._binary_wanted and CAPABILITY_BINARY_FRAMES in self.capabilities
         connection.lists = CAPABILITY_COMMAND_LISTS in self.capabilities
         connection.chunks = connection.binary and CAPABILITY_BINARY_CHUNKS in self.capabilities
-        connection.assembler = ChunkAssembler(self._check_received)
+        connection.assembler = ChunkAssembler(self._check_received, by_segment=True)
         # messages reach _received as they are parsed (no recv() per message)
         connection.ws.on_message = functools.partial(self._received, connection)
         self._last_error = ""
@@ -604,13 +605,15 @@ class WebSocketEnvironmentExecutor(FrameExecutor):
                 return
             if whole is None:
                 return
-            data = whole
+            received: bytes | bytearray | memoryview | SplitFrame = whole
+        else:
+            received = data
         try:
-            events = decode_events(data)
+            events = decode_events(received)
         except ProtocolError as exc:
             logger.warning("websocket: ignoring a malformed message from %s: %s", self._url, exc)
             return
-        self._warn_received(events, len(data))
+        self._warn_received(events, len(received))
         sent = connection.sent
         emit = self._emit
         for event in events:

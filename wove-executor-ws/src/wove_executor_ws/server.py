@@ -108,7 +108,7 @@ async def _read(session: WorkerSession, ws: Any) -> None:
     while the client does not read its events."""
     recv = ws.recv
     received = 0
-    assembler = ChunkAssembler(session.service.check_size)
+    assembler = ChunkAssembler(session.service.check_size, by_segment=True)
     while not session.ended:
         await session.wait_readable()
         data = await recv(decode=False)
