@@ -88,6 +88,9 @@ class _Segments:
             self._piece.write(data[:take])
             data = data[take:]
 
+    def __len__(self) -> int:
+        return self.size
+
     def frame(self) -> SplitFrame:
         """The whole frame (every byte arrived)."""
         self.write(memoryview(b""))  # segments of no bytes at the end
@@ -204,8 +207,7 @@ class FrameSplitter:
     def _fill(self, view: memoryview, position: int) -> int:
         frame = self._binary
         assert frame is not None
-        size = frame.size if isinstance(frame, _Segments) else len(frame)
-        taken = view[position:position + size - self._filled]
+        taken = view[position:position + len(frame) - self._filled]
         if isinstance(frame, _Segments):
             frame.write(taken)
         else:
@@ -215,7 +217,7 @@ class FrameSplitter:
 
     def _complete(self, position: int) -> int:
         frame = self._binary
-        if frame is not None and self._filled == (frame.size if isinstance(frame, _Segments) else len(frame)):
+        if frame is not None and self._filled == len(frame):
             self._binary = None
             self._filled = 0
             self._on_frame(frame.frame() if isinstance(frame, _Segments) else frame)
@@ -225,8 +227,8 @@ class FrameSplitter:
         """The stream ended: a last line without its newline is a frame; an unfinished
         binary frame is reported to ``on_error`` and dropped."""
         if self._binary is not None:
-            size = self._binary.size if isinstance(self._binary, _Segments) else len(self._binary)
-            self._on_error(f"the stream ended inside a binary frame: {self._filled} of its {size} bytes arrived")
+            self._on_error(f"the stream ended inside a binary frame: {self._filled} of its "
+                           f"{len(self._binary)} bytes arrived")
             self._binary = None
         elif self._line[:1] == BINARY_START:
             self._on_error(f"the stream ended inside a binary frame's prefix ({len(self._line)} bytes arrived)")
@@ -391,9 +393,7 @@ class ChunkAssembler:
         self._check = check
         self._drop_refused = drop_refused
         self._by_segment = by_segment
-        self._frame: bytearray | None = None
-        self._segments: _Segments | None = None  # or the frame kept by segment
-        self._total = 0  # the size of the frame being assembled
+        self._frame: bytearray | _Segments | None = None  # the chunked frame being assembled
         self._filled = 0
         self._skipping = 0  # bytes of a refused frame still to drop
         self._refusal: BaseException | None = None
@@ -403,7 +403,7 @@ class ChunkAssembler:
         """Bytes of an unfinished chunked frame held (or being dropped)."""
         if self._refusal is not None:
             return 1
-        return self._filled if self._frame is not None or self._segments is not None else 0
+        return self._filled if self._frame is not None else 0
 
     def feed(self, message: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview | SplitFrame | None:
         """The data to decode: ``message`` itself, the chunked frame its last chunk
@@ -420,21 +420,23 @@ class ChunkAssembler:
                 return None
             refusal, self._refusal = self._refusal, None
             raise refusal
-        if self._frame is not None or self._segments is not None:
+        frame = self._frame
+        if frame is not None:
             end = self._filled + len(message)
-            if end > self._total:
-                left = self._total - self._filled
-                self._reset()
+            if end > len(frame):
+                left = len(frame) - self._filled
+                self._frame, self._filled = None, 0
                 raise ProtocolError(f"A chunk of {len(message)} bytes runs past the end of its binary frame "
                                     f"({left} bytes were left)")
-            if self._frame is not None:
-                self._frame[self._filled:end] = message
-            elif self._segments is not None:
-                self._segments.write(memoryview(message))
+            if isinstance(frame, _Segments):
+                frame.write(memoryview(message))
+            else:
+                frame[self._filled:end] = message
             self._filled = end
-            if end < self._total:
+            if end < len(frame):
                 return None
-            return self._finish()
+            self._frame, self._filled = None, 0
+            return frame.frame() if isinstance(frame, _Segments) else frame
         if len(message) < BINARY_PREFIX_BYTES or message[:len(BINARY_MAGIC)] != BINARY_MAGIC:
             return message
         total = binary_frame_size(memoryview(message)[:BINARY_PREFIX_BYTES])
@@ -448,22 +450,11 @@ class ChunkAssembler:
                     raise
                 self._refusal, self._skipping = exc, total - len(message)
                 return None
-        self._total, self._filled = total, len(message)
         started = _Segments.start(memoryview(message), total) if self._by_segment else None
         if started is not None:
-            self._segments = started[0]
+            self._frame, self._filled = started
             return None
         frame = self._frame = bytearray(total)
         frame[:len(message)] = message
+        self._filled = len(message)
         return None
-
-    def _finish(self) -> bytearray | SplitFrame:
-        frame, segments = self._frame, self._segments
-        self._reset()
-        if segments is not None:
-            return segments.frame()
-        assert frame is not None
-        return frame
-
-    def _reset(self) -> None:
-        self._frame, self._segments, self._filled, self._total = None, None, 0, 0

@@ -509,29 +509,54 @@ def _bad_lengths(wire_field: Any, lengths: Any) -> ProtocolError:
                          f"got {lengths!r:.80}")
 
 
+def _pickle_table(header: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    """Take the header's ``pickles`` table: each pickled field's segment lengths (the
+    pickle's, then its out-of-band buffers'), in frame order.
+
+    Raises:
+        ProtocolError: the table is not an object of such lists.
+    """
+    table = header.pop("pickles", None)
+    if table is None:
+        return []
+    if type(table) is not dict:
+        raise ProtocolError(f"Binary frame 'pickles' must be an object, got {type(table).__name__}")
+    fields = []
+    for wire_field, lengths in table.items():
+        if (wire_field not in _WIRE_FIELDS or type(lengths) is not list or not lengths
+                or any(type(length) is not int or length < 0 for length in lengths)):
+            raise _bad_lengths(wire_field, lengths)
+        fields.append((wire_field, lengths))
+    return fields
+
+
 def _segments_of(header: dict[str, Any], view: memoryview, start: int, end: int) -> None:
     """Replace the header's ``pickles`` table by :class:`_Segment` values under their
     wire fields (``args_pickle``...), checking the lengths against the body."""
-    table = header.pop("pickles", None)
     position = start
-    if table is not None:
-        if type(table) is not dict:
-            raise ProtocolError(f"Binary frame 'pickles' must be an object, got {type(table).__name__}")
-        for wire_field, lengths in table.items():
-            if wire_field not in _WIRE_FIELDS or type(lengths) is not list or not lengths:
-                raise _bad_lengths(wire_field, lengths)
-            pieces = []
-            for length in lengths:
-                if type(length) is not int or length < 0:
-                    raise _bad_lengths(wire_field, lengths)
-                pieces.append(view[position:position + length])
-                position += length
-            if position > end:
-                break
-            header[wire_field] = _Segment(pieces[0], pieces[1:] if len(pieces) > 1 else _NO_BUFFERS)
+    for wire_field, lengths in _pickle_table(header):
+        pieces = []
+        for length in lengths:
+            pieces.append(view[position:position + length])
+            position += length
+        if position > end:
+            break
+        header[wire_field] = _Segment(pieces[0], pieces[1:] if len(pieces) > 1 else _NO_BUFFERS)
     if position != end:
         raise ProtocolError(f"Binary frame segments add up to {position - start} bytes, "
                             f"but its body is {end - start} bytes")
+
+
+def _header_of(view: memoryview, offset: int, start: int) -> dict[str, Any]:
+    """The JSON header of the frame at ``offset`` (its body starts at ``start``).
+
+    Raises:
+        ProtocolError: not JSON, or not an object.
+    """
+    header = parse_json(view[offset + BINARY_PREFIX_BYTES:start])
+    if type(header) is not dict:
+        raise ProtocolError(f"A binary frame's header must be a JSON object, got {type(header).__name__}")
+    return header
 
 
 def _binary_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int]:
@@ -543,9 +568,7 @@ def _binary_frame(view: memoryview, offset: int) -> tuple[dict[str, Any], int]:
     if size > available:
         raise ProtocolError(f"Binary frame of {size} bytes is truncated: {available} bytes arrived")
     start = offset + BINARY_PREFIX_BYTES + header_size
-    header = parse_json(view[offset + BINARY_PREFIX_BYTES:start])
-    if type(header) is not dict:
-        raise ProtocolError(f"A binary frame's header must be a JSON object, got {type(header).__name__}")
+    header = _header_of(view, offset, start)
     _segments_of(header, view, start, offset + size)
     return header, offset + size
 
@@ -595,23 +618,11 @@ def chunked_layout(first: bytes | bytearray | memoryview) -> tuple[dict[str, Any
     if len(view) < start:
         return None
     try:
-        header = parse_json(view[BINARY_PREFIX_BYTES:start])
+        header = _header_of(view, 0, start)
+        fields = _pickle_table(header)
     except ProtocolError:
         return None
-    if type(header) is not dict:
-        return None
-    table = header.pop("pickles", None)
-    if table is not None and type(table) is not dict:
-        return None
-    fields: list[tuple[str, list[int]]] = []
-    body = 0
-    for wire_field, lengths in (table or {}).items():
-        if (wire_field not in _WIRE_FIELDS or type(lengths) is not list or not lengths
-                or any(type(length) is not int or length < 0 for length in lengths)):
-            return None
-        fields.append((wire_field, lengths))
-        body += sum(lengths)
-    if body != size - start:
+    if sum(sum(lengths) for _, lengths in fields) != size - start:
         return None
     return header, fields, start
 
