@@ -7,8 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 
-from wove.protocol import decode_events, encode_frame
-from wove_executor_stdio import STREAM_LIMIT, FrameReader, Oversized, PipeReader, read_frame
+import pytest
+
+from wove.protocol import SplitFrame, decode_events, encode_frame
+from wove_executor_stdio import (
+    REUSE_BYTES,
+    STREAM_LIMIT,
+    Frame,
+    FrameReader,
+    Oversized,
+    PipeReader,
+    read_frame,
+)
 
 SCRATCH = 64 * 1024  # what a FrameReader reads at once outside binary frames
 
@@ -50,10 +60,10 @@ async def test_read_frame_reads_lines_and_binary_frames_and_skips_oversized_ones
 
 
 def _read_in_chunks(data: bytes, sizes: list[int], *, max_binary_bytes: int | None = None,
-                    ) -> list[bytes | bytearray | Oversized]:
+                    ) -> list[Frame]:
     """Drive a FrameReader as a pipe would: each read fills at most ``sizes[i]`` bytes of
     the buffer it hands out (cycling through ``sizes``)."""
-    frames: list[bytes | bytearray | Oversized] = []
+    frames: list[Frame] = []
     reader = FrameReader(frames.append, max_binary_bytes=max_binary_bytes)
     _drive(reader, data, sizes)
     assert reader.close()
@@ -72,9 +82,10 @@ def _drive(reader: FrameReader, data: bytes, sizes: list[int]) -> None:
         turn += 1
 
 
-def _events(frames: list[bytes | bytearray | Oversized]) -> list[dict[str, object]]:
-    return [event for frame in frames if not isinstance(frame, Oversized) and frame.strip()
-            for event in decode_events(bytes(frame))]
+def _events(frames: list[Frame]) -> list[dict[str, object]]:
+    return [event for frame in frames
+            if isinstance(frame, SplitFrame) or (not isinstance(frame, Oversized) and frame.strip())
+            for event in decode_events(frame if isinstance(frame, SplitFrame) else bytes(frame))]
 
 
 def test_frame_reader_splits_lines_and_binary_frames_at_every_chunk_boundary() -> None:
@@ -84,7 +95,7 @@ def test_frame_reader_splits_lines_and_binary_frames_at_every_chunk_boundary() -
         assert _events(_read_in_chunks(data, [size])) == expected, size
     for cut in range(1, 200):  # every boundary in the head of the stream, then large reads
         assert _events(_read_in_chunks(data, [cut, 1 << 20])) == expected, cut
-    frames: list[bytes | bytearray | Oversized] = []
+    frames: list[Frame] = []
     reader = FrameReader(frames.append)
     for start in range(0, len(data), 333):  # bytes read elsewhere, fed in
         reader.feed(data[start:start + 333])
@@ -107,24 +118,79 @@ def test_frame_reader_skips_oversized_frames_and_passes_malformed_ones_on_as_lin
         assert _events([f for f in frames[:-1] if f != bogus[:-1]]) == expected + expected
 
 
-def test_frame_reader_reads_a_100_mib_frame_into_one_buffer_and_reuses_only_free_buffers() -> None:
+def test_frame_reader_reads_a_100_mib_frame_into_a_buffer_per_segment_that_unpickles_without_a_copy() -> None:
     big = os.urandom(100 << 20)
     event = {"type": "task_result", "run_id": "a:1", "task_id": "a", "result": big}
     frames = _read_in_chunks(encode_frame(event, binary=True) + b'{"type":"log","message":"x"}\n', [1 << 20])
-    assert isinstance(frames[0], bytearray) and decode_events(frames[0])[0]["result"] == big
+    frame = frames[0]
+    assert isinstance(frame, SplitFrame)
+    result = decode_events(frame)[0]["result"]
+    assert result == big and any(result is piece for piece in frame.pieces)  # the buffer read into
     assert frames[1] == b'{"type":"log","message":"x"}'
-    del frames
+    del frames, frame, result
+
+
+LARGE = [os.urandom(REUSE_BYTES // 2), bytearray(os.urandom(REUSE_BYTES // 2 + 1)), {"small": b"s" * 10},
+         memoryview(os.urandom(70_000)), b"t" * 5000]
+
+
+def _large_stream() -> tuple[bytes, list[dict[str, object]]]:
+    """Frames over REUSE_BYTES (several out-of-band buffers, large and short) among small ones."""
+    events: list[dict[str, object]] = [
+        {"type": "task_result", "run_id": "l:1", "task_id": "l", "result": LARGE},
+        {"type": "log", "message": "between"},
+        {"type": "task_result", "run_id": "m:1", "task_id": "m", "result": BIG},
+        {"type": "task_result", "run_id": "n:1", "task_id": "n", "result": LARGE[::-1]},
+    ]
+    data = (encode_frame(events[0], binary=True) + encode_frame(events[1]) + b"\n"
+            + encode_frame(events[2], binary=True) + encode_frame(events[3], binary=True))
+    return data, [{**event, "result": [bytes(v) if isinstance(v, memoryview) else v for v in event["result"]]}
+                  if isinstance(event.get("result"), list) else event for event in events]
+
+
+@pytest.mark.parametrize("sizes", [[1 << 20], [SCRATCH], [SCRATCH - 1, 3, 70_001], [16], [17, 1 << 20],
+                                   [100, 1 << 20], [1000, 7, 1 << 20]])
+def test_frame_reader_reads_large_frames_by_segment_at_any_read_size(sizes: list[int]) -> None:
+    data, expected = _large_stream()
+    frames = _read_in_chunks(data, sizes)
+    assert [type(frame) for frame in frames] == [SplitFrame, bytes, bytearray, SplitFrame]
+    assert _events(frames) == expected
+    fed: list[Frame] = []
+    reader = FrameReader(fed.append)
+    for start in range(0, len(data), 1 << 20):  # bytes read elsewhere, fed in
+        reader.feed(data[start:start + (1 << 20)])
+    assert reader.close() and _events(fed) == expected
+
+
+def test_frame_reader_reports_a_stream_that_ends_inside_a_large_frame() -> None:
+    data, _ = _large_stream()
+    first = len(encode_frame({"type": "task_result", "run_id": "l:1", "task_id": "l", "result": LARGE}, binary=True))
+    for cut in (20, 200, first // 2, first - 1):  # in the header, in a segment, at its last byte
+        frames: list[Frame] = []
+        reader = FrameReader(frames.append)
+        _drive(reader, data[:cut], [1 << 20])
+        assert not reader.close() and frames == []
+
+
+def test_a_large_frame_with_a_bad_pickles_table_reaches_the_parser_whole() -> None:
+    data, _ = _large_stream()
+    bad = data.replace(b'"pickles"', b'"pickleZ"', 1)
+    frames = _read_in_chunks(bad, [1 << 20])
+    assert isinstance(frames[0], bytearray) and bytes(frames[0]) == bad[:len(frames[0])]
+
+
+def test_frame_reader_reuses_only_buffers_nothing_holds() -> None:
     # small frames: a buffer still held (or viewed) by its consumer is never written over
     one = encode_frame({"type": "task_result", "run_id": "b:1", "task_id": "b", "result": BIG}, binary=True)
     two = encode_frame({"type": "task_result", "run_id": "c:1", "task_id": "c", "result": BIG[::-1]}, binary=True)
-    held: list[bytes | bytearray | Oversized] = []
+    held: list[Frame] = []
     reader = FrameReader(held.append)
     for data in (one, two, one):
         _drive(reader, data, [1 << 20])
     assert [decode_events(bytes(f))[0]["run_id"] for f in held if not isinstance(f, Oversized)] == ["b:1", "c:1", "b:1"]
     seen: list[str] = []
 
-    def decode_and_drop(frame: bytes | bytearray | Oversized) -> None:
+    def decode_and_drop(frame: Frame) -> None:
         assert isinstance(frame, bytearray)
         seen.append(decode_events(frame)[0]["run_id"])
 

@@ -9,6 +9,9 @@ Sans-I/O helpers for the transports (docs/wire.md, "Binary frames"):
 * :func:`chunks` and :class:`ChunkAssembler` carry a large binary frame as consecutive
   messages (the ``binary_chunks`` extension of message transports: WebSocket, the gRPC
   ``Session``), so that neither side holds the whole frame twice.
+* :class:`FrameSegments` keeps a binary frame that arrives in pieces as one ``bytes`` per
+  pickle and out-of-band buffer (filled by copy or read into in place), so a large
+  ``bytes`` value is the buffer it arrived in.
 * :func:`capability_names` reads a comma-separated capability list (a header or metadata
   value).
 * :func:`worth_binary` says whether a frame is worth a binary frame once the peer offered
@@ -34,7 +37,7 @@ from .protocol import (
     split_frame,
 )
 
-__all__ = ["BINARY_START", "BULKY_BYTES", "ChunkAssembler", "FrameSplitter", "bulky", "capability_names",
+__all__ = ["BINARY_START", "BULKY_BYTES", "ChunkAssembler", "FrameSegments", "FrameSplitter", "bulky", "capability_names",
            "chunks", "worth_binary"]
 
 #: The first byte of a binary frame (``wove.protocol.BINARY_MAGIC[:1]``).
@@ -46,21 +49,34 @@ BULKY_BYTES = 4096
 _ITEM_BUDGET = 256
 
 
-class _Segments:
+class FrameSegments:
     """A binary frame being received, kept as one ``bytes`` per segment (each pickle and
     out-of-band buffer): it becomes a :class:`~wove.protocol.SplitFrame`, whose large
-    ``bytes`` values unpickle without a copy."""
+    ``bytes`` values unpickle without a copy.
 
-    __slots__ = ("_fields", "_head", "_header", "_lengths", "_piece", "_pieces", "size")
+    Bytes go in two ways, mixed as the reader likes: :meth:`write` takes bytes read
+    elsewhere (one copy, into the segment's buffer); :meth:`get_buffer` hands out the rest
+    of the current segment's own buffer, for a read in place (``os.readv``, the shape of
+    :class:`asyncio.BufferedProtocol`), and :meth:`buffer_updated` takes the count read
+    there. A segment read in place costs only the kernel's copy: the buffer it was read
+    into is the ``bytes`` that unpickles.
+
+    ``len()`` is the frame's size, :attr:`filled` how many of its bytes arrived.
+    """
+
+    __slots__ = ("_at", "_fields", "_head", "_header", "_lengths", "_piece", "_pieces", "_sized", "filled", "size")
 
     def __init__(self, head: bytes, header: dict[str, Any], fields: list[tuple[str, list[int]]], size: int) -> None:
         self._head, self._header, self._fields, self.size = head, header, fields, size
         self._lengths = [length for _, lengths in fields for length in lengths]
         self._pieces: list[bytes] = []
-        self._piece = io.BytesIO()
+        self._piece = io.BytesIO()  # the segment being filled; its position is always ``_at``
+        self._at = 0  # bytes of it that arrived
+        self._sized = False  # it holds the segment's whole length (for a read in place)
+        self.filled = len(head)
 
     @classmethod
-    def start(cls, first: memoryview, size: int) -> tuple[_Segments, int] | None:
+    def start(cls, first: memoryview, size: int) -> tuple[FrameSegments, int] | None:
         """For the first bytes of a frame of ``size`` bytes: the frame's segments and how
         many bytes of ``first`` (at most the frame) they took; None when ``first`` does not
         hold the whole header, or it is not valid (then assemble the frame whole: the
@@ -74,26 +90,61 @@ class _Segments:
         segments.write(first[start:taken])
         return segments, taken
 
+    def _settle(self) -> None:
+        """Each segment whose bytes all arrived becomes its ``bytes``."""
+        lengths, pieces = self._lengths, self._pieces
+        while len(pieces) < len(lengths) and self._at == lengths[len(pieces)]:
+            pieces.append(self._piece.getvalue())  # the buffer itself, not a copy
+            self._piece = io.BytesIO()
+            self._at = 0
+            self._sized = False
+
     def write(self, data: memoryview) -> None:
-        """Append ``data`` (the caller keeps within the frame's size); each segment done
-        becomes its ``bytes``."""
+        """Append ``data`` (the caller keeps within the frame's size)."""
+        self.filled += len(data)
         lengths, pieces = self._lengths, self._pieces
         while True:
-            while len(pieces) < len(lengths) and self._piece.tell() == lengths[len(pieces)]:
-                pieces.append(self._piece.getvalue())  # the buffer itself, not a copy
-                self._piece = io.BytesIO()
+            self._settle()
             if not data:
                 return
-            take = lengths[len(pieces)] - self._piece.tell()
-            self._piece.write(data[:take])
+            take = lengths[len(pieces)] - self._at
+            part = data[:take]
+            self._piece.write(part)
+            self._at += len(part)
             data = data[take:]
+
+    def get_buffer(self, least: int = 1) -> memoryview | None:
+        """The rest of the current segment's buffer, to read the next bytes into in place
+        (release the view before anything else touches this object, then call
+        :meth:`buffer_updated`); None when fewer than ``least`` bytes of the segment are
+        left (so a short segment is better read with others and passed to :meth:`write`)
+        or no segment is left."""
+        self._settle()
+        if len(self._pieces) == len(self._lengths):
+            return None
+        length = self._lengths[len(self._pieces)]
+        if length - self._at < least:
+            return None
+        piece = self._piece
+        if not self._sized:  # grow it to the segment's length once (zeros, overwritten)
+            piece.seek(length - 1)
+            piece.write(b"\0")
+            piece.seek(self._at)
+            self._sized = True
+        return piece.getbuffer()[self._at:]
+
+    def buffer_updated(self, count: int) -> None:
+        """``count`` bytes were read into the last buffer of :meth:`get_buffer`."""
+        self._at += count
+        self.filled += count
+        self._piece.seek(self._at)
 
     def __len__(self) -> int:
         return self.size
 
     def frame(self) -> SplitFrame:
         """The whole frame (every byte arrived)."""
-        self.write(memoryview(b""))  # segments of no bytes at the end
+        self._settle()  # segments of no bytes at the end
         return split_frame(self._head, self._header, self._fields, self._pieces, self.size)
 
 
@@ -118,7 +169,7 @@ class FrameSplitter:
         self._by_segment = by_segment
         self._on_error = on_error
         self._line = bytearray()  # the start of a JSON line (or of a binary prefix)
-        self._binary: bytearray | _Segments | None = None  # the binary frame being filled
+        self._binary: bytearray | FrameSegments | None = None  # the binary frame being filled
         self._filled = 0
         self._skip_line = False  # dropping bytes up to the next newline
 
@@ -172,7 +223,7 @@ class FrameSplitter:
         if position + size <= len(view):
             self._on_frame(bytearray(view[position:position + size]))
             return position + size
-        started = _Segments.start(view[position:], size) if self._by_segment else None
+        started = FrameSegments.start(view[position:], size) if self._by_segment else None
         if started is not None:
             self._binary, self._filled = started
             return position + self._filled
@@ -208,7 +259,7 @@ class FrameSplitter:
         frame = self._binary
         assert frame is not None
         taken = view[position:position + len(frame) - self._filled]
-        if isinstance(frame, _Segments):
+        if isinstance(frame, FrameSegments):
             frame.write(taken)
         else:
             frame[self._filled:self._filled + len(taken)] = taken
@@ -220,7 +271,7 @@ class FrameSplitter:
         if frame is not None and self._filled == len(frame):
             self._binary = None
             self._filled = 0
-            self._on_frame(frame.frame() if isinstance(frame, _Segments) else frame)
+            self._on_frame(frame.frame() if isinstance(frame, FrameSegments) else frame)
         return position
 
     def close(self) -> None:
@@ -393,7 +444,7 @@ class ChunkAssembler:
         self._check = check
         self._drop_refused = drop_refused
         self._by_segment = by_segment
-        self._frame: bytearray | _Segments | None = None  # the chunked frame being assembled
+        self._frame: bytearray | FrameSegments | None = None  # the chunked frame being assembled
         self._filled = 0
         self._skipping = 0  # bytes of a refused frame still to drop
         self._refusal: BaseException | None = None
@@ -428,7 +479,7 @@ class ChunkAssembler:
                 self._frame, self._filled = None, 0
                 raise ProtocolError(f"A chunk of {len(message)} bytes runs past the end of its binary frame "
                                     f"({left} bytes were left)")
-            if isinstance(frame, _Segments):
+            if isinstance(frame, FrameSegments):
                 frame.write(memoryview(message))
             else:
                 frame[self._filled:end] = message
@@ -436,7 +487,7 @@ class ChunkAssembler:
             if end < len(frame):
                 return None
             self._frame, self._filled = None, 0
-            return frame.frame() if isinstance(frame, _Segments) else frame
+            return frame.frame() if isinstance(frame, FrameSegments) else frame
         if len(message) < BINARY_PREFIX_BYTES or message[:len(BINARY_MAGIC)] != BINARY_MAGIC:
             return message
         total = binary_frame_size(memoryview(message)[:BINARY_PREFIX_BYTES])
@@ -450,7 +501,7 @@ class ChunkAssembler:
                     raise
                 self._refusal, self._skipping = exc, total - len(message)
                 return None
-        started = _Segments.start(memoryview(message), total) if self._by_segment else None
+        started = FrameSegments.start(memoryview(message), total) if self._by_segment else None
         if started is not None:
             self._frame, self._filled = started
             return None

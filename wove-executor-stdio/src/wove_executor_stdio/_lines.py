@@ -11,6 +11,8 @@ at the first byte of the next frame to tell them apart.
 limit also raises the amount buffered before the pipe is paused. :func:`read_line` keeps
 a modest limit (so flow control still works) and assembles longer lines piecewise; a
 binary frame is read in pieces of at most that limit into one buffer of its own size.
+:class:`FrameReader` (``os.readv`` on a pipe) reads a frame into one buffer of its size,
+or a large one straight into one buffer per segment.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wove.errors import ProtocolError
-from wove.framing import BINARY_START, FrameSplitter
-from wove.protocol import BINARY_PREFIX_BYTES, binary_frame_size
+from wove.framing import BINARY_START, FrameSegments, FrameSplitter
+from wove.protocol import BINARY_PREFIX_BYTES, SplitFrame, binary_frame_size
 
 __all__ = [
     "BINARY_START",
     "DIRECT_WRITE_BYTES",
     "READY_KEY",
     "READ_BINARY_ENV",
+    "REUSE_BYTES",
     "STREAM_LIMIT",
+    "Frame",
     "FrameReader",
     "FrameSplitter",
     "Oversized",
@@ -201,37 +205,45 @@ async def _skip(reader: asyncio.StreamReader, prefix: bytes, size: int) -> Overs
 
 #: Bytes a :class:`FrameReader` reads at once outside a binary frame (JSON lines, prefixes).
 SCRATCH_BYTES = 64 * 1024
-#: Largest binary frame whose buffer a :class:`FrameReader` keeps for the next frame.
+#: Largest binary frame whose buffer a :class:`FrameReader` keeps for the next frame; a
+#: larger one is read into one buffer per segment.
 REUSE_BYTES = 8 << 20
+
+#: A frame as a :class:`FrameReader` hands it over.
+Frame = bytes | bytearray | SplitFrame | Oversized
 
 _refcount: Callable[[object], int] | None = getattr(sys, "getrefcount", None)
 
 
 class FrameReader:
     """Splits a byte stream into frames, like :func:`read_frame`, reading each binary
-    frame's body straight into one buffer of the frame's size: ``get_buffer()`` says where
-    the next bytes go, ``buffer_updated(n)`` takes the ``n`` bytes read there (the shape of
+    frame's body straight into its own buffers: ``get_buffer()`` says where the next bytes
+    go, ``buffer_updated(n)`` takes the ``n`` bytes read there (the shape of
     :class:`asyncio.BufferedProtocol`, for ``os.readv`` on a pipe). A binary frame thus
     costs one copy (the kernel's, into the frame) instead of one per layer of buffering.
 
     Frames go to ``on_frame``: a JSON line as bytes without ``\\n`` (possibly blank), a
-    binary frame as a bytearray of exactly its size, a binary frame over
-    ``max_binary_bytes`` as :class:`Oversized` (read past without being kept). Bytes that
-    start like a binary frame but are not one are passed on up to the next newline as a
-    (malformed) line. The buffer of a frame up to :data:`REUSE_BYTES` is used again for
-    a later frame once nothing refers to it any more (no fresh allocation, and page
-    faults, per frame).
+    binary frame up to :data:`REUSE_BYTES` as a bytearray of exactly its size, a larger one
+    as a :class:`~wove.protocol.SplitFrame` (its body read into one ``bytes`` per pickle
+    and out-of-band buffer, so a large ``bytes`` value unpickles as the buffer it was read
+    into, without a copy), a binary frame over ``max_binary_bytes`` as :class:`Oversized`
+    (read past without being kept). Bytes that start like a binary frame but are not one
+    are passed on up to the next newline as a (malformed) line. The buffer of a frame up to
+    :data:`REUSE_BYTES` is used again for a later frame once nothing refers to it any more
+    (no fresh allocation, and page faults, per frame).
     """
 
-    def __init__(self, on_frame: Callable[[bytes | bytearray | Oversized], None], *,
+    def __init__(self, on_frame: Callable[[Frame], None], *,
                  max_binary_bytes: int | None = None) -> None:
         self._on_frame = on_frame
         self._max = max_binary_bytes
         self._scratch = bytearray(SCRATCH_BYTES)
         self._line = bytearray()  # the start of a line, or of a binary prefix
         self._prefix = False  # ``_line`` holds the start of a binary prefix
-        self._frame: bytearray | None = None  # the binary frame being filled
+        self._frame: bytearray | FrameSegments | None = None  # the binary frame being filled
         self._filled = 0
+        self._big = 0  # the size of a large frame whose head (prefix and header) ``_line`` holds
+        self._head_left = 0  # bytes of that head still to come
         self._direct = False  # the last buffer handed out was the frame's
         self._skip = 0  # bytes of an oversized frame still to read past
         self._header = bytearray()  # its header, kept to name its run
@@ -247,9 +259,15 @@ class FrameReader:
     def get_buffer(self) -> memoryview:
         """Where the next bytes of the stream are to be read (release it before
         :meth:`buffer_updated`)."""
-        if self._frame is not None:
+        frame = self._frame
+        if isinstance(frame, bytearray):
             self._direct = True
-            return memoryview(self._frame)[self._filled:]
+            return memoryview(frame)[self._filled:]
+        if frame is not None:
+            buffer = frame.get_buffer(SCRATCH_BYTES)  # a short segment is read with what follows
+            if buffer is not None:
+                self._direct = True
+                return buffer
         self._direct = False
         if self._skip:
             return memoryview(self._scratch)[:min(self._skip, SCRATCH_BYTES)]
@@ -259,6 +277,8 @@ class FrameReader:
         """``nbytes`` bytes were read into the last buffer of :meth:`get_buffer`."""
         if self._direct:
             self._direct = False
+            if isinstance(self._frame, FrameSegments):
+                self._frame.buffer_updated(nbytes)
             self._filled += nbytes
             self._complete()
         else:
@@ -271,10 +291,11 @@ class FrameReader:
     def close(self) -> bool:
         """The stream ended: a last line without its newline is a frame. Returns False
         when it ended inside a binary frame (which is dropped, with a warning)."""
-        if self._frame is not None or self._skip or self._prefix:
+        if self._frame is not None or self._skip or self._prefix or self._big:
             logger.warning("stdio stream ended inside a binary frame: %d bytes of it arrived",
                            self._filled if self._frame is not None else len(self._line))
             self._frame = None
+            self._big = 0
             return False
         if self._line:
             line = bytes(self._line)
@@ -286,9 +307,13 @@ class FrameReader:
         view = memoryview(data)
         try:
             while position < end:
-                if self._frame is not None:  # part of a frame's body read with what came before it
-                    taken = min(end - position, len(self._frame) - self._filled)
-                    self._frame[self._filled:self._filled + taken] = view[position:position + taken]
+                frame = self._frame
+                if frame is not None:  # part of a frame's body read with what came before it
+                    taken = min(end - position, len(frame) - self._filled)
+                    if isinstance(frame, bytearray):
+                        frame[self._filled:self._filled + taken] = view[position:position + taken]
+                    else:
+                        frame.write(view[position:position + taken])
                     self._filled += taken
                     position += taken
                     self._complete()
@@ -303,6 +328,8 @@ class FrameReader:
                     if not self._skip:
                         header, self._header = bytes(self._header), bytearray()
                         self._on_frame(Oversized(self._oversized, header))
+                elif self._big:
+                    position = self._take_head(view, position, end)
                 elif self._prefix or (not self._line and data[position] == 0):
                     position = self._take_prefix(view, position, end)
                 else:
@@ -343,11 +370,38 @@ class FrameReader:
             if not self._skip:
                 self._on_frame(Oversized(size, b""))
             return position
+        head = BINARY_PREFIX_BYTES + int.from_bytes(prefix[4:8], "big")
+        if size > REUSE_BYTES and head <= min(size, _OVERSIZED_HEADER):
+            self._line += prefix  # read into one buffer per segment once the header is here
+            self._big, self._head_left = size, head - BINARY_PREFIX_BYTES
+            return self._take_head(view, position, end)
+        self._whole(prefix, size)
+        return position
+
+    def _whole(self, head: bytes, size: int) -> None:
+        """Read the frame that starts with ``head`` into one buffer of its ``size``."""
         frame = self._buffer(size)
-        frame[:BINARY_PREFIX_BYTES] = prefix
+        frame[:len(head)] = head
         self._frame = frame
-        self._filled = BINARY_PREFIX_BYTES
+        self._filled = len(head)
         self._complete()
+
+    def _take_head(self, view: memoryview, position: int, end: int) -> int:
+        taken = min(end - position, self._head_left)
+        self._line += view[position:position + taken]
+        self._head_left -= taken
+        position += taken
+        if self._head_left:
+            return position
+        head, size = bytes(self._line), self._big
+        self._line.clear()
+        self._big = 0
+        started = FrameSegments.start(memoryview(head), size)
+        if started is None:  # not a valid header: the frame whole, for its parser to report
+            self._whole(head, size)
+        else:
+            self._frame, self._filled = started
+            self._complete()
         return position
 
     def _buffer(self, size: int) -> bytearray:
@@ -367,6 +421,9 @@ class FrameReader:
         if frame is not None and self._filled == len(frame):
             self._frame = None
             self._filled = 0
+            if isinstance(frame, FrameSegments):
+                self._on_frame(frame.frame())
+                return
             if len(frame) <= REUSE_BYTES:
                 self._spare = frame
             self._on_frame(frame)
@@ -414,7 +471,7 @@ class PipeReader:
             raise NotImplementedError("os.readv is not available")
         self._loop = asyncio.get_running_loop()
         self._fd = fd
-        self._frames: deque[bytes | bytearray | Oversized] = deque()
+        self._frames: deque[Frame] = deque()
         self._queued = 0
         self._frames_reader = FrameReader(self._arrived, max_binary_bytes=max_binary_bytes)
         self._waiter: asyncio.Future[None] | None = None
@@ -423,7 +480,7 @@ class PipeReader:
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._ready)
 
-    def _arrived(self, frame: bytes | bytearray | Oversized) -> None:
+    def _arrived(self, frame: Frame) -> None:
         self._frames.append(frame)
         self._queued += frame.size if isinstance(frame, Oversized) else len(frame)
 
@@ -441,7 +498,7 @@ class PipeReader:
         if (self._frames or self._eof) and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next(self) -> bytes | bytearray | Oversized | None:
+    async def next(self) -> Frame | None:
         """The next frame (as :func:`read_frame` returns it), or None at the end of the stream."""
         while not self._frames:
             if self._eof:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from wove.protocol import SplitFrame
 
-from ._lines import FrameReader, FrameSplitter, Oversized, Part, PipeWriter, read_available
+from ._lines import Frame, FrameReader, FrameSplitter, Oversized, Part, PipeWriter, read_available
 from .worker import FLUSH_BYTES, FrameWriter
 
 __all__ = ["FLUSH_BYTES", "STDERR_LINES", "Pipes", "Worker"]
@@ -38,12 +38,13 @@ class Pipes(asyncio.SubprocessProtocol):
     Where the loop can watch a pipe (:meth:`read_stdout`), the executor gives the worker a
     stdout pipe of its own, read with ``os.readv`` straight into a :class:`._lines.FrameReader`'s
     buffers: a binary frame's body lands in one buffer of its size, reused for later frames
-    up to 8 MiB. Otherwise stdout is the subprocess transport's pipe, split by a
-    :class:`~wove.framing.FrameSplitter`.
+    up to 8 MiB, or a larger one's in one buffer per segment (a SplitFrame). Otherwise
+    stdout is the subprocess transport's pipe, split by a :class:`~wove.framing.FrameSplitter`.
 
     Args:
         on_stdout: called with each frame (a JSON line as bytes, a binary frame as a
-            bytearray, or from the subprocess pipe a :class:`~wove.protocol.SplitFrame`).
+            bytearray, or a :class:`~wove.protocol.SplitFrame` when it is large or came from
+            the subprocess pipe in pieces).
         on_stderr: called with each stderr line.
         on_bad_stdout: called with a description of stdout bytes that are not a frame.
     """
@@ -89,7 +90,7 @@ class Pipes(asyncio.SubprocessProtocol):
         self._stdout_fd = fd
         self._reader = FrameReader(self._direct_frame)
 
-    def _direct_frame(self, frame: bytes | bytearray | Oversized) -> None:
+    def _direct_frame(self, frame: Frame) -> None:
         if not isinstance(frame, Oversized):  # no size limit is set: never one
             self._on_stdout(frame)
 

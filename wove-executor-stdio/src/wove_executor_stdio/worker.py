@@ -46,6 +46,7 @@ from wove.errors import ProtocolError
 from wove.framing import worth_binary
 from wove.protocol import (
     TERMINAL_EVENTS,
+    SplitFrame,
     encode_event,
     encode_event_parts,
     error_event,
@@ -58,6 +59,7 @@ from ._lines import (
     READ_BINARY_ENV,
     READY_KEY,
     STREAM_LIMIT,
+    Frame,
     Oversized,
     Part,
     PipeReader,
@@ -195,7 +197,7 @@ async def _open_input(fd: int) -> asyncio.StreamReader:
 
 
 async def _open_frames(fd: int, max_binary_bytes: int,
-                       ) -> Callable[[], Awaitable[bytes | bytearray | Oversized | None]]:
+                       ) -> Callable[[], Awaitable[Frame | None]]:
     """Return the reader of the command frames on ``fd``: a :class:`._lines.PipeReader`
     on a pipe (binary frames are read straight into their buffers), else a stream reader."""
     try:
@@ -301,7 +303,7 @@ async def serve(
             if isinstance(frame, Oversized):
                 session.binary = binary = True
                 _refuse(service, session, frame, emit)
-            elif isinstance(frame, bytearray):
+            elif isinstance(frame, (bytearray, SplitFrame)):
                 session.binary = binary = True  # before the session answers this frame
                 await session.receive(frame)
             elif frame.strip():
