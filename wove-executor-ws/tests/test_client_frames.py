@@ -190,6 +190,15 @@ async def test_a_2x_server_answering_in_every_frame_shape(shape: str, compressio
     assert ("permessage-deflate" in server.negotiated[0]) == (compression is not None)
 
 
+async def test_more_commands_than_one_draw_of_masks_all_arrive_intact() -> None:
+    # the client draws its frame masks from os.urandom 1,024 at a time: frames past a draw
+    # (a 2.x server, one message per command) must still unmask to the commands sent
+    async with TwoXServer("plain") as server, runtime_for(server.url) as runtime:
+        for start in range(0, 2600, 650):
+            results = await asyncio.gather(*(runtime.call("ws", tasks.add, i, 1) for i in range(start, start + 650)))
+            assert results == [i + 1 for i in range(start, start + 650)]
+
+
 async def test_a_going_away_close_after_the_answer_is_reported_and_the_next_run_reconnects() -> None:
     async with TwoXServer("going-away") as server, runtime_for(
             server.url, reconnect_initial_delay=0.05, reconnect_max_delay=0.2) as runtime:

@@ -833,8 +833,16 @@ def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
             ``type``, ``run_id`` or ``task_id``.
     """
     obj = parse_frames(data) if isinstance(data, _RECEIVED) else data
+    if type(obj) is dict:  # one event, most often the usual result
+        usual = _usual_result(obj)
+        if usual is not None:
+            return [usual]
     events: list[dict[str, Any]] = []
     for raw in _event_list(obj):
+        usual = _usual_result(raw)
+        if usual is not None:
+            events.append(usual)
+            continue
         if not isinstance(raw, dict):
             raise ProtocolError(f"An event must be a JSON object, got {type(raw).__name__}")
         event_type = raw.get("type")
@@ -853,18 +861,25 @@ def decode_events(data: bytes | str | Any) -> list[dict[str, Any]]:
     return events
 
 
+def _usual_result(raw: Any) -> dict[str, Any] | None:
+    """The usual result (exactly type, run_id, task_id and result_pickle, all strings)
+    decoded in one step, or None for anything else, or when it does not decode: the
+    general path then checks it and reports what is wrong as for any event."""
+    if type(raw) is not dict or len(raw) != 4 or raw.get("type") != "task_result":
+        return None
+    run_id, task_id, text = raw.get("run_id"), raw.get("task_id"), raw.get("result_pickle")
+    if type(run_id) is not str or not run_id or type(task_id) is not str or type(text) is not str:
+        return None
+    try:
+        return {"type": "task_result", "run_id": run_id, "task_id": task_id, "result": dispatch.loads_b64(text)}
+    except Exception:
+        return None
+
+
 def _unpack_event(raw: dict[str, Any], run_id: str, task_id: str) -> dict[str, Any]:
     if _WIRE_FIELDS.isdisjoint(raw):
         event = dict(raw)
     else:
-        if len(raw) == 4 and raw["type"] == "task_result" and type(text := raw.get("result_pickle")) is str:
-            # the usual result (type, run_id, task_id, result_pickle) in one step; what
-            # fails here fails again in unpack_frame, which reports it as for any event
-            try:
-                return {"type": "task_result", "run_id": run_id, "task_id": task_id,
-                        "result": dispatch.loads_b64(text)}
-            except Exception:
-                pass
         try:
             event = unpack_frame(raw)
         except ProtocolError as exc:

@@ -871,15 +871,25 @@ OWN_FRAME_BYTES = 64 * 1024
 _TEXT_FIN, _BINARY_FIN = 0x81, 0x82
 
 
+#: masks drawn from ``os.urandom`` at once by a frame writer (one system call per 1,024 frames)
+_MASK_POOL_BYTES = 4096
+
+
 def _frame_writer(apply_mask: Callable[[bytes, bytes], bytes]) -> Callable[[int, bytes], bytes]:
     """What writes one complete client data frame (RFC 6455 5.2): ``first_byte`` is FIN
-    and the opcode (0x81 text, 0x82 binary); the mask is a fresh 4 bytes from
-    ``os.urandom``; ``apply_mask`` is ``websockets``' (its C speedup when built)."""
+    and the opcode (0x81 text, 0x82 binary); the mask is 4 fresh bytes of ``os.urandom``
+    (drawn :data:`_MASK_POOL_BYTES` at a time, each used once); ``apply_mask`` is
+    ``websockets``' (its C speedup when built)."""
     urandom = os.urandom
+    pool, at = b"", _MASK_POOL_BYTES
 
     def frame(first_byte: int, payload: bytes) -> bytes:
+        nonlocal pool, at
+        if at == _MASK_POOL_BYTES:
+            pool, at = urandom(_MASK_POOL_BYTES), 0
+        mask = pool[at:at + 4]
+        at += 4
         size = len(payload)
-        mask = urandom(4)
         if size < 126:
             head = bytes((first_byte, 0x80 | size))
         elif size < 65536:
