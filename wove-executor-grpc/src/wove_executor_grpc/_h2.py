@@ -779,7 +779,11 @@ class NativeUnaryClient:
             self._connecting = None
 
     async def __call__(self, body: bytes, *, metadata: tuple[tuple[str, str], ...] | None = None,
-                       timeout: float | None = None) -> bytes:
+                       timeout: float | None = None, retry_unprocessed: bool = True) -> bytes:
+        """One unary call: its response message, or the ``grpc.aio.AioRpcError`` it ended
+        with. A call the server did not process (GOAWAY) goes once more on a new
+        connection unless ``retry_unprocessed`` is False (the caller already sent it again
+        once: a call started with :meth:`start` that failed so)."""
         if self._closed:
             raise rpc_error(grpc.StatusCode.CANCELLED, "the channel is closed")
         if self.max_send is not None and len(body) > self.max_send:
@@ -791,7 +795,7 @@ class NativeUnaryClient:
         if metadata:
             block += b"".join(_literal(k.lower(), v) for k, v in metadata)
         message = _PREFIX.pack(0, len(body)) + body
-        retried = False
+        retried = not retry_unprocessed
         while True:
             connection = self._connection
             if connection is None or connection.closed or connection.draining:

@@ -813,9 +813,13 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         if self._channel is None:  # stopped (its calls were given up: none is answered after)
             return
         if isinstance(result, BaseException):
-            # a call the server did not process goes again at once (grpc's transparent retry)
-            failure = None if call.stream is not None and call.stream.unprocessed else result
-            self._calls[run_id] = asyncio.get_running_loop().create_task(self._deliver(call.entry, call.body, failure))
+            # a call the server did not process goes again at once (grpc's transparent
+            # retry, which that call then has spent)
+            if call.stream is not None and call.stream.unprocessed:
+                again = self._deliver(call.entry, call.body, retried=True)
+            else:
+                again = self._deliver(call.entry, call.body, result)
+            self._calls[run_id] = asyncio.get_running_loop().create_task(again)
             return
         try:
             self._emit_all(result)
@@ -835,9 +839,12 @@ class GrpcEnvironmentExecutor(FrameExecutor):
         self._lost(run_id, f"gRPC delivery to {self._target} failed: {type(exc).__name__}: {exc}", exc,
                    redeliverable=False)
 
-    async def _deliver(self, entry: InFlight, body: _Body, failure: BaseException | None = None) -> None:
+    async def _deliver(self, entry: InFlight, body: _Body, failure: BaseException | None = None, *,
+                       retried: bool = False) -> None:
         """Run one delivery after another until the run ends or is given up; ``failure``:
-        how the first delivery (a native call, :meth:`_start_unary`) ended."""
+        how the first delivery (a native call, :meth:`_start_unary`) ended; ``retried``:
+        that call went unprocessed and this is its one transparent retry (a second
+        refusal is then a failure of the delivery, not another retry)."""
         grpc = self._grpc
         run_id = entry.run_id
         if isinstance(body, Parts):  # meant for a Session that reads chunks: one message per call
@@ -861,6 +868,11 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                         async for message in call:
                             received = True
                             self._emit_all(message)
+                    elif retried and self._native is not None and self._unary is self._native:
+                        retried = False
+                        self._emit_all(await self._native(
+                            body, metadata=self._call_metadata(method, body), timeout=self._timeout,
+                            retry_unprocessed=False))
                     else:
                         self._emit_all(await self._unary(
                             body, metadata=self._call_metadata(method, body), timeout=self._timeout

@@ -164,12 +164,16 @@ class Proxy:
     """A TCP proxy on 127.0.0.1 in front of ``port``: counts the connections it accepted, and
     holds back the server's first bytes (its SETTINGS) for ``delay`` seconds when asked to.
 
-    The first ``refuse`` connections do not reach the server: they speak just enough HTTP/2 to
-    answer the first request with GOAWAY naming no stream as processed (last stream id 0), then
-    close, as a server going away that took none of the calls."""
+    The connections numbered in ``refuse`` (from 1) do not reach the server: they speak just
+    enough HTTP/2 to answer the first request with GOAWAY naming no stream as processed (last
+    stream id 0), then close, as a server going away that took none of the calls. With
+    ``goaway_after`` N, a connection that reaches the server passes its first N calls and
+    answers the next one with GOAWAY naming the last passed stream: a server going away on an
+    open connection, leaving that call unprocessed (it never reaches the server)."""
 
-    def __init__(self, port: int, *, delay: float = 0.0, refuse: int = 0) -> None:
-        self.port, self.delay, self.refuse = port, delay, refuse
+    def __init__(self, port: int, *, delay: float = 0.0, refuse: range = range(0),
+                 goaway_after: int | None = None) -> None:
+        self.port, self.delay, self.refuse, self.goaway_after = port, delay, refuse, goaway_after
         self.connections = 0
         self.target = ""
         self._server: asyncio.Server | None = None
@@ -194,7 +198,7 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections <= self.refuse:
+        if self.connections in self.refuse:
             await self._go_away(reader, writer)
             return
         try:
@@ -202,8 +206,13 @@ class Proxy:
         except OSError:
             writer.close()
             return
-        pipes = [asyncio.ensure_future(self._pipe(reader, upstream_writer, 0.0)),
-                 asyncio.ensure_future(self._pipe(upstream_reader, writer, self.delay))]
+        if self.goaway_after is None:
+            pipes = [asyncio.ensure_future(self._pipe(reader, upstream_writer, 0.0)),
+                     asyncio.ensure_future(self._pipe(upstream_reader, writer, self.delay))]
+        else:
+            lock = asyncio.Lock()  # whole frames only, on the way to the client
+            pipes = [asyncio.ensure_future(self._calls(reader, upstream_writer, writer, lock, self.goaway_after)),
+                     asyncio.ensure_future(self._frames(upstream_reader, writer, lock))]
         try:
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -231,6 +240,44 @@ class Proxy:
             pass
         finally:
             writer.close()
+
+    @staticmethod
+    async def _calls(reader: asyncio.StreamReader, upstream: asyncio.StreamWriter, client: asyncio.StreamWriter,
+                     lock: asyncio.Lock, passed: int) -> None:
+        """The client's frames to the server until call ``passed + 1``: that one gets GOAWAY
+        naming the last passed stream, and nothing more reaches the server."""
+        try:
+            upstream.write(await reader.readexactly(24))  # the client's preface
+            last = 0
+            while True:
+                head = await reader.readexactly(9)
+                frame = head + await reader.readexactly(int.from_bytes(head[:3], "big"))
+                stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                if head[3] == 1 and stream_id > last:  # HEADERS opening a call
+                    if not passed:
+                        async with lock:
+                            client.write(h2_frame(7, 0, 0, struct.pack(">II", last, 0)))
+                        await asyncio.sleep(5)  # the client moves on to a new connection
+                        return
+                    passed -= 1
+                    last = stream_id
+                upstream.write(frame)
+                await upstream.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    @staticmethod
+    async def _frames(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+        """The server's frames to the client, each whole."""
+        try:
+            while True:
+                head = await reader.readexactly(9)
+                frame = head + await reader.readexactly(int.from_bytes(head[:3], "big"))
+                async with lock:
+                    writer.write(frame)
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -323,7 +370,7 @@ async def test_the_idle_connection_gets_goaway(client: str) -> None:
 async def test_calls_the_server_did_not_process_go_once_more(server: GrpcWorkerServer, client: str) -> None:
     """GOAWAY naming none of the calls in flight as processed: grpc sends them once more on a
     new connection (its transparent retry), and so does the native client."""
-    async with Proxy(server.port, refuse=1) as proxy, runtime(proxy.target, client, max_deliveries=1) as rt:
+    async with Proxy(server.port, refuse=range(1, 2)) as proxy, runtime(proxy.target, client, max_deliveries=1) as rt:
         results = await asyncio.wait_for(asyncio.gather(*(rt.call_with("w", echo, (i,)) for i in range(5))), 30)
         assert results == list(range(5))
         assert proxy.connections == 2
@@ -333,10 +380,29 @@ async def test_calls_the_server_did_not_process_go_once_more(server: GrpcWorkerS
 async def test_a_call_refused_twice_fails_unavailable(server: GrpcWorkerServer, client: str) -> None:
     """Only once: a call the second connection refuses too fails UNAVAILABLE (a transport error,
     delivered again per the re-delivery policy; here ``max_deliveries: 1``)."""
-    async with Proxy(server.port, refuse=1000) as proxy, runtime(proxy.target, client, max_deliveries=1) as rt:
+    async with Proxy(server.port, refuse=range(1, 1001)) as proxy, runtime(proxy.target, client, max_deliveries=1) as rt:
         with pytest.raises(EnvironmentExecutionError, match="GOAWAY") as info:
             await asyncio.wait_for(rt.call_with("w", echo, (1,)), 30)
         assert is_transport_error(info.value, proxy.target, "UNAVAILABLE")
+        assert proxy.connections == 2
+
+
+@pytest.mark.parametrize("refused_again", [False, True], ids=["served", "refused-again"])
+async def test_a_call_goaway_leaves_unprocessed_on_an_open_connection_goes_once_more(
+        server: GrpcWorkerServer, refused_again: bool) -> None:
+    """The native client's call on an already-open connection (answered in its callbacks),
+    left unprocessed by GOAWAY, goes once more on a new connection, as on the first call:
+    served there, it succeeds; refused there too, it fails UNAVAILABLE with no third try."""
+    refuse = range(2, 1001) if refused_again else range(0)
+    async with Proxy(server.port, refuse=refuse, goaway_after=1) as proxy, \
+            runtime(proxy.target, "native", max_deliveries=1) as rt:
+        assert await asyncio.wait_for(rt.call_with("w", echo, (0,)), 20) == 0  # the connection is open
+        if refused_again:
+            with pytest.raises(EnvironmentExecutionError, match="GOAWAY") as info:
+                await asyncio.wait_for(rt.call_with("w", echo, (1,)), 30)
+            assert is_transport_error(info.value, proxy.target, "UNAVAILABLE")
+        else:
+            assert await asyncio.wait_for(rt.call_with("w", echo, (1,)), 30) == 1
         assert proxy.connections == 2
 
 
