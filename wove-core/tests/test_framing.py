@@ -70,6 +70,6 @@ def test_small_frames_stay_json_and_bulky_ones_go_binary() -> None:
     assert worth_binary(run(a=big)) and worth_binary(result({"nested": [big]}))
     assert worth_binary(result(bytearray(10))) and worth_binary(result(np.zeros(3)))
     assert worth_binary(result(list(range(1000)))), "a large container"
-    assert worth_binary(run(functools.partial(tasks.add, big)))  # the callable carries data
+    assert worth_binary(run(functools.partial(tasks.echo, big)))  # the callable carries data
     lock = threading.Lock()
     assert worth_binary(result(lock)), "any other object may hold anything"

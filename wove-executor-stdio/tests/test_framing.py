@@ -144,8 +144,15 @@ def _large_stream() -> tuple[bytes, list[dict[str, object]]]:
     ]
     data = (encode_frame(events[0], binary=True) + encode_frame(events[1]) + b"\n"
             + encode_frame(events[2], binary=True) + encode_frame(events[3], binary=True))
-    return data, [{**event, "result": [bytes(v) if isinstance(v, memoryview) else v for v in event["result"]]}
-                  if isinstance(event.get("result"), list) else event for event in events]
+    return data, [{**event, "result": _as_received(event["result"])} if "result" in event else event
+                  for event in events]
+
+
+def _as_received(value: object) -> object:
+    """A result as it decodes: a memoryview comes back as bytes."""
+    if isinstance(value, list):
+        return [bytes(item) if isinstance(item, memoryview) else item for item in value]
+    return value
 
 
 @pytest.mark.parametrize("sizes", [[1 << 20], [SCRATCH], [SCRATCH - 1, 3, 70_001], [16], [17, 1 << 20],
