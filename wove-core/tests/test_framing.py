@@ -34,10 +34,9 @@ def test_the_splitter_reads_lines_and_frames_in_any_mix(size: int, by_segment: b
               + encode_event(started, binary=True) + encode_event(big) + b"\n" + encode_event(started))
     frames, problems = split(stream, size, by_segment=by_segment)
     assert not problems
-    # by segment, a binary frame that spans reads whose first read holds its header comes
-    # as a SplitFrame (reads of 4096 bytes); a frame within one read, or one whose header
-    # came in pieces (reads of 1 or 7 bytes), as bytes
-    assert any(isinstance(frame, SplitFrame) for frame in frames) == (by_segment and size == 4096)
+    # by segment, a binary frame that spans reads comes as a SplitFrame, however the reads
+    # cut its prefix and header (reads of 1, 7 or 4096 bytes); a frame within one read as bytes
+    assert any(isinstance(frame, SplitFrame) for frame in frames) == (by_segment and size < 1 << 20)
     events = [event for frame in frames if isinstance(frame, SplitFrame) or frame.strip()
               for event in decode_events(frame)]
     assert [event["type"] for event in events] == ["task_started", "task_result", "task_started", "task_result",
@@ -45,10 +44,19 @@ def test_the_splitter_reads_lines_and_frames_in_any_mix(size: int, by_segment: b
     assert events[1]["result"] == events[3]["result"] == big["result"]
 
 
-def test_a_stream_that_ends_inside_a_binary_frame_is_reported() -> None:
+@pytest.mark.parametrize("by_segment", [False, True], ids=["whole", "by-segment"])
+def test_a_stream_that_ends_inside_a_binary_frame_is_reported(by_segment: bool) -> None:
     frame = encode_event({"type": "task_result", "run_id": "r:1", "task_id": "r", "result": b"x" * 100}, binary=True)
-    frames, problems = split(frame[:-1], 1 << 20)
-    assert frames == [] and problems and "ended inside a binary frame" in problems[0]
+    for cut in (20, 40, len(frame) - 1):  # in the header, past it, at the last byte
+        frames, problems = split(frame[:cut], 7, by_segment=by_segment)
+        assert frames == [] and problems and "ended inside a binary frame" in problems[0], cut
+
+
+def test_a_frame_with_a_bad_pickles_table_reaches_the_parser_whole_by_segment() -> None:
+    frame = encode_event({"type": "task_result", "run_id": "r:1", "task_id": "r", "result": b"x" * 40_000}, binary=True)
+    bad = frame.replace(b'"pickles"', b'"pickleZ"', 1)
+    frames, problems = split(bad, 4096, by_segment=True)
+    assert not problems and len(frames) == 1 and isinstance(frames[0], bytearray) and bytes(frames[0]) == bad
 
 
 def test_bytes_that_only_look_binary_are_skipped_to_the_next_line() -> None:

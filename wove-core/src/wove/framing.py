@@ -160,7 +160,7 @@ class FrameSplitter:
         by_segment: a binary frame that spans several reads goes to ``on_frame`` as a
             :class:`~wove.protocol.SplitFrame` (one ``bytes`` per pickle and out-of-band
             buffer, so a large ``bytes`` value unpickles without a copy) instead of a
-            bytearray.
+            bytearray; its header is held until it is whole, however the reads cut it.
     """
 
     def __init__(self, on_frame: Callable[[bytes | bytearray | SplitFrame], None],
@@ -171,6 +171,8 @@ class FrameSplitter:
         self._line = bytearray()  # the start of a JSON line (or of a binary prefix)
         self._binary: bytearray | FrameSegments | None = None  # the binary frame being filled
         self._filled = 0
+        self._big = 0  # by segment: the size of the frame whose head (prefix, header) ``_line`` holds
+        self._head_left = 0  # bytes of that head still to come
         self._skip_line = False  # dropping bytes up to the next newline
 
     @property
@@ -185,6 +187,9 @@ class FrameSplitter:
         while position < end:
             if self._binary is not None:
                 position = self._fill(view, position)
+                continue
+            if self._big:
+                position = self._take_head(view, position)
                 continue
             if self._skip_line:
                 newline = data.find(b"\n", position)
@@ -223,13 +228,39 @@ class FrameSplitter:
         if position + size <= len(view):
             self._on_frame(bytearray(view[position:position + size]))
             return position + size
-        started = FrameSegments.start(view[position:], size) if self._by_segment else None
-        if started is not None:
-            self._binary, self._filled = started
-            return position + self._filled
+        if self._by_segment:
+            return self._segmented(view[position:position + BINARY_PREFIX_BYTES], size, view,
+                                   position + BINARY_PREFIX_BYTES)
         self._binary = bytearray(size)
         self._filled = 0
         return self._fill(view, position)
+
+    def _segmented(self, prefix: memoryview | bytes, size: int, view: memoryview, position: int) -> int:
+        """A frame of ``size`` bytes kept by segment: hold its head (``prefix`` and the
+        header, whose rest starts at ``position`` of ``view``) until it is whole."""
+        self._line += prefix
+        self._big = size
+        self._head_left = int.from_bytes(prefix[4:8], "big")
+        return self._take_head(view, position)
+
+    def _take_head(self, view: memoryview, position: int) -> int:
+        taken = view[position:position + self._head_left]
+        self._line += taken
+        self._head_left -= len(taken)
+        position += len(taken)
+        if self._head_left:
+            return position
+        head, size = bytes(self._line), self._big
+        self._line.clear()
+        self._big = 0
+        started = FrameSegments.start(memoryview(head), size)
+        if started is None:  # not a valid header: the frame whole, for its parser to report
+            self._binary = bytearray(size)
+            self._binary[:len(head)] = head
+            self._filled = len(head)
+        else:
+            self._binary, self._filled = started
+        return self._complete(position)
 
     def _prefix(self, view: memoryview, position: int) -> int:
         need = BINARY_PREFIX_BYTES - len(self._line)
@@ -250,6 +281,8 @@ class FrameSplitter:
             else:  # the next line started inside these bytes
                 self.feed(prefix[newline + 1:])
             return position
+        if self._by_segment:
+            return self._segmented(prefix, size, view, position)
         self._binary = bytearray(size)
         self._binary[:BINARY_PREFIX_BYTES] = prefix
         self._filled = BINARY_PREFIX_BYTES
@@ -277,10 +310,11 @@ class FrameSplitter:
     def close(self) -> None:
         """The stream ended: a last line without its newline is a frame; an unfinished
         binary frame is reported to ``on_error`` and dropped."""
-        if self._binary is not None:
-            self._on_error(f"the stream ended inside a binary frame: {self._filled} of its "
-                           f"{len(self._binary)} bytes arrived")
+        if self._binary is not None or self._big:
+            filled, size = (self._filled, len(self._binary)) if self._binary is not None else (len(self._line), self._big)
+            self._on_error(f"the stream ended inside a binary frame: {filled} of its {size} bytes arrived")
             self._binary = None
+            self._big = self._head_left = 0
         elif self._line[:1] == BINARY_START:
             self._on_error(f"the stream ended inside a binary frame's prefix ({len(self._line)} bytes arrived)")
         elif self._line and not self._skip_line:
