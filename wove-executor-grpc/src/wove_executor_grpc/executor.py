@@ -860,6 +860,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                         return
                     body = fresh
                 try:
+                    spent, retried = retried, False  # only this attempt continues the native call
                     if failure is not None:  # the first delivery's failure, handled as this one's
                         error, failure = failure, None
                         raise error
@@ -868,8 +869,7 @@ class GrpcEnvironmentExecutor(FrameExecutor):
                         async for message in call:
                             received = True
                             self._emit_all(message)
-                    elif retried and self._native is not None and self._unary is self._native:
-                        retried = False
+                    elif spent and self._native is not None and self._unary is self._native:
                         self._emit_all(await self._native(
                             body, metadata=self._call_metadata(method, body), timeout=self._timeout,
                             retry_unprocessed=False))
