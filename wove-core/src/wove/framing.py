@@ -11,7 +11,8 @@ Sans-I/O helpers for the transports (docs/wire.md, "Binary frames"):
   ``Session``), so that neither side holds the whole frame twice.
 * :class:`FrameSegments` keeps a binary frame that arrives in pieces as one ``bytes`` per
   pickle and out-of-band buffer (filled by copy or read into in place), so a large
-  ``bytes`` value is the buffer it arrived in.
+  ``bytes`` value is the buffer it arrived in; :class:`FrameHead` holds the frame's prefix
+  and header, however the reads cut them, until they give the segments' lengths.
 * :func:`capability_names` reads a comma-separated capability list (a header or metadata
   value).
 * :func:`worth_binary` says whether a frame is worth a binary frame once the peer offered
@@ -37,7 +38,7 @@ from .protocol import (
     split_frame,
 )
 
-__all__ = ["BINARY_START", "BULKY_BYTES", "ChunkAssembler", "FrameSegments", "FrameSplitter", "bulky", "capability_names",
+__all__ = ["BINARY_START", "BULKY_BYTES", "ChunkAssembler", "FrameHead", "FrameSegments", "FrameSplitter", "bulky", "capability_names",
            "chunks", "worth_binary"]
 
 #: The first byte of a binary frame (``wove.protocol.BINARY_MAGIC[:1]``).
@@ -148,6 +149,50 @@ class FrameSegments:
         return split_frame(self._head, self._header, self._fields, self._pieces, self.size)
 
 
+class FrameHead:
+    """The head of a binary frame to be kept by segment (its prefix and JSON header, which
+    give the segments' lengths), held as the reads bring it until it is whole.
+
+    ``len()`` is how many of its bytes are held, :attr:`size` the whole frame's size.
+    """
+
+    __slots__ = ("_data", "_left", "size")
+
+    def __init__(self, prefix: bytes | bytearray | memoryview, size: int) -> None:
+        """``prefix``: the frame's first :data:`~wove.protocol.BINARY_PREFIX_BYTES` bytes
+        (already checked: :func:`~wove.protocol.binary_frame_size` gave ``size``)."""
+        self._data = bytearray(prefix)
+        self._left = int.from_bytes(prefix[4:8], "big")  # the header's length
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def take(self, data: memoryview) -> int:
+        """Take what of ``data`` (the next bytes of the stream) belongs to the head; how
+        many bytes that was."""
+        taken = data[:self._left]
+        self._data += taken
+        self._left -= len(taken)
+        return len(taken)
+
+    @property
+    def whole(self) -> bool:
+        return not self._left
+
+    def frame(self) -> tuple[FrameSegments | bytearray, int]:
+        """Once :attr:`whole`: the frame to fill, kept by segment (or, when its header is
+        not valid, one buffer of its size, for its parser to report), and how many of its
+        bytes are in."""
+        head = bytes(self._data)
+        started = FrameSegments.start(memoryview(head), self.size)
+        if started is not None:
+            return started
+        frame = bytearray(self.size)
+        frame[:len(head)] = head
+        return frame, len(head)
+
+
 class FrameSplitter:
     """Splits bytes as they arrive from a pipe into frames, JSON lines and binary frames
     mixed (for a protocol's ``data_received``; no reader task).
@@ -171,13 +216,14 @@ class FrameSplitter:
         self._line = bytearray()  # the start of a JSON line (or of a binary prefix)
         self._binary: bytearray | FrameSegments | None = None  # the binary frame being filled
         self._filled = 0
-        self._big = 0  # by segment: the size of the frame whose head (prefix, header) ``_line`` holds
-        self._head_left = 0  # bytes of that head still to come
+        self._head: FrameHead | None = None  # by segment: the head of the next frame, until whole
         self._skip_line = False  # dropping bytes up to the next newline
 
     @property
     def pending(self) -> int:
         """Bytes of an unfinished frame held."""
+        if self._head is not None:
+            return len(self._head)
         return self._filled if self._binary is not None else len(self._line)
 
     def feed(self, data: bytes) -> None:
@@ -188,8 +234,8 @@ class FrameSplitter:
             if self._binary is not None:
                 position = self._fill(view, position)
                 continue
-            if self._big:
-                position = self._take_head(view, position)
+            if self._head is not None:
+                position = self._take_head(self._head, view, position)
                 continue
             if self._skip_line:
                 newline = data.find(b"\n", position)
@@ -229,37 +275,18 @@ class FrameSplitter:
             self._on_frame(bytearray(view[position:position + size]))
             return position + size
         if self._by_segment:
-            return self._segmented(view[position:position + BINARY_PREFIX_BYTES], size, view,
-                                   position + BINARY_PREFIX_BYTES)
+            head = self._head = FrameHead(view[position:position + BINARY_PREFIX_BYTES], size)
+            return self._take_head(head, view, position + BINARY_PREFIX_BYTES)
         self._binary = bytearray(size)
         self._filled = 0
         return self._fill(view, position)
 
-    def _segmented(self, prefix: memoryview | bytes, size: int, view: memoryview, position: int) -> int:
-        """A frame of ``size`` bytes kept by segment: hold its head (``prefix`` and the
-        header, whose rest starts at ``position`` of ``view``) until it is whole."""
-        self._line += prefix
-        self._big = size
-        self._head_left = int.from_bytes(prefix[4:8], "big")
-        return self._take_head(view, position)
-
-    def _take_head(self, view: memoryview, position: int) -> int:
-        taken = view[position:position + self._head_left]
-        self._line += taken
-        self._head_left -= len(taken)
-        position += len(taken)
-        if self._head_left:
+    def _take_head(self, head: FrameHead, view: memoryview, position: int) -> int:
+        position += head.take(view[position:])
+        if not head.whole:
             return position
-        head, size = bytes(self._line), self._big
-        self._line.clear()
-        self._big = 0
-        started = FrameSegments.start(memoryview(head), size)
-        if started is None:  # not a valid header: the frame whole, for its parser to report
-            self._binary = bytearray(size)
-            self._binary[:len(head)] = head
-            self._filled = len(head)
-        else:
-            self._binary, self._filled = started
+        self._head = None
+        self._binary, self._filled = head.frame()
         return self._complete(position)
 
     def _prefix(self, view: memoryview, position: int) -> int:
@@ -282,7 +309,8 @@ class FrameSplitter:
                 self.feed(prefix[newline + 1:])
             return position
         if self._by_segment:
-            return self._segmented(prefix, size, view, position)
+            head = self._head = FrameHead(prefix, size)
+            return self._take_head(head, view, position)
         self._binary = bytearray(size)
         self._binary[:BINARY_PREFIX_BYTES] = prefix
         self._filled = BINARY_PREFIX_BYTES
@@ -310,11 +338,11 @@ class FrameSplitter:
     def close(self) -> None:
         """The stream ended: a last line without its newline is a frame; an unfinished
         binary frame is reported to ``on_error`` and dropped."""
-        if self._binary is not None or self._big:
-            filled, size = (self._filled, len(self._binary)) if self._binary is not None else (len(self._line), self._big)
-            self._on_error(f"the stream ended inside a binary frame: {filled} of its {size} bytes arrived")
-            self._binary = None
-            self._big = self._head_left = 0
+        frame = self._binary if self._binary is not None else self._head
+        if frame is not None:
+            size = frame.size if isinstance(frame, FrameHead) else len(frame)
+            self._on_error(f"the stream ended inside a binary frame: {self.pending} of its {size} bytes arrived")
+            self._binary = self._head = None
         elif self._line[:1] == BINARY_START:
             self._on_error(f"the stream ended inside a binary frame's prefix ({len(self._line)} bytes arrived)")
         elif self._line and not self._skip_line:

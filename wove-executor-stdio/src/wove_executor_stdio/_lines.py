@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wove.errors import ProtocolError
-from wove.framing import BINARY_START, FrameSegments, FrameSplitter
+from wove.framing import BINARY_START, FrameHead, FrameSegments, FrameSplitter
 from wove.protocol import BINARY_PREFIX_BYTES, SplitFrame, binary_frame_size
 
 __all__ = [
@@ -242,8 +242,7 @@ class FrameReader:
         self._prefix = False  # ``_line`` holds the start of a binary prefix
         self._frame: bytearray | FrameSegments | None = None  # the binary frame being filled
         self._filled = 0
-        self._big = 0  # the size of a large frame whose head (prefix and header) ``_line`` holds
-        self._head_left = 0  # bytes of that head still to come
+        self._head: FrameHead | None = None  # a large frame's head, until whole (then by segment)
         self._direct = False  # the last buffer handed out was the frame's
         self._skip = 0  # bytes of an oversized frame still to read past
         self._header = bytearray()  # its header, kept to name its run
@@ -254,6 +253,8 @@ class FrameReader:
     @property
     def pending(self) -> int:
         """Bytes of an unfinished frame held."""
+        if self._head is not None:
+            return len(self._head)
         return self._filled if self._frame is not None else len(self._line)
 
     def get_buffer(self) -> memoryview:
@@ -291,11 +292,9 @@ class FrameReader:
     def close(self) -> bool:
         """The stream ended: a last line without its newline is a frame. Returns False
         when it ended inside a binary frame (which is dropped, with a warning)."""
-        if self._frame is not None or self._skip or self._prefix or self._big:
-            logger.warning("stdio stream ended inside a binary frame: %d bytes of it arrived",
-                           self._filled if self._frame is not None else len(self._line))
-            self._frame = None
-            self._big = 0
+        if self._frame is not None or self._skip or self._prefix or self._head is not None:
+            logger.warning("stdio stream ended inside a binary frame: %d bytes of it arrived", self.pending)
+            self._frame = self._head = None
             return False
         if self._line:
             line = bytes(self._line)
@@ -328,8 +327,8 @@ class FrameReader:
                     if not self._skip:
                         header, self._header = bytes(self._header), bytearray()
                         self._on_frame(Oversized(self._oversized, header))
-                elif self._big:
-                    position = self._take_head(view, position, end)
+                elif self._head is not None:
+                    position = self._take_head(self._head, view, position, end)
                 elif self._prefix or (not self._line and data[position] == 0):
                     position = self._take_prefix(view, position, end)
                 else:
@@ -372,35 +371,20 @@ class FrameReader:
             return position
         head = BINARY_PREFIX_BYTES + int.from_bytes(prefix[4:8], "big")
         if size > REUSE_BYTES and head <= min(size, _OVERSIZED_HEADER):
-            self._line += prefix  # read into one buffer per segment once the header is here
-            self._big, self._head_left = size, head - BINARY_PREFIX_BYTES
-            return self._take_head(view, position, end)
-        self._whole(prefix, size)
+            large = self._head = FrameHead(prefix, size)  # read by segment once the header is here
+            return self._take_head(large, view, position, end)
+        frame = self._buffer(size)
+        frame[:BINARY_PREFIX_BYTES] = prefix
+        self._frame = frame
+        self._filled = BINARY_PREFIX_BYTES
+        self._complete()
         return position
 
-    def _whole(self, head: bytes, size: int) -> None:
-        """Read the frame that starts with ``head`` into one buffer of its ``size``."""
-        frame = self._buffer(size)
-        frame[:len(head)] = head
-        self._frame = frame
-        self._filled = len(head)
-        self._complete()
-
-    def _take_head(self, view: memoryview, position: int, end: int) -> int:
-        taken = min(end - position, self._head_left)
-        self._line += view[position:position + taken]
-        self._head_left -= taken
-        position += taken
-        if self._head_left:
-            return position
-        head, size = bytes(self._line), self._big
-        self._line.clear()
-        self._big = 0
-        started = FrameSegments.start(memoryview(head), size)
-        if started is None:  # not a valid header: the frame whole, for its parser to report
-            self._whole(head, size)
-        else:
-            self._frame, self._filled = started
+    def _take_head(self, head: FrameHead, view: memoryview, position: int, end: int) -> int:
+        position += head.take(view[position:end])
+        if head.whole:
+            self._head = None
+            self._frame, self._filled = head.frame()
             self._complete()
         return position
 
