@@ -62,10 +62,10 @@ class FrameSegments:
     there. A segment read in place costs only the kernel's copy: the buffer it was read
     into is the ``bytes`` that unpickles.
 
-    ``len()`` is the frame's size, :attr:`filled` how many of its bytes arrived.
+    ``len()`` is the frame's size; the reader counts the bytes it passed in.
     """
 
-    __slots__ = ("_at", "_fields", "_head", "_header", "_lengths", "_piece", "_pieces", "_sized", "filled", "size")
+    __slots__ = ("_at", "_fields", "_head", "_header", "_lengths", "_piece", "_pieces", "_sized", "size")
 
     def __init__(self, head: bytes, header: dict[str, Any], fields: list[tuple[str, list[int]]], size: int) -> None:
         self._head, self._header, self._fields, self.size = head, header, fields, size
@@ -74,7 +74,6 @@ class FrameSegments:
         self._piece = io.BytesIO()  # the segment being filled; its position is always ``_at``
         self._at = 0  # bytes of it that arrived
         self._sized = False  # it holds the segment's whole length (for a read in place)
-        self.filled = len(head)
 
     @classmethod
     def start(cls, first: memoryview, size: int) -> tuple[FrameSegments, int] | None:
@@ -102,7 +101,6 @@ class FrameSegments:
 
     def write(self, data: memoryview) -> None:
         """Append ``data`` (the caller keeps within the frame's size)."""
-        self.filled += len(data)
         lengths, pieces = self._lengths, self._pieces
         while True:
             self._settle()
@@ -137,7 +135,6 @@ class FrameSegments:
     def buffer_updated(self, count: int) -> None:
         """``count`` bytes were read into the last buffer of :meth:`get_buffer`."""
         self._at += count
-        self.filled += count
         self._piece.seek(self._at)
 
     def __len__(self) -> int:
