@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import difflib
 import functools
 import inspect
@@ -35,6 +36,7 @@ from .observe import _OBSERVERS, RunInfo
 from .progress import reporter_for
 from .protocol import CANCEL_MODES, CAPABILITY_TASK_YIELD, ORPHAN_POLICIES, TERMINAL_EVENTS
 from .streaming import DEFAULT_STREAM_WINDOW, RunStream, StreamState, stream_not_supported
+from .transport import FrameExecutor
 from .worker import is_async_callable
 
 __all__ = ["CancelMode", "ExecutorRuntime", "OrphanPolicy", "coerce_executor"]
@@ -191,9 +193,10 @@ class ExecutorRuntime:
             env.inline = bool(getattr(executor, "runs_inline", False))
             env.inline_sync = env.inline and bool(getattr(executor, "runs_sync_inline", False))
             env.label = _executor_label(definition, executor)
-            env.receiver = asyncio.get_running_loop().create_task(
-                self._receive(env), name=f"wove-recv:{environment_name}"
-            )
+            loop = asyncio.get_running_loop()
+            if isinstance(executor, FrameExecutor):
+                executor.deliver_events_to(_Inbox(self, env, loop))
+            env.receiver = loop.create_task(self._receive(env), name=f"wove-recv:{environment_name}")
             self._environments[environment_name] = env
 
     async def stop(self) -> None:
@@ -213,6 +216,8 @@ class ExecutorRuntime:
                 await env.executor.send(shutdown)
             except Exception as exc:
                 logger.debug("environment %s: shutdown frame not delivered: %r", env.name, exc)
+            if isinstance(env.executor, FrameExecutor):
+                env.executor.deliver_events_to(None)
             if env.receiver is not None:
                 env.receiver.cancel()
                 await asyncio.gather(env.receiver, return_exceptions=True)
@@ -750,7 +755,8 @@ class ExecutorRuntime:
 
     # -- receiving -------------------------------------------------------------
     async def _receive(self, env: _Environment) -> None:
-        pending = env.pending
+        """Take the executor's events from ``recv()`` until it fails (all of them, unless
+        an :class:`_Inbox` takes them as they arrive: then only the failure)."""
         recv = env.executor.recv
         loop = asyncio.get_running_loop()
         settled = 0
@@ -759,57 +765,113 @@ class ExecutorRuntime:
                 if settled >= _SLICE:
                     settled = 0
                     await asyncio.sleep(0)
-                frame = await recv()
-                frame_type = frame.get("type")
-                if frame_type == "log":
-                    # a run's print()/logging output goes to stderr / the logger of its name
-                    if "run_id" not in frame or not show_output(env.name, frame):
-                        logger.info("environment %s: %s", env.name, frame.get("message"))
-                    continue
-                run = pending.get(frame.get("run_id"))  # type: ignore[arg-type]
-                if run is None:
-                    if self._debug:
-                        logger.debug("environment=%s: %s for finished or unknown run %s",
-                                     env.name, frame_type, frame.get("run_id"))
-                    continue
-                if frame_type == "task_started" or frame_type == "heartbeat":
-                    run.seen(loop)
-                    if _OBSERVERS:
-                        observe._event(run.run_id, frame_type)
-                    continue
-                if frame_type == "task_yield":  # an item of a streamed run (runtime.stream)
-                    run.seen(loop)
-                    stream = env.streams.get(run.run_id)
-                    if stream is not None:
-                        stream.push(frame.get("seq"), frame.get("item"))
-                    continue
-                if self._debug:
-                    logger.debug("environment=%s run_id=%s task_id=%s: %s",
-                                 env.name, run.run_id, run.task_id, frame_type)
-                if frame_type in TERMINAL_EVENTS:
+                if self._handle(env, await recv(), loop):
                     settled += 1
-                    if run.ack is not None and not run.ack.done():
-                        run.ack.set_result(frame_type)
-                    if frame_type == "task_result":
-                        run.settle(result=frame.get("result"))
-                    elif frame_type == "task_cancelled":
-                        run.settle(cancelled=True)
-                    else:
-                        run.settle(error=_exception_from_error(frame, env.name))
-                else:
-                    run.settle(error=RuntimeError(
-                        f"Unknown executor frame type {frame_type!r} from environment '{env.name}' "
-                        f"for run {run.run_id}."
-                    ))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            env.failure = exc
-            executor_name = type(env.executor).__name__
-            logger.error("environment %s: executor %s stopped delivering events: %r", env.name, executor_name, exc)
-            for run in list(pending.values()):
-                run.settle(error=lost_error(run, env.name, executor_name, exc))
+            self._receiver_failed(env, exc)
             raise
+
+    def _handle(self, env: _Environment, frame: dict[str, Any], loop: asyncio.AbstractEventLoop) -> bool:
+        """One event of ``env``'s executor; True when it ended a run."""
+        frame_type = frame.get("type")
+        if frame_type == "log":
+            # a run's print()/logging output goes to stderr / the logger of its name
+            if "run_id" not in frame or not show_output(env.name, frame):
+                logger.info("environment %s: %s", env.name, frame.get("message"))
+            return False
+        run = env.pending.get(frame.get("run_id"))  # type: ignore[arg-type]
+        if run is None:
+            if self._debug:
+                logger.debug("environment=%s: %s for finished or unknown run %s",
+                             env.name, frame_type, frame.get("run_id"))
+            return False
+        if frame_type == "task_started" or frame_type == "heartbeat":
+            run.seen(loop)
+            if _OBSERVERS:
+                observe._event(run.run_id, frame_type)
+            return False
+        if frame_type == "task_yield":  # an item of a streamed run (runtime.stream)
+            run.seen(loop)
+            stream = env.streams.get(run.run_id)
+            if stream is not None:
+                stream.push(frame.get("seq"), frame.get("item"))
+            return False
+        if self._debug:
+            logger.debug("environment=%s run_id=%s task_id=%s: %s", env.name, run.run_id, run.task_id, frame_type)
+        if frame_type not in TERMINAL_EVENTS:
+            run.settle(error=RuntimeError(
+                f"Unknown executor frame type {frame_type!r} from environment '{env.name}' "
+                f"for run {run.run_id}."
+            ))
+            return False
+        if run.ack is not None and not run.ack.done():
+            run.ack.set_result(frame_type)
+        if frame_type == "task_result":
+            run.settle(result=frame.get("result"))
+        elif frame_type == "task_cancelled":
+            run.settle(cancelled=True)
+        else:
+            run.settle(error=_exception_from_error(frame, env.name))
+        return True
+
+    def _receiver_failed(self, env: _Environment, exc: BaseException) -> None:
+        """``env``'s executor stopped delivering events: every pending run fails with ``exc``."""
+        env.failure = exc
+        executor_name = type(env.executor).__name__
+        logger.error("environment %s: executor %s stopped delivering events: %r", env.name, executor_name, exc)
+        for run in list(env.pending.values()):
+            run.settle(error=lost_error(run, env.name, executor_name, exc))
+
+
+class _Inbox:
+    """The events a :class:`~wove.transport.FrameExecutor` hands over as they arrive
+    (:meth:`~wove.transport.FrameExecutor.deliver_events_to`), handled at once: no queue
+    and no wake-up of a receiving task in between. As the receiving task does, it ends at
+    most :data:`_SLICE` runs per loop turn and keeps the rest, in order, for the next."""
+
+    __slots__ = ("_backlog", "_env", "_loop", "_runtime", "_scheduled", "_settled")
+
+    def __init__(self, runtime: ExecutorRuntime, env: _Environment, loop: asyncio.AbstractEventLoop) -> None:
+        self._runtime = runtime
+        self._env = env
+        self._loop = loop
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self._settled = 0
+        self._scheduled = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._backlog or self._settled >= _SLICE:
+            self._backlog.append(event)
+            self._schedule()
+        else:
+            self._take(event)
+
+    def _take(self, event: dict[str, Any]) -> None:
+        env = self._env
+        if env.failure is not None:
+            return  # its runs were failed with it
+        try:
+            if self._runtime._handle(env, event, self._loop):
+                self._settled += 1
+                self._schedule()  # the count starts again on the next turn
+        except Exception as exc:  # as the receiving task would: the environment fails
+            self._runtime._receiver_failed(env, exc)
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._scheduled = False
+        self._settled = 0
+        backlog = self._backlog
+        while backlog and self._settled < _SLICE:
+            self._take(backlog.popleft())
+        if backlog:
+            self._schedule()
 
 
 #: runs an environment's receiver settles before it lets the loop run their callers: a

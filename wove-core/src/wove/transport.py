@@ -24,8 +24,8 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import observe
@@ -161,6 +161,12 @@ class PayloadPolicy:
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     setting: str = "executor_config.max_message_bytes"
     warning_bytes: int | None = DEFAULT_PAYLOAD_WARNING_BYTES
+    #: commands up to this size are neither refused nor warned about
+    quiet_bytes: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        quiet = self.max_bytes if self.warning_bytes is None else min(self.max_bytes, self.warning_bytes)
+        object.__setattr__(self, "quiet_bytes", quiet)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, setting: str = "executor_config.max_message_bytes",
@@ -227,6 +233,8 @@ class FrameExecutor(EnvironmentExecutor):
     """
 
     executor_name = "executor"
+    #: where events go instead of the queue behind ``recv()`` (:meth:`deliver_events_to`)
+    _sink: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(self) -> None:
         self._events: asyncio.Queue[dict[str, Any] | BaseException] | None = None
@@ -256,6 +264,25 @@ class FrameExecutor(EnvironmentExecutor):
             raise item
         return item
 
+    def deliver_events_to(self, sink: Callable[[dict[str, Any]], None] | None) -> None:
+        """Hand each event to ``sink`` as it arrives, instead of queueing it for ``recv()``
+        (``None``: queue again). The runtime attaches one after ``start()``: an event then
+        costs no queue and no wake-up of a receiving task. Events already queued go to
+        ``sink`` first, in order; a failure (what makes ``recv()`` raise) still goes
+        through ``recv()``. ``sink`` runs on the event loop, inside the transport's own
+        callbacks: it must not block or raise.
+        """
+        self._sink = sink
+        queue = self._events
+        if sink is None or queue is None:
+            return
+        while not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, BaseException):  # recv() still raises it
+                queue.put_nowait(item)
+                return
+            sink(item)
+
     def _track(self, frame: dict[str, Any], size: int | None = None) -> InFlight:
         """Record a run_task about to be transmitted; counts the delivery.
 
@@ -276,7 +303,10 @@ class FrameExecutor(EnvironmentExecutor):
         Raises:
             PayloadTooLargeError: over the transport's limit.
         """
-        self._payload.check(frame, size, environment=self._environment, executor=self.executor_name)
+        payload = self._payload
+        if size <= payload.quiet_bytes:  # the usual command: under both sizes
+            return
+        payload.check(frame, size, environment=self._environment, executor=self.executor_name)
 
     def _warn_received(self, events: list[dict[str, Any]], size: int) -> None:
         """After a message of ``size`` bytes arrived: one warning when it is above
@@ -301,7 +331,11 @@ class FrameExecutor(EnvironmentExecutor):
             # a second terminal after a re-delivery (the first delivery finished after all)
             logger.debug("%s: dropping duplicate %s for run %s", self.executor_name, event.get("type"), event.get("run_id"))
             return
-        self._events.put_nowait(event)
+        sink = self._sink
+        if sink is not None:
+            sink(event)
+        else:
+            self._events.put_nowait(event)
 
     def _error(self, entry: InFlight, reason: str, exc: BaseException | None, kind: str | None) -> None:
         if kind is None:
