@@ -21,6 +21,7 @@ from wove.protocol import (
     BINARY_PREFIX_BYTES,
     CAPABILITY_BINARY_FRAMES,
     binary_frame_size,
+    binary_header_size,
     decode_command,
     decode_events,
     encode_binary_parts,
@@ -50,6 +51,12 @@ def test_a_binary_frame_says_its_size_and_is_told_from_json() -> None:
     data = encode_frame(run_frame({"value": 1}), binary=True)
     assert data.startswith(BINARY_MAGIC) and is_binary(data)
     assert binary_frame_size(data[:BINARY_PREFIX_BYTES]) == len(data)
+    header_size = binary_header_size(data[:BINARY_PREFIX_BYTES])
+    assert json.loads(data[BINARY_PREFIX_BYTES:BINARY_PREFIX_BYTES + header_size])["run_id"] == "echo:1"
+    with pytest.raises(ProtocolError, match="Not a binary frame"):
+        binary_header_size(b"{" * BINARY_PREFIX_BYTES)
+    with pytest.raises(ProtocolError, match="starts with 16 bytes; got 4"):
+        binary_header_size(data[:4])
     assert not is_binary(encode_frame(run_frame({"value": 1})))
     header = header_of(data)
     assert header["run_id"] == "echo:1" and set(header["pickles"]) == {"callable_pickle", "args_pickle"}

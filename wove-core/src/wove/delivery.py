@@ -217,6 +217,9 @@ class Run:
               delivery: Delivery) -> Run:
         """A new record, its timer armed when the delivery has a timeout or heartbeat window."""
         now = loop.time()
+        if not delivery.timeout and not delivery.heartbeat:  # the usual run: no timer
+            return cls(run_id, task_id, environment, loop.create_future(), delivery.cancel_mode,
+                       delivery.orphan_policy, None, None, now)
         timeout = float(delivery.timeout) if delivery.timeout else None
         run = cls(
             run_id=run_id,
@@ -230,8 +233,7 @@ class Run:
             last_seen=now,
             timeout=timeout,
         )
-        if run.deadline is not None or run.heartbeat is not None:
-            run.arm(loop)
+        run.arm(loop)
         return run
 
     def cancel_frame(self) -> dict[str, Any]:

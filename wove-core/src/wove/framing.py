@@ -34,6 +34,7 @@ from .protocol import (
     BINARY_PREFIX_BYTES,
     SplitFrame,
     binary_frame_size,
+    binary_header_size,
     chunked_layout,
     split_frame,
 )
@@ -159,7 +160,7 @@ class FrameHead:
         """``prefix``: the frame's first :data:`~wove.protocol.BINARY_PREFIX_BYTES` bytes
         (already checked: :func:`~wove.protocol.binary_frame_size` gave ``size``)."""
         self._data = bytearray(prefix)
-        self._left = int.from_bytes(prefix[4:8], "big")  # the header's length
+        self._left = binary_header_size(prefix)
         self.size = size
 
     def __len__(self) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "ShutdownFrame",
     "SplitFrame",
     "binary_frame_size",
+    "binary_header_size",
     "chunked_layout",
     "decode_command",
     "decode_events",
@@ -476,6 +477,18 @@ def binary_frame_size(prefix: bytes | bytearray | memoryview) -> int:
     if len(prefix) < BINARY_PREFIX_BYTES:
         raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {len(prefix)}")
     return _frame_size(prefix, 0)[0]
+
+
+def binary_header_size(prefix: bytes | bytearray | memoryview) -> int:
+    """The size in bytes of the JSON header of the binary frame that starts with
+    ``prefix`` (its first :data:`BINARY_PREFIX_BYTES` bytes).
+
+    Raises:
+        ProtocolError: as :func:`binary_frame_size` does.
+    """
+    if len(prefix) < BINARY_PREFIX_BYTES:
+        raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {len(prefix)}")
+    return _frame_size(prefix, 0)[1]
 
 
 def _frame_size(data: bytes | bytearray | memoryview, offset: int) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from wove.errors import ProtocolError
 from wove.framing import BINARY_START, FrameHead, FrameSegments, FrameSplitter
-from wove.protocol import BINARY_PREFIX_BYTES, SplitFrame, binary_frame_size
+from wove.protocol import BINARY_PREFIX_BYTES, SplitFrame, binary_frame_size, binary_header_size
 
 __all__ = [
     "BINARY_START",
@@ -186,7 +186,7 @@ async def read_frame(reader: asyncio.StreamReader, *, max_binary_bytes: int | No
 
 
 async def _skip(reader: asyncio.StreamReader, prefix: bytes, size: int) -> Oversized | None:
-    header_size = int.from_bytes(prefix[4:8], "big")
+    header_size = binary_header_size(prefix)
     header = b""
     position = BINARY_PREFIX_BYTES
     if header_size <= _OVERSIZED_HEADER:
@@ -364,12 +364,12 @@ class FrameReader:
         if self._max is not None and size > self._max:
             self._oversized = size
             self._skip = size - BINARY_PREFIX_BYTES
-            header_size = int.from_bytes(prefix[4:8], "big")
+            header_size = binary_header_size(prefix)
             self._header_left = header_size if header_size <= _OVERSIZED_HEADER else 0
             if not self._skip:
                 self._on_frame(Oversized(size, b""))
             return position
-        head = BINARY_PREFIX_BYTES + int.from_bytes(prefix[4:8], "big")
+        head = BINARY_PREFIX_BYTES + binary_header_size(prefix)
         if size > REUSE_BYTES and head <= min(size, _OVERSIZED_HEADER):
             large = self._head = FrameHead(prefix, size)  # read by segment once the header is here
             return self._take_head(large, view, position, end)
