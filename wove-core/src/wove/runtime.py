@@ -787,6 +787,18 @@ class ExecutorRuntime:
                 logger.debug("environment=%s: %s for finished or unknown run %s",
                              env.name, frame_type, frame.get("run_id"))
             return False
+        if self._debug:
+            logger.debug("environment=%s run_id=%s task_id=%s: %s", env.name, run.run_id, run.task_id, frame_type)
+        if frame_type in TERMINAL_EVENTS:  # the usual event first
+            if run.ack is not None and not run.ack.done():
+                run.ack.set_result(frame_type)
+            if frame_type == "task_result":
+                run.settle(result=frame.get("result"))
+            elif frame_type == "task_cancelled":
+                run.settle(cancelled=True)
+            else:
+                run.settle(error=_exception_from_error(frame, env.name))
+            return True
         if frame_type == "task_started" or frame_type == "heartbeat":
             run.seen(loop)
             if _OBSERVERS:
@@ -798,23 +810,10 @@ class ExecutorRuntime:
             if stream is not None:
                 stream.push(frame.get("seq"), frame.get("item"))
             return False
-        if self._debug:
-            logger.debug("environment=%s run_id=%s task_id=%s: %s", env.name, run.run_id, run.task_id, frame_type)
-        if frame_type not in TERMINAL_EVENTS:
-            run.settle(error=RuntimeError(
-                f"Unknown executor frame type {frame_type!r} from environment '{env.name}' "
-                f"for run {run.run_id}."
-            ))
-            return False
-        if run.ack is not None and not run.ack.done():
-            run.ack.set_result(frame_type)
-        if frame_type == "task_result":
-            run.settle(result=frame.get("result"))
-        elif frame_type == "task_cancelled":
-            run.settle(cancelled=True)
-        else:
-            run.settle(error=_exception_from_error(frame, env.name))
-        return True
+        run.settle(error=RuntimeError(
+            f"Unknown executor frame type {frame_type!r} from environment '{env.name}' for run {run.run_id}."
+        ))
+        return False
 
     def _receiver_failed(self, env: _Environment, exc: BaseException) -> None:
         """``env``'s executor stopped delivering events: every pending run fails with ``exc``."""
