@@ -60,6 +60,10 @@ class InProcess(FrameExecutor):
         """An event from the other side, as the transport's reader would pass it on."""
         self._emit(event)
 
+    def fail(self, exc: BaseException) -> None:
+        """The transport broke: ``recv()`` raises ``exc``."""
+        self._fail(exc)
+
     async def stop(self) -> None:
         pass
 
@@ -110,3 +114,17 @@ async def test_events_queued_before_the_runtime_attached_are_not_lost() -> None:
     executor.deliver_events_to(None)
     executor.push({"type": "log", "message": "queued"})
     assert (await asyncio.wait_for(executor.recv(), 5))["message"] == "queued"
+
+
+async def test_a_failure_queued_before_the_runtime_attached_still_reaches_recv_in_its_place() -> None:
+    executor = InProcess()
+    await executor.start(environment_name="here", environment_config={}, run_config={})
+    executor.push({"type": "log", "message": "before"})
+    executor.fail(ConnectionError("the worker went away"))
+    executor.push({"type": "log", "message": "after the failure"})
+    taken: list[dict[str, Any]] = []
+    executor.deliver_events_to(taken.append)
+    assert [event["message"] for event in taken] == ["before"]
+    with pytest.raises(ConnectionError, match="the worker went away"):
+        await asyncio.wait_for(executor.recv(), 5)
+    assert (await asyncio.wait_for(executor.recv(), 5))["message"] == "after the failure"

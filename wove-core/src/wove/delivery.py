@@ -217,23 +217,13 @@ class Run:
               delivery: Delivery) -> Run:
         """A new record, its timer armed when the delivery has a timeout or heartbeat window."""
         now = loop.time()
-        if not delivery.timeout and not delivery.heartbeat:  # the usual run: no timer
-            return cls(run_id, task_id, environment, loop.create_future(), delivery.cancel_mode,
-                       delivery.orphan_policy, None, None, now)
         timeout = float(delivery.timeout) if delivery.timeout else None
-        run = cls(
-            run_id=run_id,
-            task_id=task_id,
-            environment=environment,
-            future=loop.create_future(),
-            cancel_mode=delivery.cancel_mode,
-            orphan_policy=delivery.orphan_policy,
-            heartbeat=float(delivery.heartbeat) if delivery.heartbeat else None,
-            deadline=now + timeout if timeout else None,
-            last_seen=now,
-            timeout=timeout,
-        )
-        run.arm(loop)
+        heartbeat = float(delivery.heartbeat) if delivery.heartbeat else None
+        # positional: the keyword call costs a third more on this hot path
+        run = cls(run_id, task_id, environment, loop.create_future(), delivery.cancel_mode, delivery.orphan_policy,
+                  heartbeat, now + timeout if timeout else None, now, timeout)
+        if timeout or heartbeat:
+            run.arm(loop)
         return run
 
     def cancel_frame(self) -> dict[str, Any]:

@@ -474,9 +474,7 @@ def binary_frame_size(prefix: bytes | bytearray | memoryview) -> int:
         ProtocolError: ``prefix`` is short, not a binary frame, or declares a header
             larger than 64 MiB.
     """
-    if len(prefix) < BINARY_PREFIX_BYTES:
-        raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {len(prefix)}")
-    return _frame_size(prefix, 0)[0]
+    return _prefix_sizes(prefix)[0]
 
 
 def binary_header_size(prefix: bytes | bytearray | memoryview) -> int:
@@ -486,9 +484,14 @@ def binary_header_size(prefix: bytes | bytearray | memoryview) -> int:
     Raises:
         ProtocolError: as :func:`binary_frame_size` does.
     """
+    return _prefix_sizes(prefix)[1]
+
+
+def _prefix_sizes(prefix: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(whole size, header size) of the binary frame whose prefix is ``prefix``."""
     if len(prefix) < BINARY_PREFIX_BYTES:
         raise ProtocolError(f"A binary frame starts with {BINARY_PREFIX_BYTES} bytes; got {len(prefix)}")
-    return _frame_size(prefix, 0)[1]
+    return _frame_size(prefix, 0)
 
 
 def _frame_size(data: bytes | bytearray | memoryview, offset: int) -> tuple[int, int]:

@@ -276,10 +276,11 @@ class FrameExecutor(EnvironmentExecutor):
         queue = self._events
         if sink is None or queue is None:
             return
-        while not queue.empty():
-            item = queue.get_nowait()
-            if isinstance(item, BaseException):  # recv() still raises it
-                queue.put_nowait(item)
+        queued = [queue.get_nowait() for _ in range(queue.qsize())]
+        for index, item in enumerate(queued):
+            if isinstance(item, BaseException):  # recv() still raises it, then gives what followed
+                for rest in queued[index:]:
+                    queue.put_nowait(rest)
                 return
             sink(item)
 

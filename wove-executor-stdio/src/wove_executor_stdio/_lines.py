@@ -361,15 +361,15 @@ class FrameReader:
             return position  # not a binary frame: ``_line`` goes on as a (malformed) line
         prefix = bytes(self._line)
         self._line.clear()
+        header_size = binary_header_size(prefix)
         if self._max is not None and size > self._max:
             self._oversized = size
             self._skip = size - BINARY_PREFIX_BYTES
-            header_size = binary_header_size(prefix)
             self._header_left = header_size if header_size <= _OVERSIZED_HEADER else 0
             if not self._skip:
                 self._on_frame(Oversized(size, b""))
             return position
-        head = BINARY_PREFIX_BYTES + binary_header_size(prefix)
+        head = BINARY_PREFIX_BYTES + header_size
         if size > REUSE_BYTES and head <= min(size, _OVERSIZED_HEADER):
             large = self._head = FrameHead(prefix, size)  # read by segment once the header is here
             return self._take_head(large, view, position, end)
