@@ -77,6 +77,17 @@ async def test_call_runs_sync_and_async_functions() -> None:
         assert runtime.is_local_environment("here")
 
 
+async def test_a_local_sync_task_raising_stop_iteration_fails_without_hanging_later_calls() -> None:
+    def exhausted() -> int:
+        return next(iter([]))
+
+    async with ExecutorRuntime({"here": {"executor": "local"}}, {}) as runtime:
+        with pytest.raises(RuntimeError, match="StopIteration") as caught:
+            await asyncio.wait_for(runtime.call("here", exhausted), 5)
+        assert isinstance(caught.value.__cause__, StopIteration)
+        assert await asyncio.wait_for(runtime.call("here", divmod, 7, 2), 5) == (3, 1)
+
+
 async def test_run_task_seed_signature_and_default_environment() -> None:
     async with ExecutorRuntime({"a": {"executor": "local"}}, {"default_environment": "a"}) as runtime:
         result = await runtime.run_task(task_name="t", task_func=lambda x: x + 1, task_args={"x": 1}, task_info={})

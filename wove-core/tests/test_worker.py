@@ -184,3 +184,82 @@ async def test_the_same_run_delivered_twice_reaches_both_deliveries() -> None:
     assert (await first.terminal("r:1"))["result"] == "once"
     assert (await second.terminal("r:1"))["result"] == "once"
     await engine.aclose()
+
+
+def exhausted() -> None:
+    next(iter(()))  # raises StopIteration
+
+
+async def test_a_sync_task_raising_stop_iteration_fails_and_later_runs_still_finish() -> None:
+    # An asyncio future refuses StopIteration (TypeError before Python 3.13): the thread's
+    # outcome must still reach the loop, or this run and every later sync run would hang.
+    engine, sink = WorkerEngine(), Collector()
+    await engine.submit(frame("x:1", exhausted), sink)
+    error = await sink.terminal("x:1")
+    assert error["type"] == "task_error" and error["error"]["kind"] == "RuntimeError"
+    assert isinstance(error["exception"].__cause__, StopIteration)
+    assert "StopIteration" in error["error"]["message"]
+    await engine.submit(frame("x:2", absolute, {"x": -3}), sink)
+    assert (await sink.terminal("x:2"))["result"] == 3
+    await engine.aclose()
+
+
+async def test_a_sync_task_stopping_in_an_engine_workers_own_pool_fails_too() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        engine, sink = WorkerEngine(threads=pool), Collector()
+        await engine.submit(frame("y:1", exhausted), sink)
+        error = await sink.terminal("y:1")
+        assert error["error"]["kind"] == "RuntimeError" and isinstance(error["exception"].__cause__, StopIteration)
+        await engine.aclose()
+
+
+def returns_a_coroutine(x: int) -> Any:
+    async def later() -> int:
+        print("awaited", x)
+        await asyncio.sleep(0.01)
+        return x + 1
+
+    print("called", x)
+    return later()
+
+
+async def test_a_sync_callable_returning_an_awaitable_is_awaited_with_its_output_captured() -> None:
+    engine, sink = WorkerEngine(), Collector()
+    await engine.submit(frame("r:1", returns_a_coroutine, {"x": 4}, delivery_capture_output=True), sink)
+    assert (await sink.terminal("r:1"))["result"] == 5
+    lines = "".join(e["message"] for e in sink.events if e["type"] == "log" and e.get("run_id") == "r:1")
+    assert lines == "called 4\nawaited 4\n"
+    assert sink.of("r:1")[-1] == "task_result"  # the output went before the terminal event
+    await engine.aclose()
+
+
+async def test_cancelling_a_running_sync_run_frees_its_slot_at_once() -> None:
+    engine, sink = WorkerEngine(max_concurrency=1), Collector()
+    release = threading.Event()
+    await engine.submit(frame("b:1", release.wait, {"timeout": 10}), sink)
+    await asyncio.sleep(0.05)
+    assert engine.cancel("b:1") is True
+    assert (await sink.terminal("b:1"))["type"] == "task_cancelled"
+    await engine.submit(frame("b:2", absolute, {"x": -1}), sink)  # the one slot is free again
+    assert (await sink.terminal("b:2"))["result"] == 1
+    release.set()  # the abandoned call finishes in its thread; its result goes nowhere
+    await asyncio.sleep(0.05)
+    assert sink.of("b:1").count("task_cancelled") == 1 and "task_result" not in sink.of("b:1")
+    await engine.aclose()
+
+
+async def test_a_sync_run_in_progress_at_shutdown_ends_by_its_policy() -> None:
+    engine, sink = WorkerEngine(), Collector()
+    release = threading.Event()
+    await engine.submit(frame("d:1", release.wait, {"timeout": 10}, delivery_orphan_policy="detach"), sink)
+    await engine.submit(frame("f:1", release.wait, {"timeout": 10}, delivery_orphan_policy="fail"), sink)
+    await asyncio.sleep(0.05)
+    stopping = asyncio.ensure_future(engine.shutdown(grace=5.0))
+    await asyncio.sleep(0.05)
+    assert (await sink.terminal("f:1"))["error"]["kind"] == "DeliveryOrphanedError"
+    assert not stopping.done(), "a detached sync run is waited for within the grace"
+    release.set()
+    await asyncio.wait_for(stopping, 5)
+    assert (await sink.terminal("d:1"))["result"] is True

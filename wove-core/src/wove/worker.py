@@ -68,7 +68,7 @@ from . import observe
 from ._capture import RunCapture, activate, deactivate
 from ._gate import Gate
 from ._memory import release_large_buffers
-from ._threads import DaemonThreadPool
+from ._threads import DaemonThreadPool, call_in_thread
 from .errors import ProtocolError
 from .observe import _OBSERVERS, ExecutionInfo
 from .protocol import (
@@ -119,7 +119,8 @@ class _Execution:
     key: str | None
     policy: str
     subscribers: dict[str, tuple[str, Sink]] = field(default_factory=dict)
-    task: asyncio.Task[None] | None = None
+    #: what runs it: its task, or for a quick sync run the pool's future of its call
+    task: asyncio.Future[Any] | None = None
     heartbeat: asyncio.TimerHandle | None = None
     #: capture the run's print() and logging output (``delivery_capture_output``)
     capture: bool = False
@@ -316,7 +317,7 @@ class WorkerEngine:
         """
         self._closing = True
         executions = {id(e): e for e in self._runs.values()}.values()
-        waiting: list[asyncio.Task[None]] = []
+        waiting: list[asyncio.Future[Any]] = []
         for execution in list(executions):
             effective = policy or execution.policy
             if effective == "detach":
@@ -393,7 +394,7 @@ class WorkerEngine:
         if isinstance(threads, DaemonThreadPool):  # results come back in batches
             result = await threads.run(call)
         else:  # an engine worker's own pool
-            result = await asyncio.get_running_loop().run_in_executor(threads, call)
+            result = await asyncio.get_running_loop().run_in_executor(threads, call_in_thread, call)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -437,9 +438,62 @@ class WorkerEngine:
         heartbeat = delivery.get("delivery_heartbeat_seconds")
         if isinstance(heartbeat, (int, float)) and heartbeat > 0:
             self._schedule_heartbeat(execution, max(float(heartbeat) / 3.0, 0.01))
-        execution.task = asyncio.get_running_loop().create_task(
-            self._execute(execution, frame["callable"], frame.get("args") or {})
-        )
+        func, args = frame["callable"], frame.get("args") or {}
+        if (execution.credit is None and execution.observed is None and not _is_async(func)
+                and isinstance(threads := self._pool(), DaemonThreadPool) and self._slots.try_acquire()):
+            self._start_sync(execution, threads, func, args)
+        else:
+            execution.task = asyncio.get_running_loop().create_task(self._execute(execution, func, args))
+
+    def _start_sync(self, execution: _Execution, threads: DaemonThreadPool, func: Callable[..., Any],
+                    args: dict[str, Any]) -> None:
+        """A sync run that holds a slot and needs no task around its call (no observer, not
+        streamed): handed to the pool at once, in a copy of this context (where its capture
+        is the current one), and finished by a callback on the loop (a task's creation, its
+        two steps and two coroutine frames are a third of what the loop spends on a quick
+        sync run; docs/performance.md). Cancelling :attr:`_Execution.task`, the pool's
+        future, ends it as cancelling a task does."""
+        context = contextvars.copy_context()
+        capture = None
+        if execution.capture:
+            capture = self._capture(execution)
+            context.run(activate, capture)
+        self._announce_start(execution)
+        future = threads.run(functools.partial(context.run, func, **args))
+        execution.task = future
+        future.add_done_callback(functools.partial(self._sync_done, execution, context, capture))
+
+    def _sync_done(self, execution: _Execution, context: contextvars.Context, capture: RunCapture | None,
+                   future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            event: dict[str, Any] = {"type": "task_cancelled"}
+        elif (exc := future.exception()) is not None:
+            event = _task_error(exc)
+        else:
+            result = future.result()
+            if inspect.isawaitable(result):  # a sync callable that returned an awaitable: awaited in a task
+                loop = asyncio.get_running_loop()  # (of the run's context, where its capture is current)
+                execution.task = context.run(loop.create_task, self._await_result(execution, capture, result))
+                return
+            event = {"type": "task_result", "result": result}
+        self._end_sync(execution, capture, event)
+
+    async def _await_result(self, execution: _Execution, capture: RunCapture | None, awaitable: Any) -> None:
+        event: dict[str, Any] | None = None
+        try:
+            event = {"type": "task_result", "result": await awaitable}
+        except asyncio.CancelledError:
+            event = {"type": "task_cancelled"}
+        except BaseException as exc:
+            event = _task_error(exc)
+        finally:
+            self._end_sync(execution, capture, event)
+
+    def _end_sync(self, execution: _Execution, capture: RunCapture | None, event: dict[str, Any] | None) -> None:
+        self._slots.release()
+        if capture is not None:
+            capture.flush(final=True)  # the output goes before the terminal event
+        self._finish(execution, event)
 
     def _attach(self, run_id: str, task_id: str, key: str | None, sink: Sink) -> bool:
         execution = self._runs.get(run_id) or (self._by_key.get(key) if key is not None else None)
@@ -551,9 +605,7 @@ class WorkerEngine:
                 await slots.acquire()
             token = activate(capture) if capture is not None else None
             try:
-                if self._announce:
-                    for run_id, (task_id, sink) in list(execution.subscribers.items()):
-                        self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
+                self._announce_start(execution)
                 if execution.credit is not None:
                     await self._stream(execution, func, args)
                     result = None
@@ -569,37 +621,47 @@ class WorkerEngine:
         except asyncio.CancelledError:
             event = {"type": "task_cancelled"}
         except BaseException as exc:  # a task's SystemExit is its error, not the worker's
-            event = {"type": "task_error", "exception": exc, "error": normalize_exception(exc, source="task")}
+            event = _task_error(exc)
         finally:
             if capture is not None:
                 capture.flush(final=True)  # the output goes before the terminal event
             if observed is not None:
                 _execution_finished(observed, event)
-            if execution.heartbeat is not None:
-                execution.heartbeat.cancel()
-            self._admission.release()
-            if execution.key is not None and self._by_key.get(execution.key) is execution:
-                del self._by_key[execution.key]
-            if (event is not None and event["type"] != "task_cancelled" and self._cache_size > 0
-                    and execution.credit is None):
-                keys = [execution.key] if execution.key is not None else []
-                if self._remember_run_ids:
-                    keys.extend(f"run:{run_id}" for run_id in execution.subscribers)
-                if keys:
-                    self._remember(keys, event)
-            subscribers = execution.subscribers
-            if event is not None and len(subscribers) == 1:
-                run_id, (task_id, sink) = next(iter(subscribers.items()))
+            self._finish(execution, event)
+
+    def _announce_start(self, execution: _Execution) -> None:
+        if self._announce:
+            for run_id, (task_id, sink) in list(execution.subscribers.items()):
+                self._safe(sink, {"type": "task_started", "run_id": run_id, "task_id": task_id})
+
+    def _finish(self, execution: _Execution, event: dict[str, Any] | None) -> None:
+        """An execution ended with ``event`` (None: it produced none): release what it held,
+        keep the event for re-deliveries, send it to every run attached."""
+        if execution.heartbeat is not None:
+            execution.heartbeat.cancel()
+        self._admission.release()
+        if execution.key is not None and self._by_key.get(execution.key) is execution:
+            del self._by_key[execution.key]
+        if (event is not None and event["type"] != "task_cancelled" and self._cache_size > 0
+                and execution.credit is None):
+            keys = [execution.key] if execution.key is not None else []
+            if self._remember_run_ids:
+                keys.extend(f"run:{run_id}" for run_id in execution.subscribers)
+            if keys:
+                self._remember(keys, event)
+        subscribers = execution.subscribers
+        if event is not None and len(subscribers) == 1:
+            run_id, (task_id, sink) = next(iter(subscribers.items()))
+            self._runs.pop(run_id, None)
+            event["run_id"] = run_id
+            event["task_id"] = task_id
+            self._safe(sink, event)
+        else:
+            for run_id, (task_id, sink) in list(subscribers.items()):
                 self._runs.pop(run_id, None)
-                event["run_id"] = run_id
-                event["task_id"] = task_id
-                self._safe(sink, event)
-            else:
-                for run_id, (task_id, sink) in list(subscribers.items()):
-                    self._runs.pop(run_id, None)
-                    if event is not None:
-                        self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
-            subscribers.clear()
+                if event is not None:
+                    self._safe(sink, {**event, "run_id": run_id, "task_id": task_id})
+        subscribers.clear()
 
     async def _stream(self, execution: _Execution, func: Any, args: dict[str, Any]) -> None:
         """Drive a streamed run's generator under credit (module docstring); returns None."""
@@ -608,7 +670,8 @@ class WorkerEngine:
         if inspect.isasyncgenfunction(func) or _is_async(func):
             source = func(**args)
         else:
-            source = await loop.run_in_executor(self._pool(), functools.partial(context.run, func, **args))
+            source = await loop.run_in_executor(self._pool(),
+                                                functools.partial(context.run, call_in_thread, func, **args))
         if inspect.isawaitable(source) and not hasattr(source, "__anext__"):
             source = await source
         is_async = hasattr(source, "__anext__")
@@ -674,6 +737,10 @@ class WorkerEngine:
             sink(event)
         except Exception:
             logger.exception("%s: could not deliver %s for run %s", self.name, event.get("type"), event.get("run_id"))
+
+
+def _task_error(exc: BaseException) -> dict[str, Any]:
+    return {"type": "task_error", "exception": exc, "error": normalize_exception(exc, source="task")}
 
 
 def _execution_finished(observed: ExecutionInfo, event: dict[str, Any] | None) -> None:
