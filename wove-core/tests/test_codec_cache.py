@@ -135,3 +135,22 @@ def test_events_round_trip(event: dict[str, Any]) -> None:
     else:
         assert decoded == event
     assert json.loads(encode_event(event))["type"] == event["type"]
+
+
+@pytest.mark.parametrize("ids", [("t:1", "t"), ('qu"ote\\:1', "t\n"), ("ü:1", "ü")])
+@pytest.mark.parametrize("result", [5, None, {"a": [1, 2.5, b"x"]}, tasks.ContractTaskError("as a value")])
+def test_the_usual_result_event_is_encoded_as_the_general_encoder_does(ids: tuple[str, str], result: Any) -> None:
+    run_id, task_id = ids
+    engine_shaped = {"type": "task_result", "result": result, "run_id": run_id, "task_id": task_id}
+    other_order = {"type": "task_result", "run_id": run_id, "task_id": task_id, "result": result}  # general path
+    fast, general = encode_event(engine_shaped), encode_event(other_order)
+    assert fast == general  # byte for byte
+    assert list(json.loads(fast)) == ["type", "run_id", "task_id", "result_pickle"]
+    [decoded] = decode_events(fast)
+    assert decoded["run_id"] == run_id and decoded["task_id"] == task_id
+
+
+def test_an_unpicklable_usual_result_still_becomes_a_task_error() -> None:
+    [event] = decode_events(encode_event({"type": "task_result", "result": threading.Lock(), "run_id": "t:1",
+                                          "task_id": "t"}))
+    assert event["type"] == "task_error" and "cannot be sent back" in event["error"]["message"]

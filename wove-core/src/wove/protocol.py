@@ -372,14 +372,30 @@ def _run_task_json(frame: dict[str, Any]) -> str | None:
             f'"delivery":{settings},"callable_pickle":"{func}","args_pickle":"{args}"}}')
 
 
+_RESULT_FIELDS = ("type", "result", "run_id", "task_id")
+
+
+def _result_json(frame: dict[str, Any]) -> str | None:
+    """The JSON of a task_result in the worker engine's own shape, built without the
+    general encoder (byte-identical to it), or None for any other frame."""
+    if len(frame) != 4 or tuple(frame) != _RESULT_FIELDS or frame["type"] != "task_result":
+        return None
+    run_id, task_id = frame["run_id"], frame["task_id"]
+    if type(run_id) is not str or type(task_id) is not str:
+        return None
+    result = _pickled_text("result", frame["result"], frame)
+    return (f'{{"type":"task_result","run_id":{_json_string(run_id)},"task_id":{_json_string(task_id)},'
+            f'"result_pickle":"{result}"}}')
+
+
 def encode_frame(frame: dict[str, Any], *, binary: bool = False) -> bytes:
     """Encode one command or event frame as compact UTF-8 JSON (no trailing newline), or,
     with ``binary``, as one binary frame (:func:`encode_binary_parts`, joined)."""
     if binary:
         return b"".join(encode_binary_parts(frame))
-    command = _run_task_json(frame)
-    if command is not None:
-        return command.encode("utf-8")
+    usual = _run_task_json(frame) if frame.get("type") == "run_task" else _result_json(frame)
+    if usual is not None:
+        return usual.encode("utf-8")
     wire, pickles = _pack(frame)
     text = _header_json(wire)
     if pickles and text != "{}":
