@@ -232,6 +232,22 @@ async def test_events_map_to_results_and_exceptions() -> None:
     assert not executor.cancels(), "an executor-reported cancellation needs no cancel_task"
 
 
+async def test_a_worker_reporting_stop_iteration_fails_that_call_alone() -> None:
+    # A Wove 2.x worker that runs a sync task on its loop sends the StopIteration it raised;
+    # an asyncio future refuses one, so the call fails with RuntimeError (its cause) instead.
+    executor = ScriptedExecutor()
+    async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:
+        calls = [asyncio.ensure_future(runtime.call("a", noop)) for _ in range(2)]
+        frames = await wait_for_runs(executor, 2)
+        await executor.events.put({"type": "task_error", "run_id": frames[0]["run_id"], "task_id": frames[0]["task_id"],
+                                   "exception": StopIteration("gone"), "error": {"kind": "StopIteration"}})
+        await executor.events.put({"type": "task_result", "run_id": frames[1]["run_id"],
+                                   "task_id": frames[1]["task_id"], "result": 2})
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert isinstance(results[0], RuntimeError) and isinstance(results[0].__cause__, StopIteration)
+    assert results[1] == 2
+
+
 async def test_receiver_death_fails_pending_runs_fast_and_later_ones_too() -> None:
     executor = ScriptedExecutor()
     async with ExecutorRuntime({"a": {"executor": executor}}, {}) as runtime:

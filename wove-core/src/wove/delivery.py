@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._capture import HOST
+from ._threads import stop_iteration_error
 from .config import check_choice
 from .errors import (
     DeliveryOrphanedError,
@@ -248,7 +249,8 @@ class Run:
         if cancelled:
             self.future.cancel()
         elif error is not None:
-            self.future.set_exception(error)
+            # a Wove 2.x worker reports the StopIteration a sync task raised; a future refuses one
+            self.future.set_exception(stop_iteration_error(error) if isinstance(error, StopIteration) else error)
         else:
             self.future.set_result(result)
 
