@@ -240,7 +240,7 @@ class DaemonThreadPool(Executor):
 
 def _call_with(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], T]:
     def call() -> T:
-        return call_in_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
     return call
 
