@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -263,3 +264,19 @@ async def test_a_sync_run_in_progress_at_shutdown_ends_by_its_policy() -> None:
     release.set()
     await asyncio.wait_for(stopping, 5)
     assert (await sink.terminal("d:1"))["result"] is True
+
+
+def returns_a_slow_coroutine() -> Any:
+    async def later() -> str:
+        await asyncio.sleep(0.2)
+        return "finished"
+
+    time.sleep(0.1)  # drain starts while the call still runs in its thread
+    return later()
+
+
+async def test_drain_waits_for_the_awaitable_a_sync_callable_returned() -> None:
+    engine, sink = WorkerEngine(), Collector()
+    await engine.submit(frame("a:1", returns_a_slow_coroutine), sink)
+    await asyncio.wait_for(engine.drain(grace=5.0), 5)
+    assert (await sink.terminal("a:1"))["result"] == "finished"

@@ -355,9 +355,16 @@ class WorkerEngine:
         :meth:`shutdown` does: a terminal event for every run but ``requeue`` ones, which
         end silently so their clients deliver them elsewhere)."""
         self._closing = True
-        running = {execution.task for execution in self._runs.values() if execution.task is not None}
-        if running and grace > 0:
-            await asyncio.wait(running, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        waited: set[asyncio.Future[Any]] = set()
+        while True:  # again for what started meanwhile: a sync callable's awaitable goes on in a new task
+            running = {execution.task for execution in self._runs.values() if execution.task is not None} - waited
+            left = deadline - loop.time()
+            if not running or left <= 0:
+                break
+            await asyncio.wait(running, timeout=left)
+            waited |= running
         await self.shutdown(grace=0.0)
 
     async def run_inline(self, func: Callable[..., Any], args: dict[str, Any]) -> Any:
