@@ -154,3 +154,30 @@ def test_an_unpicklable_usual_result_still_becomes_a_task_error() -> None:
     [event] = decode_events(encode_event({"type": "task_result", "result": threading.Lock(), "run_id": "t:1",
                                           "task_id": "t"}))
     assert event["type"] == "task_error" and "cannot be sent back" in event["error"]["message"]
+
+
+def triple(x: int) -> int:
+    return x * 3
+
+
+def test_the_usual_command_decodes_as_the_general_path_does() -> None:
+    wire = encode_frame(run_frame(triple, {"x": 2}))
+    first = decode_command(wire)  # the callable is new: the general path decodes (and caches) it
+    again = decode_command(wire)  # now the usual command's fast path
+    assert again == first and again["callable"] is first["callable"] and again["callable"](**again["args"]) == 6
+    assert set(again) == {"type", "run_id", "task_id", "delivery", "callable", "args"}
+
+
+@pytest.mark.parametrize(("args_pickle", "error"), [
+    ("bm90IGEgcGlja2xl", "does not unpickle"),  # base64 of b"not a pickle"
+    ("gAVLBy4=", "must unpickle to a dict"),  # pickle of 7
+    (7, "must be a base64 string"),
+])
+def test_a_usual_looking_command_with_bad_arguments_gets_the_general_error(args_pickle: Any, error: str) -> None:
+    from wove.errors import ProtocolError
+
+    good = json.loads(encode_frame(run_frame(triple, {"x": 2})))
+    decode_command(dict(good))  # the callable is cached: the fast path is taken first
+    with pytest.raises(ProtocolError, match=error) as caught:
+        decode_command({**good, "args_pickle": args_pickle})
+    assert caught.value.run_id == "t:1"  # type: ignore[attr-defined]

@@ -791,6 +791,33 @@ def _require_str(obj: dict[str, Any], key: str, frame_type: str) -> str:
     return value
 
 
+#: a run_task as this runtime's client writes it (``_run_task_json``)
+_USUAL_COMMAND = ("type", "run_id", "task_id", "delivery", "callable_pickle", "args_pickle")
+
+
+def _usual_command(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The usual run_task decoded without the general checks: a callable decoded before
+    (cached), arguments that unpickle to a dict; None for anything else, which the general
+    path decodes (or refuses, with its errors)."""
+    run_id, task_id, delivery = obj["run_id"], obj["task_id"], obj["delivery"]
+    if (obj["type"] != "run_task" or type(run_id) is not str or not run_id or type(task_id) is not str
+            or type(delivery) is not dict):
+        return None
+    text = obj["callable_pickle"]
+    func = _DECODED.get(text) if type(text) is str else None
+    args_text = obj["args_pickle"]
+    if func is None or type(args_text) is not str:
+        return None
+    try:
+        args = dispatch.loads_b64(args_text)
+    except Exception:  # the general path says what is wrong with it
+        return None
+    if type(args) is not dict:
+        return None
+    return {"type": "run_task", "run_id": run_id, "task_id": task_id, "delivery": delivery, "callable": func,
+            "args": args}
+
+
 def decode_command(data: bytes | str | SplitFrame | dict[str, Any]) -> dict[str, Any]:
     """Decode one command frame from the wire (already-verified bytes, or parsed JSON).
 
@@ -800,6 +827,10 @@ def decode_command(data: bytes | str | SplitFrame | dict[str, Any]) -> dict[str,
             ``task_error`` for that run.
     """
     obj = parse_frames(data) if isinstance(data, _RECEIVED) else data
+    if type(obj) is dict and len(obj) == 6 and tuple(obj) == _USUAL_COMMAND:
+        frame = _usual_command(obj)
+        if frame is not None:
+            return frame
     if not isinstance(obj, dict):
         raise ProtocolError(f"A command must be a JSON object, got {type(obj).__name__}")
     frame_type = obj.get("type")
