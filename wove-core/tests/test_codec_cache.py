@@ -181,3 +181,38 @@ def test_a_usual_looking_command_with_bad_arguments_gets_the_general_error(args_
     with pytest.raises(ProtocolError, match=error) as caught:
         decode_command({**good, "args_pickle": args_pickle})
     assert caught.value.run_id == "t:1"  # type: ignore[attr-defined]
+
+
+UNPICKLED: list[int] = []
+
+
+def _counted() -> int:
+    UNPICKLED.append(1)
+    return 7
+
+
+class CountsItsUnpickling:
+    def __reduce__(self) -> Any:
+        return (_counted, ())
+
+
+def test_usual_looking_arguments_are_unpickled_once_even_when_refused() -> None:
+    import base64
+    import sys
+
+    import cloudpickle
+
+    from wove.errors import ProtocolError
+
+    good = json.loads(encode_frame(run_frame(triple, {"x": 2})))
+    decode_command(dict(good))  # the callable is cached: the fast path is taken first
+    module = sys.modules[__name__]
+    cloudpickle.unregister_pickle_by_value(module)  # by reference: the count is this module's own list
+    try:
+        counted = base64.b64encode(cloudpickle.dumps(CountsItsUnpickling())).decode("ascii")
+    finally:
+        cloudpickle.register_pickle_by_value(module)
+    UNPICKLED.clear()
+    with pytest.raises(ProtocolError, match="must unpickle to a dict of keyword arguments, got int"):
+        decode_command({**good, "args_pickle": counted})
+    assert UNPICKLED == [1]

@@ -749,19 +749,26 @@ def unpack_frame(wire: dict[str, Any]) -> dict[str, Any]:
             if cached is not None:
                 frame[field] = cached
                 continue
-        try:
-            frame[field] = dispatch.loads_b64(text)
-            if field == "callable":
-                _DECODED.remember(text, frame[field])
-        except MissingDispatchFeatureError:
-            raise
-        except (binascii.Error, ValueError) as exc:
-            raise ProtocolError(f"Field '{wire_field}' is not valid base64: {exc}") from exc
-        except Exception as exc:
-            raise ProtocolError(
-                f"Field '{wire_field}' does not unpickle: {type(exc).__name__}: {exc}"
-            ) from exc
+        frame[field] = _loads_text(wire_field, text)
+        if field == "callable":
+            _DECODED.remember(text, frame[field])
     return frame
+
+
+def _loads_text(wire_field: str, text: str) -> Any:
+    """Unpickle a base64 ``*_pickle`` field.
+
+    Raises:
+        ProtocolError: the text is not base64, or does not unpickle.
+    """
+    try:
+        return dispatch.loads_b64(text)
+    except MissingDispatchFeatureError:
+        raise
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"Field '{wire_field}' is not valid base64: {exc}") from exc
+    except Exception as exc:
+        raise ProtocolError(f"Field '{wire_field}' does not unpickle: {type(exc).__name__}: {exc}") from exc
 
 
 def _load_segment(field: str, wire_field: str, segment: _Segment) -> Any:
@@ -796,9 +803,13 @@ _USUAL_COMMAND = ("type", "run_id", "task_id", "delivery", "callable_pickle", "a
 
 
 def _usual_command(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """The usual run_task decoded without the general checks: a callable decoded before
-    (cached), arguments that unpickle to a dict; None for anything else, which the general
-    path decodes (or refuses, with its errors)."""
+    """The usual run_task (string ids, a delivery object, a callable decoded before, so
+    cached, and base64 arguments) decoded with fewer steps; None, before anything is
+    unpickled, for any other shape, which the general path decodes.
+
+    Raises:
+        ProtocolError: as the general path, for arguments that do not unpickle to a dict.
+    """
     run_id, task_id, delivery = obj["run_id"], obj["task_id"], obj["delivery"]
     if (obj["type"] != "run_task" or type(run_id) is not str or not run_id or type(task_id) is not str
             or type(delivery) is not dict):
@@ -808,12 +819,16 @@ def _usual_command(obj: dict[str, Any]) -> dict[str, Any] | None:
     args_text = obj["args_pickle"]
     if func is None or type(args_text) is not str:
         return None
-    try:
-        args = dispatch.loads_b64(args_text)
-    except Exception:  # the general path says what is wrong with it
-        return None
-    if type(args) is not dict:
-        return None
+    try:  # unpickled once, whatever comes of it
+        args = _loads_text("args_pickle", args_text)
+        if args is None:
+            args = {}
+        elif not isinstance(args, dict):
+            raise ProtocolError(f"'args' must unpickle to a dict of keyword arguments, got {type(args).__name__}")
+    except ProtocolError as exc:
+        exc.run_id = run_id  # type: ignore[attr-defined]
+        exc.task_id = task_id  # type: ignore[attr-defined]
+        raise
     return {"type": "run_task", "run_id": run_id, "task_id": task_id, "delivery": delivery, "callable": func,
             "args": args}
 
