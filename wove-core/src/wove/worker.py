@@ -457,7 +457,7 @@ class WorkerEngine:
         """A sync run that holds a slot and needs no task around its call (no observer, not
         streamed): handed to the pool at once, in a copy of this context (where its capture
         is the current one), and finished by a callback on the loop (a task's creation, its
-        two steps and two coroutine frames are a third of what the loop spends on a quick
+        two steps and two coroutine frames were an eighth of what the loop spent on a quick
         sync run; docs/performance.md). Cancelling :attr:`_Execution.task`, the pool's
         future, ends it as cancelling a task does."""
         context = contextvars.copy_context()
@@ -466,7 +466,11 @@ class WorkerEngine:
             capture = self._capture(execution)
             context.run(activate, capture)
         self._announce_start(execution)
-        future = threads.run(functools.partial(context.run, func, **args))
+        try:
+            future = threads.run(functools.partial(context.run, func, **args))
+        except RuntimeError as exc:  # a pool shut down under it: the run fails, as it would in a task
+            self._end_sync(execution, capture, _task_error(exc))
+            return
         execution.task = future
         future.add_done_callback(functools.partial(self._sync_done, execution, context, capture))
 
