@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-__all__ = ["DaemonThreadPool", "call_in_thread", "stop_iteration_error"]
+__all__ = ["DaemonThreadPool", "call_in_thread", "future_exception"]
 
 T = TypeVar("T")
 
@@ -170,14 +170,14 @@ class DaemonThreadPool(Executor):
                     try:
                         result = fn(*args, **kwargs)
                     except BaseException as exc:
-                        future.set_exception(stop_iteration_error(exc) if isinstance(exc, StopIteration) else exc)
+                        future.set_exception(future_exception(exc))
                     else:
                         future.set_result(result)
             elif not future.cancelled():
                 try:
                     outcome = (future, True, fn(*args, **kwargs))
                 except BaseException as exc:
-                    outcome = (future, False, stop_iteration_error(exc) if isinstance(exc, StopIteration) else exc)
+                    outcome = (future, False, future_exception(exc))
                 finished.append(outcome)
                 if not self._signalled:  # the first of a batch wakes the loop; the rest ride along
                     self._signalled = True
@@ -245,15 +245,17 @@ def _call_with(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, An
     return call
 
 
-def stop_iteration_error(exc: StopIteration) -> RuntimeError:
-    """What a call that raised ``exc`` raises once its result crosses into asyncio.
+def future_exception(exc: BaseException) -> BaseException:
+    """``exc`` as an asyncio future can hold it: itself, but for a ``StopIteration``.
 
     An asyncio future refuses a ``StopIteration`` (``TypeError`` from ``set_exception``
     before Python 3.13, where the future handing a thread's outcome to the loop would then
     never resolve), and a coroutine turns one into ``RuntimeError`` (PEP 479). A sync task
-    that raises it (``next()`` on an exhausted iterator, say) fails with this
-    ``RuntimeError`` instead, the original as its ``__cause__``, as Python 3.13 does.
+    that raises it (``next()`` on an exhausted iterator, say) fails with a ``RuntimeError``
+    instead, the original as its ``__cause__``, as Python 3.13 does.
     """
+    if not isinstance(exc, StopIteration):
+        return exc
     error = RuntimeError(
         f"The call raised StopIteration({', '.join(map(repr, exc.args))}), which cannot cross an await "
         "(PEP 479); it is this error's __cause__. Catch it in the task and return or raise something else."
@@ -265,9 +267,9 @@ def stop_iteration_error(exc: StopIteration) -> RuntimeError:
 def call_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` for an executor whose future asyncio then awaits
     (``loop.run_in_executor``): a ``StopIteration`` it raises becomes
-    :func:`stop_iteration_error`'s ``RuntimeError`` (a ``concurrent.futures`` future holds
+    :func:`future_exception`'s ``RuntimeError`` (a ``concurrent.futures`` future holds
     one, but copying it into the awaiting asyncio future fails and leaves that waiting)."""
     try:
         return fn(*args, **kwargs)
     except StopIteration as exc:
-        raise stop_iteration_error(exc) from exc
+        raise future_exception(exc) from exc

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._capture import HOST
-from ._threads import stop_iteration_error
+from ._threads import future_exception
 from .config import check_choice
 from .errors import (
     DeliveryOrphanedError,
@@ -250,7 +250,7 @@ class Run:
             self.future.cancel()
         elif error is not None:
             # a Wove 2.x worker reports the StopIteration a sync task raised; a future refuses one
-            self.future.set_exception(stop_iteration_error(error) if isinstance(error, StopIteration) else error)
+            self.future.set_exception(future_exception(error))
         else:
             self.future.set_result(result)
 

@@ -798,6 +798,19 @@ def _require_str(obj: dict[str, Any], key: str, frame_type: str) -> str:
     return value
 
 
+def _keyword_args(args: Any) -> dict[str, Any]:
+    """A run_task's unpickled ``args`` (None: none).
+
+    Raises:
+        ProtocolError: they are not a dict of keyword arguments.
+    """
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise ProtocolError(f"'args' must unpickle to a dict of keyword arguments, got {type(args).__name__}")
+    return args
+
+
 #: a run_task as this runtime's client writes it (``_run_task_json``)
 _USUAL_COMMAND = ("type", "run_id", "task_id", "delivery", "callable_pickle", "args_pickle")
 
@@ -820,11 +833,7 @@ def _usual_command(obj: dict[str, Any]) -> dict[str, Any] | None:
     if func is None or type(args_text) is not str:
         return None
     try:  # unpickled once, whatever comes of it
-        args = _loads_text("args_pickle", args_text)
-        if args is None:
-            args = {}
-        elif not isinstance(args, dict):
-            raise ProtocolError(f"'args' must unpickle to a dict of keyword arguments, got {type(args).__name__}")
+        args = _keyword_args(_loads_text("args_pickle", args_text))
     except ProtocolError as exc:
         exc.run_id = run_id  # type: ignore[attr-defined]
         exc.task_id = task_id  # type: ignore[attr-defined]
@@ -873,11 +882,7 @@ def decode_command(data: bytes | str | SplitFrame | dict[str, Any]) -> dict[str,
         if delivery is not None and not isinstance(delivery, dict):
             raise ProtocolError(f"'delivery' must be an object, got {type(delivery).__name__}")
         frame = unpack_frame(obj)
-        args = frame.get("args", {})
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            raise ProtocolError(f"'args' must unpickle to a dict of keyword arguments, got {type(args).__name__}")
+        args = _keyword_args(frame.get("args", {}))
         if not callable(frame.get("callable")):
             raise ProtocolError(f"'callable' unpickled to a non-callable {type(frame.get('callable')).__name__}")
         frame["args"] = args
